@@ -1,0 +1,70 @@
+"""Incremental detokenization and stop strings.
+
+Decoding one token at a time is wrong for byte-level BPE (a multi-byte
+character spans tokens) and for SentencePiece (a token's leading space depends
+on its left neighbour). So we decode a small window: the text of
+tokens[prefix:] minus the text of tokens[prefix:read]; a delta that ends in the
+replacement character is held back until the character completes.
+"""
+from __future__ import annotations
+
+from orca_serve.sampling_params import SamplingParams
+
+_PROMPT_CONTEXT = 6  # prompt tokens kept as left context for the first outputs
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # what has been handed out
+        self._full = ""  # decoded so far, including held-back characters
+        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
+
+    def add_tokens(self, token_ids: list[int], final: bool = False) -> tuple[str, str | None]:
+        """Feed new tokens; returns (delta text, matched stop string or None).
+
+        With ``final`` any held-back partial character is flushed as is.
+        """
+        if self.tokenizer is None:
+            return "", None
+        self.ids.extend(token_ids)
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
+            delta = new_text[len(prefix_text):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+        else:
+            delta = ""
+        return self._apply_stop(delta, final)
+
+    def _apply_stop(self, delta: str, final: bool) -> tuple[str, str | None]:
+        """Append ``delta``; cut at the first stop string. While streaming, the
+        last len(longest stop)-1 characters are held back, since they may be
+        the start of a stop string that must not reach the client."""
+        search_from = max(0, len(self._full) - self._max_stop_len + 1)
+        self._full += delta
+        matched = None
+        if self.params.stop and delta:
+            best = None
+            for stop in self.params.stop:
+                idx = self._full.find(stop, search_from)
+                if idx != -1 and (best is None or idx < best[0]):
+                    best = (idx, stop)
+            if best is not None:
+                idx, matched = best
+                cut = idx + len(matched) if self.params.include_stop_str_in_output else idx
+                self._full = self._full[:cut]
+                final = True
+        hold = 0 if final else max(self._max_stop_len - 1, 0)
+        upto = max(len(self.text), len(self._full) - hold)
+        out = self._full[len(self.text):upto]
+        self.text = self._full[:upto]
+        return out, matched

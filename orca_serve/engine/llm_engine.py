@@ -1,0 +1,204 @@
+"""The engine: add_request / abort_request / step. Not thread-safe: one thread
+drives it (the offline LLM directly, the server through async_engine)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from orca_serve.config import EngineConfig
+from orca_serve.engine.detokenizer import IncrementalDetokenizer
+from orca_serve.engine.executor import make_executor
+from orca_serve.outputs import RequestOutput
+from orca_serve.request import Request, RequestStatus, finish_reason
+from orca_serve.sampling_params import SamplingParams
+from orca_serve.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_total: int
+    num_kv_blocks_free: int
+    num_preemptions_total: int
+    num_iterations: int
+    last_num_batched_tokens: int
+    last_num_reqs: int
+    last_iteration_seconds: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from orca_serve.models.loader import get_model_facts, kv_block_bytes, load_tokenizer
+
+        self.config = config
+        facts = get_model_facts(config.model)
+        self.facts = facts
+        self.model_name = facts.name
+        self.vocab_size = facts.vocab_size
+        self.max_model_len = min(config.model.max_model_len or facts.max_model_len, facts.max_model_len)
+        self.eos_token_ids = tuple(facts.eos_token_ids)
+        self.tokenizer = load_tokenizer(config.model)
+        cache = config.cache
+        block_bytes = kv_block_bytes(facts, cache.block_size, config.model.dtype)
+        num_blocks = cache.num_kv_blocks or max(1, int(cache.kv_cache_memory_gb * 2**30) // block_bytes)
+        num_cpu_blocks = int(cache.swap_space_gb * 2**30) // block_bytes if cache.preemption_mode == "swap" else 0
+        logger.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, cache.block_size,
+                    num_blocks * block_bytes / 2**20)
+        self.executor = make_executor(config, num_blocks, num_cpu_blocks=num_cpu_blocks)
+        self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._prompts: dict[str, str | None] = {}
+        self._held: dict[str, RequestOutput] = {}  # request-level baseline: outputs until the batch ends
+        self._aborted: list[Request] = []
+        self._last = (0, 0, 0.0)
+
+    # ---- requests ----------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids")
+            return list(self.tokenizer(prompt).input_ids)
+        if isinstance(prompt, (list, tuple)):
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise ValueError(f"prompt: token ids must be integers, got {t!r}")
+                if not 0 <= t < self.vocab_size:
+                    raise ValueError(f"prompt: token id {t} is outside the vocabulary [0, {self.vocab_size})")
+            return list(prompt)
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("messages: this model has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                    priority: int = 0, arrival_time: float | None = None, ttft_slo: float | None = None,
+                    tpot_slo: float | None = None, user: str | None = None) -> None:
+        """Queue a request; it joins the batch at the next iteration.
+
+        Raises ValueError naming the bad field, or QueueFullError when the
+        waiting queue is at its bound.
+        """
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; the model's context length is "
+                             f"{self.max_model_len} (at least one token must be left to generate)")
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens ({params.max_tokens}) + prompt ({len(token_ids)} tokens) exceeds "
+                             f"the model's context length {self.max_model_len}")
+        sched = self.config.scheduler
+        req = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
+                      arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+                      ttft_slo=ttft_slo if ttft_slo is not None else sched.default_ttft_slo_s,
+                      tpot_slo=tpot_slo if tpot_slo is not None else sched.default_tpot_slo_s, user=user)
+        self.scheduler.add_request(req)
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params)
+        self._prompts[request_id] = prompt if isinstance(prompt, str) else None
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.scheduler.abort_request(request_id)
+        if req is not None:
+            self._aborted.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._aborted) or bool(self._held)
+
+    # ---- the iteration ----------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule -> execute -> update."""
+        t0 = time.perf_counter()
+        so = self.scheduler.schedule()
+        advanced = []
+        if not so.is_empty:
+            try:
+                out = self.executor.execute_model(so)
+            except Exception as exc:  # the batch fails; the engine and other requests go on
+                logger.exception("iteration %d failed", so.iteration)
+                failed = [self.scheduler.requests[r] for r in so.num_scheduled_tokens if r in self.scheduler.requests]
+                for req in failed:
+                    req.error = f"{type(exc).__name__}: {exc}"
+                self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
+                advanced = failed
+            else:
+                advanced = self.scheduler.update(so, out)
+                self._attach_logprobs(advanced, out)
+        self._last = (so.total_num_scheduled_tokens, so.num_reqs, time.perf_counter() - t0)
+        outputs = [self._make_output(req) for req in self._aborted + advanced]
+        self._aborted = []
+        return self._release(outputs)
+
+    def _attach_logprobs(self, reqs: list[Request], out) -> None:
+        for req in reqs:
+            lp = out.logprobs.get(req.request_id)
+            if lp is not None:
+                req.logprobs.append(lp)
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        rid = req.request_id
+        detok = self._detok.get(rid)
+        delta_ids = req.output_token_ids[-1:] if req.output_token_ids and req.status != RequestStatus.FINISHED_ABORTED else []
+        delta_text = ""
+        if detok is not None and delta_ids:
+            try:
+                delta_text, stop = detok.add_tokens(delta_ids, final=req.finished)
+            except Exception as exc:  # a detokenizer failure is this request's alone
+                req.error = f"detokenization failed: {exc}"
+                self.scheduler.finish_requests([req], RequestStatus.FINISHED_ERROR)
+                stop = None
+            if stop is not None:
+                req.stop_reason = stop
+                if not req.finished:
+                    self.scheduler.finish_requests([req], RequestStatus.FINISHED_STOPPED)
+                else:
+                    req.status = RequestStatus.FINISHED_STOPPED
+        output = RequestOutput(
+            request_id=rid, prompt_token_ids=req.prompt_token_ids, token_ids=list(req.output_token_ids),
+            text=detok.text if detok else "", delta_token_ids=delta_ids, delta_text=delta_text,
+            finished=req.finished, finish_reason=finish_reason(req.status), metrics=req.metrics,
+            num_cached_tokens=req.num_cached_tokens, logprobs=list(req.logprobs),
+            stop_reason=req.stop_reason, error=req.error, prompt=self._prompts.get(rid))
+        if req.finished:
+            self._detok.pop(rid, None)
+            self._prompts.pop(rid, None)
+        return output
+
+    def _release(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """The request-level baseline returns a request only when its whole batch ends."""
+        if not self.scheduler.policy.admits_only_when_idle:
+            return outputs
+        passthrough = []
+        for o in outputs:
+            if o.finish_reason in ("abort", "error"):
+                passthrough.append(o)
+            elif o.finished:
+                # Nothing was streamed: the whole completion is this output's delta.
+                o.delta_text, o.delta_token_ids = o.text, list(o.token_ids)
+                self._held[o.request_id] = o
+        if self._held and not self.scheduler.static_batch:
+            passthrough.extend(self._held.values())
+            self._held = {}
+        return passthrough
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, num_kv_blocks_total=s.kv.num_blocks,
+            num_kv_blocks_free=s.kv.num_free_blocks, num_preemptions_total=s.num_preemptions_total,
+            num_iterations=s.iteration, last_num_batched_tokens=self._last[0], last_num_reqs=self._last[1],
+            last_iteration_seconds=self._last[2])
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,131 @@
+"""``orca-serve`` command line: generate, serve, bench.
+
+Engine flags are derived from the config dataclasses by field name
+(``--max-num-seqs`` -> SchedulerConfig.max_num_seqs), so a new config field
+is a new flag with no extra code.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+
+from orca_serve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+_CHOICES = {"kv_allocation": ("paged", "reserve"), "preemption_mode": ("recompute", "swap"),
+            "scheduling_policy": ("fcfs", "priority", "slo", "request-level"),
+            "slo_admission": ("reject", "best-effort"), "load_format": ("auto", "dummy"),
+            "dtype": ("float32", "bfloat16", "float16", "auto")}
+_SKIP = {"dummy_config"}  # set through --dummy-config below (a name, not a dict)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in _SKIP:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            hint = hints[f.name]
+            base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            kind = base[0] if base[0] in (int, float, str, bool) else str
+            if kind is bool:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            else:
+                group.add_argument(flag, dest=f.name, type=kind, default=None, choices=_CHOICES.get(f.name),
+                                   help=f"default: {f.default!r}")
+    group.add_argument("--dummy-config", dest="dummy_config", default=None,
+                       help="with --load-format dummy: a preset name (e.g. gpt3-13b) or a config.json path")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for cls in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+             for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return EngineConfig.from_kwargs(**kwargs)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from orca_serve.engine.llm_engine import LLMEngine
+    from orca_serve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed_sampling)
+    engine = LLMEngine(engine_config_from_args(args))
+    if args.chat:
+        prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+    engine.add_request("cli-0", prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.delta_text:
+                sys.stdout.write(out.delta_text)
+                sys.stdout.flush()
+            if out.finished:
+                sys.stdout.write("\n")
+                if out.error:
+                    raise ValueError(out.error)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from orca_serve.entrypoints.openai.server import run_server
+
+    run_server(engine_config_from_args(args), host=args.host, port=args.port, api_key=args.api_key,
+               max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+               served_model_name=args.served_model_name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orca-serve", description="Iteration-level LLM serving (Orca).")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print it")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed-sampling", type=int, default=None, help="sampling seed")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                     help="wrap the prompt in the model's chat template (default: on)")
+    add_engine_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None)
+    srv.add_argument("--served-model-name", default=None)
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    add_engine_args(srv)
+    srv.set_defaults(func=_cmd_serve)
+
+    try:
+        from orca_serve.bench.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"orca-serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

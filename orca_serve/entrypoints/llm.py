@@ -1,0 +1,79 @@
+"""Offline API: ``LLM(...).generate(prompts, params)``."""
+from __future__ import annotations
+
+import itertools
+
+from orca_serve.config import EngineConfig
+from orca_serve.engine.llm_engine import LLMEngine
+from orca_serve.outputs import RequestOutput
+from orca_serve.sampling_params import SamplingParams
+
+
+class LLM:
+    """Runs the engine in this thread until every prompt is done.
+
+    ``LLM(model=None)`` serves the embedded SmolLM2-135M-Instruct. Keyword
+    arguments are engine settings by name (see config.py), e.g.
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``kv_allocation``,
+    ``num_kv_blocks``, ``block_size``, ``scheduling_policy``.
+    """
+
+    def __init__(self, model: str | None = None, dtype: str = "float32", **engine_kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, dtype=dtype, **engine_kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 priority: list[int] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """One output per prompt, in order. Prompts are strings or token-id lists."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(params_list) != len(prompts) or len(priorities) != len(prompts):
+            raise ValueError("sampling_params and priority lists must have one entry per prompt")
+        return self._run(prompts, params_list, priorities, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (a list of
+        {"role", "content"} dicts) or a list of conversations, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.engine.apply_chat_template(conv) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, prompts, params_list, priorities, use_tqdm: bool) -> list[RequestOutput]:
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        added = []
+        try:
+            for rid, prompt, params, prio in zip(ids, prompts, params_list, priorities):
+                self.engine.add_request(rid, prompt, params, priority=prio)
+                added.append(rid)
+        except ValueError as exc:
+            for rid in added:
+                self.engine.abort_request(rid)
+            self._drain()
+            raise ValueError(f"prompt {len(added)}: {exc}") from exc
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="generate", unit="req")
+        while len(results) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[rid] for rid in ids]
+
+    def _drain(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.engine.step()

@@ -1,0 +1,106 @@
+"""A request as the engine and scheduler see it: token ids, progress, status."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from orca_serve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered: every status after PREEMPTED is a finished one."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+def finish_reason(status: RequestStatus) -> str | None:
+    """The OpenAI-style finish reason for a finished status, else None."""
+    return _FINISH_REASONS.get(status)
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class Request:
+    """One generation request. ``all_token_ids`` = prompt + generated so far.
+
+    ``num_computed_tokens`` counts tokens whose KV is in the cache; the
+    scheduler closes the gap to ``num_tokens`` with its token budget.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    # Token ids that end generation unless ignore_eos (a model may have several).
+    eos_token_ids: tuple[int, ...] = ()
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    # SLO targets in seconds (None: no target). Used by the slo policy.
+    ttft_slo: float | None = None
+    tpot_slo: float | None = None
+    user: str | None = None
+
+    def __post_init__(self) -> None:
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        self.stop_reason: int | str | None = None
+        self.error: str | None = None
+        # Number of prompt tokens whose KV came from the prefix cache at the last admission.
+        self.num_cached_tokens = 0
+        self.logprobs: list = []  # batch.Logprobs per output token, when asked for
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Prompt plus the most tokens this request may ever generate."""
+        return self.num_prompt_tokens + self.sampling_params.max_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

@@ -1,0 +1,282 @@
+"""Iteration-level scheduler: schedule() picks one iteration's batch, update()
+applies its sampled tokens.
+
+There are no prefill/decode phases. Every request has ``num_computed_tokens``
+and ``num_tokens``; each iteration spends a token budget
+(``max_num_batched_tokens``, ``max_num_seqs``) to close those gaps: running
+decodes first, then running chunked prefills, then waiting requests in policy
+order. A prompt longer than the budget left is prefilled in chunks.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+from typing import Callable
+
+from orca_serve.batch import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from orca_serve.config import CacheConfig, SchedulerConfig
+from orca_serve.kv_cache import KVCacheManager
+from orca_serve.request import Request, RequestStatus
+from orca_serve.scheduler.policies import make_policy
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_kv_blocks: int,
+                 max_model_len: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.clock = clock
+        self.policy = make_policy(config.scheduling_policy)
+        self.kv = KVCacheManager(num_kv_blocks, cache_config.block_size, cache_config.kv_allocation,
+                                 cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.running: list[Request] = []
+        self._waiting: list[tuple] = []  # sorted (policy key, seq, request)
+        self._seq = itertools.count()
+        # Tokens of each request the worker already holds: what is sent next is the diff.
+        self._worker_tokens: dict[str, int] = {}
+        self._finished_for_worker: set[str] = set()
+        # Request-level baseline: members of the static batch being served.
+        self.static_batch: set[str] = set()
+        self.iteration = 0
+        self.num_preemptions_total = 0
+
+    # ---- queue -------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def waiting_requests(self) -> list[Request]:
+        return [entry[-1] for entry in self._waiting]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._waiting or self.running)
+
+    def _enqueue(self, req: Request) -> None:
+        bisect.insort(self._waiting, (self.policy.waiting_key(req, self.clock()), next(self._seq), req))
+
+    def _dequeue(self, req: Request) -> None:
+        for i, entry in enumerate(self._waiting):
+            if entry[-1] is req:
+                del self._waiting[i]
+                return
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        limit = self.config.max_waiting_requests
+        if limit is not None and len(self._waiting) >= limit:
+            from orca_serve.scheduler.errors import QueueFullError
+            raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
+        need = self.kv.blocks_needed(min(req.max_total_tokens, self.max_model_len))
+        if need > self.kv.num_blocks:
+            raise ValueError(
+                f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.sampling_params.max_tokens}) "
+                f"needs {need} KV blocks but the pool has only {self.kv.num_blocks}")
+        self.requests[req.request_id] = req
+        self._enqueue(req)
+
+    def abort_request(self, req_id: str) -> Request | None:
+        """Drop a request wherever it is; its blocks are free at once."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self._dequeue(req)
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    def finish_requests(self, reqs: list[Request], status: RequestStatus) -> None:
+        """Finish requests the engine decided are done (e.g. a stop string)."""
+        for req in reqs:
+            if not req.finished:
+                if req in self.running:
+                    self.running.remove(req)
+                else:
+                    self._dequeue(req)
+                self._finish(req, status)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        req.metrics.finished_time = self.clock()
+        self.kv.forget(req)
+        self.requests.pop(req.request_id, None)
+        self.static_batch.discard(req.request_id)
+        if self._worker_tokens.pop(req.request_id, None) is not None:
+            self._finished_for_worker.add(req.request_id)
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute-mode preemption: free the blocks, back to the waiting queue
+        with its original arrival time (so it keeps its place among equals)."""
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.metrics.num_preemptions += 1
+        self.num_preemptions_total += 1
+        if self._worker_tokens.pop(req.request_id, None) is not None:
+            self._finished_for_worker.add(req.request_id)
+        self._enqueue(req)
+
+    # ---- schedule ----------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        self.iteration += 1
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        new_blocks: dict[str, list[int]] = {}
+
+        self._preempt_for_urgent_waiting()
+        # Running requests: decodes first (they must never starve), then chunked
+        # prefills; oldest (smallest victim key) first so victims are found at the tail.
+        order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1,
+                                                    self.policy.victim_key(r)))
+        for req in order:
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            blocks = self._allocate_or_preempt(req, n, scheduled)
+            if blocks is None:
+                continue
+            scheduled[req.request_id] = n
+            new_blocks[req.request_id] = blocks
+            budget -= n
+        self._admit_waiting(budget, scheduled, new_blocks)
+        return self._build_output(scheduled, new_blocks)
+
+    def _allocate_or_preempt(self, req: Request, n: int, scheduled: dict[str, int]) -> list[int] | None:
+        while True:
+            blocks = self.kv.allocate_slots(req, n)
+            if blocks is not None:
+                return blocks
+            candidates = [r for r in self.running if r.request_id not in scheduled]
+            victim = max(candidates, key=self.policy.victim_key)
+            self._preempt(victim)
+            if victim is req:
+                return None
+
+    def _preempt_for_urgent_waiting(self) -> None:
+        """Let a waiting request evict running ones its policy ranks below it
+        (priority preemption), when seats or blocks are what stops it."""
+        if not self._waiting:
+            return
+        head = self._waiting[0][-1]
+        while True:
+            victims = [r for r in self.running if self.policy.may_preempt_for(head, r)]
+            if not victims:
+                return
+            no_seat = len(self.running) >= self.config.max_num_seqs
+            first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
+            if self.kv.allocation == "reserve":
+                first_chunk = max(first_chunk, head.max_total_tokens)
+            # Running requests may each take a block this step as they grow.
+            need = self.kv.blocks_needed(first_chunk) + len(self.running)
+            if not no_seat and need <= self.kv.num_free_blocks:
+                return
+            self._preempt(max(victims, key=self.policy.victim_key))
+
+    def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> None:
+        if self.policy.admits_only_when_idle:
+            if not self._form_static_batch():
+                return
+        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self._waiting[0][-1]
+            if self.policy.admits_only_when_idle and req.request_id not in self.static_batch:
+                break
+            computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            num_cached = len(computed) * self.kv.block_size
+            n = min(req.num_tokens - num_cached, budget)
+            blocks = self.kv.allocate_slots(req, n, computed)
+            if blocks is None:
+                break  # head-of-line: keep the policy's order
+            self._waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_cached
+            req.num_cached_tokens = num_cached
+            req.metrics.num_cached_tokens = num_cached
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = self.clock()
+            self.running.append(req)
+            scheduled[req.request_id] = n
+            new_blocks[req.request_id] = blocks
+            budget -= n
+
+    def _form_static_batch(self) -> bool:
+        """Request-level baseline: a batch forms only when the last one is done,
+        from up to max_batch_size arrived requests, once the batch is full or the
+        oldest request has waited max_queue_delay_s."""
+        if self.static_batch:
+            return True
+        if self.running or not self._waiting:
+            return False
+        oldest = min(entry[-1].arrival_time for entry in self._waiting)
+        full = len(self._waiting) >= self.config.max_batch_size
+        if not full and self.clock() - oldest < self.config.max_queue_delay_s:
+            return False
+        members = self._waiting[:self.config.max_batch_size]
+        self.static_batch = {entry[-1].request_id for entry in members}
+        return True
+
+    def _build_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
+        new_reqs, cached_reqs = [], []
+        for rid, n in scheduled.items():
+            req = self.requests[rid]
+            known = self._worker_tokens.get(rid)
+            if known is None:
+                new_reqs.append(NewRequestData(
+                    req_id=rid, prompt_token_ids=req.prompt_token_ids,
+                    output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
+                    block_ids=self.kv.block_ids(rid), num_computed_tokens=req.num_computed_tokens))
+            else:
+                cached_reqs.append(CachedRequestData(
+                    req_id=rid, new_token_ids=req.all_token_ids[known:], new_block_ids=new_blocks[rid],
+                    num_computed_tokens=req.num_computed_tokens))
+            self._worker_tokens[rid] = req.num_tokens
+            req.num_computed_tokens += n
+        finished, self._finished_for_worker = self._finished_for_worker, set()
+        return SchedulerOutput(
+            iteration=self.iteration, scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
+            finished_req_ids=finished)
+
+    # ---- update ------------------------------------------------------
+    def update(self, so: SchedulerOutput, out: ModelRunnerOutput) -> list[Request]:
+        """Append sampled tokens, apply stop conditions, free finished requests.
+        Returns the requests that got a token (finished ones included)."""
+        now = self.clock()
+        advanced = []
+        for rid in so.num_scheduled_tokens:
+            req = self.requests.get(rid)
+            token = out.sampled_token_ids.get(rid)
+            if req is None or token is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted meanwhile, or a chunk of a prefill that samples nothing
+            req.append_token(token)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            status = self._stop_status(req, token)
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+            advanced.append(req)
+        return advanced
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if req.num_output_tokens >= params.min_tokens:
+            if token in req.eos_token_ids and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,58 @@
+"""A model runner stand-in for scheduler tests: no torch.
+
+It mirrors the real worker's bookkeeping (it rebuilds each request's tokens
+and block table from the SchedulerOutput diffs) and checks that the diffs are
+consistent, then "samples" a token that depends only on the request's tokens,
+so outputs are deterministic whatever the batch or preemption history.
+"""
+from __future__ import annotations
+
+from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
+
+
+def next_token(tokens: list[int], vocab: int = 1000) -> int:
+    return (tokens[-1] * 31 + len(tokens) * 7) % vocab
+
+
+class FakeRunner:
+    def __init__(self, block_size: int, vocab: int = 1000) -> None:
+        self.block_size = block_size
+        self.vocab = vocab
+        self.state: dict[str, dict] = {}
+        self.iterations = 0
+
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self.iterations += 1
+        for rid in so.finished_req_ids:
+            self.state.pop(rid, None)
+        for new in so.scheduled_new_reqs:
+            assert new.req_id not in self.state, f"{new.req_id} sent as new twice"
+            self.state[new.req_id] = {"tokens": list(new.prompt_token_ids) + list(new.output_token_ids),
+                                      "blocks": list(new.block_ids), "computed": new.num_computed_tokens}
+        for cached in so.scheduled_cached_reqs:
+            st = self.state[cached.req_id]
+            st["tokens"].extend(cached.new_token_ids)
+            st["blocks"].extend(cached.new_block_ids)
+            assert st["computed"] == cached.num_computed_tokens, "worker and scheduler disagree on progress"
+        sampled = {}
+        for rid, n in so.num_scheduled_tokens.items():
+            st = self.state[rid]
+            end = st["computed"] + n
+            assert 0 < n and end <= len(st["tokens"]), f"{rid}: scheduled past its known tokens"
+            assert len(st["blocks"]) * self.block_size >= end, f"{rid}: block table too short"
+            assert len(set(st["blocks"])) == len(st["blocks"]), f"{rid}: duplicate block in table"
+            st["computed"] = end
+            if end == len(st["tokens"]):
+                sampled[rid] = next_token(st["tokens"], self.vocab)
+        return ModelRunnerOutput(sampled_token_ids=sampled)
+
+
+def reference_output(prompt: list[int], max_tokens: int, vocab: int = 1000) -> list[int]:
+    """What a request produces alone with the fake model (ignore_eos)."""
+    tokens = list(prompt)
+    out = []
+    for _ in range(max_tokens):
+        t = next_token(tokens, vocab)
+        tokens.append(t)
+        out.append(t)
+    return out

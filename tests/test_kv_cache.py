@@ -1,0 +1,84 @@
+"""Block pool and KV cache manager: free list, ref counts, prefix hashes. No torch."""
+import sys
+
+import pytest
+
+from orca_serve.kv_cache import BlockPool, KVCacheManager
+from orca_serve.request import Request
+from orca_serve.sampling_params import SamplingParams
+
+
+def make_req(rid, n_prompt, max_tokens=4, base=0):
+    return Request(rid, [base + i for i in range(n_prompt)], SamplingParams(max_tokens=max_tokens))
+
+
+def test_no_torch_imported():
+    assert "torch" not in sys.modules
+
+
+def test_pool_allocate_free_refcounts():
+    pool = BlockPool(4)
+    a = pool.allocate(3)
+    assert pool.num_free_blocks == 1 and all(b.ref_cnt == 1 for b in a)
+    with pytest.raises(RuntimeError):
+        pool.allocate(2)
+    pool.free(a)
+    assert pool.num_free_blocks == 4
+    with pytest.raises(AssertionError):
+        pool.free([a[0]])
+
+
+def test_paged_allocates_as_tokens_arrive():
+    kv = KVCacheManager(10, block_size=4, allocation="paged", enable_prefix_caching=False)
+    req = make_req("a", 5, max_tokens=20)
+    assert len(kv.allocate_slots(req, 5)) == 2
+    req.num_computed_tokens = 5
+    assert kv.allocate_slots(req, 1) == []  # position 5 fits block 2
+    req.num_computed_tokens = 8
+    assert len(kv.allocate_slots(req, 1)) == 1
+    kv.forget(req)
+    assert kv.num_free_blocks == 10
+
+
+def test_reserve_takes_prompt_plus_max_tokens_at_admission():
+    kv = KVCacheManager(10, block_size=4, allocation="reserve", enable_prefix_caching=False)
+    req = make_req("a", 5, max_tokens=10)  # 15 tokens -> 4 blocks
+    assert len(kv.allocate_slots(req, 5)) == 4
+    req.num_computed_tokens = 5
+    for _ in range(9):
+        assert kv.allocate_slots(req, 1) == []
+        req.num_computed_tokens += 1
+    big = make_req("b", 5, max_tokens=40)
+    assert kv.allocate_slots(big, 5) is None  # 12 blocks needed, 6 free: nothing taken
+    assert kv.num_free_blocks == 6
+
+
+def test_prefix_blocks_shared_and_evicted_lru():
+    kv = KVCacheManager(6, block_size=4)
+    a = make_req("a", 9)
+    kv.allocate_slots(a, 9)
+    a.num_computed_tokens = 9
+    b = make_req("b", 10)  # same first 9 tokens
+    hits = kv.get_computed_blocks(b)
+    assert len(hits) == 2
+    kv.allocate_slots(b, 10 - 8, hits)
+    assert kv.block_ids("b")[:2] == kv.block_ids("a")[:2]
+    assert kv.pool.blocks[kv.block_ids("a")[0]].ref_cnt == 2
+    kv.forget(a)
+    kv.forget(b)
+    assert kv.num_free_blocks == 6
+    # Cached blocks survive while free and are found again.
+    c = make_req("c", 9)
+    assert len(kv.get_computed_blocks(c)) == 2
+    # Allocating everything evicts them.
+    d = make_req("d", 24, base=500)
+    kv.allocate_slots(d, 24)
+    assert kv.get_computed_blocks(c) == []
+
+
+def test_full_prompt_hit_leaves_one_token_to_compute():
+    kv = KVCacheManager(6, block_size=4)
+    a = make_req("a", 8)
+    kv.allocate_slots(a, 8)
+    b = make_req("b", 8)
+    assert len(kv.get_computed_blocks(b)) == 1
