@@ -2,8 +2,10 @@
 
 It mirrors the real worker's bookkeeping (it rebuilds each request's tokens
 and block table from the SchedulerOutput diffs) and checks that the diffs are
-consistent, then "samples" a token that depends only on the request's tokens,
-so outputs are deterministic whatever the batch or preemption history.
+consistent. Its "KV cache" stores the token id at every slot, and it samples
+from what the cache holds, so a wrong block table, a prefix-cache hit on the
+wrong block or a botched swap changes the output. The next token depends only
+on the request's tokens, so outputs are the same whatever the batch.
 """
 from __future__ import annotations
 
@@ -20,11 +22,17 @@ class FakeRunner:
         self.vocab = vocab
         self.state: dict[str, dict] = {}
         self.iterations = 0
+        self.gpu_kv: dict[int, list] = {}
+        self.cpu_kv: dict[int, list] = {}
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self.iterations += 1
         for rid in so.finished_req_ids:
             self.state.pop(rid, None)
+        for slot, block in so.blocks_to_swap_out:
+            self.cpu_kv[slot] = list(self.gpu_kv.get(block, [None] * self.block_size))
+        for slot, block in so.blocks_to_swap_in:
+            self.gpu_kv[block] = list(self.cpu_kv.pop(slot))
         for new in so.scheduled_new_reqs:
             assert new.req_id not in self.state, f"{new.req_id} sent as new twice"
             self.state[new.req_id] = {"tokens": list(new.prompt_token_ids) + list(new.output_token_ids),
@@ -41,9 +49,14 @@ class FakeRunner:
             assert 0 < n and end <= len(st["tokens"]), f"{rid}: scheduled past its known tokens"
             assert len(st["blocks"]) * self.block_size >= end, f"{rid}: block table too short"
             assert len(set(st["blocks"])) == len(st["blocks"]), f"{rid}: duplicate block in table"
+            bs = self.block_size
+            for pos in range(st["computed"], end):
+                self.gpu_kv.setdefault(st["blocks"][pos // bs], [None] * bs)[pos % bs] = st["tokens"][pos]
             st["computed"] = end
             if end == len(st["tokens"]):
-                sampled[rid] = next_token(st["tokens"], self.vocab)
+                seen = [self.gpu_kv[st["blocks"][p // bs]][p % bs] for p in range(end)]
+                assert seen == st["tokens"][:end], f"{rid}: KV cache holds the wrong tokens"
+                sampled[rid] = next_token(seen, self.vocab)
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
 

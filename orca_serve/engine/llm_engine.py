@@ -28,6 +28,10 @@ class EngineStats:
     last_num_batched_tokens: int
     last_num_reqs: int
     last_iteration_seconds: float
+    num_swaps_total: int = 0
+    # Goodput bookkeeping: finished requests, and those that met every SLO target they had.
+    num_finished_total: int = 0
+    num_slo_met_total: int = 0
 
 
 class LLMEngine:
@@ -49,12 +53,15 @@ class LLMEngine:
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, cache.block_size,
                     num_blocks * block_bytes / 2**20)
         self.executor = make_executor(config, num_blocks, num_cpu_blocks=num_cpu_blocks)
-        self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len,
+                                   num_cpu_blocks=num_cpu_blocks)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
         self._held: dict[str, RequestOutput] = {}  # request-level baseline: outputs until the batch ends
         self._aborted: list[Request] = []
         self._last = (0, 0, 0.0)
+        self._num_finished = 0
+        self._num_slo_met = 0
 
     # ---- requests ----------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -122,9 +129,11 @@ class LLMEngine:
         t0 = time.perf_counter()
         so = self.scheduler.schedule()
         advanced = []
-        if not so.is_empty:
+        if not so.is_empty or so.blocks_to_swap_out or so.blocks_to_swap_in:
             try:
+                t_exec = time.perf_counter()
                 out = self.executor.execute_model(so)
+                self.scheduler.observe_iteration(so.total_num_scheduled_tokens, time.perf_counter() - t_exec)
             except Exception as exc:  # the batch fails; the engine and other requests go on
                 logger.exception("iteration %d failed", so.iteration)
                 failed = [self.scheduler.requests[r] for r in so.num_scheduled_tokens if r in self.scheduler.requests]
@@ -136,7 +145,8 @@ class LLMEngine:
                 advanced = self.scheduler.update(so, out)
                 self._attach_logprobs(advanced, out)
         self._last = (so.total_num_scheduled_tokens, so.num_reqs, time.perf_counter() - t0)
-        outputs = [self._make_output(req) for req in self._aborted + advanced]
+        rejected, self.scheduler.rejected = self.scheduler.rejected, []
+        outputs = [self._make_output(req) for req in self._aborted + rejected + advanced]
         self._aborted = []
         return self._release(outputs)
 
@@ -171,9 +181,17 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens, logprobs=list(req.logprobs),
             stop_reason=req.stop_reason, error=req.error, prompt=self._prompts.get(rid))
         if req.finished:
+            self._count_finished(req)
             self._detok.pop(rid, None)
             self._prompts.pop(rid, None)
         return output
+
+    def _count_finished(self, req: Request) -> None:
+        if req.status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR):
+            return
+        self._num_finished += 1
+        if slo_met(req):
+            self._num_slo_met += 1
 
     def _release(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """The request-level baseline returns a request only when its whole batch ends."""
@@ -198,7 +216,21 @@ class LLMEngine:
             num_running=s.num_running, num_waiting=s.num_waiting, num_kv_blocks_total=s.kv.num_blocks,
             num_kv_blocks_free=s.kv.num_free_blocks, num_preemptions_total=s.num_preemptions_total,
             num_iterations=s.iteration, last_num_batched_tokens=self._last[0], last_num_reqs=self._last[1],
-            last_iteration_seconds=self._last[2])
+            last_iteration_seconds=self._last[2], num_swaps_total=s.num_swaps_total,
+            num_finished_total=self._num_finished, num_slo_met_total=self._num_slo_met)
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def slo_met(req: Request) -> bool:
+    """Did a finished request meet its TTFT and time-per-output-token targets?"""
+    m = req.metrics
+    if req.ttft_slo is not None:
+        if m.first_token_time is None or m.first_token_time - m.arrival_time > req.ttft_slo:
+            return False
+    if req.tpot_slo is not None and req.num_output_tokens > 1 and m.first_token_time is not None:
+        tpot = (m.last_token_time - m.first_token_time) / (req.num_output_tokens - 1)
+        if tpot > req.tpot_slo:
+            return False
+    return True

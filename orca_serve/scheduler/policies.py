@@ -27,6 +27,10 @@ class SchedulingPolicy:
     def may_preempt_for(self, waiting: Request, running: Request) -> bool:
         return False
 
+    def token_budget(self, running: list[Request], default: int, cost_model) -> int:
+        """Tokens this iteration may compute (the SLO policy shrinks it)."""
+        return default
+
 
 class FCFSPolicy(SchedulingPolicy):
     """Orca's order: first come, first served; the newest request is preempted.
@@ -71,20 +75,32 @@ class SLOPolicy(SchedulingPolicy):
 
     name = "slo"
 
-    def __init__(self, prefill_seconds_per_token: float = 0.0) -> None:
-        self.prefill_seconds_per_token = prefill_seconds_per_token
+    def __init__(self, cost_model=None) -> None:
+        self.cost_model = cost_model
 
     def slack(self, req: Request, now: float) -> float:
+        """Seconds to spare before the TTFT deadline once the prompt's own work is done."""
         if req.ttft_slo is None:
             return math.inf
         remaining = req.num_tokens - req.num_computed_tokens
-        return req.arrival_time + req.ttft_slo - now - remaining * self.prefill_seconds_per_token
+        per_token = self.cost_model.b if self.cost_model is not None else 0.0
+        return req.arrival_time + req.ttft_slo - now - remaining * per_token
 
     def waiting_key(self, req: Request, now: float):
         if req.ttft_slo is None:
             return (1, req.arrival_time, 0.0)
         # Deadline less estimated work; independent of `now`, so the order is stable.
         return (0, self.slack(req, 0.0), req.arrival_time)
+
+    def token_budget(self, running: list[Request], default: int, cost_model) -> int:
+        """Adaptive batching: the biggest iteration that still keeps every
+        running request's time-per-output-token target. Decodes always fit
+        (starving them would only make every target worse)."""
+        targets = [r.tpot_slo for r in running if r.tpot_slo is not None]
+        if not targets or cost_model.num_observations < 3:
+            return default
+        decodes = sum(1 for r in running if r.num_tokens - r.num_computed_tokens == 1)
+        return max(min(default, cost_model.max_tokens_within(min(targets))), decodes, 1)
 
     def victim_key(self, req: Request):
         # Evict the request with the loosest per-token target, newest first.
@@ -101,9 +117,9 @@ class RequestLevelPolicy(FCFSPolicy):
     admits_only_when_idle = True
 
 
-def make_policy(name: str) -> SchedulingPolicy:
+def make_policy(name: str, cost_model=None) -> SchedulingPolicy:
     policies = {"fcfs": FCFSPolicy, "priority": PriorityPolicy, "slo": SLOPolicy,
                 "request-level": RequestLevelPolicy}
     if name not in policies:
         raise ValueError(f"unknown scheduling policy {name!r}; choose from {', '.join(policies)}")
-    return policies[name]()
+    return SLOPolicy(cost_model) if name == "slo" else policies[name]()

@@ -18,16 +18,29 @@ from orca_serve.batch import CachedRequestData, ModelRunnerOutput, NewRequestDat
 from orca_serve.config import CacheConfig, SchedulerConfig
 from orca_serve.kv_cache import KVCacheManager
 from orca_serve.request import Request, RequestStatus
+from orca_serve.scheduler.cost_model import IterationCostModel
+from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import make_policy
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_kv_blocks: int,
-                 max_model_len: int, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_model_len: int, clock: Callable[[], float] = time.monotonic,
+                 num_cpu_blocks: int = 0) -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.clock = clock
-        self.policy = make_policy(config.scheduling_policy)
+        self.cost_model = IterationCostModel()
+        self.policy = make_policy(config.scheduling_policy, self.cost_model)
+        # Swap-mode preemption: a bounded pool of CPU block slots.
+        self.swap_enabled = cache_config.preemption_mode == "swap" and num_cpu_blocks > 0
+        self._cpu_free = list(range(num_cpu_blocks))
+        self._swapped: dict[str, list[int]] = {}  # req_id -> cpu slots holding its blocks, in order
+        self._swap_out: list[tuple[int, int]] = []
+        self._swap_in: list[tuple[int, int]] = []
+        self.num_swaps_total = 0
+        # Requests the scheduler ended itself (SLO rejections); the engine reports them.
+        self.rejected: list[Request] = []
         self.kv = KVCacheManager(num_kv_blocks, cache_config.block_size, cache_config.kv_allocation,
                                  cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
@@ -71,8 +84,8 @@ class Scheduler:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         limit = self.config.max_waiting_requests
         if limit is not None and len(self._waiting) >= limit:
-            from orca_serve.scheduler.errors import QueueFullError
             raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
+        self._check_slo_admission(req)
         need = self.kv.blocks_needed(min(req.max_total_tokens, self.max_model_len))
         if need > self.kv.num_blocks:
             raise ValueError(
@@ -103,7 +116,47 @@ class Scheduler:
                     self._dequeue(req)
                 self._finish(req, status)
 
+    def _check_slo_admission(self, req: Request) -> None:
+        """SLO policy with reject admission: refuse at once a request whose TTFT
+        target cannot be met given the prompt work queued ahead of it."""
+        if self.policy.name != "slo" or self.config.slo_admission != "reject" or req.ttft_slo is None:
+            return
+        if self.cost_model.num_observations < 3:
+            return  # no measurements yet: nothing to base a refusal on
+        key = self.policy.waiting_key(req, self.clock())
+        ahead = sum(e[-1].num_tokens - e[-1].num_computed_tokens for e in self._waiting if e[0] <= key)
+        budget = self.config.max_num_batched_tokens
+        work = ahead + req.num_tokens
+        iterations = -(-work // budget)
+        predicted = iterations * self.cost_model.predict(min(work, budget))
+        waited = self.clock() - req.arrival_time
+        if waited + predicted > req.ttft_slo:
+            raise SLORejectedError(
+                f"rejected: predicted time to first token {1000 * (waited + predicted):.0f} ms exceeds the "
+                f"request's TTFT target {1000 * req.ttft_slo:.0f} ms ({ahead} prompt tokens queued ahead)")
+
+    def _reject_late_waiting(self) -> None:
+        """Reject mode: a queued request whose TTFT deadline has passed leaves now
+        instead of taking capacity it can no longer use well."""
+        if self.policy.name != "slo" or self.config.slo_admission != "reject":
+            return
+        now = self.clock()
+        for entry in list(self._waiting):
+            req = entry[-1]
+            if (req.ttft_slo is not None and req.num_output_tokens == 0
+                    and now - req.arrival_time > req.ttft_slo):
+                self._waiting.remove(entry)
+                req.error = (f"rejected: waited {1000 * (now - req.arrival_time):.0f} ms in the queue, past "
+                             f"its TTFT target {1000 * req.ttft_slo:.0f} ms")
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                self.rejected.append(req)
+
+    def observe_iteration(self, num_tokens: int, seconds: float) -> None:
+        """The engine reports each iteration's measured time (feeds the cost model)."""
+        self.cost_model.observe(num_tokens, seconds)
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
+        self._release_swap(req)
         req.status = status
         req.metrics.finished_time = self.clock()
         self.kv.forget(req)
@@ -112,13 +165,25 @@ class Scheduler:
         if self._worker_tokens.pop(req.request_id, None) is not None:
             self._finished_for_worker.add(req.request_id)
 
+    def _release_swap(self, req: Request) -> None:
+        self._cpu_free.extend(self._swapped.pop(req.request_id, ()))
+
     def _preempt(self, req: Request) -> None:
-        """Recompute-mode preemption: free the blocks, back to the waiting queue
-        with its original arrival time (so it keeps its place among equals)."""
+        """Preempt a running request: back to the waiting queue with its original
+        arrival time (so it keeps its place among equals). Swap mode copies its
+        blocks to the CPU pool when there is room; otherwise (recompute) its KV
+        is dropped and recomputed when it resumes."""
         self.running.remove(req)
+        gpu_blocks = self.kv.block_ids(req.request_id)
+        if self.swap_enabled and 0 < len(gpu_blocks) <= len(self._cpu_free):
+            slots = [self._cpu_free.pop() for _ in gpu_blocks]
+            self._swap_out.extend(zip(slots, gpu_blocks))
+            self._swapped[req.request_id] = slots
+            self.num_swaps_total += 1
+        else:
+            req.num_computed_tokens = 0
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
         req.metrics.num_preemptions += 1
         self.num_preemptions_total += 1
         if self._worker_tokens.pop(req.request_id, None) is not None:
@@ -128,7 +193,8 @@ class Scheduler:
     # ---- schedule ----------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
-        budget = self.config.max_num_batched_tokens
+        budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model)
+        self._reject_late_waiting()
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
 
@@ -191,18 +257,27 @@ class Scheduler:
             req = self._waiting[0][-1]
             if self.policy.admits_only_when_idle and req.request_id not in self.static_batch:
                 break
-            computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            swapped = req.request_id in self._swapped
+            computed = self.kv.get_computed_blocks(req) if not swapped else []
             num_cached = len(computed) * self.kv.block_size
-            n = min(req.num_tokens - num_cached, budget)
+            start = req.num_computed_tokens if swapped else num_cached
+            n = min(req.num_tokens - start, budget)
+            if not swapped:
+                req.num_computed_tokens = 0
             blocks = self.kv.allocate_slots(req, n, computed)
             if blocks is None:
                 break  # head-of-line: keep the policy's order
             self._waiting.pop(0)
             req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_cached
-            req.num_cached_tokens = num_cached
-            req.metrics.num_cached_tokens = num_cached
-            if req.metrics.first_scheduled_time is None:
+            if swapped:
+                slots = self._swapped.pop(req.request_id)
+                self._swap_in.extend(zip(slots, blocks))
+                self._cpu_free.extend(slots)
+            else:
+                req.num_computed_tokens = num_cached
+            if req.metrics.first_scheduled_time is None:  # first admission: report prefix hits
+                req.num_cached_tokens = num_cached
+                req.metrics.num_cached_tokens = num_cached
                 req.metrics.first_scheduled_time = self.clock()
             self.running.append(req)
             scheduled[req.request_id] = n
@@ -242,10 +317,12 @@ class Scheduler:
             self._worker_tokens[rid] = req.num_tokens
             req.num_computed_tokens += n
         finished, self._finished_for_worker = self._finished_for_worker, set()
+        swap_out, self._swap_out = self._swap_out, []
+        swap_in, self._swap_in = self._swap_in, []
         return SchedulerOutput(
             iteration=self.iteration, scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
-            finished_req_ids=finished)
+            finished_req_ids=finished, blocks_to_swap_out=swap_out, blocks_to_swap_in=swap_in)
 
     # ---- update ------------------------------------------------------
     def update(self, so: SchedulerOutput, out: ModelRunnerOutput) -> list[Request]:

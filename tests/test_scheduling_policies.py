@@ -1,0 +1,232 @@
+"""Priority, SLO (EDF + adaptive budget + admission), swap preemption. No torch:
+a simulated clock and the fake runner."""
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fake_runner import FakeRunner, reference_output
+from orca_serve.config import CacheConfig, SchedulerConfig
+from orca_serve.request import Request, RequestStatus
+from orca_serve.sampling_params import SamplingParams
+from orca_serve.scheduler import Scheduler
+from orca_serve.scheduler.errors import SLORejectedError
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def make(num_blocks=64, block_size=4, clock=None, num_cpu_blocks=0, preemption_mode="recompute",
+         caching=True, **kw):
+    return Scheduler(SchedulerConfig(**kw), CacheConfig(block_size=block_size, preemption_mode=preemption_mode,
+                                                        enable_prefix_caching=caching),
+                     num_blocks, max_model_len=4096, clock=clock or Clock(), num_cpu_blocks=num_cpu_blocks)
+
+
+def req(rid, n, max_tokens=8, base=1, arrival=0.0, **kw):
+    return Request(rid, [(base + i) % 997 for i in range(n)], SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                   arrival_time=arrival, **kw)
+
+
+def step(s, r, clock=None, per_token=0.0, fixed=0.0):
+    so = s.schedule()
+    out = r.execute_model(so)
+    if clock is not None:
+        dt = fixed + per_token * so.total_num_scheduled_tokens
+        clock.t += dt
+        s.observe_iteration(so.total_num_scheduled_tokens, dt)
+    s.update(so, out)
+    return so
+
+
+def run_all(s, r, **kw):
+    for _ in range(20_000):
+        if not s.has_unfinished_requests():
+            return
+        step(s, r, **kw)
+    raise AssertionError("did not finish")
+
+
+def check_outputs(reqs):
+    for q in reqs:
+        assert q.output_token_ids == reference_output(q.prompt_token_ids, q.sampling_params.max_tokens), q.request_id
+
+
+# ---- priority -----------------------------------------------------------
+def test_urgent_request_at_full_pool_runs_next_iteration():
+    s, r = make(num_blocks=12, scheduling_policy="priority"), FakeRunner(4)
+    low = [req(f"low{i}", 8, max_tokens=20, base=i * 50, arrival=i, priority=5) for i in range(3)]
+    for q in low:
+        s.add_request(q)
+    for _ in range(3):
+        step(s, r)
+    assert s.kv.num_free_blocks <= 3
+    urgent = req("urgent", 8, max_tokens=4, base=900, arrival=10, priority=0)
+    s.add_request(urgent)
+    so = step(s, r)
+    assert "urgent" in so.num_scheduled_tokens
+    assert low[2].metrics.num_preemptions == 1  # least urgent and newest went first
+    assert low[0].metrics.num_preemptions == 0
+    run_all(s, r)
+    check_outputs(low + [urgent])  # preempted work resumes with identical output
+    assert s.kv.num_free_blocks == 12
+
+
+def test_never_preempts_equal_or_higher_priority():
+    s, r = make(num_blocks=10, scheduling_policy="priority"), FakeRunner(4)
+    for i in range(3):
+        s.add_request(req(f"a{i}", 8, max_tokens=20, base=i * 50, arrival=i, priority=1))
+    for _ in range(3):
+        step(s, r)
+    s.add_request(req("same", 8, max_tokens=4, base=900, arrival=10, priority=1))
+    so = step(s, r)
+    assert "same" not in so.num_scheduled_tokens
+    assert s.num_preemptions_total == 0
+
+
+def test_priority_preempts_when_seats_not_memory_are_the_limit():
+    s, r = make(num_blocks=200, scheduling_policy="priority", max_num_seqs=2), FakeRunner(4)
+    s.add_request(req("l0", 4, max_tokens=30, arrival=0, priority=3))
+    s.add_request(req("l1", 4, max_tokens=30, base=40, arrival=1, priority=3))
+    step(s, r)
+    s.add_request(req("hi", 4, max_tokens=3, base=80, arrival=2, priority=0))
+    so = step(s, r)
+    assert "hi" in so.num_scheduled_tokens and s.requests["l1"].status == RequestStatus.PREEMPTED
+
+
+def test_preempted_request_keeps_its_place_among_equals():
+    # vLLM issue 41951: a preempted request must not fall behind later arrivals of its priority.
+    s, r = make(num_blocks=6, scheduling_policy="priority"), FakeRunner(4)
+    s.add_request(req("old", 8, max_tokens=12, arrival=0, priority=2))
+    s.add_request(req("mid", 8, max_tokens=12, base=30, arrival=1, priority=2))
+    step(s, r)
+    s.add_request(req("urgent", 8, max_tokens=2, base=60, arrival=2, priority=0))
+    step(s, r)
+    assert s.requests["mid"].status == RequestStatus.PREEMPTED
+    s.add_request(req("late", 8, max_tokens=12, base=90, arrival=3, priority=2))
+    order = [q.request_id for q in s.waiting_requests()]
+    assert order.index("mid") < order.index("late")
+    run_all(s, r)
+
+
+# ---- SLO ----------------------------------------------------------------
+def _bursty_trace():
+    """Long-prompt requests with loose deadlines arrive just before a burst of
+    short ones with tight deadlines: FCFS serves the long ones first."""
+    reqs = []
+    for i in range(4):
+        reqs.append(req(f"long{i}", 64, max_tokens=4, base=i * 97, arrival=0.0, ttft_slo=2.0))
+    for i in range(8):
+        reqs.append(req(f"short{i}", 8, max_tokens=4, base=500 + i * 13, arrival=0.001, ttft_slo=0.1))
+    return reqs
+
+
+def _deadlines_met(policy):
+    clock = Clock()
+    s, r = make(num_blocks=400, clock=clock, scheduling_policy=policy, max_num_batched_tokens=64), FakeRunner(4)
+    reqs = _bursty_trace()
+    for q in reqs:
+        s.add_request(q)
+    run_all(s, r, clock=clock, per_token=0.001, fixed=0.002)
+    check_outputs(reqs)
+    return sum(q.metrics.first_token_time - q.arrival_time <= q.ttft_slo for q in reqs)
+
+
+def test_edf_meets_more_deadlines_than_fcfs():
+    fcfs, slo = _deadlines_met("fcfs"), _deadlines_met("slo")
+    assert fcfs == 4 and slo == 12
+
+
+def test_slo_budget_keeps_tpot_target():
+    clock = Clock()
+    s, r = make(num_blocks=400, clock=clock, scheduling_policy="slo", max_num_batched_tokens=256), FakeRunner(4)
+    s.add_request(req("dec", 4, max_tokens=40, arrival=0.0, tpot_slo=0.02))
+    for _ in range(5):
+        step(s, r, clock=clock, per_token=0.0005, fixed=0.002)
+    s.add_request(req("big", 200, max_tokens=2, base=300, arrival=clock.t))
+    so = step(s, r, clock=clock, per_token=0.0005, fixed=0.002)
+    # 0.002 + 0.0005 * tokens <= 0.02  ->  at most 36 tokens per iteration.
+    assert so.total_num_scheduled_tokens <= 36 and so.num_scheduled_tokens["dec"] == 1
+    run_all(s, r, clock=clock, per_token=0.0005, fixed=0.002)
+
+
+def test_slo_reject_admission_says_why():
+    clock = Clock()
+    s, r = make(num_blocks=400, clock=clock, scheduling_policy="slo", slo_admission="reject",
+                max_num_batched_tokens=32), FakeRunner(4)
+    for i in range(4):
+        s.add_request(req(f"w{i}", 8, max_tokens=3, base=i * 10, arrival=0.0))
+        step(s, r, clock=clock, per_token=0.001, fixed=0.001)
+    for i in range(10):
+        s.add_request(req(f"q{i}", 64, max_tokens=2, base=i * 7, arrival=clock.t))
+    with pytest.raises(SLORejectedError, match="TTFT target"):
+        s.add_request(req("tight", 32, max_tokens=2, arrival=clock.t, ttft_slo=0.01))
+    s.add_request(req("loose", 32, max_tokens=2, arrival=clock.t, ttft_slo=100.0))
+    run_all(s, r, clock=clock, per_token=0.001, fixed=0.001)
+
+
+# ---- swap ---------------------------------------------------------------
+def _run_pressure(mode, num_cpu_blocks):
+    s, r = make(num_blocks=10, num_cpu_blocks=num_cpu_blocks, preemption_mode=mode, caching=False), FakeRunner(4)
+    reqs = [req(f"r{i}", 6, max_tokens=14, base=10 * i, arrival=i) for i in range(5)]
+    for q in reqs:
+        s.add_request(q)
+    run_all(s, r)
+    check_outputs(reqs)
+    assert s.kv.num_free_blocks == 10 and len(s._cpu_free) == num_cpu_blocks
+    return s
+
+
+def test_swap_and_recompute_give_identical_outputs():
+    rec = _run_pressure("recompute", 0)
+    swp = _run_pressure("swap", 40)
+    assert rec.num_preemptions_total > 0 and swp.num_swaps_total > 0
+
+
+def test_swap_falls_back_to_recompute_when_cpu_pool_full():
+    s = _run_pressure("swap", 2)
+    assert s.num_preemptions_total > s.num_swaps_total
+
+
+# ---- property test ------------------------------------------------------
+ops = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 12), st.integers(0, 3), st.integers(0, 2)),
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("step"), st.integers(1, 5)),
+), min_size=1, max_size=50)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops, num_blocks=st.integers(10, 30), cpu=st.integers(0, 20),
+       mode=st.sampled_from(["recompute", "swap"]), policy=st.sampled_from(["fcfs", "priority", "slo"]))
+def test_priorities_aborts_prefixes_swaps_never_leak(ops, num_blocks, cpu, mode, policy):
+    s = make(num_blocks=num_blocks, num_cpu_blocks=cpu, preemption_mode=mode, scheduling_policy=policy,
+             max_num_batched_tokens=16, max_num_seqs=6)
+    r = FakeRunner(4)
+    added = []
+    for op in ops:
+        if op[0] == "add":
+            # Three shared system prompts -> prefix-cache hits.
+            q = req(f"q{len(added)}", op[1], max_tokens=op[2], base=op[4] * 100, arrival=float(len(added)),
+                    priority=op[3], ttft_slo=1.0 if op[3] == 0 else None)
+            try:
+                s.add_request(q)
+            except ValueError:
+                continue
+            added.append(q)
+        elif op[0] == "abort" and added:
+            s.abort_request(added[op[1] % len(added)].request_id)
+        else:
+            for _ in range(op[1]):
+                step(s, r)
+    run_all(s, r)
+    assert s.kv.num_free_blocks == num_blocks and len(s._cpu_free) == cpu
+    assert all(b.ref_cnt == 0 for b in s.kv.pool.blocks)
+    for q in added:
+        assert q.finished
+        if q.status == RequestStatus.FINISHED_LENGTH:
+            assert q.output_token_ids == reference_output(q.prompt_token_ids, q.sampling_params.max_tokens)
