@@ -3,6 +3,7 @@ drives it (the offline LLM directly, the server through async_engine)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -39,13 +40,13 @@ class LLMEngine:
         from orca_serve.models.loader import get_model_facts, kv_block_bytes, load_tokenizer
 
         self.config = config
-        facts = get_model_facts(config.model)
-        self.facts = facts
-        self.model_name = facts.name
-        self.vocab_size = facts.vocab_size
-        self.max_model_len = min(config.model.max_model_len or facts.max_model_len, facts.max_model_len)
-        self.eos_token_ids = tuple(facts.eos_token_ids)
         self.tokenizer = load_tokenizer(config.model)
+        facts = get_model_facts(config.model, tokenizer=self.tokenizer)
+        self.facts = facts
+        self.model_name = served_model_name(config.model)
+        self.vocab_size = facts.vocab_size
+        self.max_model_len = facts.max_model_len
+        self.eos_token_ids = tuple(facts.eos_token_ids)
         cache = config.cache
         block_bytes = kv_block_bytes(facts, cache.block_size, config.model.dtype)
         num_blocks = cache.num_kv_blocks or max(1, int(cache.kv_cache_memory_gb * 2**30) // block_bytes)
@@ -221,6 +222,15 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def served_model_name(model_config) -> str:
+    """The name clients use: the checkpoint's basename, the dummy preset, or the default."""
+    if model_config.model is not None:
+        return os.path.basename(os.path.normpath(model_config.model)).removesuffix(".gguf")
+    if model_config.load_format == "dummy" and isinstance(model_config.dummy_config, str):
+        return f"dummy-{os.path.basename(model_config.dummy_config)}"
+    return "SmolLM2-135M-Instruct"
 
 
 def slo_met(req: Request) -> bool:
