@@ -1,0 +1,131 @@
+"""LLM API behaviour: seeded sampling, stop conditions, detokenization, bad input."""
+import os
+
+import pytest
+
+from orca_serve import LLM, SamplingParams
+from orca_serve.engine.detokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(model=tiny_model_dir("llama"), num_kv_blocks=300, block_size=4, max_num_batched_tokens=64)
+
+
+def test_seeded_sampling_same_alone_and_in_a_batch(llm):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7, 8]], params)[0].token_ids
+    others = [[9, 10, 11], [12, 13, 14, 15, 16], [17] * 20]
+    batch = llm.generate(others[:2] + [[5, 6, 7, 8]] + others[2:],
+                         [SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)] * 2 + [params]
+                         + [SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)])
+    assert batch[2].token_ids == alone
+    other_seed = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=12, temperature=1.0, seed=99,
+                                                             ignore_eos=True))[0].token_ids
+    assert other_seed != alone
+
+
+def test_stop_token_ids_and_eos(llm):
+    greedy = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    stop_at = greedy.token_ids[4]
+    first = greedy.token_ids.index(stop_at)
+    out = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    assert out.token_ids == greedy.token_ids[:first + 1]
+
+
+def test_timing_metrics_are_ordered(llm):
+    o = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    m = o.metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-3), "top_k"),
+    (dict(logprobs=-1), "logprobs"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ([], "empty"),
+    ([1, 2, 100000], "outside the vocabulary"),
+    ([1, -1], "outside the vocabulary"),
+    ([1] * 600, "context length"),
+    (["a"], "integers"),
+])
+def test_bad_prompts_fail_alone(llm, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate([[1, 2, 3], prompt], SamplingParams(max_tokens=3))
+    # The engine keeps serving, and nothing leaked.
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].finish_reason in ("length", "stop")
+    stats = llm.engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and stats.num_running == 0
+
+
+def test_max_tokens_over_context(llm):
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=600))
+
+
+def test_bad_model_paths(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="does not exist|not found|No such"):
+        LLM(model=str(tmp_path / "nope"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config"):
+        LLM(model=str(broken))
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    src = tiny_model_dir("llama")
+    for name in os.listdir(src):
+        data = open(os.path.join(src, name), "rb").read()
+        if name.endswith(".safetensors"):
+            data = data[: len(data) // 2]
+        (trunc / name).write_bytes(data)
+    with pytest.raises(ValueError, match="safetensors|truncated|corrupt"):
+        LLM(model=str(trunc))
+
+
+def test_incremental_detokenizer_multibyte(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    text = "Héllo wörld — 日本語のテキスト 🙂🚀 naïve café"
+    ids = tok(text, add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tok, [1, 2], SamplingParams(skip_special_tokens=True))
+    pieces = [detok.add_tokens([t], final=(i == len(ids) - 1))[0] for i, t in enumerate(ids)]
+    assert "".join(pieces) == tok.decode(ids) == detok.text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_string_is_cut_and_never_streamed(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    ids = tok("The capital of France is Paris. It is big.", add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tok, [1], SamplingParams(stop=["Paris."]))
+    streamed, stop = "", None
+    for t in ids:
+        delta, stop = detok.add_tokens([t])
+        streamed += delta
+        if stop:
+            break
+    assert stop == "Paris." and streamed == "The capital of France is " == detok.text
+
+
+def test_chat_and_cli_on_default_model(default_model_dir, capsys):
+    from orca_serve.entrypoints.cli import main
+
+    assert main(["generate", "--prompt", "What is the capital of France?", "--max-tokens", "12",
+                 "--num-kv-blocks", "64"]) == 0
+    assert "Paris" in capsys.readouterr().out
+    assert main(["generate", "--prompt", "x", "--max-tokens", "0", "--num-kv-blocks", "64"]) == 2
+    assert "max_tokens" in capsys.readouterr().err
