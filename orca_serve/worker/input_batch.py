@@ -1,0 +1,110 @@
+"""Per-request worker state and the per-iteration model inputs built from it.
+
+The runner keeps each request's tokens, block table and progress, updated
+from the scheduler's diffs. ``prepare_inputs`` turns one iteration's
+scheduled requests into flat tensors (token ids, positions, cache slots) and
+the ``AttentionMetadata`` every layer reuses. Decodes (query length 1) go
+first so attention can treat them as one contiguous batch.
+
+Index arithmetic is done once here in numpy, never per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from orca_serve.layers.attention import AttentionMetadata, PrefillChunk
+from orca_serve.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    token_ids: list[int]  # prompt + every generated token the scheduler has sent
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] row of the last token of each sampling request
+    sampling_states: list[RequestState]  # the S requests that sample, in logits order
+
+
+def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
+                   device: torch.device) -> ModelInputs:
+    """Build one iteration's inputs from (request, number of tokens to compute) pairs."""
+    decodes = [(r, n) for r, n in scheduled if n == 1]
+    order = decodes + [(r, n) for r, n in scheduled if n > 1]
+    counts = np.fromiter((n for _, n in order), dtype=np.int64, count=len(order))
+    starts = np.fromiter((r.num_computed_tokens for r, _ in order), dtype=np.int64, count=len(order))
+    ends = starts + counts
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    num_tokens = int(offsets[-1])
+
+    input_ids = np.empty(num_tokens, dtype=np.int64)
+    positions = np.empty(num_tokens, dtype=np.int64)
+    n_dec = len(decodes)
+    input_ids[:n_dec] = [r.token_ids[r.num_computed_tokens] for r, _ in decodes]
+    positions[:n_dec] = starts[:n_dec]
+    for i in range(n_dec, len(order)):
+        r, (s, e), (o, p) = order[i][0], (starts[i], ends[i]), (offsets[i], offsets[i + 1])
+        input_ids[o:p] = r.token_ids[s:e]
+        positions[o:p] = np.arange(s, e)
+
+    block_table = _block_table(order, ends, block_size)
+    req_of_token = np.repeat(np.arange(len(order)), counts)
+    slots = block_table[req_of_token, positions // block_size] * block_size + positions % block_size
+
+    to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    meta = AttentionMetadata(slot_mapping=to_dev(slots), num_decode_tokens=n_dec)
+    if n_dec:
+        ctx = ends[:n_dec]
+        n_blocks = int(-(-ctx.max() // block_size))
+        meta.decode_block_tables = to_dev(np.ascontiguousarray(block_table[:n_dec, :n_blocks]))
+        mask = np.arange(n_blocks * block_size)[None, :] < ctx[:, None]
+        meta.decode_mask = to_dev(mask[:, None, None, :])
+    for i in range(n_dec, len(order)):
+        meta.prefills.append(_prefill_chunk(block_table[i], int(starts[i]), int(ends[i]),
+                                            int(offsets[i]), block_size, to_dev))
+
+    sampling = [i for i, (r, _) in enumerate(order) if ends[i] == len(r.token_ids)]
+    return ModelInputs(
+        input_ids=to_dev(input_ids), positions=to_dev(positions), attn_metadata=meta,
+        logits_indices=to_dev(offsets[1:][sampling] - 1),
+        sampling_states=[order[i][0] for i in sampling])
+
+
+def _block_table(order: list[tuple[RequestState, int]], ends: np.ndarray, block_size: int) -> np.ndarray:
+    """[num_reqs, max_blocks] block ids covering each request's tokens (0-padded)."""
+    needed = -(-ends // block_size)
+    table = np.zeros((len(order), int(needed.max())), dtype=np.int64)
+    for i, (r, _) in enumerate(order):
+        k = int(needed[i])
+        if len(r.block_ids) < k:
+            raise RuntimeError(f"request {r.req_id}: {len(r.block_ids)} KV blocks cannot hold "
+                               f"{int(ends[i])} tokens at block size {block_size}")
+        table[i, :k] = r.block_ids[:k]
+    return table
+
+
+def _prefill_chunk(row: np.ndarray, start: int, end: int, offset: int, block_size: int, to_dev) -> PrefillChunk:
+    chunk = PrefillChunk(start=offset, end=offset + end - start)
+    if start == 0:
+        return chunk  # no earlier context: plain causal attention on the fresh K/V
+    pos = np.arange(end)
+    chunk.kv_slots = to_dev(row[pos // block_size] * block_size + pos % block_size)
+    # Query i sits at absolute position start + i and sees every key up to it.
+    chunk.mask = to_dev(pos[None, :] <= np.arange(start, end)[:, None])
+    return chunk

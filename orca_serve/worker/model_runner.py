@@ -1,0 +1,108 @@
+"""The model runner: SchedulerOutput -> tensors -> model -> sampler -> ModelRunnerOutput.
+
+It owns the model, the KV pool (one ``[2, num_blocks, block_size, kv_heads,
+head_dim]`` view per layer, sliced from one allocation) and an optional CPU
+pool for swap-mode preemption. It mirrors each request's tokens and block
+table from the scheduler's messages: full data once, then diffs. It never
+appends the tokens it samples itself; they come back as ``new_token_ids`` of
+the next ``CachedRequestData``, so the scheduler stays the one source of truth.
+"""
+from __future__ import annotations
+
+import torch
+
+from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
+from orca_serve.config import EngineConfig
+from orca_serve.layers.attention import Attention
+from orca_serve.layers.sampler import Sampler, SamplingMetadata
+from orca_serve.models.loader import load_model, model_eos_token_ids
+from orca_serve.worker.input_batch import RequestState, prepare_inputs
+
+
+class ModelRunner:
+    def __init__(self, engine_config: EngineConfig, num_kv_blocks: int, num_cpu_blocks: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        if num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+        self.config = engine_config
+        self.device = torch.device(device)
+        self.block_size = engine_config.cache.block_size
+        self.model, self.hf_config = load_model(engine_config.model, self.device)
+        self.vocab_size = self.hf_config.vocab_size
+        self.dtype = next(self.model.parameters()).dtype
+
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        shape = (len(layers), 2, num_kv_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
+        # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
+        # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.kv_cache = self.kv_cache[i]
+        cpu_shape = shape[:2] + (num_cpu_blocks,) + shape[3:]
+        self.cpu_kv_cache = torch.zeros(cpu_shape, dtype=self.dtype, device="cpu",
+                                        pin_memory=self.device.type == "cuda" and num_cpu_blocks > 0)
+        self.sampler = Sampler(seed=engine_config.model.seed, device=self.device)
+        # For min_tokens: EOS must not be sampled before a request's minimum length.
+        self.eos_token_ids = model_eos_token_ids(engine_config.model, self.hf_config)
+        self.requests: dict[str, RequestState] = {}
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one iteration; returns the tokens sampled by requests that caught up."""
+        self._update_states(so)
+        if so.blocks_to_swap_out:
+            self.swap_out(so.blocks_to_swap_out)
+        if so.blocks_to_swap_in:
+            self.swap_in(so.blocks_to_swap_in)
+        if so.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput(sampled_token_ids={})
+        unknown = so.num_scheduled_tokens.keys() - self.requests.keys()
+        if unknown:
+            raise RuntimeError(f"scheduled request(s) the worker was never sent: {sorted(unknown)}")
+        scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
+        inputs = prepare_inputs(scheduled, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        states = inputs.sampling_states
+        if not states:
+            return ModelRunnerOutput(sampled_token_ids={})
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        md = SamplingMetadata.build([s.sampling_params for s in states],
+                                    [s.num_output_tokens for s in states], self.vocab_size, self.device,
+                                    eos_token_ids=self.eos_token_ids)
+        out = self.sampler(logits, md)
+        ids = [s.req_id for s in states]
+        return ModelRunnerOutput(
+            sampled_token_ids=dict(zip(ids, out.token_ids)),
+            logprobs={rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None})
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids:
+            self.requests.pop(rid, None)
+        for new in so.scheduled_new_reqs:
+            self.requests[new.req_id] = RequestState(
+                req_id=new.req_id, token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
+                num_prompt_tokens=len(new.prompt_token_ids), block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens, sampling_params=new.sampling_params)
+        for cached in so.scheduled_cached_reqs:
+            state = self.requests.get(cached.req_id)
+            if state is None:
+                raise RuntimeError(f"scheduler sent a diff for unknown request {cached.req_id!r}")
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy KV blocks device -> CPU pool, as (cpu_slot, gpu_block) pairs."""
+        cpu, dev = self._split(pairs)
+        self.cpu_kv_cache.index_copy_(2, cpu, self.kv_cache.index_select(2, dev.to(self.device)).cpu())
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy KV blocks CPU pool -> device, as (cpu_slot, gpu_block) pairs."""
+        cpu, dev = self._split(pairs)
+        self.kv_cache.index_copy_(2, dev.to(self.device), self.cpu_kv_cache.index_select(2, cpu).to(self.device))
+
+    def _split(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cpu_kv_cache.shape[2] == 0:
+            raise RuntimeError("swap requested but the runner has no CPU blocks (num_cpu_blocks=0)")
+        cpu, dev = zip(*pairs)
+        return torch.tensor(cpu, dtype=torch.int64), torch.tensor(dev, dtype=torch.int64)

@@ -1,0 +1,107 @@
+"""Model forward passes against HF transformers on tiny random checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_models import load_hf
+from orca_serve.config import ModelConfig
+from orca_serve.layers.attention import Attention
+from orca_serve.layers.rotary import rope_parameters
+from orca_serve.models.loader import get_model_facts, load_model
+from orca_serve.models.registry import PRESETS, get_model_class, make_hf_config
+from orca_serve.sampling_params import SamplingParams
+from orca_serve.worker.input_batch import RequestState, prepare_inputs
+
+KINDS = ["llama", "llama-tied-llama3rope", "qwen2", "gpt2", "gpt2-untied"]
+BLOCK = 4
+
+
+def bind_cache(model, num_blocks: int = 32) -> None:
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for layer in layers:
+        layer.kv_cache = torch.zeros(2, num_blocks, BLOCK, layer.num_kv_heads, layer.head_dim)
+
+
+@torch.inference_mode()
+def run_chunks(model, prompt: list[int], chunks: list[int]) -> torch.Tensor:
+    """Feed ``prompt`` in chunks through the paged cache; logits of every position."""
+    state = RequestState("r", prompt, len(prompt), list(range(32)), 0, SamplingParams())
+    rows = []
+    for n in chunks:
+        inputs = prepare_inputs([(state, n)], BLOCK, torch.device("cpu"))
+        rows.append(model.compute_logits(model(inputs.input_ids, inputs.positions, inputs.attn_metadata)))
+        state.num_computed_tokens += n
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_hf(tiny_model_dir, kind):
+    path = tiny_model_dir(kind)
+    model, _ = load_model(ModelConfig(model=path))
+    bind_cache(model)
+    prompt = [(7 * i + 3) % 384 for i in range(45)]
+    with torch.no_grad():
+        ref = load_hf(path)(torch.tensor([prompt])).logits[0]
+    # Whole prompt at once, then the same prompt in chunks (a decode-sized one
+    # included), which reads earlier context back from the paged cache.
+    for chunks in ([45], [13, 1, 20, 11]):
+        ours = run_chunks(model, prompt, chunks)
+        assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (chunks, (ours - ref).abs().max())
+        assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_tiny_configs_exercise_their_features(tiny_model_dir):
+    model, cfg = load_model(ModelConfig(model=tiny_model_dir("llama-tied-llama3rope")))
+    assert rope_parameters(cfg)["rope_type"] == "llama3"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    qwen, _ = load_model(ModelConfig(model=tiny_model_dir("qwen2")))
+    layer = qwen.model.layers[0].self_attn
+    assert layer.qkv_proj.bias is not None and layer.o_proj.bias is None
+    llama, _ = load_model(ModelConfig(model=tiny_model_dir("llama")))
+    assert llama.lm_head.weight is not llama.model.embed_tokens.weight
+    assert llama.model.layers[0].self_attn.num_kv_heads == 2
+
+
+def test_rope_reads_legacy_config_fields():
+    class Legacy:
+        rope_theta = 500000.0
+        rope_scaling = {"type": "linear", "factor": 2.0}
+
+    assert rope_parameters(Legacy()) == {"type": "linear", "factor": 2.0, "rope_theta": 500000.0,
+                                         "rope_type": "linear"}
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_dummy_presets_run(preset):
+    mc = ModelConfig(load_format="dummy", dummy_config=preset, seed=3)
+    model, cfg = load_model(mc)
+    again, _ = load_model(mc)
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)  # seeded
+    bind_cache(model)
+    logits = run_chunks(model, list(range(10)), [10])
+    assert logits.shape == (10, cfg.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_gpt3_presets_have_paper_shapes():
+    # (layers, d_model, heads) from the GPT-3 paper, Table 2.1 (see registry.py for 1.3B/13B).
+    expected = {"gpt3-125m": (12, 768, 12), "gpt3-1.3b": (24, 2048, 16),
+                "gpt3-13b": (40, 5120, 40), "gpt3-175b": (96, 12288, 96)}
+    for name, (layers, d, heads) in expected.items():
+        cfg = make_hf_config(name)
+        assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions) == (layers, d, heads, 2048)
+        assert get_model_class(cfg).__name__ == "GPT2LMHeadModel"
+    facts = get_model_facts(ModelConfig(load_format="dummy", dummy_config="gpt3-175b"))
+    assert 174e9 < facts.num_params < 176e9  # counted on the meta device, nothing allocated
+    assert (facts.num_layers, facts.head_dim, facts.max_model_len) == (96, 128, 2048)
+    assert set(PRESETS) >= {"gpt3-125m", "gpt3-1.3b", "gpt3-13b", "gpt3-175b", "tiny-llama", "tiny-gpt2"}
+
+
+def test_dummy_from_config_dict():
+    cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=1, vocab_size=100, max_position_embeddings=64)
+    model, hf = load_model(ModelConfig(load_format="dummy", dummy_config=cfg))
+    assert hf.architectures == ["LlamaForCausalLM"]
+    bind_cache(model)
+    assert run_chunks(model, [1, 2, 3], [3]).shape == (3, 100)

@@ -1,0 +1,107 @@
+"""Sampler: greedy, top-k/top-p, seeded reproducibility, logprobs."""
+from __future__ import annotations
+
+import torch
+
+from orca_serve.layers.sampler import Sampler, SamplingMetadata, apply_top_k_top_p, seed_for_position
+from orca_serve.sampling_params import SamplingParams
+
+V = 300
+
+
+def sample(params, logits, positions=None, seed=0):
+    md = SamplingMetadata.build(params, positions or [0] * len(params), V)
+    return Sampler(seed=seed)(logits, md)
+
+
+def rand_logits(n, seed=0, scale=3.0):
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_greedy_batch_is_argmax():
+    logits = rand_logits(8)
+    out = sample([SamplingParams(temperature=0)] * 8, logits)
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == [None] * 8
+
+
+def test_seeded_rows_do_not_depend_on_batch():
+    logits = rand_logits(6, seed=1)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    for pos in range(20):
+        alone = sample([seeded], logits[2:3], [pos]).token_ids[0]
+        mixed = [SamplingParams(temperature=1.0), SamplingParams(temperature=0),
+                 seeded, SamplingParams(temperature=0.5, seed=7), SamplingParams(), SamplingParams(top_k=3)]
+        in_batch = sample(mixed, logits, [5, 0, pos, 2, 9, 1], seed=99).token_ids[2]
+        assert alone == in_batch
+
+
+def test_seed_and_position_change_the_draw():
+    logits = torch.zeros(1, V)  # uniform: every draw shows the noise
+    draws = {sample([SamplingParams(seed=s)], logits, [p]).token_ids[0] for s in range(3) for p in range(10)}
+    assert len(draws) > 20
+    assert seed_for_position(1, 2) != seed_for_position(2, 1)
+    assert 0 <= seed_for_position(-5, 0) < 2 ** 63
+
+
+def test_unseeded_rows_use_the_shared_generator():
+    logits = torch.zeros(1, V)
+    sampler = Sampler(seed=0)
+    md = SamplingMetadata.build([SamplingParams()], [0], V)
+    draws = [sampler(logits, md).token_ids[0] for _ in range(10)]
+    assert len(set(draws)) > 1
+    again = Sampler(seed=0)
+    assert draws == [again(logits, md).token_ids[0] for _ in range(10)]
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    logits = rand_logits(16, seed=2, scale=0.5)
+    greedy = logits.argmax(-1).tolist()
+    params_k = [SamplingParams(temperature=1.3, top_k=1, seed=i) for i in range(16)]
+    params_p = [SamplingParams(temperature=1.3, top_p=1e-6) for _ in range(16)]
+    assert sample(params_k, logits).token_ids == greedy
+    assert sample(params_p, logits).token_ids == greedy
+
+
+def test_top_k_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    kept = apply_top_k_top_p(logits, torch.tensor([2, 4]), torch.tensor([1.0, 0.5])).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [True, True, False, False]]
+    # top_p 0.8: mass before the 3rd token is 0.8 -> dropped; 2nd (0.5 before it) kept.
+    kept = apply_top_k_top_p(logits[:1], None, torch.tensor([0.8])).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1] + [0.0] * (V - 3))
+    logits = torch.log(probs).repeat(4000, 1)
+    md = SamplingMetadata.build([SamplingParams()] * 4000, [0] * 4000, V)
+    counts = torch.bincount(torch.tensor(Sampler(seed=5)(logits, md).token_ids), minlength=V)
+    assert counts[3:].sum() == 0
+    assert torch.allclose(counts[:3] / 4000.0, probs[:3], atol=0.03)
+
+
+def test_logprobs_match_log_softmax():
+    logits = rand_logits(3, seed=4)
+    params = [SamplingParams(temperature=0, logprobs=5), SamplingParams(temperature=0.7, logprobs=0),
+              SamplingParams(temperature=0)]
+    out = sample(params, logits)
+    ref = torch.log_softmax(logits, -1)
+    lp0, lp1 = out.logprobs[0], out.logprobs[1]
+    assert out.logprobs[2] is None
+    assert abs(lp0.sampled_logprob - ref[0, out.token_ids[0]].item()) < 1e-5
+    top_vals, top_ids = ref[0].topk(5)
+    assert [t for t, _ in lp0.top] == top_ids.tolist()
+    assert torch.allclose(torch.tensor([v for _, v in lp0.top]), top_vals, atol=1e-5)
+    assert lp1.top == [] and abs(lp1.sampled_logprob - ref[1, out.token_ids[1]].item()) < 1e-5
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    logits = torch.zeros(2, V)
+    logits[:, 2] = 10.0  # EOS is by far the best token
+    logits[:, 7] = 9.0  # then a stop token
+    params = [SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[7], logprobs=1)] * 2
+    md = SamplingMetadata.build(params, [2, 3], V, eos_token_ids=(2,))
+    out = Sampler()(logits, md)
+    assert out.token_ids[0] not in (2, 7) and out.token_ids[1] == 2
+    assert out.logprobs[0].top[0][0] == 2  # logprobs still describe the raw distribution
