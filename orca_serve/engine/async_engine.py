@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orca_serve.config import EngineConfig
-from orca_serve.engine.errors import EngineDeadError, QueueFullError
+from orca_serve.engine.errors import EngineDeadError, QueueFullError, SLORejectedError
 from orca_serve.outputs import RequestOutput
 from orca_serve.sampling_params import SamplingParams
 
@@ -63,14 +63,13 @@ class _Abort:
 
 
 @dataclass
-class _AbortAll:
-    pass
-
-
-@dataclass
 class _Route:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+
+
+_ABORT_ALL = "abort-all"  # command: abort every in-flight request
+_REFRESH = "refresh"  # command: run one pass so a new observer sees the current stats
 
 
 class AsyncLLMEngine:
@@ -80,8 +79,9 @@ class AsyncLLMEngine:
         """Start the engine thread and build the engine on it (blocks until built).
 
         Raises whatever the factory raised, so a bad model path fails at start-up.
+        ``observer`` (see ``set_observer``) sees stats and outputs after every pass.
         """
-        self._observer = observer
+        self.observer = observer
         self._cond = threading.Condition()
         self._commands: list = []
         self._accepting = True
@@ -122,6 +122,15 @@ class AsyncLLMEngine:
     def tokenizer(self):
         return self._engine.tokenizer
 
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Prompt -> token ids (ValueError naming the field). Safe off the engine
+        thread: it only reads the tokenizer and the vocabulary size."""
+        return self._engine.tokenize(prompt)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Chat messages -> prompt token ids; safe off the engine thread, like ``tokenize``."""
+        return self._engine.apply_chat_template(messages)
+
     @property
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive()
@@ -135,13 +144,16 @@ class AsyncLLMEngine:
                     queue: asyncio.Queue, **kwargs) -> asyncio.Future:
         """Queue a request; returns a future that resolves once the engine took it.
 
-        The future raises ValueError / QueueFullError (bad input, full queue),
-        EngineStoppedError or EngineDeadError. Outputs, then the finished one,
+        The future raises ValueError / QueueFullError / SLORejectedError (bad
+        input, full queue, TTFT target out of reach), EngineStoppedError or
+        EngineDeadError. Outputs, then the finished one,
         arrive on ``queue``; an exception instance there means the engine died.
         Must be called from the event loop that reads ``queue``.
         """
         loop = asyncio.get_running_loop()
         accepted = loop.create_future()
+        if self._dead is not None:
+            raise EngineDeadError(f"engine is dead: {self._dead}")
         if not self._accepting:
             raise EngineStoppedError("server is shutting down")
         self._submit(_Add(request_id, prompt, params, kwargs, loop, queue, accepted))
@@ -169,10 +181,15 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
+    def set_observer(self, observer: EngineObserver | None) -> None:
+        """Install the observer; it gets the current stats right away, not at the first request."""
+        self.observer = observer
+        self._submit(_REFRESH)
+
     def begin_shutdown(self) -> None:
         """Refuse new requests and abort every in-flight one (they finish with "abort")."""
         self._accepting = False
-        self._submit(_AbortAll())
+        self._submit(_ABORT_ALL)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort everything, let the engine thread deliver the aborts, stop it."""
@@ -238,9 +255,9 @@ class AsyncLLMEngine:
                 return
             stats = engine.stats()
             idle_backoff = not outputs and stats.last_num_reqs == 0
-            if self._observer is not None:
+            if self.observer is not None:
                 try:
-                    self._observer.on_step(stats, outputs)
+                    self.observer.on_step(stats, outputs)
                 except Exception:  # metrics must never take the engine down
                     logger.exception("engine observer failed")
 
@@ -252,7 +269,7 @@ class AsyncLLMEngine:
             else:
                 try:
                     engine.add_request(command.request_id, command.prompt, command.params, **command.kwargs)
-                except (ValueError, QueueFullError) as exc:
+                except (ValueError, QueueFullError, SLORejectedError) as exc:
                     error = exc
                 except Exception as exc:  # unexpected, but this request's alone
                     logger.exception("add_request %s failed", command.request_id)
@@ -263,7 +280,7 @@ class AsyncLLMEngine:
         elif isinstance(command, _Abort):
             if command.request_id in self._routes:
                 engine.abort_request(command.request_id)
-        elif isinstance(command, _AbortAll):
+        elif command == _ABORT_ALL:
             for request_id in list(self._routes):
                 engine.abort_request(request_id)
 

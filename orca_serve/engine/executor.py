@@ -11,8 +11,25 @@ from orca_serve.config import EngineConfig
 
 
 class Executor:
+    """``submit`` starts a batch and ``collect`` waits for its result, so an
+    executor with P pipeline stages can hold P batches in flight; batches are
+    collected in submission order."""
+
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         raise NotImplementedError
+
+    def submit(self, so: SchedulerOutput):
+        """Start a batch; returns a handle for ``collect``. The default runs it now."""
+        try:
+            return ("ok", self.execute_model(so))
+        except Exception as exc:  # surfaced by collect, where the engine handles failures
+            return ("error", exc)
+
+    def collect(self, handle) -> ModelRunnerOutput:
+        status, value = handle
+        if status == "error":
+            raise value
+        return value
 
     def shutdown(self) -> None:
         pass

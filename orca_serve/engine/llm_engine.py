@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from orca_serve.config import EngineConfig
@@ -62,6 +63,8 @@ class LLMEngine:
         self._aborted: list[Request] = []
         self._last = (0, 0, 0.0)
         self._num_finished = 0
+        self._depth = config.parallel.pipeline_parallel_size
+        self._pipeline: deque = deque()  # (SchedulerOutput, submit time, executor handle)
         self._num_slo_met = 0
 
     # ---- requests ----------------------------------------------------
@@ -122,34 +125,46 @@ class LLMEngine:
             self._aborted.append(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._aborted) or bool(self._held)
+        return (self.scheduler.has_unfinished_requests() or bool(self._aborted) or bool(self._held)
+                or bool(self._pipeline))
 
     # ---- the iteration ----------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule -> execute -> update."""
+        """One iteration: schedule -> execute -> update.
+
+        With P pipeline stages up to P batches are in flight: a new batch is
+        submitted while older ones are still in the pipeline, and the oldest
+        is collected (and its tokens applied) once the pipeline is full or
+        nothing new can be scheduled.
+        """
         t0 = time.perf_counter()
         so = self.scheduler.schedule()
-        advanced = []
         if not so.is_empty or so.blocks_to_swap_out or so.blocks_to_swap_in:
-            try:
-                t_exec = time.perf_counter()
-                out = self.executor.execute_model(so)
-                self.scheduler.observe_iteration(so.total_num_scheduled_tokens, time.perf_counter() - t_exec)
-            except Exception as exc:  # the batch fails; the engine and other requests go on
-                logger.exception("iteration %d failed", so.iteration)
-                failed = [self.scheduler.requests[r] for r in so.num_scheduled_tokens if r in self.scheduler.requests]
-                for req in failed:
-                    req.error = f"{type(exc).__name__}: {exc}"
-                self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
-                advanced = failed
-            else:
-                advanced = self.scheduler.update(so, out)
-                self._attach_logprobs(advanced, out)
+            self._pipeline.append((so, time.perf_counter(), self.executor.submit(so)))
+        advanced = []
+        if self._pipeline and (len(self._pipeline) >= self._depth or so.is_empty):
+            done, t_submit, handle = self._pipeline.popleft()
+            advanced = self._collect(done, t_submit, handle)
         self._last = (so.total_num_scheduled_tokens, so.num_reqs, time.perf_counter() - t0)
         rejected, self.scheduler.rejected = self.scheduler.rejected, []
         outputs = [self._make_output(req) for req in self._aborted + rejected + advanced]
         self._aborted = []
         return self._release(outputs)
+
+    def _collect(self, so, t_submit: float, handle) -> list[Request]:
+        try:
+            out = self.executor.collect(handle)
+        except Exception as exc:  # the batch fails; the engine and other requests go on
+            logger.exception("iteration %d failed", so.iteration)
+            failed = [self.scheduler.requests[r] for r in so.num_scheduled_tokens if r in self.scheduler.requests]
+            for req in failed:
+                req.error = f"{type(exc).__name__}: {exc}"
+            self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
+            return failed
+        self.scheduler.observe_iteration(so.total_num_scheduled_tokens, time.perf_counter() - t_submit)
+        advanced = self.scheduler.update(so, out)
+        self._attach_logprobs(advanced, out)
+        return advanced
 
     def _attach_logprobs(self, reqs: list[Request], out) -> None:
         for req in reqs:

@@ -54,6 +54,9 @@ class Scheduler:
         self.static_batch: set[str] = set()
         self.iteration = 0
         self.num_preemptions_total = 0
+        # Requests in a batch that has not come back yet (pipeline parallel keeps
+        # several batches in flight): never scheduled twice, never a victim.
+        self._in_flight: set[str] = set()
 
     # ---- queue -------------------------------------------------------
     @property
@@ -157,6 +160,7 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self._release_swap(req)
+        self._in_flight.discard(req.request_id)
         req.status = status
         req.metrics.finished_time = self.clock()
         self.kv.forget(req)
@@ -206,8 +210,8 @@ class Scheduler:
         for req in order:
             if budget <= 0:
                 break
-            if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if req.status != RequestStatus.RUNNING or req.request_id in self._in_flight:
+                continue  # preempted earlier in this loop, or its last batch is still out
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             blocks = self._allocate_or_preempt(req, n, scheduled)
             if blocks is None:
@@ -223,7 +227,10 @@ class Scheduler:
             blocks = self.kv.allocate_slots(req, n)
             if blocks is not None:
                 return blocks
-            candidates = [r for r in self.running if r.request_id not in scheduled]
+            candidates = [r for r in self.running
+                          if r.request_id not in scheduled and r.request_id not in self._in_flight]
+            if not candidates:
+                return None  # everyone else is in flight: wait for a batch to return
             victim = max(candidates, key=self.policy.victim_key)
             self._preempt(victim)
             if victim is req:
@@ -236,7 +243,8 @@ class Scheduler:
             return
         head = self._waiting[0][-1]
         while True:
-            victims = [r for r in self.running if self.policy.may_preempt_for(head, r)]
+            victims = [r for r in self.running
+                       if self.policy.may_preempt_for(head, r) and r.request_id not in self._in_flight]
             if not victims:
                 return
             no_seat = len(self.running) >= self.config.max_num_seqs
@@ -316,6 +324,7 @@ class Scheduler:
                     num_computed_tokens=req.num_computed_tokens))
             self._worker_tokens[rid] = req.num_tokens
             req.num_computed_tokens += n
+            self._in_flight.add(rid)
         finished, self._finished_for_worker = self._finished_for_worker, set()
         swap_out, self._swap_out = self._swap_out, []
         swap_in, self._swap_in = self._swap_in, []
@@ -330,6 +339,7 @@ class Scheduler:
         Returns the requests that got a token (finished ones included)."""
         now = self.clock()
         advanced = []
+        self._in_flight.difference_update(so.num_scheduled_tokens)
         for rid in so.num_scheduled_tokens:
             req = self.requests.get(rid)
             token = out.sampled_token_ids.get(rid)
