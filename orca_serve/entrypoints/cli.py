@@ -77,13 +77,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     run_server(engine_config_from_args(args), host=args.host, port=args.port, api_key=args.api_key,
                max_body_bytes=args.max_body_bytes, log_level=args.log_level,
-               served_model_name=args.served_model_name)
+               served_model_name=args.served_model_name, request_log_level=args.request_log_level,
+               shutdown_timeout_s=args.shutdown_timeout_s)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orca-serve", description="Iteration-level LLM serving (Orca).")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="default: info for serve (one line per request), warning otherwise")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete one prompt and print it")
@@ -98,12 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
+    from orca_serve.entrypoints.openai.server import add_server_args
+
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None)
-    srv.add_argument("--served-model-name", default=None)
-    srv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    add_server_args(srv)
     add_engine_args(srv)
     srv.set_defaults(func=_cmd_serve)
 
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level is None:
+        args.log_level = "info" if args.command == "serve" else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

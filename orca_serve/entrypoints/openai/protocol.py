@@ -1,0 +1,225 @@
+"""OpenAI API request models and the error type every endpoint answers with.
+
+Models are strict (``"5"`` is not an integer, ``1`` is not a boolean): a
+client that sends the wrong type learns which field is wrong instead of
+getting a silently coerced value. Unknown fields are ignored so that clients
+sending newer OpenAI parameters still work; known parameters whose non-default
+values we cannot honour (penalties, logit_bias, echo, tools, ...) are refused
+with a 400 naming the field rather than silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_N = 16  # choices per request; each one is a full engine request
+MAX_LOGPROBS = 20
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type, self.code, self.headers = type, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Parameters shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default is 1.0, not greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    # Scheduling: lower priority value is more urgent; SLOs in milliseconds.
+    priority: int = 0
+    ttft_slo_ms: float | None = Field(None, gt=0)
+    tpot_slo_ms: float | None = Field(None, gt=0)
+    user: str | None = None
+    # Accepted only at their neutral values (see module docstring).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_non_empty(cls, v):
+        for s in [v] if isinstance(v, str) else (v or []):
+            if not s:
+                raise ValueError("stop strings must be non-empty")
+        return v
+
+    @model_validator(mode="after")
+    def _neutral_only(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise _field_error(name, f"{name} is not supported (only 0)")
+        if self.logit_bias:
+            raise _field_error("logit_bias", "logit_bias is not supported")
+        if self.best_of not in (None, self.n):
+            raise _field_error("best_of", "best_of must equal n (beam search is not supported)")
+        if self.stream_options is not None and not self.stream:
+            raise _field_error("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    # str, list[str], list[int] (one tokenized prompt) or list[list[int]].
+    prompt: Any
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's legacy default
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        def is_ids(x):
+            return isinstance(x, list) and bool(x) and all(type(t) is int for t in x)
+        if isinstance(v, str):
+            return v
+        if is_ids(v):
+            return v
+        if isinstance(v, list) and v and all(isinstance(p, str) or is_ids(p) for p in v):
+            return v
+        raise ValueError("prompt must be a non-empty string, a list of strings, "
+                         "a list of token ids, or a list of token-id lists")
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.echo:
+            raise _field_error("echo", "echo is not supported")
+        if self.suffix:
+            raise _field_error("suffix", "suffix is not supported")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list, whichever of the four shapes was sent."""
+        p = self.prompt
+        if isinstance(p, str) or (p and type(p[0]) is int):
+            return [p]
+        return list(p)
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def as_template_dict(self) -> dict:
+        """The message as chat templates expect it: content is a plain string."""
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        msg = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # deprecated alias of max_completion_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list | None = None
+    tool_choice: Any = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.top_logprobs and not self.logprobs:
+            raise _field_error("top_logprobs", "top_logprobs requires logprobs to be true")
+        if self.tools:
+            raise _field_error("tools", "tool calling is not supported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise _field_error("response_format", "only response_format type 'text' is supported")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per token for SamplingParams.logprobs (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _field_error(field: str, message: str) -> _FieldError:
+    return _FieldError(field, message)
+
+
+def _param_of(error: dict) -> str | None:
+    """`messages[0].content` from a pydantic error location."""
+    ctx_error = (error.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _FieldError):
+        return ctx_error.field
+    out = ""
+    for part in error.get("loc", ()):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[str]", "list[int]", "list[ContentPart]", "function-after"):
+            break  # a union member's tag, not a field
+        elif not str(part).startswith(("function-", "json-or-python")):
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
+def parse_request(model: type[_Strict], body: Any) -> Any:
+    """Validate a decoded JSON body; a 400 ApiError names the first bad field."""
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_body")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        param = _param_of(err)
+        msg = err["msg"].removeprefix("Value error, ")
+        raise bad_request(f"{param}: {msg}" if param else msg, param=param,
+                          code="invalid_value") from None

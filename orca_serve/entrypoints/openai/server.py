@@ -1,0 +1,244 @@
+"""OpenAI-compatible HTTP server (FastAPI on uvicorn).
+
+Entry point for ``orca-serve serve`` (and ``python -m orca_serve.entrypoints.openai.server``)::
+
+    run_server(engine_config, host, port, api_key, max_body_bytes, log_level,
+               served_model_name=None, *, request_log_level="info", shutdown_timeout_s=10.0)
+
+builds the engine (failing fast on a bad model; the waiting queue is bounded
+at DEFAULT_MAX_WAITING_REQUESTS unless the config bounds it), serves until SIGINT/SIGTERM,
+then shuts down gracefully and returns (exit status 0): new connections are
+refused, in-flight requests are aborted and answered with finish_reason
+"abort", and the whole shutdown is bounded by ``shutdown_timeout_s``.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+GET /health (503 once the engine is dead or shutting down), GET /metrics
+(Prometheus). With ``api_key`` set, /v1/* needs ``Authorization: Bearer KEY``.
+Every error is OpenAI's {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hmac
+import json
+import logging
+import signal
+import sys
+import time
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from orca_serve.config import EngineConfig
+from orca_serve.engine.async_engine import AsyncLLMEngine
+from orca_serve.entrypoints.openai.handlers import ServingContext, create_chat_completion, create_completion
+from orca_serve.entrypoints.openai.metrics import ServerMetrics
+from orca_serve.entrypoints.openai.protocol import (
+    ApiError, ChatCompletionRequest, CompletionRequest, bad_request, parse_request)
+from orca_serve.entrypoints.openai.serving import TokenText
+
+logger = logging.getLogger("orca_serve.server")
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+# A server never queues without bound: past this many waiting requests new ones
+# get 503 + Retry-After (unless --max-waiting-requests says otherwise).
+DEFAULT_MAX_WAITING_REQUESTS = 1024
+
+
+def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_log_level: str = "info") -> FastAPI:
+    """The FastAPI app over a running engine; also wires the engine's metrics observer."""
+    model_name = served_model_name or engine.model_name
+    metrics = ServerMetrics(model_name, logging.getLevelName(request_log_level.upper()))
+    engine.set_observer(metrics)
+    ctx = ServingContext(engine, model_name, TokenText(engine.tokenizer))
+    created = int(time.time())
+    app = FastAPI(title="orca-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    async def authorize(raw: Request) -> None:  # async: sync dependencies hop to a thread pool
+        if api_key is None:
+            return
+        header = raw.headers.get("authorization", "")
+        token = header[7:] if header[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_json(raw: Request):
+        declared = raw.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise _too_large(int(declared), max_body_bytes)
+        body, size = [], 0
+        async for chunk in raw.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise _too_large(size, max_body_bytes)
+            body.append(chunk)
+        try:
+            return json.loads(b"".join(body))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise bad_request(f"model '{name}' does not exist; this server serves '{model_name}'",
+                              param="model", code="model_not_found")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.post("/completions")
+    async def completions(raw: Request) -> Response:
+        arrival = time.monotonic()  # the scheduler's clock: queue time includes our own overhead
+        req = parse_request(CompletionRequest, await read_json(raw))
+        check_model(req.model)
+        return await create_completion(ctx, req, raw, arrival)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(raw: Request) -> Response:
+        arrival = time.monotonic()
+        req = parse_request(ChatCompletionRequest, await read_json(raw))
+        check_model(req.model)
+        return await create_chat_completion(ctx, req, raw, arrival)
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "orca-serve",
+                "max_model_len": engine.max_model_len}
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{name:path}")
+    async def model(name: str) -> dict:
+        if name != model_name:
+            raise ApiError(404, f"model '{name}' does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_accepting:
+            return JSONResponse({"status": "ok"})
+        status = "engine is dead" if not engine.is_healthy else "shutting down"
+        return _error_response(ApiError(503, status, type="server_error", code="unavailable"))
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    _install_error_handlers(app)
+    return app
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return bad_request(f"request body is {size} bytes; the limit is {limit} (--max-body-bytes)",
+                       param="body", code="body_too_large")
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_, exc: ApiError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(ApiError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, exc: RequestValidationError):
+        return _error_response(bad_request(str(exc.errors()[0].get("msg", exc))))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        logger.exception("unhandled error")
+        return _error_response(ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error",
+                                        code="internal_error"))
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn that aborts in-flight requests when asked to stop, and exits 0.
+
+    uvicorn re-raises a caught SIGINT/SIGTERM once it has shut down, which
+    would turn a clean shutdown into a non-zero exit; ``handle_exit`` here
+    records the request to stop without that.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for connections
+        else:
+            self.should_exit = True
+
+    async def shutdown(self, sockets=None) -> None:
+        logger.info("shutting down: aborting in-flight requests")
+        self.engine.begin_shutdown()
+        await super().shutdown(sockets)
+
+
+def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "warning",
+               served_model_name: str | None = None, *, request_log_level: str = "info",
+               shutdown_timeout_s: float = 10.0) -> None:
+    """Build the engine, serve until SIGINT/SIGTERM, shut down within ``shutdown_timeout_s``."""
+    if engine_config.scheduler.max_waiting_requests is None:
+        engine_config = dataclasses.replace(engine_config, scheduler=dataclasses.replace(
+            engine_config.scheduler, max_waiting_requests=DEFAULT_MAX_WAITING_REQUESTS))
+    engine = AsyncLLMEngine.from_config(engine_config)
+    try:
+        app = build_app(engine, served_model_name=served_model_name, api_key=api_key,
+                        max_body_bytes=max_body_bytes, request_log_level=request_log_level)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                                access_log=log_level.lower() == "debug",
+                                timeout_graceful_shutdown=max(1, int(shutdown_timeout_s)))
+        server = _GracefulServer(config, engine)
+        logger.info("serving %s on http://%s:%d", served_model_name or engine.model_name, host, port)
+        server.run()
+    finally:
+        engine.shutdown(timeout=shutdown_timeout_s)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The server's own flags (engine flags come from cli.add_engine_args)."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--request-log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="level of the one-line-per-finished-request log")
+    parser.add_argument("--shutdown-timeout-s", type=float, default=10.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from orca_serve.entrypoints.cli import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser(description="orca-serve OpenAI-compatible server")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_server_args(parser)
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_server(engine_config_from_args(args), args.host, args.port, args.api_key, args.max_body_bytes,
+               args.log_level, args.served_model_name, request_log_level=args.request_log_level,
+               shutdown_timeout_s=args.shutdown_timeout_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

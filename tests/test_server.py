@@ -1,0 +1,267 @@
+"""The OpenAI-compatible server, black-box: the real server in a subprocess on
+a tiny random llama, driven by the official ``openai`` client (sync and
+async) and raw httpx."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from server_helpers import API_KEY, ServerProcess, build_tiny_model, get_metrics, metric, wait_idle
+
+IGNORE_EOS = {"ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = ServerProcess(model_dir, log, "--num-kv-blocks", "512", "--block-size", "16",
+                        "--max-body-bytes", "65536", "--log-level", "info")
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _auth() -> dict:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def test_models_health_metrics(server, client, model_dir):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [model_dir.name]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    text = get_metrics(server.url)
+    for name in ("orca_serve_time_to_first_token_seconds_bucket", "orca_serve_kv_blocks_total",
+                 "orca_serve_num_requests_waiting", "orca_serve_iteration_batch_size_bucket"):
+        assert name in text
+    assert metric(text, "orca_serve_kv_blocks_total") == 512
+
+
+def test_completion_usage_and_length(client, tokenizer):
+    r = client.completions.create(model=client.models.list().data[0].id, prompt="Hello world", max_tokens=8,
+                                  temperature=0, extra_body=IGNORE_EOS)
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    assert r.usage.prompt_tokens == len(tokenizer("Hello world").input_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_completion_stream_equals_non_stream(client):
+    kw = dict(model=_model(client), prompt="How are you", max_tokens=24, temperature=1.0, seed=7,
+              extra_body=IGNORE_EOS)
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+
+
+def _model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_chat_async_stream_equals_non_stream(server):
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+        model = (await aclient.models.list()).data[0].id
+        msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hello world"}]
+        kw = dict(model=model, messages=msgs, max_completion_tokens=16, temperature=0.9, seed=3,
+                  extra_body=IGNORE_EOS)
+        full, stream = await asyncio.gather(aclient.chat.completions.create(**kw),
+                                            aclient.chat.completions.create(stream=True, **kw))
+        parts, roles, finishes = [], [], []
+        async for chunk in stream:
+            for ch in chunk.choices:
+                roles += [ch.delta.role] if ch.delta.role else []
+                parts += [ch.delta.content or ""]
+                finishes += [ch.finish_reason] if ch.finish_reason else []
+        await aclient.close()
+        return full, "".join(parts), roles, finishes
+
+    full, streamed, roles, finishes = asyncio.run(run())
+    assert full.object == "chat.completion"
+    assert full.choices[0].message.role == "assistant"
+    assert streamed == full.choices[0].message.content
+    assert roles == ["assistant"] and finishes == ["length"]
+    assert full.usage.completion_tokens == 16
+
+
+def test_chat_sync_max_tokens_alias(client):
+    r = client.chat.completions.create(model=_model(client), messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=5, temperature=0, extra_body=IGNORE_EOS)
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+
+
+def test_n_choices_seeded_and_reproducible(client):
+    kw = dict(model=_model(client), prompt="the people", max_tokens=6, n=3, seed=11, temperature=1.0,
+              extra_body=IGNORE_EOS)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.usage.completion_tokens == 18
+    assert a.usage.prompt_tokens == client.completions.create(**{**kw, "n": 1}).usage.prompt_tokens
+
+
+def test_prompt_shapes(client):
+    r = client.completions.create(model=_model(client), prompt=["Hello", "water"], max_tokens=3,
+                                  extra_body=IGNORE_EOS)
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens == 6
+    r = client.completions.create(model=_model(client), prompt=[5, 6, 7], max_tokens=2, extra_body=IGNORE_EOS)
+    assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 2
+
+
+def test_stop_string_streaming_and_not(client):
+    kw = dict(model=_model(client), prompt="Hello", max_tokens=40, temperature=1.0, seed=21, extra_body=IGNORE_EOS)
+    text = client.completions.create(**kw).choices[0].text
+    # A character that first occurs past the start, with clean text before it.
+    k = next(i for i, ch in enumerate(text) if i > 0 and ch.isascii() and ch.isalnum()
+             and text.find(ch) == i and "\ufffd" not in text[:i])
+    stopped = client.completions.create(stop=[text[k]], **kw).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[:k]
+    chunks = list(client.completions.create(stop=text[k], stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == text[:k]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client):
+    r = client.completions.create(model=_model(client), prompt="Hello", max_tokens=4, logprobs=2,
+                                  extra_body=IGNORE_EOS)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(v <= 0 for v in lp.token_logprobs) and all(2 <= len(t) <= 3 for t in lp.top_logprobs)
+    kw = dict(model=_model(client), messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True,
+              top_logprobs=2, extra_body=IGNORE_EOS)
+    content = client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    streamed = [e for chunk in client.chat.completions.create(stream=True, **kw) for ch in chunk.choices
+                if ch.logprobs for e in ch.logprobs.content]
+    assert len(streamed) == 4
+
+
+def test_prefix_cache_hit_reported_as_cached_tokens(client):
+    prompt = "the people of the water world call the first number " * 4  # several full 16-token blocks
+    kw = dict(model=_model(client), prompt=prompt, max_tokens=2, extra_body=IGNORE_EOS)
+    first, second = client.completions.create(**kw), client.completions.create(**kw)
+    assert first.usage.prompt_tokens > 32
+    assert second.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_scheduling_fields_accepted(client):
+    r = client.completions.create(model=_model(client), prompt="Hello", max_tokens=2, user="u-1",
+                                  extra_body={"priority": -3, "ttft_slo_ms": 500, "tpot_slo_ms": 100,
+                                              "top_k": 5, "top_p": 0.9, "min_tokens": 2})
+    assert r.usage.completion_tokens == 2
+
+
+def test_temperature_defaults_to_one():
+    from orca_serve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+
+    assert CompletionRequest(prompt="x").temperature == 1.0
+    assert ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]).temperature == 1.0
+
+
+_CHAT = "/v1/chat/completions"
+_CMPL = "/v1/completions"
+_MSG = [{"role": "user", "content": "hi"}]
+BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
+    ("malformed-json", _CMPL, b'{"prompt": "hi", ', None, 400, None),
+    ("not-an-object", _CMPL, [1, 2], None, 400, None),
+    ("max-tokens-type", _CMPL, {"prompt": "hi", "max_tokens": "ten"}, None, 400, "max_tokens"),
+    ("temperature-type", _CMPL, {"prompt": "hi", "temperature": "hot"}, None, 400, "temperature"),
+    ("temperature-range", _CMPL, {"prompt": "hi", "temperature": 5}, None, 400, "temperature"),
+    ("ignore-eos-type", _CMPL, {"prompt": "hi", "ignore_eos": "yes"}, None, 400, "ignore_eos"),
+    ("n-zero", _CMPL, {"prompt": "hi", "n": 0}, None, 400, "n"),
+    ("min-over-max-tokens", _CMPL, {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, None, 400, "min_tokens"),
+    ("content-type", _CHAT, {"messages": [{"role": "user", "content": 5}]}, None, 400, "messages[0].content"),
+    ("no-messages", _CHAT, {"messages": []}, None, 400, "messages"),
+    ("top-logprobs-alone", _CHAT, {"messages": _MSG, "top_logprobs": 2}, None, 400, "top_logprobs"),
+    ("unknown-model", _CMPL, {"model": "gpt-4", "prompt": "hi"}, None, 400, "model"),
+    ("prompt-over-context", _CMPL, {"prompt": "the " * 400}, None, 400, "prompt"),
+    ("messages-over-context", _CHAT, {"messages": [{"role": "user", "content": "the " * 400}]}, None, 400,
+     "messages"),
+    ("max-tokens-cannot-fit", _CMPL, {"prompt": "hi", "max_tokens": 1000}, None, 400, "max_tokens"),
+    ("max-completion-tokens-cannot-fit", _CHAT, {"messages": _MSG, "max_completion_tokens": 1000}, None, 400,
+     "max_completion_tokens"),
+    ("token-id-out-of-vocab", _CMPL, {"prompt": [1, 99999]}, None, 400, "prompt"),
+    ("body-too-large", _CMPL, {"prompt": "x" * 100_000}, None, 400, "body"),
+    ("no-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": ""}, 401, None),
+    ("wrong-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": "Bearer nope"}, 401, None),
+    ("unknown-route", "/v1/engines", {"prompt": "hi"}, None, 404, None),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_then_good_request(server, case):
+    _, path, body, headers, status, param = case
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + path, content=content,
+                   headers={**_auth(), "Content-Type": "application/json", **(headers or {})}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    good = httpx.post(server.url + _CMPL, json={"prompt": "hi", "max_tokens": 2}, headers=_auth(), timeout=30)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
+
+
+def _aborts(url: str) -> float:
+    return metric(get_metrics(url), "orca_serve_requests_finished_total", 'finish_reason="abort"')
+
+
+def test_streaming_disconnect_aborts(server):
+    before = _aborts(server.url)
+    body = {"prompt": "Hello", "max_tokens": 200, "stream": True, **IGNORE_EOS}
+    with httpx.stream("POST", server.url + _CMPL, json=body, headers=_auth(), timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    text = wait_idle(server.url)
+    assert _aborts(server.url) == before + 1
+    assert metric(text, "orca_serve_kv_blocks_used") == 0
+
+
+def test_non_streaming_disconnect_aborts(server):
+    before = _aborts(server.url)
+    generated = metric(get_metrics(server.url), "orca_serve_generation_tokens_total")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + _CMPL, json={"prompt": "Hello", "max_tokens": 240, **IGNORE_EOS},
+                   headers=_auth(), timeout=0.3)
+    text = wait_idle(server.url)
+    assert _aborts(server.url) == before + 1
+    assert metric(text, "orca_serve_generation_tokens_total") - generated < 240
+    assert metric(text, "orca_serve_kv_blocks_used") == 0
+
+
+def test_request_log_lines_and_metrics(server, client):
+    client.completions.create(model=_model(client), prompt="Hello", max_tokens=3, extra_body=IGNORE_EOS)
+    text = wait_idle(server.url)
+    assert metric(text, "orca_serve_e2e_request_latency_seconds_count") > 0
+    assert metric(text, "orca_serve_iterations_total") > 0
+    assert metric(text, "orca_serve_generation_tokens_total") > 0
+    assert metric(text, "orca_serve_prompt_tokens_total") > 0
+    log = server.output()
+    line = next(ln for ln in log.splitlines() if "request finished" in ln and "completion_tokens=3 " in ln)
+    for key in ("id=cmpl-", "prompt_tokens=", "ttft_s=", "latency_s=", "finish_reason=length"):
+        assert key in line

@@ -1,0 +1,193 @@
+"""Server behaviour under faults and at the edges of its life: an engine
+failure for one request, a full waiting queue, a dead engine, an idle engine
+thread, a slow iteration, and graceful shutdown on SIGTERM/SIGINT.
+
+Fault tests run the real app and engine in-process (uvicorn on a thread) so
+they can inject the failure into the engine; shutdown tests use a subprocess.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from server_helpers import API_KEY, ServerProcess, ServerThread, build_tiny_model, metric, wait_idle
+
+POISON = [9, 9, 9, 9, 9, 9]  # a prompt the injected fault recognises
+CMPL = "/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = ServerThread(model_dir, num_kv_blocks=256, max_num_seqs=2, max_waiting_requests=2)
+    yield srv
+    srv.stop()
+
+
+def _post(url: str, body: dict, timeout: float = 30) -> httpx.Response:
+    return httpx.post(url + CMPL, json=body, timeout=timeout)
+
+
+def test_engine_failure_fails_only_that_request(server):
+    runner = server.engine.engine.executor
+    original = runner.execute_model
+
+    def failing(so):
+        if any(r.prompt_token_ids[:len(POISON)] == POISON for r in so.scheduled_new_reqs):
+            raise RuntimeError("injected fault")
+        return original(so)
+
+    runner.execute_model = failing
+    try:
+        r = _post(server.url, {"prompt": POISON, "max_tokens": 4})
+        assert r.status_code == 500, r.text
+        assert "injected fault" in r.json()["error"]["message"]
+        with httpx.stream("POST", server.url + CMPL, json={"prompt": POISON, "max_tokens": 4, "stream": True},
+                          timeout=30) as s:
+            events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert "injected fault" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+        ok = _post(server.url, {"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    finally:
+        runner.execute_model = original
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_full_waiting_queue_is_503_with_retry_after(server):
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            body = {"prompt": "Hello", "max_tokens": 40, "ignore_eos": True}
+            return await asyncio.gather(*[c.post(CMPL, json=body) for _ in range(8)])
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert 503 in codes and 200 in codes, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["Retry-After"] and r.json()["error"]["code"] == "queue_full"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 40
+    wait_idle(server.url)
+    assert _post(server.url, {"prompt": "Hello", "max_tokens": 2}).status_code == 200
+
+
+def test_async_engine_generate_and_early_exit_aborts(server):
+    from orca_serve.sampling_params import SamplingParams
+
+    async def run():
+        params = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0)
+        outs = [o async for o in server.engine.generate("gen-full", [5, 6, 7], params)]
+        long = SamplingParams(max_tokens=200, ignore_eos=True)
+        async for first in server.engine.generate("gen-early", [5, 6, 7], long):
+            break  # closing the generator aborts the request
+        return outs, first
+
+    outs, first = asyncio.run(run())
+    assert outs[-1].finished and outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 5
+    assert sum(len(o.delta_token_ids) for o in outs) == 5 and not first.finished
+    text = wait_idle(server.url)
+    assert metric(text, "orca_serve_requests_finished_total", 'finish_reason="abort"') >= 1
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
+def test_idle_engine_thread_sleeps(server):
+    wait_idle(server.url)
+    tid = server.engine._thread.native_id
+    before = _thread_cpu_seconds(tid)
+    time.sleep(1.0)
+    assert _thread_cpu_seconds(tid) - before < 0.05
+
+
+def test_http_is_not_stalled_by_a_slow_iteration(server):
+    runner = server.engine.engine.executor
+    original = runner.execute_model
+
+    def slow(so):
+        time.sleep(0.4)
+        return original(so)
+
+    runner.execute_model = slow
+    try:
+        t = threading.Thread(target=_post, args=(server.url, {"prompt": "Hello", "max_tokens": 3}))
+        t.start()
+        time.sleep(0.2)  # the engine thread is now inside a 0.4 s iteration
+        start = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+        assert httpx.get(server.url + "/metrics", timeout=5).status_code == 200
+        assert time.monotonic() - start < 0.3
+        t.join()
+    finally:
+        runner.execute_model = original
+
+
+def test_dead_engine_fails_in_flight_and_reports_unhealthy(model_dir):
+    srv = ServerThread(model_dir, num_kv_blocks=64)
+    try:
+        engine = srv.engine.engine
+        step = engine.step
+        started = threading.Event()
+
+        def dying_step():
+            if started.is_set():
+                raise RuntimeError("injected engine crash")
+            started.set()
+            return step()
+
+        engine.step = dying_step
+        r = _post(srv.url, {"prompt": "Hello", "max_tokens": 50, "ignore_eos": True})
+        assert r.status_code == 500 and "injected engine crash" in r.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health").status_code == 503
+        again = _post(srv.url, {"prompt": "Hello", "max_tokens": 2})
+        assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("sig,entry", [(signal.SIGTERM, "server-module"), (signal.SIGINT, "cli-serve")])
+def test_graceful_shutdown(model_dir, tmp_path, sig, entry):
+    module = (("orca_serve.entrypoints.openai.server",) if entry == "server-module"
+              else ("orca_serve.entrypoints.cli", "serve"))
+    srv = ServerProcess(model_dir, tmp_path / "server.log", "--num-kv-blocks", "64", module=module)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    results = {}
+
+    def non_streaming():
+        results["plain"] = httpx.post(srv.url + CMPL, headers=headers, timeout=30,
+                                      json={"prompt": "Hello", "max_tokens": 240, "ignore_eos": True})
+
+    try:
+        t = threading.Thread(target=non_streaming)
+        t.start()
+        body = {"prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + CMPL, json=body, headers=headers, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            srv.signal(sig)
+            t0 = time.monotonic()
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+        assert srv.proc.wait(timeout=15) == 0
+        assert time.monotonic() - t0 < 15
+        t.join(15)
+        assert results["plain"].status_code == 200
+        assert results["plain"].json()["choices"][0]["finish_reason"] == "abort"
+    finally:
+        srv.stop()
