@@ -1,0 +1,138 @@
+"""Any OpenAI-compatible server (ours, vLLM, ``transformers serve``...), streamed.
+
+Each request is one streaming ``/v1/completions`` call, greedy, with EOS
+ignored through the vLLM extensions ``ignore_eos`` and ``min_tokens`` (which
+our server also accepts); ``plain=True`` leaves them out for servers that
+reject unknown fields. Prompts go as token ids by default, so every server
+sees exactly the same prompt; ``prompt_mode="text"`` sends the decoded text.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from orca_serve.bench.backends.base import BackendRun, new_result
+from orca_serve.bench.metrics import RequestResult
+from orca_serve.bench.workloads import RequestSpec
+
+
+def completions_url(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str | None = None, tokenizer=None, prompt_mode: str = "ids",
+                 plain: bool = False, api_key: str | None = None, vocab_size: int | None = None,
+                 timeout_s: float = 3600.0) -> None:
+        if prompt_mode not in ("ids", "text"):
+            raise ValueError(f"prompt_mode must be 'ids' or 'text', got {prompt_mode!r}")
+        self.url = completions_url(base_url)
+        self.base_url = base_url
+        self.tokenizer = tokenizer
+        self.prompt_mode = prompt_mode
+        self.plain = plain
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s = timeout_s
+        self._vocab_size = vocab_size
+        self.model_name = model or self._first_model()
+        self.max_model_len = None
+
+    def _first_model(self) -> str:
+        url = self.url.rsplit("/completions", 1)[0] + "/models"
+        resp = httpx.get(url, headers=self.headers, timeout=30.0)
+        resp.raise_for_status()
+        models = resp.json().get("data") or []
+        if not models:
+            raise ValueError(f"{url} lists no model; pass --model")
+        return models[0]["id"]
+
+    def vocab(self) -> tuple[int, list[int]]:
+        if self.tokenizer is not None:
+            return len(self.tokenizer), list(getattr(self.tokenizer, "all_special_ids", None) or [])
+        if self._vocab_size is None:
+            raise ValueError("the openai backend needs --tokenizer (or --vocab-size) to draw prompt token ids")
+        return self._vocab_size, []
+
+    def close(self) -> None:
+        pass
+
+    def payload(self, spec: RequestSpec) -> dict:
+        if self.prompt_mode == "ids" and spec.prompt_token_ids is not None:
+            prompt = spec.prompt_token_ids
+        elif spec.prompt_text is not None:
+            prompt = spec.prompt_text
+        else:
+            raise ValueError("text prompts need a tokenizer (--tokenizer) to decode the token ids")
+        body = {"model": self.model_name, "prompt": prompt, "max_tokens": spec.output_len,
+                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+        if spec.ignore_eos and not self.plain:
+            body.update(ignore_eos=True, min_tokens=spec.output_len)
+        return body
+
+    def run(self, specs: list[RequestSpec], arrivals: list[float], max_concurrency: int | None = None,
+            progress=lambda: None) -> BackendRun:
+        return asyncio.run(self._run(specs, arrivals, max_concurrency, progress))
+
+    async def _run(self, specs, arrivals, max_concurrency, progress) -> BackendRun:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, headers=self.headers) as client:
+            t0 = time.perf_counter()
+
+            async def one(spec: RequestSpec, arrival: float) -> RequestResult:
+                await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
+                if sem is None:
+                    return await self._request(client, spec, progress)
+                async with sem:
+                    return await self._request(client, spec, progress)
+
+            results = await asyncio.gather(*(one(s, a) for s, a in zip(specs, arrivals)))
+        end = max([r.finish for r in results], default=t0)
+        return BackendRun(list(results), t0, max(end, t0 + 1e-9))
+
+    async def _request(self, client: httpx.AsyncClient, spec: RequestSpec, progress) -> RequestResult:
+        r = new_result(spec, time.perf_counter())
+        text, usage = [], None
+        try:
+            body = self.payload(spec)
+            async with client.stream("POST", self.url, json=body) as resp:
+                if resp.status_code != 200:
+                    detail = (await resp.aread()).decode(errors="replace")[:300]
+                    raise RuntimeError(f"HTTP {resp.status_code}: {detail}")
+                async for line in resp.aiter_lines():
+                    data = line[5:].strip() if line.startswith("data:") else None
+                    if not data or data == "[DONE]":
+                        continue
+                    chunk = json.loads(data)
+                    if chunk.get("error"):
+                        raise RuntimeError(str(chunk["error"]))
+                    choices = chunk.get("choices") or []
+                    if choices and choices[0].get("text"):
+                        r.chunk_times.append(time.perf_counter())
+                        text.append(choices[0]["text"])
+                    usage = chunk.get("usage") or usage
+            r.finish = time.perf_counter()
+            r.output_len = self._count_output(usage, "".join(text), len(r.chunk_times))
+            if usage and usage.get("prompt_tokens"):
+                r.prompt_len = int(usage["prompt_tokens"])
+            r.success = r.output_len > 0
+            if not r.success:
+                r.error = "no output tokens"
+        except Exception as exc:  # one failed request is a result, not a crash
+            r.finish, r.error = time.perf_counter(), f"{type(exc).__name__}: {exc}"
+        progress()
+        return r
+
+    def _count_output(self, usage: dict | None, text: str, num_chunks: int) -> int:
+        # The server's own count is exact; re-tokenizing text is not, so it is a fallback.
+        if usage and usage.get("completion_tokens") is not None:
+            return int(usage["completion_tokens"])
+        if self.tokenizer is not None and text:
+            return len(self.tokenizer.encode(text, add_special_tokens=False))
+        return num_chunks

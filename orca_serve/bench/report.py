@@ -1,0 +1,181 @@
+"""Printing results: one run's summary table, and ``bench compare``.
+
+``compare`` answers Orca's question, "how much more load at the same
+latency?": for each curve (runs of one label over request rates) it finds the
+highest throughput at which median normalized latency stays within a bound,
+interpolating linearly between measured points, and divides.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+# (metric key, short name, section title)
+_DISTS = (("ttft", "TTFT", "Time to First Token"), ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
+          ("itl", "ITL", "Inter-token Latency"), ("e2el", "E2EL", "End-to-end Latency"),
+          ("normalized_latency", "norm. latency", "Normalized Latency (latency / output tokens)"))
+
+
+def _f(x, digits=2) -> str:
+    if x is None:
+        return "-"
+    if not isinstance(x, float):
+        return str(x)
+    return f"{x:.{digits}f}" if x == 0 or abs(x) >= 0.1 else f"{x:.3g}"
+
+
+def print_run(run: dict, out=print) -> None:
+    m = run["metrics"]
+    out(f"{' ' + run['label'] + ' @ ' + str(run['request_rate']) + ' req/s ':=^60}")
+    rows = [("Successful requests", m["completed"]), ("Failed requests", m["failed"]),
+            ("Benchmark duration (s)", m["duration_s"]), ("Total input tokens", m["total_input_tokens"]),
+            ("Total generated tokens", m["total_output_tokens"]),
+            ("Request throughput (req/s)", m["request_throughput"]),
+            ("Output token throughput (tok/s)", m["output_throughput"]),
+            ("Total token throughput (tok/s)", m["total_token_throughput"])]
+    if m.get("request_goodput") is not None:
+        rows += [("SLO attainment (%)", 100.0 * m["slo_attainment"]),
+                 ("Request goodput (req/s)", m["request_goodput"])]
+    for key, short, title in _DISTS:
+        rows.append((f"--{title}", None))
+        rows += [(f"{stat.capitalize()} {short} (ms{'/token' if key == 'normalized_latency' else ''})",
+                  m[f"{stat}_{key}_ms"])
+                 for stat in ("mean", "median", "p90", "p99")]
+    stats = run.get("backend_stats") or {}
+    if stats:
+        rows.append(("--Backend", None))
+        rows += [(k, v) for k, v in stats.items() if not isinstance(v, dict)]
+        rows += [(f"{k}[{kk}]", vv) for k, v in stats.items() if isinstance(v, dict) for kk, vv in v.items()]
+    for name, value in rows:
+        out(f"{name[2:]:-^60}" if name.startswith("--") else f"{name + ':':<44}{_f(value):>16}")
+    out("=" * 60)
+
+
+def print_sweep(result: dict, out=print) -> None:
+    """One line per run: the points of the paper's figure."""
+    out(f"{'label':<16}{'rate':>8}{'req/s':>9}{'out tok/s':>11}{'TTFT p50':>10}{'TPOT p50':>10}"
+        f"{'norm p50':>10}{'SLO %':>7}")
+    for run in result["runs"]:
+        m = run["metrics"]
+        slo = None if m["slo_attainment"] is None else 100.0 * m["slo_attainment"]
+        out(f"{run['label'][:15]:<16}{str(run['request_rate']):>8}{_f(m['request_throughput']):>9}"
+            f"{_f(m['output_throughput']):>11}{_f(m['median_ttft_ms']):>10}{_f(m['median_tpot_ms']):>10}"
+            f"{_f(m['median_normalized_latency_ms']):>10}{_f(slo, 1):>7}")
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    if "runs" not in data:
+        raise ValueError(f"{path}: not an orca-serve bench result (no 'runs')")
+    return data
+
+
+def _points(runs: list[dict]) -> list[tuple[float, float]]:
+    """[(request throughput, median normalized latency ms)] sorted by throughput."""
+    return sorted((r["metrics"]["request_throughput"], r["metrics"]["median_normalized_latency_ms"])
+                  for r in runs if r["metrics"]["median_normalized_latency_ms"] is not None)
+
+
+def curves(data: dict) -> dict[str, list[tuple[float, float]]]:
+    """label -> its (throughput, median normalized latency) points."""
+    groups = defaultdict(list)
+    for run in data["runs"]:
+        groups[run["label"]].append(run)
+    return {label: _points(runs) for label, runs in groups.items()}
+
+
+def throughput_at_latency(points: list[tuple[float, float]], bound: float) -> tuple[float | None, bool]:
+    """Highest throughput whose (interpolated) latency is <= bound.
+
+    Returns (throughput, is_lower_bound). ``is_lower_bound`` is True when the
+    curve never reached the bound, so its capacity is at least its last point.
+    None when even the lightest load was over the bound.
+    """
+    pts = sorted(points)
+    best = None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if y0 <= bound:
+            best = x0 if best is None else max(best, x0)
+            if y1 > bound:  # the curve crosses the bound inside this segment
+                best = max(best, x0 + (x1 - x0) * (bound - y0) / (y1 - y0))
+    if pts and pts[-1][1] <= bound:
+        return pts[-1][0] if best is None else max(best, pts[-1][0]), True
+    return best, False
+
+
+def capacity_ratios(cand: list, base: list) -> list[dict]:
+    """At each latency the baseline measured: candidate's capacity / baseline's capacity."""
+    rows = []
+    for _, bound in sorted(base, key=lambda p: p[1]):
+        b, b_lb = throughput_at_latency(base, bound)
+        c, c_lb = throughput_at_latency(cand, bound)
+        ratio = None if not b or c is None else c / b
+        rows.append({"normalized_latency_ms": bound, "candidate_req_s": c, "baseline_req_s": b,
+                     "ratio": ratio, "ratio_is_lower_bound": bool(c_lb and not b_lb)})
+    return rows
+
+
+_HEADLINE = ("request_throughput", "output_throughput", "total_token_throughput", "median_ttft_ms",
+             "median_tpot_ms", "median_itl_ms", "median_e2el_ms", "median_normalized_latency_ms",
+             "p99_normalized_latency_ms", "slo_attainment", "request_goodput")
+
+
+def metric_ratios(a: dict, b: dict) -> list[tuple[str, float | None, float | None, float | None]]:
+    rows = []
+    for k in _HEADLINE:
+        va, vb = a.get(k), b.get(k)
+        rows.append((k, va, vb, va / vb if va is not None and vb else None))
+    return rows
+
+
+def group_runs(paths: list[str]) -> dict[str, list[dict]]:
+    """Runs of all files by label; a label found in several files is suffixed with its file."""
+    per_file = [(p, load(p)["runs"]) for p in paths]
+    counts = defaultdict(set)
+    for p, runs in per_file:
+        for r in runs:
+            counts[r["label"]].add(p)
+    groups = defaultdict(list)
+    for p, runs in per_file:
+        for r in runs:
+            groups[r["label"] if len(counts[r["label"]]) == 1 else f"{r['label']} ({p})"].append(r)
+    return dict(groups)
+
+
+def compare(paths: list[str], baseline: str | None = None, out=print) -> dict:
+    """Print every curve against the baseline curve (default: the last file's first label)."""
+    groups = group_runs(paths)
+    if baseline is None:
+        last = load(paths[-1])["runs"][0]["label"]
+        baseline = last if last in groups else f"{last} ({paths[-1]})"
+    if baseline not in groups:
+        raise ValueError(f"baseline {baseline!r} not among the curves: {', '.join(groups)}")
+    report = {"baseline": baseline, "capacity": {}, "metrics": {}}
+    base_pts = _points(groups[baseline])
+    base_by_rate = {str(r["request_rate"]): r for r in groups[baseline]}
+    for label, runs in groups.items():
+        if label == baseline:
+            continue
+        cap = capacity_ratios(_points(runs), base_pts)
+        report["capacity"][label] = cap
+        out(f"== {label} vs {baseline}: request throughput at equal median normalized latency ==")
+        out(f"{'latency ms/tok':>15}{label[:14]:>15}{baseline[:14]:>15}{'ratio':>10}")
+        for row in cap:
+            ratio = "-" if row["ratio"] is None else \
+                ((">=" if row["ratio_is_lower_bound"] else "") + f"{row['ratio']:.2f}x")
+            out(f"{row['normalized_latency_ms']:>15.2f}{_f(row['candidate_req_s'], 3):>15}"
+                f"{_f(row['baseline_req_s'], 3):>15}{ratio:>10}")
+        for run in runs:
+            other = base_by_rate.get(str(run["request_rate"]))
+            if other is None and len(runs) == 1 and len(groups[baseline]) == 1:
+                other = groups[baseline][0]  # two single runs: compare them whatever their rates
+            if other is None:
+                continue
+            rows = metric_ratios(run["metrics"], other["metrics"])
+            report["metrics"][f"{label} @ {run['request_rate']}"] = {k: r for k, _, _, r in rows}
+            out(f"-- {label} @ {run['request_rate']} vs {baseline} @ {other['request_rate']} req/s --")
+            out(f"{'metric':<32}{label[:14]:>14}{baseline[:14]:>14}{'ratio':>10}")
+            for k, va, vb, r in rows:
+                out(f"{k:<32}{_f(va):>14}{_f(vb):>14}{_f(r) + ('x' if r is not None else ''):>10}")
+    return report

@@ -1,0 +1,178 @@
+"""``bench roofline``: this machine's ceiling for the model, and our fraction of it.
+
+The ceiling for an iteration of T tokens (T decoding requests, each over a
+context of c tokens) is T / max(compute time, memory time):
+
+- compute time: the measured time of the model's own GEMMs at T rows (QKV,
+  attention output, MLP, LM head; float32 on this process's CPU threads by
+  default, or --device cuda --dtype bfloat16 for a GPU),
+  plus attention's 4*c*heads*head_dim FLOPs per token and layer at the
+  FLOP rate those GEMMs reached;
+- memory time: weights read once per iteration plus every token's KV
+  context, at the bandwidth of a large tensor copy.
+
+Given a bench JSON, throughput is divided by that ceiling. Prompt tokens cost
+the same GEMM FLOPs as decode tokens, so the total-token fraction is the
+utilisation figure; the output-token fraction is printed beside it.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated_mlp: bool  # llama-style gate/up/down; False: GPT-2 fc/proj
+
+    @classmethod
+    def from_hf_config(cls, c) -> "Dims":
+        if hasattr(c, "n_embd"):  # GPT-2 family
+            return cls(c.n_embd, c.n_inner or 4 * c.n_embd, c.n_layer, c.n_head, c.n_head,
+                       c.n_embd // c.n_head, c.vocab_size, False)
+        heads = c.num_attention_heads
+        return cls(c.hidden_size, c.intermediate_size, c.num_hidden_layers, heads,
+                   getattr(c, "num_key_value_heads", None) or heads,
+                   getattr(c, "head_dim", None) or c.hidden_size // heads, c.vocab_size, True)
+
+
+def gemm_shapes(d: Dims, tokens: int) -> list[tuple[str, int, int, int, int]]:
+    """(name, M, K, N, times per iteration) of every weight GEMM for ``tokens`` rows."""
+    q, kv = d.heads * d.head_dim, 2 * d.kv_heads * d.head_dim
+    mlp_up = 2 * d.intermediate if d.gated_mlp else d.intermediate
+    return [("qkv", tokens, d.hidden, q + kv, d.layers), ("attn_out", tokens, q, d.hidden, d.layers),
+            ("mlp_up", tokens, d.hidden, mlp_up, d.layers), ("mlp_down", tokens, d.intermediate, d.hidden, d.layers),
+            ("lm_head", tokens, d.hidden, d.vocab, 1)]
+
+
+def _timed(fn, device: torch.device) -> float:
+    # GPU kernels run asynchronously: wait for them on both sides of the clock.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def time_gemm(m: int, k: int, n: int, dtype=torch.float32, device="cpu", reps: int = 10) -> float:
+    """Best seconds of ``F.linear`` [m,k] x [n,k]^T, the call model layers make.
+
+    The best of several, not the median: a ceiling is what the machine can do,
+    and interference from other processes only ever makes a run slower.
+    """
+    device = torch.device(device)
+    x, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
+    for _ in range(3):
+        _timed(lambda: F.linear(x, w), device)
+    return min(_timed(lambda: F.linear(x, w), device) for _ in range(reps))
+
+
+def memory_bandwidth(mib: int = 512, device="cpu", reps: int = 5) -> float:
+    """Bytes/s of a large tensor copy (each copy reads and writes ``mib`` MiB)."""
+    device = torch.device(device)
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src), device) for _ in range(reps))
+    return 2 * src.numel() * 4 / best
+
+
+def ceiling(d: Dims, tokens: int, context: int, bandwidth: float, gemm_times: dict[str, float] | None = None,
+            dtype=torch.float32, device="cpu") -> dict:
+    """Tokens/s this machine could process in iterations of ``tokens`` decode tokens."""
+    shapes = gemm_shapes(d, tokens)
+    elem_bytes = torch.tensor([], dtype=dtype).element_size()
+    if gemm_times is None:
+        gemm_times = {name: time_gemm(m, k, n, dtype, device) for name, m, k, n, _ in shapes}
+    gemm_s = sum(gemm_times[name] * count for name, _, _, _, count in shapes)
+    gemm_flops = sum(2 * m * k * n * count for _, m, k, n, count in shapes)
+    flop_rate = gemm_flops / gemm_s
+    attn_flops = 4 * context * d.heads * d.head_dim * d.layers * tokens
+    compute_s = gemm_s + attn_flops / flop_rate
+    weight_bytes = sum(k * n * count for _, _, k, n, count in shapes) * elem_bytes
+    kv_bytes = tokens * context * d.layers * 2 * d.kv_heads * d.head_dim * elem_bytes
+    memory_s = (weight_bytes + kv_bytes) / bandwidth
+    return {"tokens": tokens, "context": context, "gemm_gflops": flop_rate / 1e9,
+            "gemm_ms": {k: v * 1000.0 for k, v in gemm_times.items()},
+            "flops_per_token": (gemm_flops + attn_flops) / tokens, "compute_s": compute_s,
+            "memory_s": memory_s, "bandwidth_gb_s": bandwidth / 1e9,
+            "bound": "compute" if compute_s >= memory_s else "memory",
+            "ceiling_tokens_per_s": tokens / max(compute_s, memory_s)}
+
+
+def fractions(result: dict, ceiling_tok_s: float) -> list[dict]:
+    rows = []
+    for run in result["runs"]:
+        m = run["metrics"]
+        rows.append({"label": run["label"], "request_rate": run["request_rate"],
+                     "output_throughput": m["output_throughput"],
+                     "total_token_throughput": m["total_token_throughput"],
+                     "output_fraction": m["output_throughput"] / ceiling_tok_s,
+                     "total_fraction": m["total_token_throughput"] / ceiling_tok_s})
+    return rows
+
+
+def mean_context(result: dict) -> int:
+    """Mean KV context a decode step saw in the run: prompt plus half the output."""
+    reqs = [r for run in result["runs"] for r in run["requests"] if r["success"]]
+    if not reqs:
+        return 256
+    return round(statistics.mean(r["prompt_len"] + r["output_len"] / 2 for r in reqs))
+
+
+def run_roofline(args) -> dict:
+    from orca_serve.config import ModelConfig
+    from orca_serve.models.loader import load_hf_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mc = ModelConfig(model=args.model, load_format=args.load_format or "auto", dummy_config=args.dummy_config)
+    dims = Dims.from_hf_config(load_hf_config(mc))
+    result = None
+    if args.result:
+        with open(args.result) as f:
+            result = json.load(f)
+    context = args.context_len or (mean_context(result) if result else 256)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    out = {"model": args.model or args.dummy_config or "default", "dims": asdict(dims), "device": args.device,
+           "dtype": args.dtype, "threads": torch.get_num_threads(),
+           **ceiling(dims, args.num_tokens, context, memory_bandwidth(device=args.device), dtype=dtype,
+                     device=args.device)}
+    if result:
+        out["runs"] = fractions(result, out["ceiling_tokens_per_s"])
+    _print(out)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+def _print(r: dict) -> None:
+    print(f"{' roofline: ' + str(r['model']) + ' ':=^64}")
+    print(f"{r['device']}, {r['dtype']}, {r['threads']} threads; {r['tokens']} tokens/iteration, "
+          f"context {r['context']}")
+    for name, ms in r["gemm_ms"].items():
+        print(f"  GEMM {name:<10}{ms:>10.3f} ms")
+    print(f"GEMM rate            {r['gemm_gflops']:>10.1f} GFLOP/s")
+    print(f"copy bandwidth       {r['bandwidth_gb_s']:>10.1f} GB/s")
+    print(f"FLOPs per token      {r['flops_per_token'] / 1e6:>10.1f} MFLOP")
+    print(f"iteration: compute {r['compute_s'] * 1e3:.2f} ms, memory {r['memory_s'] * 1e3:.2f} ms "
+          f"({r['bound']}-bound)")
+    print(f"ceiling              {r['ceiling_tokens_per_s']:>10.1f} tokens/s")
+    for row in r.get("runs", []):
+        print(f"  {row['label']} @ {row['request_rate']}: output {row['output_throughput']:.1f} tok/s "
+              f"= {100 * row['output_fraction']:.1f}% ; total {row['total_token_throughput']:.1f} tok/s "
+              f"= {100 * row['total_fraction']:.1f}% of the ceiling")

@@ -1,0 +1,143 @@
+"""Short end-to-end bench runs: the in-process engine, our server over HTTP,
+the transformers peers, and the roofline; the JSON must have every field and
+its counts must add up."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orca_serve.bench import workloads as wl
+from orca_serve.bench.__main__ import run as bench
+from orca_serve.bench.metrics import summarize
+
+N = 10
+WORKLOAD = ["--num-requests", str(N), "--input-len", "4:24", "--output-len", "1:8", "--seed", "3",
+            "--num-warmups", "1", "--no-progress", "--quiet", "--threads", "1"]
+RUN_KEYS = {"label", "backend", "scheduling_policy", "request_rate", "burstiness", "max_concurrency",
+            "metrics", "backend_stats", "requests"}
+ROW_KEYS = {"index", "success", "prompt_len", "output_len", "ttft_ms", "tpot_ms", "e2el_ms",
+            "normalized_latency_ms", "num_chunks", "num_preemptions", "error"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """--threads 1 below: on a shared 2-core box, OpenMP barriers under contention
+    cost far more than a tiny model's matmuls. Restored for the tests after these."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from server_helpers import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("bench-model"))
+
+
+def _expected_lengths(vocab_size, special, salt=0):
+    specs = wl.generate("orca", N, wl.allowed_token_ids(vocab_size, special), seed=3, salt=salt,
+                        params=wl.WorkloadParams(input_len=(4, 24), output_len=(1, 8)))
+    return [(s.prompt_len, s.output_len) for s in specs]
+
+
+def check_run(run: dict, lengths: list[tuple[int, int]]) -> None:
+    assert RUN_KEYS <= set(run)
+    m = run["metrics"]
+    expected_metric_keys = set(summarize([], 1.0))
+    assert expected_metric_keys <= set(m)
+    assert m["num_requests"] == m["completed"] == N and m["failed"] == 0
+    rows = sorted(run["requests"], key=lambda r: r["index"])
+    assert [r["index"] for r in rows] == list(range(N)) and all(ROW_KEYS <= set(r) for r in rows)
+    assert all(r["success"] and r["error"] is None for r in rows)
+    # EOS is ignored: every request produced exactly its output length, on the prompt it was given.
+    assert [(r["prompt_len"], r["output_len"]) for r in rows] == lengths
+    assert m["total_input_tokens"] == sum(p for p, _ in lengths)
+    assert m["total_output_tokens"] == sum(o for _, o in lengths)
+    assert m["output_throughput"] == pytest.approx(m["total_output_tokens"] / m["duration_s"])
+    for r in rows:
+        assert 0 < r["ttft_ms"] <= r["e2el_ms"] + 1e-6
+        assert r["normalized_latency_ms"] == pytest.approx(r["e2el_ms"] / r["output_len"], rel=1e-3)
+        assert (r["tpot_ms"] is None) == (r["output_len"] == 1)
+
+
+def test_engine_backend_policies_and_rates(model_dir, tmp_path):
+    out, fig = tmp_path / "engine.json", tmp_path / "fig.png"
+    rc = bench(["--model", str(model_dir), *WORKLOAD, "--scheduling-policy", "fcfs,request-level",
+                "--max-batch-size", "4", "--rates", "inf,40", "--slo-normalized-latency-ms", "1000",
+                "--out", str(out), "--plot", str(fig)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert {"version", "created", "command", "machine", "model", "config", "runs"} <= set(data)
+    assert [(r["label"], r["request_rate"]) for r in data["runs"]] == [
+        ("fcfs", "inf"), ("fcfs", 40.0), ("request-level", "inf"), ("request-level", 40.0)]
+    from orca_serve.config import EngineConfig
+    from orca_serve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(model=str(model_dir)))
+    special = list(engine.tokenizer.all_special_ids) + list(engine.eos_token_ids)
+    for run in data["runs"]:
+        salt = 0 if run["request_rate"] == "inf" else 1  # one prompt stream per rate
+        check_run(run, _expected_lengths(engine.vocab_size, special, salt))
+        stats = run["backend_stats"]
+        assert stats["num_iterations"] > 0 and 0.0 <= stats["mean_kv_usage"] <= stats["max_kv_usage"] <= 1.0
+        assert stats["num_preemptions_total"] == run["metrics"]["num_preemptions"]
+        assert run["metrics"]["slo_attainment"] is not None
+    # The baseline hands a request back only when its batch ends: one chunk each.
+    baseline = [r for run in data["runs"] if run["label"] == "request-level" for r in run["requests"]]
+    assert all(r["num_chunks"] == 1 for r in baseline)
+    assert fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_openai_backend_against_our_server(model_dir, tmp_path):
+    from server_helpers import ServerThread
+
+    server = ServerThread(model_dir)
+    try:
+        out = tmp_path / "http.json"
+        rc = bench(["--backend", "openai", "--base-url", server.url, "--tokenizer", str(model_dir), *WORKLOAD,
+                    "--request-rate", "100", "--max-concurrency", "4", "--out", str(out)])
+    finally:
+        server.stop()
+    assert rc == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["label"] == "openai" and run["max_concurrency"] == 4
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    check_run(run, _expected_lengths(len(tok), tok.all_special_ids))
+    assert all(r["num_chunks"] >= 1 for r in run["requests"])
+
+
+def test_hf_peers(model_dir, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    lengths = _expected_lengths(AutoConfig.from_pretrained(str(model_dir)).vocab_size, tok.all_special_ids + [2])
+    for backend in ("hf-static", "hf-cb"):
+        out = tmp_path / f"{backend}.json"
+        assert bench(["--backend", backend, "--model", str(model_dir), "--hf-batch-sizes", "2,8", *WORKLOAD,
+                      "--out", str(out)]) == 0
+        run = json.loads(out.read_text())["runs"][0]
+        check_run(run, lengths)
+        if backend == "hf-static":
+            assert run["backend_stats"]["batch_size"] in (2, 8)
+
+
+def test_roofline_reports_a_ceiling_and_our_fraction(tmp_path, capsys):
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"runs": [{"label": "fcfs", "request_rate": "inf", "metrics": {
+        "output_throughput": 50.0, "total_token_throughput": 200.0},
+        "requests": [{"success": True, "prompt_len": 20, "output_len": 10}]}]}))
+    out = tmp_path / "roof.json"
+    assert bench(["roofline", "--load-format", "dummy", "--dummy-config", "tiny-llama", "--num-tokens", "16",
+                  "--result", str(result), "--out", str(out)]) == 0
+    roof = json.loads(out.read_text())
+    assert roof["context"] == 25 and roof["ceiling_tokens_per_s"] > 0
+    assert set(roof["gemm_ms"]) == {"qkv", "attn_out", "mlp_up", "mlp_down", "lm_head"}
+    (row,) = roof["runs"]
+    assert row["total_fraction"] == pytest.approx(200.0 / roof["ceiling_tokens_per_s"])
+    assert "of the ceiling" in capsys.readouterr().out

@@ -1,0 +1,76 @@
+"""bench compare: capacity at equal latency by interpolation, plain metric ratios, the plot."""
+import json
+
+import pytest
+
+from orca_serve.bench import report
+
+
+def test_throughput_at_latency_interpolates_the_crossing():
+    pts = [(1.0, 10.0), (2.0, 20.0), (3.0, 60.0)]
+    assert report.throughput_at_latency(pts, 40.0) == (pytest.approx(2.5), False)
+    assert report.throughput_at_latency(pts, 20.0) == (pytest.approx(2.0), False)
+    assert report.throughput_at_latency(pts, 5.0) == (None, False)  # over the bound even at light load
+    assert report.throughput_at_latency(pts, 100.0) == (3.0, True)  # never reached: a lower bound
+
+
+def test_throughput_at_latency_non_monotonic_curve_takes_the_highest_crossing():
+    pts = [(1.0, 10.0), (2.0, 30.0), (3.0, 15.0), (4.0, 50.0)]
+    # 20 is crossed twice (1->2 at 1.5, 3->4 at 3 + 5/35); the highest wins.
+    value, lower = report.throughput_at_latency(pts, 20.0)
+    assert value == pytest.approx(3.0 + 5.0 / 35.0) and not lower
+
+
+def test_capacity_ratios_at_the_baselines_latencies():
+    ours = [(1.0, 5.0), (4.0, 8.0), (8.0, 40.0)]
+    base = [(0.5, 20.0), (1.0, 40.0)]
+    rows = report.capacity_ratios(ours, base)
+    assert [r["normalized_latency_ms"] for r in rows] == [20.0, 40.0]
+    # At 20 ms/token: ours crosses 20 between (4, 8) and (8, 40) at 4 + 4*12/32 = 5.5; base 0.5
+    assert rows[0]["candidate_req_s"] == pytest.approx(5.5) and rows[0]["ratio"] == pytest.approx(11.0)
+    # At 40 both curves end under the bound: neither capacity is exact, so no lower-bound claim.
+    assert rows[1]["ratio"] == pytest.approx(8.0) and not rows[1]["ratio_is_lower_bound"]
+
+
+def _run(label, rate, thr, norm, out_tok=100.0):
+    metrics = {k: None for k in report._HEADLINE}
+    metrics.update(request_throughput=thr, output_throughput=out_tok, median_normalized_latency_ms=norm,
+                   median_ttft_ms=norm * 2, total_token_throughput=out_tok * 3)
+    return {"label": label, "request_rate": rate, "metrics": metrics, "requests": []}
+
+
+def test_compare_files_prints_ratios(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"runs": [_run("fcfs", 1.0, 1.0, 5.0, 200.0), _run("fcfs", 4.0, 4.0, 10.0)]}))
+    b.write_text(json.dumps({"runs": [_run("request-level", 1.0, 0.5, 20.0), _run("request-level", 4.0, 0.6, 80.0)]}))
+    lines = []
+    rep = report.compare([str(a), str(b)], out=lines.append)
+    assert rep["baseline"] == "request-level"
+    cap = rep["capacity"]["fcfs"]
+    assert cap[0]["ratio"] == pytest.approx(4.0 / 0.5) and cap[0]["ratio_is_lower_bound"]
+    assert rep["metrics"]["fcfs @ 1.0"]["output_throughput"] == pytest.approx(2.0)
+    assert rep["metrics"]["fcfs @ 1.0"]["median_normalized_latency_ms"] == pytest.approx(0.25)
+    assert any(">=8.00x" in line for line in lines)
+
+
+def test_compare_same_label_in_two_files_and_single_runs(tmp_path):
+    a, b = tmp_path / "ours.json", tmp_path / "vllm.json"
+    a.write_text(json.dumps({"runs": [_run("openai", "inf", 2.0, 10.0, 300.0)]}))
+    b.write_text(json.dumps({"runs": [_run("openai", "inf", 1.0, 20.0, 200.0)]}))
+    rep = report.compare([str(a), str(b)], out=lambda _: None)
+    assert rep["baseline"] == f"openai ({b})"
+    (key,) = rep["metrics"]
+    assert rep["metrics"][key]["output_throughput"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="baseline"):
+        report.compare([str(a), str(b)], baseline="nope", out=lambda _: None)
+
+
+def test_plot_writes_png(tmp_path):
+    from orca_serve.bench.plot import plot
+
+    data = {"runs": [_run("fcfs", 1.0, 1.0, 5.0), _run("fcfs", 2.0, 2.0, 6.0), _run("request-level", 1.0, 0.5, 30.0)]}
+    for r in data["runs"]:
+        r["metrics"]["slo_attainment"] = 0.5
+    path = tmp_path / "fig.png"
+    plot([data], str(path), title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
