@@ -7,9 +7,10 @@ runner). A token's cache slot is ``block_id * block_size + offset``.
 One forward does two things:
 
 1. Write the K/V of this iteration's tokens into the cache at ``slot_mapping``.
-2. Attend. The runner orders the batch decodes first. All decode tokens
-   (query length 1) are handled together: one gather of their blocks through
-   the block-table tensor and one masked SDPA. Query heads sharing a KV head
+2. Attend. The runner orders the batch decodes first, sorted by context
+   length and split into a few groups of similar length: per group, one
+   gather of their blocks (index_select over whole blocks) and one masked
+   SDPA, so padding to the longest context stays small. Query heads sharing a KV head
    are folded into the query-length axis, so GQA needs no K/V repetition and
    a decode needs no causal mask beyond its context length. Prefill chunks
    (query length > 1) attend causally to their own context one by one; their
@@ -26,8 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
 
 @dataclass
 class PrefillChunk:
@@ -43,13 +42,28 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode requests ``[start, end)`` of the batch with similar context lengths.
+
+    Their blocks are gathered together (``block_ids``: each request's table,
+    padded to ``num_blocks``, flattened) and attended in one SDPA. Grouping by
+    length keeps the padding, which is gathered memory, small.
+    """
+
+    start: int
+    end: int
+    num_blocks: int
+    block_ids: torch.Tensor  # [(end - start) * num_blocks]
+    mask: torch.Tensor | None  # [end - start, 1, 1, num_blocks * block_size] bool; None: no padding
+
+
+@dataclass
 class AttentionMetadata:
     """Per-iteration inputs of every attention layer (same for all layers)."""
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     num_decode_tokens: int = 0  # the first tokens of the batch, one per decode request
-    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks]
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -82,27 +96,29 @@ class Attention(nn.Module):
 
         out = torch.empty(n_tok, hkv, self.group, d, dtype=q.dtype, device=q.device)
         q = q.view(n_tok, hkv, self.group, d)
-        n_dec = meta.num_decode_tokens
-        if n_dec:
-            out[:n_dec] = self._decode(q[:n_dec], k_cache, v_cache, meta)
+        for group in meta.decode_groups:
+            out[group.start:group.end] = self._decode(q[group.start:group.end], k_cache, v_cache, group)
         for chunk in meta.prefills:
             s, e = chunk.start, chunk.end
             if chunk.kv_slots is None:
                 out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], None)
             else:
-                ks = k_cache.view(-1, hkv, d)[chunk.kv_slots]
-                vs = v_cache.view(-1, hkv, d)[chunk.kv_slots]
+                # index_select copies whole rows; advanced indexing is far slower on CPU.
+                ks = k_cache.view(-1, hkv, d).index_select(0, chunk.kv_slots)
+                vs = v_cache.view(-1, hkv, d).index_select(0, chunk.kv_slots)
                 out[s:e] = self._prefill(q[s:e], ks, vs, chunk.mask)
         return out.view(n_tok, self.num_heads * d)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        # q [D, Hkv, G, d]; gathered K/V [D, Hkv, L, d] with L = max_blocks * block_size.
-        bt = meta.decode_block_tables
-        n, length = bt.shape[0], bt.shape[1] * k_cache.shape[1]
-        ks = k_cache[bt].view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        vs = v_cache[bt].view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, ks, vs, attn_mask=meta.decode_mask, scale=self.scale)
+                group: DecodeGroup) -> torch.Tensor:
+        # q [n, Hkv, G, d]; gathered K/V [n, Hkv, L, d] with L = num_blocks * block_size.
+        n, length = group.end - group.start, group.num_blocks * k_cache.shape[1]
+        rows = k_cache.shape[0]
+        ks = k_cache.view(rows, -1).index_select(0, group.block_ids)
+        vs = v_cache.view(rows, -1).index_select(0, group.block_ids)
+        ks = ks.view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        vs = vs.view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, ks, vs, attn_mask=group.mask, scale=self.scale)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
@@ -110,12 +126,11 @@ class Attention(nn.Module):
         n_q = q.shape[0]
         qh = q.reshape(n_q, self.num_heads, self.head_dim).transpose(0, 1)
         k, v = k.transpose(0, 1), v.transpose(0, 1)
-        gqa = {}
         if self.group > 1:
-            if _SDPA_HAS_GQA:
-                gqa = {"enable_gqa": True}
-            else:  # torch < 2.5: repeat each KV head for its query heads
-                k, v = k.repeat_interleave(self.group, 0), v.repeat_interleave(self.group, 0)
-        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=mask is None,
-                                           scale=self.scale, **gqa)
+            # Repeat each KV head for its query heads: SDPA's enable_gqa sends CPU
+            # to the slow math kernel, while the repeat costs O(L * d) only.
+            k, v = k.repeat_interleave(self.group, 0), v.repeat_interleave(self.group, 0)
+        # 4-D inputs: with 3-D ones SDPA on CPU takes the slow math kernel, not flash.
+        o = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask,
+                                           is_causal=mask is None, scale=self.scale)[0]
         return o.transpose(0, 1).reshape(n_q, self.num_kv_heads, self.group, self.head_dim)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orca_serve.layers.attention import AttentionMetadata, PrefillChunk
+from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from orca_serve.sampling_params import SamplingParams
 
 
@@ -45,7 +45,8 @@ class ModelInputs:
 def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
                    device: torch.device) -> ModelInputs:
     """Build one iteration's inputs from (request, number of tokens to compute) pairs."""
-    decodes = [(r, n) for r, n in scheduled if n == 1]
+    # Decodes first, longest context first, so length groups are contiguous.
+    decodes = sorted(((r, n) for r, n in scheduled if n == 1), key=lambda x: -x[0].num_computed_tokens)
     order = decodes + [(r, n) for r, n in scheduled if n > 1]
     counts = np.fromiter((n for _, n in order), dtype=np.int64, count=len(order))
     starts = np.fromiter((r.num_computed_tokens for r, _ in order), dtype=np.int64, count=len(order))
@@ -69,12 +70,15 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
 
     to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     meta = AttentionMetadata(slot_mapping=to_dev(slots), num_decode_tokens=n_dec)
-    if n_dec:
-        ctx = ends[:n_dec]
-        n_blocks = int(-(-ctx.max() // block_size))
-        meta.decode_block_tables = to_dev(np.ascontiguousarray(block_table[:n_dec, :n_blocks]))
-        mask = np.arange(n_blocks * block_size)[None, :] < ctx[:, None]
-        meta.decode_mask = to_dev(mask[:, None, None, :])
+    for g_start, g_end in _length_groups(ends[:n_dec]):
+        ctx = ends[g_start:g_end]
+        n_blocks = int(-(-ctx[0] // block_size))  # the group's longest context comes first
+        ids = np.ascontiguousarray(block_table[g_start:g_end, :n_blocks]).reshape(-1)
+        mask = None
+        if ctx[-1] != n_blocks * block_size:
+            mask = to_dev((np.arange(n_blocks * block_size)[None, :] < ctx[:, None])[:, None, None, :])
+        meta.decode_groups.append(DecodeGroup(start=g_start, end=g_end, num_blocks=n_blocks,
+                                              block_ids=to_dev(ids), mask=mask))
     for i in range(n_dec, len(order)):
         meta.prefills.append(_prefill_chunk(block_table[i], int(starts[i]), int(ends[i]),
                                             int(offsets[i]), block_size, to_dev))
@@ -84,6 +88,20 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
         input_ids=to_dev(input_ids), positions=to_dev(positions), attn_metadata=meta,
         logits_indices=to_dev(offsets[1:][sampling] - 1),
         sampling_states=[order[i][0] for i in sampling])
+
+
+def _length_groups(ctx: np.ndarray, max_groups: int = 8, slack: float = 1.25) -> list[tuple[int, int]]:
+    """Split decodes (context lengths in descending order) into contiguous groups
+    whose padded size (count x longest) stays within ``slack`` of their real size."""
+    groups, start, total = [], 0, 0
+    for i, c in enumerate(ctx):
+        if i > start and (i - start + 1) * ctx[start] > slack * (total + c) and len(groups) < max_groups - 1:
+            groups.append((start, i))
+            start, total = i, 0
+        total += int(c)
+    if len(ctx):
+        groups.append((start, len(ctx)))
+    return groups
 
 
 def _block_table(order: list[tuple[RequestState, int]], ends: np.ndarray, block_size: int) -> np.ndarray:
