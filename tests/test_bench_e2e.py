@@ -141,3 +141,33 @@ def test_roofline_reports_a_ceiling_and_our_fraction(tmp_path, capsys):
     (row,) = roof["runs"]
     assert row["total_fraction"] == pytest.approx(200.0 / roof["ceiling_tokens_per_s"])
     assert "of the ceiling" in capsys.readouterr().out
+
+
+def test_overhead_null_executor_runs_the_same_engine(tiny_model_dir):
+    import argparse
+
+    from orca_serve.bench.overhead import run_overhead
+
+    args = argparse.Namespace(model=tiny_model_dir("llama"), load_format="auto", dummy_config=None,
+                              num_requests=16, prompt_len=20, steps=4, seed=0, out=None)
+    out = run_overhead(args)
+    assert out["median_model_step_ms"] > 0 and out["median_null_step_ms"] > 0
+    assert out["overhead_fraction"] == out["median_null_step_ms"] / out["median_model_step_ms"]
+
+
+def test_null_executor_drives_requests_to_completion(tiny_model_dir):
+    from orca_serve.bench.overhead import NullExecutor
+    from orca_serve.config import EngineConfig
+    from orca_serve.engine.llm_engine import LLMEngine
+    from orca_serve.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig.from_kwargs(model=tiny_model_dir("llama"), num_kv_blocks=64, block_size=4,
+                                                max_num_batched_tokens=16))
+    engine.executor = NullExecutor(token_id=7)
+    for i in range(5):
+        engine.add_request(str(i), list(range(3, 30 + i)), SamplingParams(max_tokens=3 + i, ignore_eos=True))
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert [done[str(i)].token_ids for i in range(5)] == [[7] * (3 + i) for i in range(5)]
+    assert engine.stats().num_kv_blocks_free == 64

@@ -88,6 +88,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     r.add_argument("--out", default=None)
     r.set_defaults(func=main)
+    from orca_serve.bench.overhead import add_overhead_parser
+
+    add_overhead_parser(sub)
+    o = sub.choices["overhead"]
+    o.set_defaults(func=main)
     h = sub.add_parser("hf-dir", help="print the HF directory of a model (for vLLM / transformers peers)")
     h.add_argument("--model", default=None)
     h.set_defaults(func=main)
@@ -111,6 +116,13 @@ def main(args: argparse.Namespace) -> int:
         from orca_serve.bench.roofline import run_roofline
 
         run_roofline(args)
+        return 0
+    if cmd == "overhead":
+        from orca_serve.bench.overhead import run_overhead
+
+        result = run_overhead(args)
+        if args.out:
+            _write(args.out, result)
         return 0
     if cmd == "hf-dir":
         from orca_serve.bench.hf_model import hf_dir
