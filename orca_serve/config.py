@@ -9,8 +9,9 @@ from dataclasses import dataclass, field, fields
 
 KV_ALLOCATION_MODES = ("paged", "reserve")
 PREEMPTION_MODES = ("recompute", "swap")
-SCHEDULING_POLICIES = ("fcfs", "priority", "slo", "request-level")
+SCHEDULING_POLICIES = ("fcfs", "priority", "slo", "fair", "request-level")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+PARALLEL_MODES = ("manual", "auto")
 
 
 def _positive(name: str, value, allow_none: bool = False) -> None:
@@ -46,6 +47,8 @@ class CacheConfig:
     block_size: int = 16
     # Exact pool size in blocks; None: size from kv_cache_memory_gb.
     num_kv_blocks: int | None = None
+    # KV memory per device: with tensor/pipeline parallelism each rank holds its
+    # layers' and heads' share of every block, so the same budget buys more blocks.
     kv_cache_memory_gb: float = 2.0
     kv_allocation: str = "paged"
     enable_prefix_caching: bool = True
@@ -91,16 +94,50 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """How the model is split over worker processes (see docs/architecture.md,
+    "Distributed execution"). Ranks are laid out TP-major: rank = pp_rank * T +
+    tp_rank, so a stage's TP peers are neighbours (on one node) and stages
+    span nodes."""
+
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # "auto": pick T and P from model size, device memory and device count at start-up.
+    parallel: str = "manual"
+    # Batches the engine keeps in the pipeline; None: one per stage (Orca). 1 turns overlap off.
+    max_inflight_batches: int | None = None
+    # A batch that takes longer than this to come back (or a peer that stops
+    # answering a collective) counts as a hung worker: the engine fails and stops.
+    worker_timeout_s: float = 60.0
+    # Multi-node rendezvous (torchrun-style); the driver (engine) runs on node 0.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: any free port (single node only)
 
     def __post_init__(self) -> None:
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("pipeline_parallel_size", self.pipeline_parallel_size)
+        _choice("parallel", self.parallel, PARALLEL_MODES)
+        _positive("max_inflight_batches", self.max_inflight_batches, allow_none=True)
+        _positive("nnodes", self.nnodes)
+        _positive("master_port", self.master_port, allow_none=True)
+        if not self.worker_timeout_s > 0:
+            raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("master_port is required when nnodes > 1")
+        if self.parallel == "manual" and self.world_size % self.nnodes:
+            raise ValueError(f"world size {self.world_size} (tensor x pipeline parallel) is not divisible "
+                             f"by nnodes {self.nnodes}")
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def inflight_batches(self) -> int:
+        return self.max_inflight_batches or self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

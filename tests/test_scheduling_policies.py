@@ -202,7 +202,7 @@ ops = st.lists(st.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(10, 30), cpu=st.integers(0, 20),
-       mode=st.sampled_from(["recompute", "swap"]), policy=st.sampled_from(["fcfs", "priority", "slo"]))
+       mode=st.sampled_from(["recompute", "swap"]), policy=st.sampled_from(["fcfs", "priority", "slo", "fair"]))
 def test_priorities_aborts_prefixes_swaps_never_leak(ops, num_blocks, cpu, mode, policy):
     s = make(num_blocks=num_blocks, num_cpu_blocks=cpu, preemption_mode=mode, scheduling_policy=policy,
              max_num_batched_tokens=16, max_num_seqs=6)
@@ -212,7 +212,7 @@ def test_priorities_aborts_prefixes_swaps_never_leak(ops, num_blocks, cpu, mode,
         if op[0] == "add":
             # Three shared system prompts -> prefix-cache hits.
             q = req(f"q{len(added)}", op[1], max_tokens=op[2], base=op[4] * 100, arrival=float(len(added)),
-                    priority=op[3], ttft_slo=1.0 if op[3] == 0 else None)
+                    priority=op[3], ttft_slo=1.0 if op[3] == 0 else None, user=f"u{op[3] % 2}")
             try:
                 s.add_request(q)
             except ValueError:
@@ -230,3 +230,27 @@ def test_priorities_aborts_prefixes_swaps_never_leak(ops, num_blocks, cpu, mode,
         assert q.finished
         if q.status == RequestStatus.FINISHED_LENGTH:
             assert q.output_token_ids == reference_output(q.prompt_token_ids, q.sampling_params.max_tokens)
+
+
+# ---- fairness -----------------------------------------------------------
+def _first_token_iteration_of_light_client(policy):
+    s, r = make(num_blocks=400, scheduling_policy=policy, max_num_seqs=2), FakeRunner(4)
+    for i in range(12):
+        s.add_request(req(f"heavy{i}", 16, max_tokens=8, base=i * 20, arrival=float(i), user="heavy"))
+    for _ in range(3):
+        step(s, r)
+    light = req("light", 16, max_tokens=8, base=700, arrival=100.0, user="light")
+    s.add_request(light)
+    it = 0
+    while not light.output_token_ids:
+        step(s, r)
+        it += 1
+    run_all(s, r)
+    return it
+
+
+def test_fair_sharing_lets_a_light_client_through():
+    fcfs, fair = _first_token_iteration_of_light_client("fcfs"), _first_token_iteration_of_light_client("fair")
+    # FCFS makes the light client wait behind all 12 heavy requests; fair sharing
+    # admits it at the next free seat.
+    assert fcfs > 40 and fair <= 8, (fcfs, fair)

@@ -15,9 +15,9 @@ import typing
 from orca_serve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
 _CHOICES = {"kv_allocation": ("paged", "reserve"), "preemption_mode": ("recompute", "swap"),
-            "scheduling_policy": ("fcfs", "priority", "slo", "request-level"),
+            "scheduling_policy": ("fcfs", "priority", "slo", "fair", "request-level"),
             "slo_admission": ("reject", "best-effort"), "load_format": ("auto", "dummy"),
-            "dtype": ("float32", "bfloat16", "float16", "auto")}
+            "dtype": ("float32", "bfloat16", "float16", "auto"), "parallel": ("manual", "auto")}
 _SKIP = {"dummy_config"}  # set through --dummy-config below (a name, not a dict)
 
 
@@ -82,6 +82,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from orca_serve.distributed.launch import run_node
+
+    if args.master_port is None:
+        raise ValueError("worker: --master-port is required (the driver's rendezvous port)")
+    return run_node(args.master_addr or "127.0.0.1", args.master_port, args.nnodes or 1, args.node_rank or 0,
+                    args.tensor_parallel_size, args.pipeline_parallel_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orca-serve", description="Iteration-level LLM serving (Orca).")
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
@@ -106,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(srv)
     add_engine_args(srv)
     srv.set_defaults(func=_cmd_serve)
+
+    wrk = sub.add_parser("worker", help="start the worker ranks of node --node-rank (>0) of a multi-node engine; "
+                         "the driver (serve/generate with the same --nnodes/--master-*) runs on node 0")
+    add_engine_args(wrk)  # the driver's command line is accepted as is; model, T and P come from the driver
+    wrk.set_defaults(func=_cmd_worker)
 
     try:
         from orca_serve.bench.cli import add_bench_parser

@@ -17,6 +17,11 @@ class SchedulingPolicy:
     name = "base"
     # Request-level (static) batching admits only into an empty batch.
     admits_only_when_idle = False
+    # Keys that change as work is served (fair sharing): re-sort before each schedule.
+    dynamic_order = False
+
+    def on_scheduled(self, req: Request, num_tokens: int) -> None:
+        """Called for every request's tokens in each batch (fair sharing counts them)."""
 
     def waiting_key(self, req: Request, now: float):
         raise NotImplementedError
@@ -108,6 +113,39 @@ class SLOPolicy(SchedulingPolicy):
         return (tpot, req.arrival_time)
 
 
+class FairPolicy(SchedulingPolicy):
+    """Per-client fair sharing of tokens (a virtual token counter, as in VTC).
+
+    Each client (``Request.user``; requests without one share the client
+    "") has a counter of the tokens computed for it, divided by its weight.
+    The waiting request whose client has the smallest counter goes first, so
+    a heavy client cannot starve a light one; a client that (re)appears starts
+    at the smallest counter among active clients, so idle time earns no credit.
+    """
+
+    name = "fair"
+    dynamic_order = True
+
+    def __init__(self, weights: dict[str, float] | None = None) -> None:
+        self.weights = weights or {}
+        self.served: dict[str, float] = {}
+
+    def _counter(self, user: str) -> float:
+        if user not in self.served:
+            self.served[user] = min(self.served.values(), default=0.0)
+        return self.served[user]
+
+    def on_scheduled(self, req: Request, num_tokens: int) -> None:
+        user = req.user or ""
+        self.served[user] = self._counter(user) + num_tokens / self.weights.get(user, 1.0)
+
+    def waiting_key(self, req: Request, now: float):
+        return (self._counter(req.user or ""), req.arrival_time)
+
+    def victim_key(self, req: Request):
+        return (self._counter(req.user or ""), req.arrival_time)
+
+
 class RequestLevelPolicy(FCFSPolicy):
     """The paper's baseline: Triton's dynamic batcher in front of a static-batch
     engine. A batch forms from arrived requests (up to max_batch_size, or when
@@ -118,7 +156,7 @@ class RequestLevelPolicy(FCFSPolicy):
 
 
 def make_policy(name: str, cost_model=None) -> SchedulingPolicy:
-    policies = {"fcfs": FCFSPolicy, "priority": PriorityPolicy, "slo": SLOPolicy,
+    policies = {"fcfs": FCFSPolicy, "priority": PriorityPolicy, "slo": SLOPolicy, "fair": FairPolicy,
                 "request-level": RequestLevelPolicy}
     if name not in policies:
         raise ValueError(f"unknown scheduling policy {name!r}; choose from {', '.join(policies)}")
