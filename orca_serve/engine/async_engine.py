@@ -251,6 +251,10 @@ class AsyncLLMEngine:
             if engine.has_unfinished_requests():
                 outputs = engine.step()
                 self._route(outputs)
+                if not engine.is_healthy():
+                    # A worker failed: its requests got their error outputs above;
+                    # this raises EngineDeadError, and the engine refuses new ones.
+                    engine.check_health()
             elif exiting:
                 return
             stats = engine.stats()

@@ -1,8 +1,9 @@
 """Executors run a SchedulerOutput on the worker(s) and return sampled tokens.
 
-``UniprocExecutor`` runs the model runner in this process. The engine only
-sees ``execute_model`` and ``shutdown``, so a distributed executor slots in
-without the engine knowing.
+``UniprocExecutor`` runs the model runner in this process;
+``distributed.executor.DistributedExecutor`` drives T x P worker processes.
+The engine only sees ``submit``/``collect``, ``check_health`` and
+``shutdown``, so either slots in without the engine knowing which.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class Executor:
         pass
 
     def check_health(self) -> None:
-        """Raise if a worker is gone."""
+        """Raise if a worker is gone (the executor can run no more batches)."""
 
 
 class UniprocExecutor(Executor):

@@ -9,7 +9,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from orca_serve.config import EngineConfig
+from orca_serve.distributed.plan import resolve_parallel
 from orca_serve.engine.detokenizer import IncrementalDetokenizer
+from orca_serve.engine.errors import EngineDeadError
 from orca_serve.engine.executor import make_executor
 from orca_serve.outputs import RequestOutput
 from orca_serve.request import Request, RequestStatus, finish_reason
@@ -40,32 +42,36 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from orca_serve.models.loader import get_model_facts, kv_block_bytes, load_tokenizer
 
-        self.config = config
         self.tokenizer = load_tokenizer(config.model)
         facts = get_model_facts(config.model, tokenizer=self.tokenizer)
+        self.config = config = resolve_parallel(config, facts)  # --parallel auto picks T and P here
         self.facts = facts
         self.model_name = served_model_name(config.model)
         self.vocab_size = facts.vocab_size
         self.max_model_len = facts.max_model_len
         self.eos_token_ids = tuple(facts.eos_token_ids)
         cache = config.cache
-        block_bytes = kv_block_bytes(facts, cache.block_size, config.model.dtype)
+        par = config.parallel
+        # Per rank: each holds its layers' and KV heads' share of every block.
+        block_bytes = kv_block_bytes(facts, cache.block_size, config.model.dtype,
+                                     par.tensor_parallel_size, par.pipeline_parallel_size)
         num_blocks = cache.num_kv_blocks or max(1, int(cache.kv_cache_memory_gb * 2**30) // block_bytes)
         num_cpu_blocks = int(cache.swap_space_gb * 2**30) // block_bytes if cache.preemption_mode == "swap" else 0
-        logger.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, cache.block_size,
+        logger.info("KV pool: %d blocks of %d tokens (%.1f MiB per rank)", num_blocks, cache.block_size,
                     num_blocks * block_bytes / 2**20)
+        self._depth = par.inflight_batches
         self.executor = make_executor(config, num_blocks, num_cpu_blocks=num_cpu_blocks)
         self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len,
-                                   num_cpu_blocks=num_cpu_blocks)
+                                   num_cpu_blocks=num_cpu_blocks, max_inflight_batches=self._depth)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
         self._held: dict[str, RequestOutput] = {}  # request-level baseline: outputs until the batch ends
         self._aborted: list[Request] = []
         self._last = (0, 0, 0.0)
         self._num_finished = 0
-        self._depth = config.parallel.pipeline_parallel_size
         self._pipeline: deque = deque()  # (SchedulerOutput, submit time, executor handle)
         self._num_slo_met = 0
+        self._dead: str | None = None  # why the executor (a worker) failed; the engine is then unusable
 
     # ---- requests ----------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -94,9 +100,11 @@ class LLMEngine:
                     tpot_slo: float | None = None, user: str | None = None) -> None:
         """Queue a request; it joins the batch at the next iteration.
 
-        Raises ValueError naming the bad field, or QueueFullError when the
-        waiting queue is at its bound.
+        Raises ValueError naming the bad field, QueueFullError when the
+        waiting queue is at its bound, or EngineDeadError after a worker failed.
         """
+        if self._dead is not None:
+            raise EngineDeadError(f"engine is dead: {self._dead}")
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         if isinstance(priority, bool) or not isinstance(priority, int):
@@ -157,6 +165,10 @@ class LLMEngine:
         except Exception as exc:  # the batch fails; the engine and other requests go on
             logger.exception("iteration %d failed", so.iteration)
             failed = [self.scheduler.requests[r] for r in so.num_scheduled_tokens if r in self.scheduler.requests]
+            if not self._executor_alive():
+                # A lost worker takes every request down: fail them all now, so no client waits.
+                failed = list(self.scheduler.requests.values())
+                self._pipeline.clear()
             for req in failed:
                 req.error = f"{type(exc).__name__}: {exc}"
             self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
@@ -225,6 +237,25 @@ class LLMEngine:
             passthrough.extend(self._held.values())
             self._held = {}
         return passthrough
+
+    def _executor_alive(self) -> bool:
+        try:
+            self.executor.check_health()
+        except Exception as exc:
+            self._dead = f"{type(exc).__name__}: {exc}"
+            return False
+        return True
+
+    def is_healthy(self) -> bool:
+        """False once a worker died or hung (the engine then refuses new requests)."""
+        return self._dead is None
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if the engine or one of its workers failed."""
+        if self._dead is None:
+            self._executor_alive()
+        if self._dead is not None:
+            raise EngineDeadError(f"engine is dead: {self._dead}")
 
     def stats(self) -> EngineStats:
         s = self.scheduler

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orca_serve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from orca_serve.layers.weight_slice import WeightSlice, materialize
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -25,12 +26,12 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | WeightSlice) -> None:
         if loaded.shape[0] != self.num_embeddings or loaded.shape[1:] != param.shape[1:]:
             raise ValueError(f"shape mismatch: expected ({self.num_embeddings}, {param.shape[1]}), "
                              f"checkpoint {tuple(loaded.shape)}")
         n = self.vocab_end - self.vocab_start
-        param.data[:n].copy_(loaded[self.vocab_start:self.vocab_end])
+        param.data[:n].copy_(materialize(loaded[self.vocab_start:self.vocab_end]))
         param.data[n:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -53,9 +54,9 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias = nn.Parameter(torch.empty(self.per_rank, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self._bias_loader
 
-    def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor | WeightSlice) -> None:
         n = self.vocab_end - self.vocab_start
-        param.data[:n].copy_(loaded[self.vocab_start:self.vocab_end])
+        param.data[:n].copy_(materialize(loaded[self.vocab_start:self.vocab_end]))
         param.data[n:].zero_()
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:

@@ -1,9 +1,10 @@
 """Linear layers that own their tensor-parallel sharding (Megatron-LM style).
 
 Each parameter carries a ``weight_loader(param, full_tensor[, shard_id])``
-that receives the *full* checkpoint tensor and copies this rank's slice, so
-model code stays written as if on one device. At tp=1 every layer is a plain
-``F.linear``.
+that receives the *full* checkpoint tensor (usually a lazy ``WeightSlice``
+over the memory-mapped file) and copies this rank's slice, so model code
+stays written as if on one device and a rank reads only its shard. At tp=1
+every layer is a plain ``F.linear``.
 
 Column-parallel layers split the output features and need no communication;
 a row-parallel layer splits the input features and sums partial products
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from orca_serve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from orca_serve.layers.weight_slice import WeightSlice, materialize
+
+Loaded = torch.Tensor | WeightSlice
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -25,14 +29,15 @@ def divide(numerator: int, denominator: int) -> int:
     return numerator // denominator
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
-    """Copy a whole (unsharded) tensor into ``param``, checking the shape."""
+def default_weight_loader(param: nn.Parameter, loaded: Loaded) -> None:
+    """Copy a whole (unsharded) tensor into ``param``, checking the shape first
+    so a mismatch is reported before anything is read."""
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded.shape)}")
-    param.data.copy_(loaded)
+    param.data.copy_(materialize(loaded))
 
 
-def _check_narrow(loaded: torch.Tensor, dim: int, start: int, size: int, what: str) -> torch.Tensor:
+def _check_narrow(loaded: Loaded, dim: int, start: int, size: int, what: str) -> Loaded:
     if loaded.shape[dim] < start + size:
         raise ValueError(f"{what}: checkpoint tensor {tuple(loaded.shape)} too small on dim {dim}")
     return loaded.narrow(dim, start, size)
@@ -57,7 +62,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _param(self.out_per_rank, in_features, dtype=dtype, loader=self.weight_loader)
         self.bias = _param(self.out_per_rank, dtype=dtype, loader=self.weight_loader) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded) -> None:
         size = param.shape[0]
         default_weight_loader(param, _check_narrow(loaded, 0, self.tp_rank * size, size, "column shard"))
 
@@ -76,7 +81,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         for size in output_sizes:
             divide(size, self.tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:
         tp = self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // tp
         size = self.output_sizes[shard_id] // tp
@@ -108,7 +113,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, out, bias=bias, dtype=dtype)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str) -> None:
         if shard_id == "q":
             offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
         elif shard_id in ("k", "v"):
@@ -137,7 +142,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _param(out_features, self.in_per_rank, dtype=dtype, loader=self.weight_loader)
         self.bias = _param(out_features, dtype=dtype, loader=default_weight_loader) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded) -> None:
         size = param.shape[1]
         default_weight_loader(param, _check_narrow(loaded, 1, self.tp_rank * size, size, "row shard"))
 

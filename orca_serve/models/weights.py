@@ -1,14 +1,18 @@
 """Reading checkpoint tensors and routing them into model parameters.
 
-Tensors are read one at a time from memory-mapped safetensors files, so peak
-memory stays near one tensor above the model itself and a tensor-parallel
-weight loader can keep just its slice.
+Safetensors files are memory-mapped and each tensor is handed out as a lazy
+``WeightSlice``: a weight loader narrows it to this rank's shard and only
+that region is copied out of the file. So a tensor- or pipeline-parallel
+rank reads about its share of the checkpoint and never holds the full model;
+tensors of layers on other pipeline stages are skipped unread.
 """
 from __future__ import annotations
 
 import glob
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,6 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from orca_serve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, default_weight_loader
+from orca_serve.layers.weight_slice import WeightSlice
+from orca_serve.models.stages import missing_prefixes
 
 # Show a progress bar only for checkpoints big enough to take noticeable time.
 _PROGRESS_BYTES = 64 << 20
@@ -32,12 +38,42 @@ def safetensors_files(directory: str) -> list[str]:
     return files
 
 
-def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from every safetensors file of a HF directory."""
+@dataclass
+class LoadStats:
+    """What one process read from the checkpoint (a parallel rank: its shard)."""
+
+    bytes_read: int = 0
+
+    def add(self, nbytes: int) -> None:
+        self.bytes_read += nbytes
+
+
+class _CheckedSlice:
+    """A safetensors slice handle whose read errors name the tensor and file."""
+
+    def __init__(self, handle, name: str, path: str) -> None:
+        self.handle, self.name, self.path = handle, name, path
+
+    def __getitem__(self, key):
+        try:
+            return self.handle[key]
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read tensor {self.name!r} from {self.path}: {e}") from e
+
+
+def iter_safetensors(directory: str, stats: LoadStats | None = None) -> Iterator[tuple[str, WeightSlice]]:
+    """Yield (name, lazy slice) for every tensor of a HF directory's safetensors
+    files. A slice is valid until the next item is requested (its file stays
+    mapped only that long), which is how ``load_params`` consumes them."""
     files = safetensors_files(directory)
     total = sum(os.path.getsize(f) for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights",
               disable=total < _PROGRESS_BYTES, leave=False) as bar:
+        def on_read(nbytes: int) -> None:
+            bar.update(nbytes)
+            if stats is not None:
+                stats.add(nbytes)
+
         for path in files:
             try:
                 handle = safe_open(path, framework="pt")
@@ -46,11 +82,11 @@ def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
             with handle as f:
                 for name in f.keys():
                     try:
-                        tensor = f.get_tensor(name)
+                        piece = f.get_slice(name)
+                        shape = tuple(piece.get_shape())
                     except (SafetensorError, OSError) as e:
                         raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from e
-                    bar.update(tensor.numel() * tensor.element_size())
-                    yield name, tensor
+                    yield name, WeightSlice(_CheckedSlice(piece, name, path), shape, on_read)
 
 
 def _expected_shards(param: nn.Parameter) -> set:
@@ -62,16 +98,21 @@ def _expected_shards(param: nn.Parameter) -> set:
     return {None}
 
 
-def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], route: Router) -> None:
+def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | WeightSlice]],
+                route: Router) -> None:
     """Copy checkpoint tensors into ``model`` through each parameter's weight_loader.
 
-    Raises ValueError on an unknown tensor, a shape mismatch, or a parameter
-    (or a shard of a fused one) that the checkpoint never provided.
+    Tensors of modules another pipeline stage holds are skipped. Raises
+    ValueError on an unknown tensor, a shape mismatch, or a parameter (or a
+    shard of a fused one) that the checkpoint never provided.
     """
     params = dict(model.named_parameters())
+    elsewhere = missing_prefixes(model)
     loaded: dict[str, set] = {name: set() for name in params}
     for ckpt_name, tensor in weights:
         for name, shard, value in route(ckpt_name, tensor):
+            if elsewhere and name.startswith(elsewhere):
+                continue
             param = params.get(name)
             if param is None:
                 raise ValueError(f"checkpoint tensor {ckpt_name!r} matches no model parameter")
@@ -88,9 +129,15 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], r
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights without a checkpoint: N(0, std) matrices, unit norm scales, zero biases."""
-    gen = torch.Generator().manual_seed(seed)
+    """Random weights without a checkpoint: N(0, std) matrices, unit norm scales, zero biases.
+
+    Each parameter draws from its own generator seeded by (seed, name), so a
+    parameter every tensor-parallel rank replicates gets the same values on
+    each. (Sharded ones are random per rank: dummy outputs depend on the layout.)
+    """
+    gen = torch.Generator()
     for name, param in model.named_parameters():
+        gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         if param.dim() >= 2:
             if param.device.type == "cpu":
                 param.data.normal_(0.0, std, generator=gen)

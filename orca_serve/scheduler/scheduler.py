@@ -26,8 +26,9 @@ from orca_serve.scheduler.policies import make_policy
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_kv_blocks: int,
                  max_model_len: int, clock: Callable[[], float] = time.monotonic,
-                 num_cpu_blocks: int = 0) -> None:
+                 num_cpu_blocks: int = 0, max_inflight_batches: int = 1) -> None:
         self.config = config
+        self.max_inflight_batches = max_inflight_batches
         self.max_model_len = max_model_len
         self.clock = clock
         self.cost_model = IterationCostModel()
@@ -199,8 +200,12 @@ class Scheduler:
         self.iteration += 1
         budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model)
         self._reject_late_waiting()
+        if self.policy.dynamic_order and self._waiting:
+            now = self.clock()
+            self._waiting = sorted((self.policy.waiting_key(e[-1], now), e[1], e[-1]) for e in self._waiting)
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
+        seats = self._batch_seats()
 
         self._preempt_for_urgent_waiting()
         # Running requests: decodes first (they must never starve), then chunked
@@ -208,7 +213,7 @@ class Scheduler:
         order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1,
                                                     self.policy.victim_key(r)))
         for req in order:
-            if budget <= 0:
+            if budget <= 0 or len(scheduled) >= seats:
                 break
             if req.status != RequestStatus.RUNNING or req.request_id in self._in_flight:
                 continue  # preempted earlier in this loop, or its last batch is still out
@@ -219,8 +224,18 @@ class Scheduler:
             scheduled[req.request_id] = n
             new_blocks[req.request_id] = blocks
             budget -= n
-        self._admit_waiting(budget, scheduled, new_blocks)
+        self._admit_waiting(budget, scheduled, new_blocks, seats)
         return self._build_output(scheduled, new_blocks)
+
+    def _batch_seats(self) -> int:
+        """Most requests one batch may take. With several batches in flight (one
+        per pipeline stage) the active requests are split across them, since a
+        request in flight cannot join the next batch: one batch taking them all
+        would leave the other stages idle."""
+        active = min(len(self.running) + len(self._waiting), self.config.max_num_seqs)
+        if self.max_inflight_batches == 1:
+            return self.config.max_num_seqs
+        return max(1, -(-active // self.max_inflight_batches))
 
     def _allocate_or_preempt(self, req: Request, n: int, scheduled: dict[str, int]) -> list[int] | None:
         while True:
@@ -257,11 +272,13 @@ class Scheduler:
                 return
             self._preempt(max(victims, key=self.policy.victim_key))
 
-    def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> None:
+    def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
+                       seats: int) -> None:
         if self.policy.admits_only_when_idle:
             if not self._form_static_batch():
                 return
-        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(scheduled) < seats):
             req = self._waiting[0][-1]
             if self.policy.admits_only_when_idle and req.request_id not in self.static_batch:
                 break
@@ -324,6 +341,7 @@ class Scheduler:
                     num_computed_tokens=req.num_computed_tokens))
             self._worker_tokens[rid] = req.num_tokens
             req.num_computed_tokens += n
+            self.policy.on_scheduled(req, n)
             self._in_flight.add(rid)
         finished, self._finished_for_worker = self._finished_for_worker, set()
         swap_out, self._swap_out = self._swap_out, []

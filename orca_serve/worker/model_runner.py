@@ -6,16 +6,27 @@ pool for swap-mode preemption. It mirrors each request's tokens and block
 table from the scheduler's messages: full data once, then diffs. It never
 appends the tokens it samples itself; they come back as ``new_token_ids`` of
 the next ``CachedRequestData``, so the scheduler stays the one source of truth.
+
+Under tensor/pipeline parallelism every rank runs one runner on the same
+messages (each builds the same inputs; each holds only its layers' and heads'
+KV). A later stage receives the previous stage's hidden states instead of
+embedding tokens; only the last stage's TP rank 0 samples and returns an
+output, the other ranks return None.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
 from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
+from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, pp_recv_prev,
+                                                   pp_send_next)
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, model_eos_token_ids
+from orca_serve.models.weights import LoadStats
 from orca_serve.worker.input_batch import RequestState, prepare_inputs
 
 
@@ -27,9 +38,14 @@ class ModelRunner:
         self.config = engine_config
         self.device = torch.device(device)
         self.block_size = engine_config.cache.block_size
-        self.model, self.hf_config = load_model(engine_config.model, self.device)
+        self.load_stats = LoadStats()
+        self.model, self.hf_config = load_model(engine_config.model, self.device, self.load_stats)
         self.vocab_size = self.hf_config.vocab_size
+        self.hidden_size = self.hf_config.hidden_size
         self.dtype = next(self.model.parameters()).dtype
+        self.first_stage, self.last_stage = is_first_stage(), is_last_stage()
+        self.samples = self.last_stage and get_tp_rank() == 0
+        self.last_recv_wait_s = 0.0  # time the last batch waited for the previous stage
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         shape = (len(layers), 2, num_kv_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
@@ -46,26 +62,44 @@ class ModelRunner:
         self.eos_token_ids = model_eos_token_ids(engine_config.model, self.hf_config)
         self.requests: dict[str, RequestState] = {}
 
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of the parameters this rank holds (tied ones once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one iteration; returns the tokens sampled by requests that caught up."""
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run one iteration; returns the tokens sampled by requests that caught
+        up (None on a rank that does not sample)."""
         self._update_states(so)
         if so.blocks_to_swap_out:
             self.swap_out(so.blocks_to_swap_out)
         if so.blocks_to_swap_in:
             self.swap_in(so.blocks_to_swap_in)
+        empty = ModelRunnerOutput(sampled_token_ids={}) if self.samples else None
         if so.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput(sampled_token_ids={})
+            return empty
         unknown = so.num_scheduled_tokens.keys() - self.requests.keys()
         if unknown:
             raise RuntimeError(f"scheduled request(s) the worker was never sent: {sorted(unknown)}")
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
         inputs = prepare_inputs(scheduled, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        prev = None
+        if not self.first_stage:
+            t0 = time.perf_counter()
+            prev = pp_recv_prev((len(inputs.input_ids), self.hidden_size), self.dtype, self.device)
+            self.last_recv_wait_s = time.perf_counter() - t0
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata, prev)
+        if not self.last_stage:
+            pp_send_next(hidden)
+            return None
         states = inputs.sampling_states
         if not states:
-            return ModelRunnerOutput(sampled_token_ids={})
+            return empty
+        # Every TP rank of the last stage takes part in gathering the logits; one samples.
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if not self.samples:
+            return None
         md = SamplingMetadata.build([s.sampling_params for s in states],
                                     [s.num_output_tokens for s in states], self.vocab_size, self.device,
                                     eos_token_ids=self.eos_token_ids)
