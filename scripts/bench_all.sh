@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Runs every comparison of the performance issue, one at a time (anything else on
+# the cores distorts the figures), writing JSON under bench-results/.
+# vLLM must be installed in .venv-vllm (see ../shared/peers/vllm-cpu.md).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-results}; mkdir -p "$OUT"
+B=".venv/bin/orca-serve"
+N=${N:-128}
+MODEL_DIR=$($B bench hf-dir 2>/dev/null | tail -1)
+# Wait for a server's /health, giving up if its process ($2) dies.
+wait_up() { for _ in $(seq 1 600); do curl -sf "$1/health" >/dev/null && return 0
+  kill -0 "$2" 2>/dev/null || return 1; sleep 1; done; return 1; }
+# STEPS="overhead engine http vllm hf sweep swap" picks what to run (default: all).
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
+
+step() { echo "== $(date +%T) $*"; }
+
+want overhead && step "overhead at 256 running requests (null model vs model)" && $B bench overhead --num-requests 256 --prompt-len 128 --steps 10 --out "$OUT/overhead.json"
+
+if want engine; then
+step "orca-serve offline (in-process engine), $N requests"
+$B bench --workload orca --num-requests "$N" --label orca-serve-engine --out "$OUT/ours-engine.json" --no-progress --quiet
+$B bench roofline --num-tokens 128 --result "$OUT/ours-engine.json" --out "$OUT/roofline.json"
+fi
+
+if want http; then
+step "orca-serve server through HTTP"
+$B --log-level warning serve --port 8100 > "$OUT/ours-serve.log" 2>&1 & PID=$!
+wait_up http://127.0.0.1:8100 $PID && $B bench --backend openai --base-url http://127.0.0.1:8100 --tokenizer "$MODEL_DIR" \
+  --workload orca --num-requests "$N" --label orca-serve --out "$OUT/ours-http.json" --no-progress --quiet
+kill -INT $PID; wait $PID
+fi
+
+if want vllm && [ -x .venv-vllm/bin/python ]; then
+  step "vLLM CPU server through HTTP"
+  HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 \
+    .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --dtype float32 --max-model-len 2048 --port 8101 \
+    --served-model-name SmolLM2-135M-Instruct > "$OUT/vllm-serve.log" 2>&1 & PID=$!
+  wait_up http://127.0.0.1:8101 $PID && $B bench --backend openai --base-url http://127.0.0.1:8101 --tokenizer "$MODEL_DIR" \
+    --workload orca --num-requests "$N" --label vllm --out "$OUT/vllm-http.json" --no-progress --quiet
+  kill -INT $PID; wait $PID
+fi
+
+if want hf; then
+step "Hugging Face transformers: static batches and continuous batching"
+$B bench --backend hf-static --hf-batch-sizes ${HF_BATCH_SIZES:-32,128} --workload orca --num-requests "$N" \
+  --label hf-static --out "$OUT/hf-static.json" --no-progress --quiet
+$B bench --backend hf-cb --workload orca --num-requests "$N" --label hf-cb --out "$OUT/hf-cb.json" --no-progress --quiet
+fi
+
+if want sweep; then
+step "request-level baseline vs iteration-level, Poisson rate sweep"
+$B bench --scheduling-policy fcfs,request-level --max-batch-size 16 --workload orca --num-requests ${SWEEP_N:-64} \
+  --rates ${RATES:-0.15,0.3,0.6} --slo-normalized-latency-ms ${SLO_NL:-1000} --out "$OUT/sweep.json" \
+  --plot "$OUT/sweep.png" --no-progress --quiet
+fi
+
+if want swap; then
+step "preemption by recompute vs swap on a memory-bound pool"
+for mode in recompute swap; do
+  $B bench --workload orca --num-requests ${SWAP_N:-64} --num-kv-blocks ${SWAP_BLOCKS:-400} --preemption-mode $mode \
+    --no-enable-prefix-caching --label $mode --out "$OUT/preempt-$mode.json" --no-progress --quiet
+done
+fi
+step done
