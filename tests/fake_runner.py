@@ -69,3 +69,27 @@ def reference_output(prompt: list[int], max_tokens: int, vocab: int = 1000) -> l
         tokens.append(t)
         out.append(t)
     return out
+
+
+def replay_ops(s, ops, make_request, step_fn, check=None) -> list:
+    """Apply a property test's random ops to scheduler ``s``: ("add", ...) builds a
+    request with ``make_request(op, index)`` (requests the scheduler refuses are
+    skipped), ("abort", i) aborts an added one, ("step", n) runs n iterations.
+    Returns the requests that were added."""
+    added = []
+    for op in ops:
+        if op[0] == "add":
+            q = make_request(op, len(added))
+            try:
+                s.add_request(q)
+            except ValueError:
+                continue
+            added.append(q)
+        elif op[0] == "abort" and added:
+            s.abort_request(added[op[1] % len(added)].request_id)
+        else:
+            for _ in range(op[1]):
+                step_fn()
+        if check is not None:
+            check(s)
+    return added

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fake_runner import FakeRunner, reference_output
+from fake_runner import FakeRunner, reference_output, replay_ops
 from orca_serve.config import CacheConfig, SchedulerConfig
 from orca_serve.request import Request, RequestStatus
 from orca_serve.sampling_params import SamplingParams
@@ -172,23 +172,10 @@ def test_random_add_abort_step_never_leaks(ops, num_blocks, budget, allocation, 
     s = make_sched(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=budget, max_num_seqs=8,
                    kv_allocation=allocation, enable_prefix_caching=caching, scheduling_policy=policy)
     r = FakeRunner(4)
-    added, n = [], 0
-    for op in ops:
-        if op[0] == "add":
-            # Shared heads make prefix-cache hits likely.
-            q = req(f"q{n}", op[1], max_tokens=op[2], base=1, arrival=float(n), priority=op[3])
-            n += 1
-            try:
-                s.add_request(q)
-            except ValueError:
-                continue
-            added.append(q)
-        elif op[0] == "abort" and added:
-            s.abort_request(added[op[1] % len(added)].request_id)
-        else:
-            for _ in range(op[1]):
-                step(s, r)
-        _check_invariants(s)
+    # Shared heads make prefix-cache hits likely.
+    added = replay_ops(s, ops, lambda op, n: req(f"q{n}", op[1], max_tokens=op[2], base=1, arrival=float(n),
+                                                 priority=op[3]),
+                       lambda: step(s, r), check=_check_invariants)
     run_all(s, r)
     _check_invariants(s)
     assert s.kv.num_free_blocks == num_blocks

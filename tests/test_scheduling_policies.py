@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fake_runner import FakeRunner, reference_output
+from fake_runner import FakeRunner, reference_output, replay_ops
 from orca_serve.config import CacheConfig, SchedulerConfig
 from orca_serve.request import Request, RequestStatus
 from orca_serve.sampling_params import SamplingParams
@@ -207,22 +207,11 @@ def test_priorities_aborts_prefixes_swaps_never_leak(ops, num_blocks, cpu, mode,
     s = make(num_blocks=num_blocks, num_cpu_blocks=cpu, preemption_mode=mode, scheduling_policy=policy,
              max_num_batched_tokens=16, max_num_seqs=6)
     r = FakeRunner(4)
-    added = []
-    for op in ops:
-        if op[0] == "add":
-            # Three shared system prompts -> prefix-cache hits.
-            q = req(f"q{len(added)}", op[1], max_tokens=op[2], base=op[4] * 100, arrival=float(len(added)),
-                    priority=op[3], ttft_slo=1.0 if op[3] == 0 else None, user=f"u{op[3] % 2}")
-            try:
-                s.add_request(q)
-            except ValueError:
-                continue
-            added.append(q)
-        elif op[0] == "abort" and added:
-            s.abort_request(added[op[1] % len(added)].request_id)
-        else:
-            for _ in range(op[1]):
-                step(s, r)
+    # Three shared system prompts -> prefix-cache hits.
+    added = replay_ops(s, ops, lambda op, n: req(f"q{n}", op[1], max_tokens=op[2], base=op[4] * 100,
+                                                 arrival=float(n), priority=op[3],
+                                                 ttft_slo=1.0 if op[3] == 0 else None, user=f"u{op[3] % 2}"),
+                       lambda: step(s, r))
     run_all(s, r)
     assert s.kv.num_free_blocks == num_blocks and len(s._cpu_free) == cpu
     assert all(b.ref_cnt == 0 for b in s.kv.pool.blocks)
