@@ -60,7 +60,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     await group.start(prompts, params, schedule_kwargs(req, arrival), "prompt")
     base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name}
     if req.stream:
-        return _sse_response(_stream_completion(ctx, group, req, base), group)
+        return _sse_response(_framed(group, req, base, _stream_completion(ctx, group, req, base)), group)
     if not await _collect(group, raw):
         return Response(status_code=CLIENT_CLOSED)
     choices = []
@@ -71,35 +71,49 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     return JSONResponse({**base, "choices": choices, "usage": group.usage(n)})
 
 
+class _Failed(str):
+    """An SSE chunk reporting a failed request: no usage chunk follows it."""
+
+
+async def _framed(group: RequestGroup, req, base: dict, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """What every SSE response shares around its choice chunks: the usage chunk
+    (unless a request failed), an error event if the engine died, aborting the
+    group's requests when the stream ends or the client leaves, then [DONE]."""
+    try:
+        failed = False
+        async for chunk in chunks:
+            failed = failed or isinstance(chunk, _Failed)
+            yield chunk
+        if not failed and req.include_usage_in_stream:
+            yield sse({**base, "choices": [], "usage": group.usage(req.n)})
+    except EngineDeadError as exc:
+        yield sse(in_flight_failure(exc).body())
+    finally:
+        await chunks.aclose()
+        group.abort()
+    yield SSE_DONE
+
+
 async def _stream_completion(ctx: ServingContext, group: RequestGroup, req: CompletionRequest,
                              base: dict) -> AsyncIterator[str]:
     sent = [0] * len(group.ids)  # logprobs already sent, per choice
     offset = [0] * len(group.ids)  # text_offset of the next token, per choice
     extra = {"usage": None} if req.include_usage_in_stream else {}
-    try:
-        async for i, out in group.outputs():
-            if out.finish_reason == "error":
-                yield sse(failure([out]).body())
-                break
-            if not (out.delta_text or out.finished):
-                continue  # a token whose text is held back (partial character, possible stop string)
-            lp = None
-            if req.logprobs is not None:
-                lp, offset[i] = _completion_logprobs(ctx, out, sent[i], len(out.logprobs), offset[i])
-                sent[i] = len(out.logprobs)
-            choice = {"index": i, "text": out.delta_text, "logprobs": lp,
-                      "finish_reason": out.finish_reason if out.finished else None}
-            if out.finished:
-                choice["stop_reason"] = out.stop_reason
-            yield sse({**base, "choices": [choice], **extra})
-        else:
-            if req.include_usage_in_stream:
-                yield sse({**base, "choices": [], "usage": group.usage(req.n)})
-    except EngineDeadError as exc:
-        yield sse(in_flight_failure(exc).body())
-    finally:
-        group.abort()
-    yield SSE_DONE
+    async for i, out in group.outputs():
+        if out.finish_reason == "error":
+            yield _Failed(sse(failure([out]).body()))
+            return
+        if not (out.delta_text or out.finished):
+            continue  # a token whose text is held back (partial character, possible stop string)
+        lp = None
+        if req.logprobs is not None:
+            lp, offset[i] = _completion_logprobs(ctx, out, sent[i], len(out.logprobs), offset[i])
+            sent[i] = len(out.logprobs)
+        choice = {"index": i, "text": out.delta_text, "logprobs": lp,
+                  "finish_reason": out.finish_reason if out.finished else None}
+        if out.finished:
+            choice["stop_reason"] = out.stop_reason
+        yield sse({**base, "choices": [choice], **extra})
 
 
 def _completion_logprobs(ctx: ServingContext, out: RequestOutput, start: int, end: int,
@@ -132,7 +146,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     base = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name}
     if req.stream:
         base["object"] = "chat.completion.chunk"
-        return _sse_response(_stream_chat(ctx, group, req, base), group)
+        return _sse_response(_framed(group, req, base, _stream_chat(ctx, group, req, base)), group)
     if not await _collect(group, raw):
         return Response(status_code=CLIENT_CLOSED)
     choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
@@ -146,31 +160,22 @@ async def _stream_chat(ctx: ServingContext, group: RequestGroup, req: ChatComple
                        base: dict) -> AsyncIterator[str]:
     sent = [0] * len(group.ids)
     extra = {"usage": None} if req.include_usage_in_stream else {}
-    try:
-        for i in range(len(group.ids)):  # OpenAI opens every choice with the role
-            yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}], **extra})
-        async for i, out in group.outputs():
-            if out.finish_reason == "error":
-                yield sse(failure([out]).body())
-                break
-            if out.delta_text or (req.logprobs and len(out.logprobs) > sent[i] and out.finished):
-                lp = _chat_logprobs(ctx, out, sent[i], len(out.logprobs)) if req.logprobs else None
-                sent[i] = len(out.logprobs)
-                yield sse({**base, "choices": [{"index": i, "delta": {"content": out.delta_text},
-                                                "logprobs": lp, "finish_reason": None}], **extra})
-            if out.finished:
-                yield sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                "finish_reason": out.finish_reason,
-                                                "stop_reason": out.stop_reason}], **extra})
-        else:
-            if req.include_usage_in_stream:
-                yield sse({**base, "choices": [], "usage": group.usage(req.n)})
-    except EngineDeadError as exc:
-        yield sse(in_flight_failure(exc).body())
-    finally:
-        group.abort()
-    yield SSE_DONE
+    for i in range(len(group.ids)):  # OpenAI opens every choice with the role
+        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}], **extra})
+    async for i, out in group.outputs():
+        if out.finish_reason == "error":
+            yield _Failed(sse(failure([out]).body()))
+            return
+        if out.delta_text or (req.logprobs and len(out.logprobs) > sent[i] and out.finished):
+            lp = _chat_logprobs(ctx, out, sent[i], len(out.logprobs)) if req.logprobs else None
+            sent[i] = len(out.logprobs)
+            yield sse({**base, "choices": [{"index": i, "delta": {"content": out.delta_text},
+                                            "logprobs": lp, "finish_reason": None}], **extra})
+        if out.finished:
+            yield sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                            "finish_reason": out.finish_reason,
+                                            "stop_reason": out.stop_reason}], **extra})
 
 
 def _chat_logprobs(ctx: ServingContext, out: RequestOutput, start: int, end: int) -> dict:
