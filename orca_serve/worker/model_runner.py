@@ -23,6 +23,7 @@ from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, pp_recv_prev,
                                                    pp_send_next)
+from orca_serve.kernels import paged_decode_kernel
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, model_eos_token_ids
@@ -52,8 +53,12 @@ class ModelRunner:
         # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
         # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        decode_kernel = paged_decode_kernel(engine_config.model.cpu_kernels, self.device, self.dtype,
+                                            layers[0].head_dim)
+        self.uses_decode_kernel = decode_kernel is not None
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
+            layer.decode_kernel = decode_kernel
         cpu_shape = shape[:2] + (num_cpu_blocks,) + shape[3:]
         self.cpu_kv_cache = torch.zeros(cpu_shape, dtype=self.dtype, device="cpu",
                                         pin_memory=self.device.type == "cuda" and num_cpu_blocks > 0)
@@ -83,7 +88,7 @@ class ModelRunner:
         if unknown:
             raise RuntimeError(f"scheduled request(s) the worker was never sent: {sorted(unknown)}")
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
-        inputs = prepare_inputs(scheduled, self.block_size, self.device)
+        inputs = prepare_inputs(scheduled, self.block_size, self.device, decode_kernel=self.uses_decode_kernel)
         prev = None
         if not self.first_stage:
             t0 = time.perf_counter()

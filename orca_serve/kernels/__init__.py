@@ -1,0 +1,113 @@
+"""Native CPU kernels, compiled on first use and cached.
+
+``load()`` builds ``cpu_ops.cpp`` with torch's C++ extension tooling into
+``~/.cache/orca-serve/kernels`` (``ORCA_SERVE_KERNEL_CACHE`` overrides) and
+returns the module, or None when it cannot be built (no compiler, no ninja,
+a failed build); the reason is kept in ``load_error()`` so callers can log it
+or, when the kernels were demanded, raise it. The build is keyed by the
+source, the flags and this CPU's vector extensions, so a cache shared by
+different machines never hands one a binary it cannot run.
+
+Rebuilding after a source change happens automatically (torch hashes the
+sources). Concurrent builds from several worker processes are serialized by
+torch's lock file in the build directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    # AVX2 + FMA is what the inner loops vectorize to; without them the
+    # compiler's baseline (SSE2 on x86-64) still gives a correct, slower build.
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ORCA_SERVE_KERNEL_CACHE") or Path.home() / ".cache" / "orca-serve" / "kernels"
+    return Path(root)
+
+
+def load():
+    """The compiled kernel module, or None if it cannot be built here."""
+    with _lock:
+        if "module" not in _state:
+            _state["module"], _state["error"] = _build()
+        return _state["module"]
+
+
+def load_error() -> str | None:
+    """Why ``load()`` returned None (None if it has not failed)."""
+    return _state.get("error")
+
+
+def _build():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:  # pragma: no cover - torch is a dependency
+        return None, f"torch C++ extension support is unavailable: {exc}"
+    arch = _cpu_flags()
+    # -fopenmp: at::parallel_for is inline OpenMP; the extension links the
+    # libgomp.so.1 torch already loaded, so there is one thread pool, not two.
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", *arch]
+    key = hashlib.sha256(" ".join([torch.__version__, *flags]).encode()).hexdigest()[:12]
+    name = f"orca_cpu_ops_{key}"
+    build_dir = cache_dir() / name
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                    build_directory=str(build_dir), verbose=False)
+    except Exception as exc:  # no compiler / ninja, or a failed build
+        return None, f"building {_SOURCE.name} failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
+    logger.debug("CPU kernels loaded from %s", build_dir)
+    return module, None
+
+
+def paged_decode_kernel(mode: str, device, dtype, head_dim: int):
+    """The native paged decode attention op for this runner, or None for the PyTorch path.
+
+    ``mode`` is ``ModelConfig.cpu_kernels``: "off" -> None; "auto" -> the op
+    when it applies and builds, else None (logged once); "on" -> the op, or a
+    ValueError saying why it cannot be used.
+    """
+    import torch
+
+    if mode == "off":
+        return None
+    reason = None
+    if torch.device(device).type != "cpu":
+        reason = f"they run on CPU only (device is {device})"
+    elif dtype != torch.float32:
+        reason = f"they take float32 only (dtype is {dtype})"
+    else:
+        if "module" not in _state:
+            logger.info("building the native CPU kernels (once per machine, about a minute) in %s", cache_dir())
+        module = load()
+        if module is None:
+            reason = load_error()
+        elif not module.supports_head_dim(head_dim):
+            reason = f"head_dim {head_dim} has no compiled kernel"
+        else:
+            return module.paged_decode_attention
+    if mode == "on":
+        raise ValueError(f"cpu_kernels='on' but the native CPU kernels cannot be used: {reason}")
+    if not _state.get("warned"):
+        _state["warned"] = True
+        logger.warning("native CPU kernels not used (%s); decode attention runs on the PyTorch path", reason)
+    return None
