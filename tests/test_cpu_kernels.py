@@ -2,8 +2,9 @@
 
 The paged decode kernel must give what SDPA gives on each request's gathered
 context, for scattered block tables, partial last blocks, GQA groups and the
-head sizes it compiles; bad inputs must raise, not read out of bounds; and
-the engine must produce the same greedy tokens with and without it.
+head sizes it compiles; RMSNorm, SiLU-and-mul and RoPE must give what the
+layers' PyTorch code gives; bad inputs must raise, not read out of bounds;
+and the engine must produce the same greedy tokens with and without them.
 """
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 from orca_serve import kernels
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
+from orca_serve.layers.activation import SiluAndMul
+from orca_serve.layers.norm import RMSNorm
+from orca_serve.layers.rotary import RotaryEmbedding
 from orca_serve.sampling_params import SamplingParams
 
 
@@ -101,6 +105,50 @@ def test_decode_kernel_rejects_bad_inputs(ops):
                                    torch.zeros(kc.shape[0], 16, 1, 600), table, lens, 0.125)
 
 
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (37, 64), (300, 100)])
+def test_rms_norm_matches_layer(ops, rows, hidden):
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(hidden, eps=1e-5)
+    norm.weight.copy_(torch.randn(hidden, generator=g))
+    x = torch.randn(rows, hidden, generator=g) * 3
+    expected = norm(x)
+    norm.cpu_ops = ops
+    torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
+    # A strided row view (a slice of a wider buffer) is read correctly.
+    wide = torch.randn(rows, hidden + 7, generator=g)
+    norm.cpu_ops = None
+    expected = norm(wide[:, :hidden])
+    norm.cpu_ops = ops
+    torch.testing.assert_close(norm(wide[:, :hidden]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_and_mul_matches_layer_including_extremes(ops):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 2 * 96, generator=g) * 6
+    x[0, :6] = torch.tensor([-200.0, -90.0, -20.0, 0.0, 40.0, 200.0])  # exp must neither overflow nor NaN
+    act = SiluAndMul()
+    expected = act(x)
+    act.cpu_ops = ops
+    got = act(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+
+
+def test_rotary_embedding_matches_layer_and_checks_positions(ops):
+    g = torch.Generator().manual_seed(1)
+    rope = RotaryEmbedding(32, 128, {"rope_theta": 10000.0, "rope_type": "default"})
+    heads, kv_heads = 4, 2
+    qkv = torch.randn(20, (heads + 2 * kv_heads) * 32, generator=g)
+    positions = torch.randint(0, 128, (20,), generator=g)
+    expected = rope.rotate_qkv(positions, qkv.clone(), heads, kv_heads)
+    rope.cpu_ops = ops
+    got = rope.rotate_qkv(positions, qkv.clone(), heads, kv_heads)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        rope.rotate_qkv(torch.full((20,), 128), qkv.clone(), heads, kv_heads)
+
+
 def test_kernel_selection_modes():
     assert kernels.paged_decode_kernel("off", "cpu", torch.float32, 64) is None
     assert kernels.paged_decode_kernel("auto", "cpu", torch.bfloat16, 64) is None
@@ -110,6 +158,11 @@ def test_kernel_selection_modes():
         kernels.paged_decode_kernel("on", "cpu", torch.bfloat16, 64)
     with pytest.raises(ValueError, match="head_dim 600"):
         kernels.paged_decode_kernel("on", "cpu", torch.float32, 600)
+    assert kernels.cpu_ops_for("off", "cpu", torch.float32) is None
+    assert kernels.cpu_ops_for("auto", "cpu", torch.float16) is None
+    assert kernels.cpu_ops_for("auto", "cpu", torch.float32) is not None
+    with pytest.raises(ValueError, match="float32 only"):
+        kernels.cpu_ops_for("on", "cpu", torch.float16)
     with pytest.raises(ValueError, match="cpu_kernels must be one of"):
         EngineConfig.from_kwargs(cpu_kernels="fast")
 

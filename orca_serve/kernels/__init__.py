@@ -65,7 +65,8 @@ def _build():
     arch = _cpu_flags()
     # -fopenmp: at::parallel_for is inline OpenMP; the extension links the
     # libgomp.so.1 torch already loaded, so there is one thread pool, not two.
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", *arch]
+    # -fno-trapping-math lets the exp/select loops vectorize (no FP exceptions are used).
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *arch]
     key = hashlib.sha256(" ".join([torch.__version__, *flags]).encode()).hexdigest()[:12]
     name = f"orca_cpu_ops_{key}"
     build_dir = cache_dir() / name
@@ -79,12 +80,12 @@ def _build():
     return module, None
 
 
-def paged_decode_kernel(mode: str, device, dtype, head_dim: int):
-    """The native paged decode attention op for this runner, or None for the PyTorch path.
+def cpu_ops_for(mode: str, device, dtype):
+    """The native kernel module for a runner, or None for the PyTorch path.
 
-    ``mode`` is ``ModelConfig.cpu_kernels``: "off" -> None; "auto" -> the op
-    when it applies and builds, else None (logged once); "on" -> the op, or a
-    ValueError saying why it cannot be used.
+    ``mode`` is ``ModelConfig.cpu_kernels``: "off" -> None; "auto" -> the
+    module when the kernels apply (CPU, float32) and build, else None (logged
+    once); "on" -> the module, or a ValueError saying why it cannot be used.
     """
     import torch
 
@@ -99,15 +100,27 @@ def paged_decode_kernel(mode: str, device, dtype, head_dim: int):
         if "module" not in _state:
             logger.info("building the native CPU kernels (once per machine, about a minute) in %s", cache_dir())
         module = load()
-        if module is None:
-            reason = load_error()
-        elif not module.supports_head_dim(head_dim):
-            reason = f"head_dim {head_dim} has no compiled kernel"
-        else:
-            return module.paged_decode_attention
+        if module is not None:
+            return module
+        reason = load_error()
+    _not_used(mode, reason)
+    return None
+
+
+def paged_decode_kernel(mode: str, device, dtype, head_dim: int):
+    """The native paged decode attention op, or None (same rules as ``cpu_ops_for``)."""
+    module = cpu_ops_for(mode, device, dtype)
+    if module is None:
+        return None
+    if not module.supports_head_dim(head_dim):
+        _not_used(mode, f"head_dim {head_dim} has no compiled kernel")
+        return None
+    return module.paged_decode_attention
+
+
+def _not_used(mode: str, reason: str | None) -> None:
     if mode == "on":
         raise ValueError(f"cpu_kernels='on' but the native CPU kernels cannot be used: {reason}")
     if not _state.get("warned"):
         _state["warned"] = True
-        logger.warning("native CPU kernels not used (%s); decode attention runs on the PyTorch path", reason)
-    return None
+        logger.warning("native CPU kernels not used (%s); running the PyTorch path", reason)

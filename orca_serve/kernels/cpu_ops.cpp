@@ -1,5 +1,11 @@
 // CPU kernels for orca-serve, built on first use by orca_serve/kernels/__init__.py.
 //
+// rms_norm, silu_and_mul, rotary_embedding: the elementwise parts of a Llama
+// layer in one pass over memory each. PyTorch runs them as chains of
+// separate ops (pow, mean, rsqrt, mul, mul; chunk, silu, mul; cat, neg, mul,
+// mul, add), each reading and writing the whole activation: at a 2048-token
+// prefill that chain cost ~30 ms per layer, against ~3 ms here.
+//
 // paged_decode_attention: one query token per request attends to its whole
 // context directly in the paged KV pool. The pure-PyTorch path has to gather
 // every request's blocks into a padded copy first (read + write + read of the
@@ -202,7 +208,107 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   });
 }
 
+namespace {
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1,
+              name, " must be a 2-D float32 CPU tensor with contiguous rows");
+}
+
+// Rows per parallel task: enough work (~16K floats) to amortize the fork.
+int64_t grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
+
+}  // namespace
+
+// out[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps), as HF computes it in float32.
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_rows(out, "out");
+  TORCH_CHECK(out.sizes() == x.sizes(), "out and x must have the same shape");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == x.size(1),
+              "weight must be a contiguous float32 vector of the hidden size");
+  const int64_t rows = x.size(0), h = x.size(1), xs = x.stride(0), os = out.stride(0);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, grain(h), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * xs;
+      float* orow = op + r * os;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < h; ++i) ss += xr[i] * xr[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+#pragma omp simd
+      for (int64_t i = 0; i < h; ++i) orow[i] = wp[i] * (xr[i] * inv);
+    }
+  });
+}
+
+// x = [gate | up] per row; out = silu(gate) * up.
+void silu_and_mul(at::Tensor out, const at::Tensor& x) {
+  check_rows(x, "x");
+  check_rows(out, "out");
+  const int64_t rows = x.size(0), n = out.size(1), xs = x.stride(0), os = out.stride(0);
+  TORCH_CHECK(x.size(1) == 2 * n && out.size(0) == rows, "x must be [rows, 2 * n] for out [rows, n]");
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, grain(2 * n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gate = xp + r * xs;
+      const float* up = gate + n;
+      float* o = op + r * os;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        // sigmoid from exp(-|g|) <= 1, so it never overflows for large |g|.
+        const float g = gate[i];
+        const float e = exp_nonpositive(-std::fabs(g));
+        const float sig = (g >= 0.f ? 1.f : e) / (1.f + e);
+        o[i] = g * sig * up[i];
+      }
+    }
+  });
+}
+
+// In place, rotate-half (GPT-NeoX / HF Llama) style: the first num_rot_heads
+// heads of each row of qkv [T, heads * D] (q heads then k heads) by their
+// token's position; cos_sin [max_position, 2, D] holds cos and sin per position.
+void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
+                      int64_t num_rot_heads, int64_t head_dim) {
+  check_rows(qkv, "qkv");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == qkv.size(0),
+              "positions must be a contiguous int64 vector with one entry per row");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() && cos_sin.dim() == 3 &&
+                  cos_sin.size(1) == 2 && cos_sin.size(2) == head_dim,
+              "cos_sin must be a contiguous float32 [max_position, 2, head_dim] tensor");
+  TORCH_CHECK(head_dim % 2 == 0 && num_rot_heads * head_dim <= qkv.size(1), "bad head layout for rotary_embedding");
+  const int64_t rows = qkv.size(0), stride = qkv.stride(0), half = head_dim / 2, max_pos = cos_sin.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < max_pos, "position ", pos[r], " outside the rotary table of ", max_pos);
+  float* base = qkv.data_ptr<float>();
+  const float* table = cos_sin.data_ptr<float>();
+  at::parallel_for(0, rows, grain(num_rot_heads * head_dim), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* c = table + pos[r] * 2 * head_dim;
+      const float* s = c + head_dim;
+      for (int64_t h = 0; h < num_rot_heads; ++h) {
+        float* x = base + r * stride + h * head_dim;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = x[i], x2 = x[i + half];
+          x[i] = x1 * c[i] - x2 * s[i];
+          x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("rotary_embedding", &rotary_embedding, "in-place rotate-half RoPE of q and k heads");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
   m.def("supports_head_dim", &supports_head_dim, "whether a head_dim has a compiled kernel");
 }

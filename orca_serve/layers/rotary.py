@@ -71,6 +71,21 @@ class RotaryEmbedding(nn.Module):
         # [max_position, 2, head_dim]: one gather per forward fetches both.
         cache = torch.stack((emb.cos(), emb.sin()), dim=1).to(dtype)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.cpu_ops = None  # native kernels, bound by the model runner when they apply
+
+    def rotate_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
+        """Split a fused projection [T, (H + 2 Hkv) * D] into rotated q, rotated k and v.
+
+        With the native kernels the rotation happens in place on ``qkv`` and q,
+        k, v are views of it; otherwise it is ``forward`` on the split pieces."""
+        n, d = qkv.shape[0], self.head_dim
+        if self.cpu_ops is not None and qkv.stride(-1) == 1:
+            self.cpu_ops.rotary_embedding(qkv, positions, self.cos_sin_cache, num_heads + num_kv_heads, d)
+            q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+            return q, k, v
+        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+        q, k = self.forward(positions, q.view(n, num_heads, d), k.view(n, num_kv_heads, d))
+        return q.reshape(n, -1), k.reshape(n, -1), v
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotate q [T, Hq, D] and k [T, Hk, D] by each token's position [T]."""

@@ -52,11 +52,8 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(p.num_heads, head_dim, head_dim ** -0.5, p.num_kv_heads)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q.view(n, self.num_heads, self.head_dim),
-                               k.view(n, self.num_kv_heads, self.head_dim))
-        return self.o_proj(self.attn(q.reshape(n, -1), k.reshape(n, -1), v, meta))
+        q, k, v = self.rotary_emb.rotate_qkv(positions, self.qkv_proj(x), self.num_heads, self.num_kv_heads)
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):

@@ -23,7 +23,7 @@ from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, pp_recv_prev,
                                                    pp_send_next)
-from orca_serve.kernels import paged_decode_kernel
+from orca_serve.kernels import cpu_ops_for, paged_decode_kernel
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, model_eos_token_ids
@@ -53,12 +53,17 @@ class ModelRunner:
         # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
         # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        decode_kernel = paged_decode_kernel(engine_config.model.cpu_kernels, self.device, self.dtype,
-                                            layers[0].head_dim)
+        mode = engine_config.model.cpu_kernels
+        decode_kernel = paged_decode_kernel(mode, self.device, self.dtype, layers[0].head_dim)
         self.uses_decode_kernel = decode_kernel is not None
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
             layer.decode_kernel = decode_kernel
+        # Norms, activations and RoPE that have a native version take it from here.
+        cpu_ops = cpu_ops_for(mode, self.device, self.dtype)
+        for module in self.model.modules():
+            if hasattr(module, "cpu_ops"):
+                module.cpu_ops = cpu_ops
         cpu_shape = shape[:2] + (num_cpu_blocks,) + shape[3:]
         self.cpu_kv_cache = torch.zeros(cpu_shape, dtype=self.dtype, device="cpu",
                                         pin_memory=self.device.type == "cuda" and num_cpu_blocks > 0)
