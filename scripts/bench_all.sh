@@ -11,35 +11,50 @@ MODEL_DIR=$($B bench hf-dir 2>/dev/null | tail -1)
 # Wait for a server's /health, giving up if its process ($2) dies.
 wait_up() { for _ in $(seq 1 600); do curl -sf "$1/health" >/dev/null && return 0
   kill -0 "$2" 2>/dev/null || return 1; sleep 1; done; return 1; }
-# STEPS="overhead engine http vllm hf sweep swap" picks what to run (default: all).
+# STEPS="overhead engine http vllm hf sweep swap" picks what to run (default: all);
+# REPEATS (default 3) runs of engine, http and vllm are compared by their medians.
 want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 
 step() { echo "== $(date +%T) $*"; }
 
 want overhead && step "overhead at 256 running requests (null model vs model)" && $B bench overhead --num-requests 256 --prompt-len 128 --steps 10 --out "$OUT/overhead.json"
 
+REPEATS=${REPEATS:-3}
 if want engine; then
-step "orca-serve offline (in-process engine), $N requests"
-$B bench --workload orca --num-requests "$N" --label orca-serve-engine --out "$OUT/ours-engine.json" --no-progress --quiet
-$B bench roofline --num-tokens 128 --result "$OUT/ours-engine.json" --out "$OUT/roofline.json"
+for i in $(seq 1 "$REPEATS"); do
+  step "orca-serve offline (in-process engine), $N requests, run $i/$REPEATS"
+  $B bench --workload orca --num-requests "$N" --label orca-serve-engine --out "$OUT/ours-engine-$i.json" --no-progress --quiet
+done
+$B bench roofline --num-tokens 128 --result "$OUT"/ours-engine-*.json --out "$OUT/roofline.json"
 fi
 
-if want http; then
-step "orca-serve server through HTTP"
-$B --log-level warning serve --port 8100 > "$OUT/ours-serve.log" 2>&1 & PID=$!
-wait_up http://127.0.0.1:8100 $PID && $B bench --backend openai --base-url http://127.0.0.1:8100 --tokenizer "$MODEL_DIR" \
-  --workload orca --num-requests "$N" --label orca-serve --out "$OUT/ours-http.json" --no-progress --quiet
-kill -INT $PID; wait $PID
-fi
-
-if want vllm && [ -x .venv-vllm/bin/python ]; then
-  step "vLLM CPU server through HTTP"
+# Our server and vLLM's, alternated run by run so drift on this shared machine
+# hits both; each server starts fresh for each run (no prefix cache carried over).
+ours_http() {
+  $B --log-level warning serve --port 8100 > "$OUT/ours-serve.log" 2>&1 & PID=$!
+  wait_up http://127.0.0.1:8100 $PID && $B bench --backend openai --base-url http://127.0.0.1:8100 --tokenizer "$MODEL_DIR" \
+    --workload orca --num-requests "$N" --label orca-serve --out "$OUT/ours-http-$1.json" --no-progress --quiet
+  kill -INT $PID; wait $PID
+}
+vllm_http() {
   HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 \
     .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --dtype float32 --max-model-len 2048 --port 8101 \
     --served-model-name SmolLM2-135M-Instruct > "$OUT/vllm-serve.log" 2>&1 & PID=$!
   wait_up http://127.0.0.1:8101 $PID && $B bench --backend openai --base-url http://127.0.0.1:8101 --tokenizer "$MODEL_DIR" \
-    --workload orca --num-requests "$N" --label vllm --out "$OUT/vllm-http.json" --no-progress --quiet
+    --workload orca --num-requests "$N" --label vllm --out "$OUT/vllm-http-$1.json" --no-progress --quiet
   kill -INT $PID; wait $PID
+}
+have_vllm() { [ -x .venv-vllm/bin/python ]; }
+for i in $(seq 1 "$REPEATS"); do
+  want http && step "orca-serve server through HTTP, run $i/$REPEATS" && ours_http "$i"
+  want vllm && have_vllm && step "vLLM CPU server through HTTP, run $i/$REPEATS" && vllm_http "$i"
+done
+if want http && want vllm && have_vllm; then
+  $B bench compare --median "$OUT"/ours-http-*.json "$OUT"/vllm-http-*.json --baseline vllm --out "$OUT/vs-vllm.json"
+fi
+if want http && want engine; then
+  $B bench compare --median "$OUT"/ours-http-*.json "$OUT"/ours-engine-*.json --baseline orca-serve-engine \
+    --out "$OUT/http-vs-engine.json"
 fi
 
 if want hf; then

@@ -65,6 +65,21 @@ def test_compare_same_label_in_two_files_and_single_runs(tmp_path):
         report.compare([str(a), str(b)], baseline="nope", out=lambda _: None)
 
 
+def test_compare_median_of_repeats(tmp_path):
+    paths = []
+    for i, (ours, vllm) in enumerate([(300.0, 200.0), (100.0, 220.0), (280.0, 400.0)]):
+        for label, tok in (("orca-serve", ours), ("vllm", vllm)):
+            path = tmp_path / f"{label}-{i}.json"
+            path.write_text(json.dumps({"runs": [_run(label, "inf", tok / 100, 10.0 + i, tok)]}))
+            paths.append(str(path))
+    lines = []
+    rep = report.compare(paths, baseline="vllm", out=lines.append, median=True)
+    # Medians: ours 280, vLLM 220 output tok/s; latency medians 11 and 11.
+    assert rep["metrics"]["orca-serve @ inf"]["output_throughput"] == pytest.approx(280.0 / 220.0)
+    assert rep["metrics"]["orca-serve @ inf"]["median_normalized_latency_ms"] == pytest.approx(1.0)
+    assert "orca-serve: median of 3 run(s) per rate" in lines
+
+
 def test_plot_writes_png(tmp_path):
     from orca_serve.bench.plot import plot
 

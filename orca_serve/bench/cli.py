@@ -75,6 +75,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--baseline", default=None, help="label of the reference curve (default: last file's)")
     c.add_argument("--plot", default=None, help="PNG with every file's curves")
     c.add_argument("--out", default=None, help="write the ratios as JSON")
+    c.add_argument("--median", action="store_true",
+                   help="the files are repeats: compare each label's per-metric medians")
     c.set_defaults(func=main)
     r = sub.add_parser("roofline", help="this machine's GEMM/bandwidth ceiling for the model")
     r.add_argument("--model", default=None)
@@ -82,7 +84,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--dummy-config", default=None)
     r.add_argument("--num-tokens", type=int, default=128, help="tokens per iteration (decode batch)")
     r.add_argument("--context-len", type=int, default=None, help="KV context per token (default: from --result)")
-    r.add_argument("--result", default=None, help="a bench JSON: print its fraction of the ceiling")
+    r.add_argument("--result", default=None, nargs="+",
+                   help="bench JSON(s): print the (median) throughput's fraction of the ceiling")
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -104,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
     if cmd == "compare":
         from orca_serve.bench import report
 
-        result = report.compare(args.files, args.baseline)
+        result = report.compare(args.files, args.baseline, median=args.median)
         if args.plot:
             from orca_serve.bench.plot import plot
 

@@ -8,6 +8,7 @@ interpolating linearly between measured points, and divides.
 from __future__ import annotations
 
 import json
+import statistics
 from collections import defaultdict
 
 # (metric key, short name, section title)
@@ -143,9 +144,33 @@ def group_runs(paths: list[str]) -> dict[str, list[dict]]:
     return dict(groups)
 
 
-def compare(paths: list[str], baseline: str | None = None, out=print) -> dict:
-    """Print every curve against the baseline curve (default: the last file's first label)."""
-    groups = group_runs(paths)
+def median_runs(paths: list[str]) -> dict[str, list[dict]]:
+    """Repeated runs as one: per label and request rate, every numeric metric is
+    the median over the files that hold that run (``repeats`` says how many)."""
+    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for p in paths:
+        for r in load(p)["runs"]:
+            by_key[(r["label"], str(r["request_rate"]))].append(r)
+    groups = defaultdict(list)
+    for (label, _), runs in by_key.items():
+        metrics = {}
+        for k in runs[0]["metrics"]:
+            values = [r["metrics"].get(k) for r in runs]
+            numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            metrics[k] = statistics.median(numeric) if len(numeric) == len(values) else values[0]
+        groups[label].append({**runs[0], "metrics": metrics, "repeats": len(runs), "requests": []})
+    return dict(groups)
+
+
+def compare(paths: list[str], baseline: str | None = None, out=print, median: bool = False) -> dict:
+    """Print every curve against the baseline curve (default: the last file's first label).
+
+    ``median``: files are repeats; runs with the same label and rate are merged
+    into their per-metric medians (``median_runs``) before comparing."""
+    groups = median_runs(paths) if median else group_runs(paths)
+    if median:
+        for label, runs in groups.items():
+            out(f"{label}: median of {', '.join(str(r['repeats']) for r in runs)} run(s) per rate")
     if baseline is None:
         last = load(paths[-1])["runs"][0]["label"]
         baseline = last if last in groups else f"{last} ({paths[-1]})"

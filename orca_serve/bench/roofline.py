@@ -117,7 +117,7 @@ def fractions(result: dict, ceiling_tok_s: float) -> list[dict]:
     rows = []
     for run in result["runs"]:
         m = run["metrics"]
-        rows.append({"label": run["label"], "request_rate": run["request_rate"],
+        rows.append({"label": run["label"], "request_rate": run["request_rate"], "repeats": run.get("repeats", 1),
                      "output_throughput": m["output_throughput"],
                      "total_token_throughput": m["total_token_throughput"],
                      "output_fraction": m["output_throughput"] / ceiling_tok_s,
@@ -142,10 +142,15 @@ def run_roofline(args) -> dict:
     mc = ModelConfig(model=args.model, load_format=args.load_format or "auto", dummy_config=args.dummy_config)
     dims = Dims.from_hf_config(load_hf_config(mc))
     result = None
-    if args.result:
-        with open(args.result) as f:
-            result = json.load(f)
-    context = args.context_len or (mean_context(result) if result else 256)
+    if args.result:  # one or more repeats of a run: their per-metric medians are compared
+        from orca_serve.bench.report import median_runs
+
+        with open(args.result[0]) as f:
+            first = json.load(f)
+        result = {"runs": [r for runs in median_runs(args.result).values() for r in runs]}
+        if not args.context_len:
+            args.context_len = mean_context(first)
+    context = args.context_len or 256
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     out = {"model": args.model or args.dummy_config or "default", "dims": asdict(dims), "device": args.device,
            "dtype": args.dtype, "threads": torch.get_num_threads(),
@@ -173,6 +178,7 @@ def _print(r: dict) -> None:
           f"({r['bound']}-bound)")
     print(f"ceiling              {r['ceiling_tokens_per_s']:>10.1f} tokens/s")
     for row in r.get("runs", []):
-        print(f"  {row['label']} @ {row['request_rate']}: output {row['output_throughput']:.1f} tok/s "
+        print(f"  {row['label']} @ {row['request_rate']} (median of {row['repeats']}): "
+              f"output {row['output_throughput']:.1f} tok/s "
               f"= {100 * row['output_fraction']:.1f}% ; total {row['total_token_throughput']:.1f} tok/s "
               f"= {100 * row['total_fraction']:.1f}% of the ceiling")

@@ -12,12 +12,13 @@ import logging
 import sys
 import typing
 
+from orca_serve import config
 from orca_serve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
-_CHOICES = {"kv_allocation": ("paged", "reserve"), "preemption_mode": ("recompute", "swap"),
-            "scheduling_policy": ("fcfs", "priority", "slo", "fair", "request-level"),
-            "slo_admission": ("reject", "best-effort"), "load_format": ("auto", "dummy"),
-            "dtype": ("float32", "bfloat16", "float16", "auto"), "parallel": ("manual", "auto")}
+_CHOICES = {"kv_allocation": config.KV_ALLOCATION_MODES, "preemption_mode": config.PREEMPTION_MODES,
+            "scheduling_policy": config.SCHEDULING_POLICIES, "slo_admission": ("reject", "best-effort"),
+            "load_format": ("auto", "dummy"), "dtype": config.DTYPES, "parallel": config.PARALLEL_MODES,
+            "cpu_kernels": config.CPU_KERNEL_MODES}
 _SKIP = {"dummy_config"}  # set through --dummy-config below (a name, not a dict)
 
 
