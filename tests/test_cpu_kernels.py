@@ -1,8 +1,9 @@
 """The native CPU kernels (orca_serve/kernels) against plain PyTorch.
 
-The paged decode kernel must give what SDPA gives on each request's gathered
-context, for scattered block tables, partial last blocks, GQA groups and the
-head sizes it compiles; RMSNorm, SiLU-and-mul and RoPE must give what the
+The paged attention kernel must give what SDPA gives on each request's
+gathered context, for decodes, whole prompts and prompt chunks in one batch,
+scattered block tables, partial last blocks, GQA groups and the head sizes it
+compiles; RMSNorm, SiLU-and-mul and RoPE must give what the
 layers' PyTorch code gives; bad inputs must raise, not read out of bounds;
 and the engine must produce the same greedy tokens with and without them.
 """
@@ -27,13 +28,16 @@ def ops():
     return module
 
 
-def make_case(seed, n, kv_heads, group, head_dim, block_size, max_len, num_blocks=1300):
+def make_case(seed, n, kv_heads, group, head_dim, block_size, max_len, num_blocks=1300, rows=None):
+    """A batch of n requests over a scattered pool. ``rows[i]``: query rows of
+    request i (default 1: decodes); they are the last rows of its context."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     lens = rng.integers(1, max_len + 1, n)
     lens[0] = block_size  # one exactly full last block
+    rows = np.ones(n, dtype=np.int64) if rows is None else np.minimum(np.asarray(rows), lens)
     max_blocks = int(-(-lens.max() // block_size)) + 1  # one spare column: padding must be ignored
     table = np.full((n, max_blocks), num_blocks - 1, dtype=np.int64)
     free = rng.permutation(num_blocks - 1)
@@ -43,20 +47,31 @@ def make_case(seed, n, kv_heads, group, head_dim, block_size, max_len, num_block
         table[i, :k] = free[used:used + k]
         used += k
     assert used <= num_blocks - 1
-    q = torch.randn(n, kv_heads, group, head_dim, generator=g)
-    return q, k_cache, v_cache, torch.from_numpy(table), torch.from_numpy(lens)
+    q = torch.randn(int(rows.sum()), kv_heads, group, head_dim, generator=g)
+    query_start = torch.from_numpy(np.concatenate(([0], np.cumsum(rows))))
+    return q, k_cache, v_cache, torch.from_numpy(table), query_start, torch.from_numpy(lens)
 
 
-def reference(q, k_cache, v_cache, table, lens, scale):
-    n, kv_heads, group, d = q.shape
+def reference(q, k_cache, v_cache, table, query_start, lens, scale):
+    """Per request: gather its context, causal SDPA for its last query rows."""
+    _, kv_heads, group, d = q.shape
     bs = k_cache.shape[1]
     out = torch.empty_like(q)
-    for i in range(n):
-        pos = torch.arange(int(lens[i]))
+    for i in range(len(lens)):
+        length, s, e = int(lens[i]), int(query_start[i]), int(query_start[i + 1])
+        pos = torch.arange(length)
         slots = table[i, pos // bs] * bs + pos % bs
-        ks = k_cache.reshape(-1, kv_heads, d)[slots].transpose(0, 1)  # [kv_heads, L, d]
-        vs = v_cache.reshape(-1, kv_heads, d)[slots].transpose(0, 1)
-        out[i] = F.scaled_dot_product_attention(q[i], ks, vs, scale=scale)  # q[i]: [kv_heads, group, d]
+        ks = k_cache.reshape(-1, kv_heads, d)[slots].transpose(0, 1)[:, None]  # [kv_heads, 1, L, d]
+        vs = v_cache.reshape(-1, kv_heads, d)[slots].transpose(0, 1)[:, None]
+        qi = q[s:e].permute(1, 2, 0, 3)  # [kv_heads, group, rows, d]
+        mask = pos[None, :] <= torch.arange(length - (e - s), length)[:, None]
+        out[s:e] = F.scaled_dot_product_attention(qi, ks, vs, attn_mask=mask, scale=scale).permute(2, 0, 1, 3)
+    return out
+
+
+def run_kernel(ops, q, kc, vc, table, qs, lens, scale):
+    out = torch.full_like(q, float("nan"))
+    ops.paged_attention(out, q, kc, vc, table, qs, lens, scale)
     return out
 
 
@@ -69,40 +84,64 @@ def reference(q, k_cache, v_cache, table, lens, scale):
     (3, 2, 16, 4),    # the tiny test models' heads
     (2, 3, 20, 3),    # a head size with no specialization: the generic loop
 ])
-def test_decode_kernel_matches_sdpa(ops, kv_heads, group, head_dim, block_size):
-    q, kc, vc, table, lens = make_case(head_dim + block_size, 13, kv_heads, group, head_dim, block_size, 90)
-    out = torch.full_like(q, float("nan"))
-    ops.paged_decode_attention(out, q, kc, vc, table, lens, head_dim ** -0.5)
-    torch.testing.assert_close(out, reference(q, kc, vc, table, lens, head_dim ** -0.5), rtol=1e-5, atol=1e-5)
+def test_decodes_match_sdpa(ops, kv_heads, group, head_dim, block_size):
+    case = make_case(head_dim + block_size, 13, kv_heads, group, head_dim, block_size, 90)
+    scale = head_dim ** -0.5
+    torch.testing.assert_close(run_kernel(ops, *case, scale), reference(*case, scale), rtol=1e-5, atol=1e-5)
 
 
-def test_decode_kernel_large_scores_do_not_overflow(ops):
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (16, 4), (20, 3)])
+def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops, head_dim, block_size):
+    # Decodes (1 row), whole prompts (rows == context), chunks continuing a
+    # context (1 < rows < context), and a prompt longer than a task's rows.
+    rows = [1, 1, 200, 7, 1, 40, 3, 300, 1, 17]
+    case = make_case(head_dim, len(rows), 3, 3, head_dim, block_size, 300, rows=rows)
+    qs = case[4]
+    assert (qs[1:] - qs[:-1]).max() > 16  # some request spans several tasks
+    # Rows may be strided, as a view of the fused QKV output is.
+    q = case[0]
+    wide = torch.randn(q.shape[0], q[0].numel() + 24)
+    wide[:, :q[0].numel()] = q.reshape(q.shape[0], -1)
+    strided = wide[:, :q[0].numel()].view(q.shape)
+    assert not strided.is_contiguous()
+    scale = head_dim ** -0.5
+    expected = reference(*case, scale)
+    torch.testing.assert_close(run_kernel(ops, *case, scale), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_kernel(ops, strided, *case[1:], scale), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_large_scores_do_not_overflow(ops):
     # Softmax subtracts the max: scores of several hundred must not give inf/NaN.
-    q, kc, vc, table, lens = make_case(7, 4, 3, 3, 64, 16, 200)
+    q, kc, vc, table, qs, lens = make_case(7, 4, 3, 3, 64, 16, 200, rows=[1, 30, 1, 5])
     q = q * 40
-    out = torch.empty_like(q)
-    ops.paged_decode_attention(out, q, kc, vc, table, lens, 0.125)
+    out = run_kernel(ops, q, kc, vc, table, qs, lens, 0.125)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, reference(q, kc, vc, table, lens, 0.125), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, reference(q, kc, vc, table, qs, lens, 0.125), rtol=1e-4, atol=1e-4)
 
 
-def test_decode_kernel_rejects_bad_inputs(ops):
-    q, kc, vc, table, lens = make_case(3, 4, 3, 3, 64, 16, 40)
+def test_attention_kernel_rejects_bad_inputs(ops):
+    q, kc, vc, table, qs, lens = make_case(3, 4, 3, 3, 64, 16, 40)
     out = torch.empty_like(q)
     with pytest.raises(RuntimeError, match="float32"):
-        ops.paged_decode_attention(out.double(), q.double(), kc.double(), vc.double(), table, lens, 0.125)
+        ops.paged_attention(out.double(), q.double(), kc.double(), vc.double(), table, qs, lens, 0.125)
     bad = table.clone()
     bad[0, 0] = kc.shape[0]
     with pytest.raises(RuntimeError, match="block id out of range"):
-        ops.paged_decode_attention(out, q, kc, vc, bad, lens, 0.125)
+        ops.paged_attention(out, q, kc, vc, bad, qs, lens, 0.125)
     too_long = lens.clone()
     too_long[1] = table.shape[1] * kc.shape[1] + 1
     with pytest.raises(RuntimeError, match="does not fit its block table"):
-        ops.paged_decode_attention(out, q, kc, vc, table, too_long, 0.125)
+        ops.paged_attention(out, q, kc, vc, table, qs, too_long, 0.125)
+    short = lens.clone()
+    short[2] = 0  # one query row cannot sit in an empty context
+    with pytest.raises(RuntimeError, match="query rows for a context of 0"):
+        ops.paged_attention(out, q, kc, vc, table, qs, short, 0.125)
+    with pytest.raises(RuntimeError, match="query_start must run from 0"):
+        ops.paged_attention(out, q, kc, vc, table, qs + 1, lens, 0.125)
     wide = (4, 1, 1, 600)
     with pytest.raises(RuntimeError, match="unsupported head_dim"):
-        ops.paged_decode_attention(torch.empty(wide), torch.zeros(wide), torch.zeros(kc.shape[0], 16, 1, 600),
-                                   torch.zeros(kc.shape[0], 16, 1, 600), table, lens, 0.125)
+        ops.paged_attention(torch.empty(wide), torch.zeros(wide), torch.zeros(kc.shape[0], 16, 1, 600),
+                            torch.zeros(kc.shape[0], 16, 1, 600), table, qs, lens, 0.125)
 
 
 @pytest.mark.parametrize("rows,hidden", [(1, 576), (37, 64), (300, 100)])
@@ -150,14 +189,14 @@ def test_rotary_embedding_matches_layer_and_checks_positions(ops):
 
 
 def test_kernel_selection_modes():
-    assert kernels.paged_decode_kernel("off", "cpu", torch.float32, 64) is None
-    assert kernels.paged_decode_kernel("auto", "cpu", torch.bfloat16, 64) is None
-    assert kernels.paged_decode_kernel("auto", "cpu", torch.float32, 600) is None
-    assert kernels.paged_decode_kernel("auto", "cpu", torch.float32, 64) is not None
+    assert kernels.paged_attention_kernel("off", "cpu", torch.float32, 64) is None
+    assert kernels.paged_attention_kernel("auto", "cpu", torch.bfloat16, 64) is None
+    assert kernels.paged_attention_kernel("auto", "cpu", torch.float32, 600) is None
+    assert kernels.paged_attention_kernel("auto", "cpu", torch.float32, 64) is not None
     with pytest.raises(ValueError, match="float32 only"):
-        kernels.paged_decode_kernel("on", "cpu", torch.bfloat16, 64)
+        kernels.paged_attention_kernel("on", "cpu", torch.bfloat16, 64)
     with pytest.raises(ValueError, match="head_dim 600"):
-        kernels.paged_decode_kernel("on", "cpu", torch.float32, 600)
+        kernels.paged_attention_kernel("on", "cpu", torch.float32, 600)
     assert kernels.cpu_ops_for("off", "cpu", torch.float32) is None
     assert kernels.cpu_ops_for("auto", "cpu", torch.float16) is None
     assert kernels.cpu_ops_for("auto", "cpu", torch.float32) is not None
@@ -169,7 +208,7 @@ def test_kernel_selection_modes():
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_engine_same_tokens_with_and_without_kernel(tiny_model_dir, kind):
-    """Staggered arrivals and a preempting pool; the kernel only changes how decodes attend."""
+    """Staggered arrivals, chunked prefills and a preempting pool; only the arithmetic's order differs."""
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 384, int(rng.integers(3, 60))).tolist() for _ in range(10)]
     outs = {}
@@ -177,7 +216,7 @@ def test_engine_same_tokens_with_and_without_kernel(tiny_model_dir, kind):
         engine = LLMEngine(EngineConfig.from_kwargs(
             model=tiny_model_dir(kind), num_kv_blocks=30, block_size=4, max_num_batched_tokens=40,
             max_num_seqs=8, enable_prefix_caching=False, cpu_kernels=mode))
-        assert engine.executor.runner.uses_decode_kernel == (mode == "on")
+        assert engine.executor.runner.uses_attention_kernel == (mode == "on")
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, SamplingParams(max_tokens=6 + 2 * i, temperature=0, ignore_eos=True))
         done = {}

@@ -107,15 +107,15 @@ def cpu_ops_for(mode: str, device, dtype):
     return None
 
 
-def paged_decode_kernel(mode: str, device, dtype, head_dim: int):
-    """The native paged decode attention op, or None (same rules as ``cpu_ops_for``)."""
+def paged_attention_kernel(mode: str, device, dtype, head_dim: int):
+    """The native paged attention op, or None (same rules as ``cpu_ops_for``)."""
     module = cpu_ops_for(mode, device, dtype)
     if module is None:
         return None
     if not module.supports_head_dim(head_dim):
         _not_used(mode, f"head_dim {head_dim} has no compiled kernel")
         return None
-    return module.paged_decode_attention
+    return module.paged_attention
 
 
 def _not_used(mode: str, reason: str | None) -> None:

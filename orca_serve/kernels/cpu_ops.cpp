@@ -6,11 +6,13 @@
 // mul, add), each reading and writing the whole activation: at a 2048-token
 // prefill that chain cost ~30 ms per layer, against ~3 ms here.
 //
-// paged_decode_attention: one query token per request attends to its whole
-// context directly in the paged KV pool. The pure-PyTorch path has to gather
-// every request's blocks into a padded copy first (read + write + read of the
-// whole context per layer); this kernel reads each K and V row once, and each
-// row serves all query heads that share its KV head (GQA).
+// paged_attention: every query token of a mixed batch (decodes, prompts,
+// prompt chunks) attends causally to its request's context directly in the
+// paged KV pool, in one call per layer. The pure-PyTorch path gathers each
+// request's blocks into a padded copy first (read + write + read of the
+// context per layer) and loops over prefill chunks in Python; here each K/V
+// row is read in place, and the query heads sharing a KV head (GQA) are done
+// together, with no repetition of K/V.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -89,123 +91,149 @@ inline void block_scores(const float* __restrict q, const float* __restrict kb, 
   }
 }
 
-// One request, all its heads. q: [heads, D] with heads = kv_heads * group, head
-// h*group+g reading KV head h; scores: [heads, context_len]; out: [heads, D].
-// K/V rows of the pool are [kv_heads, D] (row_stride = kv_heads * D floats).
+// Query rows [j0, j1) of one request and one KV head. Row j sits at position
+// first_pos + j and attends causally to context positions [0, first_pos + j]
+// (a decode is the one row at the end of its context). q/out rows are
+// q_row_stride / out_row_stride floats apart; within a row, head h*group+g
+// reads KV head h. K/V pool rows are [kv_heads, D]: row_stride = kv_heads * D.
+// scores: scratch of group * (first_pos + j1) floats.
 template <int D>
-void decode_one(const float* __restrict q, const float* __restrict k_cache, const float* __restrict v_cache,
-                const int64_t* __restrict blocks, int64_t context_len, int64_t block_size, int64_t kv_heads,
-                int64_t group, int d_runtime, float scale, float* __restrict scores, float* __restrict out) {
+void attend_rows(const float* __restrict q, int64_t q_row_stride, float* __restrict out, int64_t out_row_stride,
+                 const float* __restrict k_cache, const float* __restrict v_cache, const int64_t* __restrict blocks,
+                 int64_t first_pos, int64_t j0, int64_t j1, int64_t block_size, int64_t kv_heads, int64_t h,
+                 int64_t group, int d_runtime, float scale, float* __restrict scores) {
   const int D_ = D > 0 ? D : d_runtime;
-  const int64_t row_stride = kv_heads * D_, heads = kv_heads * group;
-  for (int64_t t0 = 0; t0 < context_len; t0 += block_size) {
-    const int64_t n = std::min(block_size, context_len - t0);
-    const float* kb = k_cache + blocks[t0 / block_size] * block_size * row_stride;
-    for (int64_t h = 0; h < kv_heads; ++h)
+  const int64_t row_stride = kv_heads * D_;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t len = first_pos + j + 1;
+    const float* qrow = q + j * q_row_stride + h * group * D_;
+    float* orow = out + j * out_row_stride + h * group * D_;
+    for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+      const int64_t n = std::min(block_size, len - t0);
+      const float* kb = k_cache + blocks[t0 / block_size] * block_size * row_stride + h * D_;
       for (int64_t g = 0; g < group; ++g)
-        block_scores<D>(q + (h * group + g) * D_, kb + h * D_, n, row_stride, D_, scale,
-                        scores + (h * group + g) * context_len + t0);
-  }
-  for (int64_t hg = 0; hg < heads; ++hg) {
-    float* s = scores + hg * context_len;
-    float m = -INFINITY;
-    for (int64_t t = 0; t < context_len; ++t) m = std::max(m, s[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < context_len; ++t) {
-      s[t] = exp_nonpositive(s[t] - m);
-      sum += s[t];
+        block_scores<D>(qrow + g * D_, kb, n, row_stride, D_, scale, scores + g * len + t0);
     }
-    const float inv = 1.f / sum;
-#pragma omp simd
-    for (int64_t t = 0; t < context_len; ++t) s[t] *= inv;
-  }
-  std::fill(out, out + heads * D_, 0.f);
-  for (int64_t t0 = 0; t0 < context_len; t0 += block_size) {
-    const int64_t n = std::min(block_size, context_len - t0);
-    const float* vb = v_cache + blocks[t0 / block_size] * block_size * row_stride;
-    for (int64_t h = 0; h < kv_heads; ++h)
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t hg = h * group + g;
-        const float* w = scores + hg * context_len + t0;
-        float acc[D > 0 ? D : kMaxHeadDim];
-        std::copy(out + hg * D_, out + (hg + 1) * D_, acc);
-        for (int64_t i = 0; i < n; ++i) {
-          const float* vr = vb + i * row_stride + h * D_;
-          const float wi = w[i];
-#pragma omp simd
-          for (int d = 0; d < D_; ++d) acc[d] += wi * vr[d];
-        }
-        std::copy(acc, acc + D_, out + hg * D_);
+    for (int64_t g = 0; g < group; ++g) {
+      float* s = scores + g * len;
+      float m = -INFINITY;
+      for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < len; ++t) {
+        s[t] = exp_nonpositive(s[t] - m);
+        sum += s[t];
       }
+      const float inv = 1.f / sum;
+      float acc[D > 0 ? D : kMaxHeadDim];
+      std::fill(acc, acc + D_, 0.f);
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const int64_t n = std::min(block_size, len - t0);
+        const float* vb = v_cache + blocks[t0 / block_size] * block_size * row_stride + h * D_;
+        for (int64_t i = 0; i < n; ++i) {
+          const float* vr = vb + i * row_stride;
+          const float w = s[t0 + i];
+#pragma omp simd
+          for (int d = 0; d < D_; ++d) acc[d] += w * vr[d];
+        }
+      }
+#pragma omp simd
+      for (int d = 0; d < D_; ++d) orow[g * D_ + d] = acc[d] * inv;
+    }
   }
 }
 
-using DecodeFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, int64_t, int64_t,
-                          int64_t, int, float, float*, float*);
+using AttendFn = decltype(&attend_rows<0>);
 
-DecodeFn pick(int64_t head_dim) {
+AttendFn pick(int64_t head_dim) {
   switch (head_dim) {
-    case 16: return decode_one<16>;
-    case 32: return decode_one<32>;
-    case 64: return decode_one<64>;
-    case 80: return decode_one<80>;
-    case 96: return decode_one<96>;
-    case 128: return decode_one<128>;
-    case 256: return decode_one<256>;
-    default: return head_dim >= 1 && head_dim <= kMaxHeadDim ? decode_one<0> : nullptr;
+    case 16: return attend_rows<16>;
+    case 32: return attend_rows<32>;
+    case 64: return attend_rows<64>;
+    case 80: return attend_rows<80>;
+    case 96: return attend_rows<96>;
+    case 128: return attend_rows<128>;
+    case 256: return attend_rows<256>;
+    default: return head_dim >= 1 && head_dim <= kMaxHeadDim ? attend_rows<0> : nullptr;
   }
 }
+
+// Query rows per work item: small enough to spread one long prompt over both
+// cores, large enough that a decode-heavy batch is not all scheduling.
+constexpr int64_t kRowsPerTask = 16;
 
 }  // namespace
 
 bool supports_head_dim(int64_t head_dim) { return pick(head_dim) != nullptr; }
 
-// out, q: [n, num_kv_heads, group, head_dim]; k_cache, v_cache: [num_blocks, block_size,
-// num_kv_heads, head_dim]; block_table: [n, max_blocks] int64; context_lens: [n] int64.
-void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& block_table,
-                            const at::Tensor& context_lens, double scale) {
-  TORCH_CHECK(q.dim() == 4 && out.sizes() == q.sizes(), "q and out must be [n, kv_heads, group, head_dim]");
+// Attention of a mixed batch (decodes, whole prompts, prompt chunks) over the
+// paged KV pool, whose new K/V rows must already be written. Request r owns
+// query rows [query_start[r], query_start[r+1]) of q: the last rows of its
+// context of seq_lens[r] tokens, whose blocks are block_table[r].
+// out: [T, kv_heads, group, head_dim] contiguous; q: the same shape, rows may
+// be strided (a view of the fused QKV projection); k_cache, v_cache:
+// [num_blocks, block_size, kv_heads, head_dim]; block_table [R, max_blocks],
+// query_start [R + 1], seq_lens [R]: int64.
+void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_table, const at::Tensor& query_start, const at::Tensor& seq_lens,
+                     double scale) {
+  TORCH_CHECK(q.dim() == 4 && out.sizes() == q.sizes(), "q and out must be [tokens, kv_heads, group, head_dim]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "k_cache/v_cache must be [num_blocks, block_size, kv_heads, head_dim]");
-  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &q, &k_cache, &v_cache})
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &k_cache, &v_cache})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "paged_decode_attention takes contiguous float32 CPU tensors");
-  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.is_contiguous() && block_table.dim() == 2,
-              "block_table must be a contiguous int64 [n, max_blocks] tensor");
-  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(),
-              "context_lens must be a contiguous int64 tensor");
-  const int64_t n = q.size(0), hkv = q.size(1), group = q.size(2), d = q.size(3);
-  const int64_t block_size = k_cache.size(1), num_blocks = k_cache.size(0), max_blocks = block_table.size(1);
+                "paged_attention takes contiguous float32 CPU out/k_cache/v_cache tensors");
+  const int64_t T = q.size(0), hkv = q.size(1), group = q.size(2), d = q.size(3);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.device().is_cpu() && q.stride(3) == 1 && q.stride(2) == d &&
+                  q.stride(1) == group * d,
+              "q must be float32 on CPU with contiguous heads (its rows may be strided)");
+  for (const at::Tensor* t : {&block_table, &query_start, &seq_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "block_table/query_start/seq_lens must be int64");
+  TORCH_CHECK(block_table.dim() == 2, "block_table must be [requests, max_blocks]");
+  const int64_t R = block_table.size(0), block_size = k_cache.size(1), num_blocks = k_cache.size(0),
+                max_blocks = block_table.size(1);
   TORCH_CHECK(k_cache.size(2) == hkv && k_cache.size(3) == d, "KV cache heads/head_dim do not match q");
-  TORCH_CHECK(block_table.size(0) == n && context_lens.numel() == n, "block_table/context_lens must have n rows");
-  DecodeFn fn = pick(d);
-  TORCH_CHECK(fn != nullptr, "paged_decode_attention: unsupported head_dim ", d);
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  TORCH_CHECK(query_start.numel() == R + 1 && seq_lens.numel() == R, "query_start needs R + 1 and seq_lens R entries");
+  AttendFn fn = pick(d);
+  TORCH_CHECK(fn != nullptr, "paged_attention: unsupported head_dim ", d);
+  const int64_t* qs = query_start.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* table = block_table.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK(lens[r] >= 1 && lens[r] <= max_blocks * block_size, "context length ", lens[r], " of row ", r,
+  TORCH_CHECK(qs[0] == 0 && qs[R] == T, "query_start must run from 0 to the number of query rows ", T);
+  struct Task { int64_t r, h, j0, j1; };
+  std::vector<Task> tasks;
+  int64_t max_len = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = qs[r + 1] - qs[r];
+    TORCH_CHECK(n >= 0 && n <= lens[r], "request ", r, ": ", n, " query rows for a context of ", lens[r]);
+    TORCH_CHECK(lens[r] <= max_blocks * block_size, "context length ", lens[r], " of request ", r,
                 " does not fit its block table");
     for (int64_t b = 0; b < (lens[r] + block_size - 1) / block_size; ++b)
       TORCH_CHECK(table[r * max_blocks + b] >= 0 && table[r * max_blocks + b] < num_blocks,
-                  "block id out of range in row ", r);
+                  "block id out of range for request ", r);
+    max_len = std::max(max_len, lens[r]);
+    // Later rows of a prompt see more context: tasks are handed out
+    // dynamically, so uneven costs still balance over the threads.
+    for (int64_t h = 0; h < hkv; ++h)
+      for (int64_t j0 = 0; j0 < n; j0 += kRowsPerTask) tasks.push_back({r, h, j0, std::min(n, j0 + kRowsPerTask)});
   }
-  const int64_t max_len = *std::max_element(lens, lens + n);
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const int64_t q_stride = q.stride(0), o_stride = hkv * group * d, n_tasks = static_cast<int64_t>(tasks.size());
   const float sc = static_cast<float>(scale);
-  // One task per request: a pool row holds all KV heads of a slot, so reading
-  // all heads together streams whole rows.
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(hkv * group * max_len);
-    for (int64_t r = begin; r < end; ++r)
-      fn(qp + r * hkv * group * d, kp, vp, table + r * max_blocks, lens[r], block_size, hkv, group,
-         static_cast<int>(d), sc,
-         scores.data(), op + r * hkv * group * d);
-  });
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> scores(group * max_len);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_tasks; ++i) {
+      const Task& t = tasks[i];
+      const int64_t n = qs[t.r + 1] - qs[t.r];
+      fn(qp + qs[t.r] * q_stride, q_stride, op + qs[t.r] * o_stride, o_stride, kp, vp, table + t.r * max_blocks,
+         lens[t.r] - n, t.j0, t.j1, block_size, hkv, t.h, group, static_cast<int>(d), sc, scores.data());
+    }
+  }
 }
 
 namespace {
@@ -309,6 +337,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_embedding", &rotary_embedding, "in-place rotate-half RoPE of q and k heads");
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
+  m.def("paged_attention", &paged_attention, "mixed-batch causal attention over the paged KV pool");
   m.def("supports_head_dim", &supports_head_dim, "whether a head_dim has a compiled kernel");
 }

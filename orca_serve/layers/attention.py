@@ -7,10 +7,11 @@ runner). A token's cache slot is ``block_id * block_size + offset``.
 One forward does two things:
 
 1. Write the K/V of this iteration's tokens into the cache at ``slot_mapping``.
-2. Attend. The runner orders the batch decodes first. On CPU in float32 the
-   decodes go to one native kernel (``orca_serve/kernels``) that reads each
-   request's K/V in place in the pool, with no copy. Otherwise they are sorted
-   by context length and split into a few groups of similar length: per group, one
+2. Attend. On CPU in float32 the whole batch goes to one native kernel
+   (``orca_serve/kernels``) that reads each request's K/V in place in the pool,
+   with no copy and no Python loop. Otherwise (the PyTorch path) the runner
+   orders the batch decodes first, sorted by context length and split into
+   a few groups of similar length: per group, one
    gather of their blocks (index_select over whole blocks) and one masked
    SDPA, so padding to the longest context stays small. Query heads sharing a KV head
    are folded into the query-length axis, so GQA needs no K/V repetition and
@@ -65,10 +66,13 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     num_decode_tokens: int = 0  # the first tokens of the batch, one per decode request
-    # Native decode kernel inputs (then decode_groups is empty): each decode's
-    # block table [n, max_blocks] and context length [n], int64.
-    decode_block_table: torch.Tensor | None = None
-    decode_context_lens: torch.Tensor | None = None
+    # Native kernel inputs (then decode_groups and prefills are empty), int64:
+    # every request's block table [R, max_blocks], its query rows
+    # [query_start_loc[r], query_start_loc[r + 1]) and its context length
+    # after this iteration [R].
+    block_table: torch.Tensor | None = None
+    query_start_loc: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -89,8 +93,8 @@ class Attention(nn.Module):
         self.group = num_heads // num_kv_heads
         self.scale = scale
         self.kv_cache: torch.Tensor | None = None
-        # The native paged decode kernel, bound by the runner with the cache when it can be used.
-        self.decode_kernel = None
+        # The native paged attention kernel, bound by the runner with the cache when it can be used.
+        self.attention_kernel = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -104,10 +108,10 @@ class Attention(nn.Module):
 
         out = torch.empty(n_tok, hkv, self.group, d, dtype=q.dtype, device=q.device)
         q = q.view(n_tok, hkv, self.group, d)
-        if meta.decode_block_table is not None:
-            n_dec = meta.num_decode_tokens
-            self.decode_kernel(out[:n_dec], q[:n_dec].contiguous(), k_cache, v_cache,
-                               meta.decode_block_table, meta.decode_context_lens, self.scale)
+        if meta.block_table is not None:
+            self.attention_kernel(out, q, k_cache, v_cache, meta.block_table, meta.query_start_loc,
+                                  meta.seq_lens, self.scale)
+            return out.view(n_tok, self.num_heads * d)
         for group in meta.decode_groups:
             out[group.start:group.end] = self._decode(q[group.start:group.end], k_cache, v_cache, group)
         for chunk in meta.prefills:

@@ -43,11 +43,12 @@ class ModelInputs:
 
 
 def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
-                   device: torch.device, decode_kernel: bool = False) -> ModelInputs:
+                   device: torch.device, native_attention: bool = False) -> ModelInputs:
     """Build one iteration's inputs from (request, number of tokens to compute) pairs.
 
-    ``decode_kernel``: describe decodes for the native kernel (block table and
-    context lengths) instead of as length groups for the PyTorch path."""
+    ``native_attention``: describe the batch for the native kernel (block
+    table, query offsets, context lengths of every request) instead of as
+    decode length groups and prefill chunks for the PyTorch path."""
     # Decodes first, longest context first, so length groups are contiguous.
     decodes = sorted(((r, n) for r, n in scheduled if n == 1), key=lambda x: -x[0].num_computed_tokens)
     order = decodes + [(r, n) for r, n in scheduled if n > 1]
@@ -73,21 +74,23 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
 
     to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     meta = AttentionMetadata(slot_mapping=to_dev(slots), num_decode_tokens=n_dec)
-    if decode_kernel and n_dec:
-        meta.decode_block_table = to_dev(np.ascontiguousarray(block_table[:n_dec]))
-        meta.decode_context_lens = to_dev(np.ascontiguousarray(ends[:n_dec]))
-    for g_start, g_end in ([] if decode_kernel else _length_groups(ends[:n_dec])):
-        ctx = ends[g_start:g_end]
-        n_blocks = int(-(-ctx[0] // block_size))  # the group's longest context comes first
-        ids = np.ascontiguousarray(block_table[g_start:g_end, :n_blocks]).reshape(-1)
-        mask = None
-        if ctx[-1] != n_blocks * block_size:
-            mask = to_dev((np.arange(n_blocks * block_size)[None, :] < ctx[:, None])[:, None, None, :])
-        meta.decode_groups.append(DecodeGroup(start=g_start, end=g_end, num_blocks=n_blocks,
-                                              block_ids=to_dev(ids), mask=mask))
-    for i in range(n_dec, len(order)):
-        meta.prefills.append(_prefill_chunk(block_table[i], int(starts[i]), int(ends[i]),
-                                            int(offsets[i]), block_size, to_dev))
+    if native_attention:
+        meta.block_table = to_dev(block_table)
+        meta.query_start_loc = to_dev(offsets)
+        meta.seq_lens = to_dev(ends)
+    else:
+        for g_start, g_end in _length_groups(ends[:n_dec]):
+            ctx = ends[g_start:g_end]
+            n_blocks = int(-(-ctx[0] // block_size))  # the group's longest context comes first
+            ids = np.ascontiguousarray(block_table[g_start:g_end, :n_blocks]).reshape(-1)
+            mask = None
+            if ctx[-1] != n_blocks * block_size:
+                mask = to_dev((np.arange(n_blocks * block_size)[None, :] < ctx[:, None])[:, None, None, :])
+            meta.decode_groups.append(DecodeGroup(start=g_start, end=g_end, num_blocks=n_blocks,
+                                                  block_ids=to_dev(ids), mask=mask))
+        for i in range(n_dec, len(order)):
+            meta.prefills.append(_prefill_chunk(block_table[i], int(starts[i]), int(ends[i]),
+                                                int(offsets[i]), block_size, to_dev))
 
     sampling = [i for i, (r, _) in enumerate(order) if ends[i] == len(r.token_ids)]
     return ModelInputs(

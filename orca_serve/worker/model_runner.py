@@ -23,7 +23,7 @@ from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, pp_recv_prev,
                                                    pp_send_next)
-from orca_serve.kernels import cpu_ops_for, paged_decode_kernel
+from orca_serve.kernels import cpu_ops_for, paged_attention_kernel
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, model_eos_token_ids
@@ -54,11 +54,11 @@ class ModelRunner:
         # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         mode = engine_config.model.cpu_kernels
-        decode_kernel = paged_decode_kernel(mode, self.device, self.dtype, layers[0].head_dim)
-        self.uses_decode_kernel = decode_kernel is not None
+        attention_kernel = paged_attention_kernel(mode, self.device, self.dtype, layers[0].head_dim)
+        self.uses_attention_kernel = attention_kernel is not None
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
-            layer.decode_kernel = decode_kernel
+            layer.attention_kernel = attention_kernel
         # Norms, activations and RoPE that have a native version take it from here.
         cpu_ops = cpu_ops_for(mode, self.device, self.dtype)
         for module in self.model.modules():
@@ -93,7 +93,7 @@ class ModelRunner:
         if unknown:
             raise RuntimeError(f"scheduled request(s) the worker was never sent: {sorted(unknown)}")
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
-        inputs = prepare_inputs(scheduled, self.block_size, self.device, decode_kernel=self.uses_decode_kernel)
+        inputs = prepare_inputs(scheduled, self.block_size, self.device, native_attention=self.uses_attention_kernel)
         prev = None
         if not self.first_stage:
             t0 = time.perf_counter()
