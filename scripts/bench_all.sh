@@ -58,17 +58,22 @@ if want http && want engine; then
 fi
 
 if want hf; then
-step "Hugging Face transformers: static batches and continuous batching"
-$B bench --backend hf-static --hf-batch-sizes ${HF_BATCH_SIZES:-32,128} --workload orca --num-requests "$N" \
+HF_N=${HF_N:-64}
+step "Hugging Face transformers: static batches and continuous batching, $HF_N requests, with ours on the same trace"
+$B bench --workload orca --num-requests "$HF_N" --label orca-serve-engine --out "$OUT/hf-trace-ours.json" --no-progress --quiet
+$B bench --backend hf-static --hf-batch-sizes ${HF_BATCH_SIZES:-16,64} --workload orca --num-requests "$HF_N" \
   --label hf-static --out "$OUT/hf-static.json" --no-progress --quiet
-$B bench --backend hf-cb --workload orca --num-requests "$N" --label hf-cb --out "$OUT/hf-cb.json" --no-progress --quiet
+$B bench --backend hf-cb --workload orca --num-requests "$HF_N" --label hf-cb --out "$OUT/hf-cb.json" --no-progress --quiet
+$B bench compare "$OUT/hf-trace-ours.json" "$OUT/hf-static.json" --out "$OUT/vs-hf-static.json"
+$B bench compare "$OUT/hf-trace-ours.json" "$OUT/hf-cb.json" --out "$OUT/vs-hf-cb.json"
 fi
 
 if want sweep; then
 step "request-level baseline vs iteration-level, Poisson rate sweep"
-$B bench --scheduling-policy fcfs,request-level --max-batch-size 16 --workload orca --num-requests ${SWEEP_N:-64} \
-  --rates ${RATES:-0.15,0.3,0.6} --slo-normalized-latency-ms ${SLO_NL:-1000} --out "$OUT/sweep.json" \
+$B bench --scheduling-policy fcfs,request-level --max-batch-size 16 --workload orca --num-requests ${SWEEP_N:-32} \
+  --rates ${RATES:-0.15,0.3,0.6,0.9} --slo-normalized-latency-ms ${SLO_NL:-250} --out "$OUT/sweep.json" \
   --plot "$OUT/sweep.png" --no-progress --quiet
+$B bench compare "$OUT/sweep.json" --baseline request-level --out "$OUT/vs-request-level.json"
 fi
 
 if want swap; then

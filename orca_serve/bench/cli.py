@@ -84,6 +84,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--dummy-config", default=None)
     r.add_argument("--num-tokens", type=int, default=128, help="tokens per iteration (decode batch)")
     r.add_argument("--context-len", type=int, default=None, help="KV context per token (default: from --result)")
+    r.add_argument("--prefill-tokens", type=int, default=2048,
+                   help="rows of a prefill iteration (the token budget) for the trace's prompt GEMM rate")
     r.add_argument("--result", default=None, nargs="+",
                    help="bench JSON(s): print the (median) throughput's fraction of the ceiling")
     r.add_argument("--threads", type=int, default=None)

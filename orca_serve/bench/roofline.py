@@ -113,6 +113,50 @@ def ceiling(d: Dims, tokens: int, context: int, bandwidth: float, gemm_times: di
             "ceiling_tokens_per_s": tokens / max(compute_s, memory_s)}
 
 
+def layer_gemm_rate(d: Dims, rows: int, dtype=torch.float32, device="cpu") -> float:
+    """FLOP/s of the decoder layers' GEMMs (no LM head) at ``rows`` tokens."""
+    shapes = [s for s in gemm_shapes(d, rows) if s[0] != "lm_head"]
+    seconds = sum(time_gemm(m, k, n, dtype, device) * count for _, m, k, n, count in shapes)
+    return sum(2 * m * k * n * count for _, m, k, n, count in shapes) / seconds
+
+
+def trace_flops(d: Dims, requests: list[dict]) -> tuple[float, float]:
+    """(prompt-side, decode-side) FLOPs the trace needs at least.
+
+    A request of p prompt and o output tokens runs p prompt tokens and o - 1
+    decode tokens through the layers (the last sampled token is never fed
+    back) and the LM head o times (each output token is sampled once); every
+    token attends to the context up to itself (4 * ctx * heads * head_dim per
+    layer: QK^T and PV).
+    """
+    per_token = sum(2 * k * n * count for name, _, k, n, count in gemm_shapes(d, 1) if name != "lm_head")
+    lm_head = 2 * d.hidden * d.vocab
+    attn = 4 * d.heads * d.head_dim * d.layers
+    prompt = decode = 0.0
+    for r in requests:
+        p, o = r["prompt_len"], r["output_len"]
+        prompt += p * per_token + attn * p * (p + 1) / 2
+        decode += o * lm_head + (o - 1) * per_token + attn * ((p + o - 1) * (p + o) / 2 - p * (p + 1) / 2)
+    return prompt, decode
+
+
+def trace_fraction(d: Dims, result: dict, prefill_rate: float, decode_rate: float) -> dict:
+    """Our fraction of the matmul ceiling on the run's own trace: the time the
+    trace's FLOPs take at the measured GEMM rates (prompt tokens at the
+    prefill batch's row count, decode tokens and LM head at the decode batch's)
+    over the time the run took."""
+    rows = []
+    for run in result["runs"]:
+        reqs = [r for r in run["requests"] if r["success"]]
+        prompt, decode = trace_flops(d, reqs)
+        ideal_s = prompt / prefill_rate + decode / decode_rate
+        duration = run["metrics"]["duration_s"]
+        rows.append({"label": run["label"], "request_rate": run["request_rate"], "duration_s": duration,
+                     "prompt_tflop": prompt / 1e12, "decode_tflop": decode / 1e12, "ideal_s": ideal_s,
+                     "fraction": ideal_s / duration})
+    return {"prefill_gemm_gflops": prefill_rate / 1e9, "decode_gemm_gflops": decode_rate / 1e9, "runs": rows}
+
+
 def fractions(result: dict, ceiling_tok_s: float) -> list[dict]:
     rows = []
     for run in result["runs"]:
@@ -158,11 +202,23 @@ def run_roofline(args) -> dict:
                      device=args.device)}
     if result:
         out["runs"] = fractions(result, out["ceiling_tokens_per_s"])
+        # The trace view: each repeat's own requests and duration, median fraction.
+        with_requests = {"runs": [r for p in args.result for r in _load(p)["runs"]]}
+        trace = trace_fraction(dims, with_requests, layer_gemm_rate(dims, args.prefill_tokens, dtype, args.device),
+                               out["gemm_gflops"] * 1e9)
+        trace["median_fraction"] = statistics.median(r["fraction"] for r in trace["runs"])
+        trace["prefill_tokens"] = args.prefill_tokens
+        out["trace"] = trace
     _print(out)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
     return out
+
+
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def _print(r: dict) -> None:
@@ -182,3 +238,11 @@ def _print(r: dict) -> None:
               f"output {row['output_throughput']:.1f} tok/s "
               f"= {100 * row['output_fraction']:.1f}% ; total {row['total_token_throughput']:.1f} tok/s "
               f"= {100 * row['total_fraction']:.1f}% of the ceiling")
+    if "trace" in r:
+        t = r["trace"]
+        print(f"trace: prompt tokens at {t['prefill_gemm_gflops']:.1f} GFLOP/s ({t['prefill_tokens']} rows), decode "
+              f"and LM head at {r['gemm_gflops']:.1f} GFLOP/s ({r['tokens']} rows)")
+        for row in t["runs"]:
+            print(f"  {row['label']}: {row['prompt_tflop']:.2f} + {row['decode_tflop']:.2f} TFLOP -> ideal "
+                  f"{row['ideal_s']:.1f} s, took {row['duration_s']:.1f} s = {100 * row['fraction']:.1f}%")
+        print(f"median fraction of the matmul ceiling on this trace: {100 * t['median_fraction']:.1f}%")
