@@ -130,7 +130,7 @@ def test_hf_peers(model_dir, tmp_path):
 def test_roofline_reports_a_ceiling_and_our_fraction(tmp_path, capsys):
     result = tmp_path / "r.json"
     result.write_text(json.dumps({"runs": [{"label": "fcfs", "request_rate": "inf", "metrics": {
-        "output_throughput": 50.0, "total_token_throughput": 200.0},
+        "output_throughput": 50.0, "total_token_throughput": 200.0, "duration_s": 2.0},
         "requests": [{"success": True, "prompt_len": 20, "output_len": 10}]}]}))
     out = tmp_path / "roof.json"
     assert bench(["roofline", "--load-format", "dummy", "--dummy-config", "tiny-llama", "--num-tokens", "16",
@@ -140,7 +140,23 @@ def test_roofline_reports_a_ceiling_and_our_fraction(tmp_path, capsys):
     assert set(roof["gemm_ms"]) == {"qkv", "attn_out", "mlp_up", "mlp_down", "lm_head"}
     (row,) = roof["runs"]
     assert row["total_fraction"] == pytest.approx(200.0 / roof["ceiling_tokens_per_s"])
-    assert "of the ceiling" in capsys.readouterr().out
+    (trace,) = roof["trace"]["runs"]
+    assert trace["fraction"] == pytest.approx(trace["ideal_s"] / 2.0) and trace["ideal_s"] > 0
+    assert roof["trace"]["median_fraction"] == pytest.approx(trace["fraction"])
+    out_text = capsys.readouterr().out
+    assert "of the ceiling" in out_text and "median fraction of the matmul ceiling on this trace" in out_text
+
+
+def test_trace_flops_by_hand():
+    from orca_serve.bench.roofline import Dims, trace_flops
+
+    d = Dims(hidden=4, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=2, vocab=10, gated_mlp=True)
+    # Per token and layer: qkv 2*4*8 + out 2*4*4 + gate/up 2*4*16 + down 2*8*4 = 288; 2 layers: 576.
+    # LM head 2*4*10 = 80; attention 4*heads*head_dim*layers = 32 per context token.
+    # p=3, o=2: prompt 3*576 + 32*(1+2+3); decode: 2 LM heads + 1 token through the layers at context 4.
+    prompt, decode = trace_flops(d, [{"prompt_len": 3, "output_len": 2}])
+    assert prompt == 3 * 576 + 32 * 6
+    assert decode == 2 * 80 + 576 + 32 * 4
 
 
 def test_overhead_null_executor_runs_the_same_engine(tiny_model_dir):

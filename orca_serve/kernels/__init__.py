@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -70,12 +71,18 @@ def _build():
     key = hashlib.sha256(" ".join([torch.__version__, *flags]).encode()).hexdigest()[:12]
     name = f"orca_cpu_ops_{key}"
     build_dir = cache_dir() / name
+    # torch drives the build with ninja; the pip-installed one sits next to this
+    # interpreter, which is not on PATH when the venv is not activated.
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                    build_directory=str(build_dir), verbose=False)
+        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+                                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler / ninja, or a failed build
         return None, f"building {_SOURCE.name} failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
+    finally:
+        os.environ["PATH"] = path
     logger.debug("CPU kernels loaded from %s", build_dir)
     return module, None
 

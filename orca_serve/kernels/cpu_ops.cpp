@@ -117,7 +117,8 @@ void attend_rows(const float* __restrict q, int64_t q_row_stride, float* __restr
     for (int64_t g = 0; g < group; ++g) {
       float* s = scores + g * len;
       float m = -INFINITY;
-      for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+#pragma omp simd reduction(max : m)
+      for (int64_t t = 0; t < len; ++t) m = s[t] > m ? s[t] : m;
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < len; ++t) {
