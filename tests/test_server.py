@@ -233,7 +233,7 @@ def _aborts(url: str) -> float:
 
 def test_streaming_disconnect_aborts(server):
     before = _aborts(server.url)
-    body = {"prompt": "Hello", "max_tokens": 200, "stream": True, **IGNORE_EOS}
+    body = {"prompt": "Hello", "max_tokens": 240, "stream": True, **IGNORE_EOS}
     with httpx.stream("POST", server.url + _CMPL, json=body, headers=_auth(), timeout=30) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
@@ -245,9 +245,11 @@ def test_streaming_disconnect_aborts(server):
 def test_non_streaming_disconnect_aborts(server):
     before = _aborts(server.url)
     generated = metric(get_metrics(server.url), "orca_serve_generation_tokens_total")
+    # The tiny model decodes in ~1 ms per token: 240 tokens take ~0.25 s, so a
+    # client that gives up after 0.03 s leaves long before the end.
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + _CMPL, json={"prompt": "Hello", "max_tokens": 240, **IGNORE_EOS},
-                   headers=_auth(), timeout=0.3)
+                   headers=_auth(), timeout=0.03)
     text = wait_idle(server.url)
     assert _aborts(server.url) == before + 1
     assert metric(text, "orca_serve_generation_tokens_total") - generated < 240
