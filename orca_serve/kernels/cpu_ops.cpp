@@ -334,10 +334,13 @@ void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Ten
   });
 }
 
+// The ops release the GIL like torch's own: the engine runs them on its own
+// thread while the server's event loop keeps answering on another.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
-  m.def("rotary_embedding", &rotary_embedding, "in-place rotate-half RoPE of q and k heads");
-  m.def("paged_attention", &paged_attention, "mixed-batch causal attention over the paged KV pool");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row", release());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", release());
+  m.def("rotary_embedding", &rotary_embedding, "in-place rotate-half RoPE of q and k heads", release());
+  m.def("paged_attention", &paged_attention, "mixed-batch causal attention over the paged KV pool", release());
   m.def("supports_head_dim", &supports_head_dim, "whether a head_dim has a compiled kernel");
 }
