@@ -61,7 +61,7 @@ if want hf; then
 HF_N=${HF_N:-64}
 step "Hugging Face transformers: static batches and continuous batching, $HF_N requests, with ours on the same trace"
 $B bench --workload orca --num-requests "$HF_N" --label orca-serve-engine --out "$OUT/hf-trace-ours.json" --no-progress --quiet
-$B bench --backend hf-static --hf-batch-sizes ${HF_BATCH_SIZES:-16,64} --workload orca --num-requests "$HF_N" \
+$B bench --backend hf-static --hf-batch-sizes ${HF_BATCH_SIZES:-16,32,64} --workload orca --num-requests "$HF_N" \
   --label hf-static --out "$OUT/hf-static.json" --no-progress --quiet
 $B bench --backend hf-cb --workload orca --num-requests "$HF_N" --label hf-cb --out "$OUT/hf-cb.json" --no-progress --quiet
 $B bench compare "$OUT/hf-trace-ours.json" "$OUT/hf-static.json" --out "$OUT/vs-hf-static.json"
