@@ -189,14 +189,14 @@ def test_rotary_embedding_matches_layer_and_checks_positions(ops):
 
 
 def test_kernel_selection_modes():
-    assert kernels.paged_attention_kernel("off", "cpu", torch.float32, 64) is None
-    assert kernels.paged_attention_kernel("auto", "cpu", torch.bfloat16, 64) is None
-    assert kernels.paged_attention_kernel("auto", "cpu", torch.float32, 600) is None
-    assert kernels.paged_attention_kernel("auto", "cpu", torch.float32, 64) is not None
+    assert kernels.paged_attention_kernel("off", kernels.cpu_ops_for("off", "cpu", torch.float32), 64) is None
+    assert kernels.paged_attention_kernel("auto", kernels.cpu_ops_for("auto", "cpu", torch.bfloat16), 64) is None
+    assert kernels.paged_attention_kernel("auto", kernels.cpu_ops_for("auto", "cpu", torch.float32), 600) is None
+    assert kernels.paged_attention_kernel("auto", kernels.cpu_ops_for("auto", "cpu", torch.float32), 64) is not None
     with pytest.raises(ValueError, match="float32 only"):
-        kernels.paged_attention_kernel("on", "cpu", torch.bfloat16, 64)
+        kernels.paged_attention_kernel("on", kernels.cpu_ops_for("on", "cpu", torch.bfloat16), 64)
     with pytest.raises(ValueError, match="head_dim 600"):
-        kernels.paged_attention_kernel("on", "cpu", torch.float32, 600)
+        kernels.paged_attention_kernel("on", kernels.cpu_ops_for("on", "cpu", torch.float32), 600)
     assert kernels.cpu_ops_for("off", "cpu", torch.float32) is None
     assert kernels.cpu_ops_for("auto", "cpu", torch.float16) is None
     assert kernels.cpu_ops_for("auto", "cpu", torch.float32) is not None

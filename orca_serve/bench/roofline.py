@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from orca_serve.bench import report
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -186,15 +188,10 @@ def run_roofline(args) -> dict:
     mc = ModelConfig(model=args.model, load_format=args.load_format or "auto", dummy_config=args.dummy_config)
     dims = Dims.from_hf_config(load_hf_config(mc))
     result = None
-    if args.result:  # one or more repeats of a run: their per-metric medians are compared
-        from orca_serve.bench.report import median_runs
-
-        with open(args.result[0]) as f:
-            first = json.load(f)
-        result = {"runs": [r for runs in median_runs(args.result).values() for r in runs]}
-        if not args.context_len:
-            args.context_len = mean_context(first)
     context = args.context_len or 256
+    if args.result:  # one or more repeats of a run: their per-metric medians are compared
+        result = {"runs": [r for runs in report.median_runs(args.result).values() for r in runs]}
+        context = args.context_len or mean_context(report.load(args.result[0]))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     out = {"model": args.model or args.dummy_config or "default", "dims": asdict(dims), "device": args.device,
            "dtype": args.dtype, "threads": torch.get_num_threads(),
@@ -203,7 +200,7 @@ def run_roofline(args) -> dict:
     if result:
         out["runs"] = fractions(result, out["ceiling_tokens_per_s"])
         # The trace view: each repeat's own requests and duration, median fraction.
-        with_requests = {"runs": [r for p in args.result for r in _load(p)["runs"]]}
+        with_requests = {"runs": [r for p in args.result for r in report.load(p)["runs"]]}
         trace = trace_fraction(dims, with_requests, layer_gemm_rate(dims, args.prefill_tokens, dtype, args.device),
                                out["gemm_gflops"] * 1e9)
         trace["median_fraction"] = statistics.median(r["fraction"] for r in trace["runs"])
@@ -214,11 +211,6 @@ def run_roofline(args) -> dict:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
     return out
-
-
-def _load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def _print(r: dict) -> None:

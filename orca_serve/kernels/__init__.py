@@ -114,9 +114,10 @@ def cpu_ops_for(mode: str, device, dtype):
     return None
 
 
-def paged_attention_kernel(mode: str, device, dtype, head_dim: int):
-    """The native paged attention op, or None (same rules as ``cpu_ops_for``)."""
-    module = cpu_ops_for(mode, device, dtype)
+def paged_attention_kernel(mode: str, module, head_dim: int):
+    """The paged attention op of ``module`` (what ``cpu_ops_for`` returned), or
+    None when there is no module or it has no kernel for ``head_dim`` (an
+    error under mode "on", as in ``cpu_ops_for``)."""
     if module is None:
         return None
     if not module.supports_head_dim(head_dim):

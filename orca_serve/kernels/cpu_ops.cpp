@@ -4,7 +4,7 @@
 // layer in one pass over memory each. PyTorch runs them as chains of
 // separate ops (pow, mean, rsqrt, mul, mul; chunk, silu, mul; cat, neg, mul,
 // mul, add), each reading and writing the whole activation: at a 2048-token
-// prefill that chain cost ~30 ms per layer, against ~3 ms here.
+// prefill that chain cost ~9 ms per layer, against ~2.7 ms here.
 //
 // paged_attention: every query token of a mixed batch (decodes, prompts,
 // prompt chunks) attends causally to its request's context directly in the

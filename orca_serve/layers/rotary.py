@@ -79,11 +79,10 @@ class RotaryEmbedding(nn.Module):
         With the native kernels the rotation happens in place on ``qkv`` and q,
         k, v are views of it; otherwise it is ``forward`` on the split pieces."""
         n, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
         if self.cpu_ops is not None and qkv.stride(-1) == 1:
             self.cpu_ops.rotary_embedding(qkv, positions, self.cos_sin_cache, num_heads + num_kv_heads, d)
-            q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
             return q, k, v
-        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
         q, k = self.forward(positions, q.view(n, num_heads, d), k.view(n, num_kv_heads, d))
         return q.reshape(n, -1), k.reshape(n, -1), v
 

@@ -47,7 +47,6 @@ class LlamaAttention(nn.Module):
                                         bias=o_bias, dtype=dtype)
         self.rotary_emb = get_rope(config, head_dim, config.max_position_embeddings)
         p = self.qkv_proj
-        self.q_size, self.kv_size = p.q_size, p.kv_size
         self.head_dim, self.num_heads, self.num_kv_heads = head_dim, p.num_heads, p.num_kv_heads
         self.attn = Attention(p.num_heads, head_dim, head_dim ** -0.5, p.num_kv_heads)
 

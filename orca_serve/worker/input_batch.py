@@ -49,8 +49,11 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
     ``native_attention``: describe the batch for the native kernel (block
     table, query offsets, context lengths of every request) instead of as
     decode length groups and prefill chunks for the PyTorch path."""
-    # Decodes first, longest context first, so length groups are contiguous.
-    decodes = sorted(((r, n) for r, n in scheduled if n == 1), key=lambda x: -x[0].num_computed_tokens)
+    # Decodes first; for the PyTorch path longest context first, so length groups
+    # are contiguous (the native kernel takes any order).
+    decodes = [(r, n) for r, n in scheduled if n == 1]
+    if not native_attention:
+        decodes.sort(key=lambda x: -x[0].num_computed_tokens)
     order = decodes + [(r, n) for r, n in scheduled if n > 1]
     counts = np.fromiter((n for _, n in order), dtype=np.int64, count=len(order))
     starts = np.fromiter((r.num_computed_tokens for r, _ in order), dtype=np.int64, count=len(order))

@@ -53,14 +53,15 @@ class ModelRunner:
         # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
         # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Native kernels: attention layers take the paged attention op, and the
+        # norms, activations and RoPE that have a native version the module.
         mode = engine_config.model.cpu_kernels
-        attention_kernel = paged_attention_kernel(mode, self.device, self.dtype, layers[0].head_dim)
+        cpu_ops = cpu_ops_for(mode, self.device, self.dtype)
+        attention_kernel = paged_attention_kernel(mode, cpu_ops, layers[0].head_dim)
         self.uses_attention_kernel = attention_kernel is not None
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
             layer.attention_kernel = attention_kernel
-        # Norms, activations and RoPE that have a native version take it from here.
-        cpu_ops = cpu_ops_for(mode, self.device, self.dtype)
         for module in self.model.modules():
             if hasattr(module, "cpu_ops"):
                 module.cpu_ops = cpu_ops
