@@ -5,6 +5,7 @@ gathered context, for decodes, whole prompts and prompt chunks in one batch,
 scattered block tables, partial last blocks, GQA groups and the head sizes it
 compiles; RMSNorm, SiLU-and-mul and RoPE must give what the
 layers' PyTorch code gives; bad inputs must raise, not read out of bounds;
+linear layers with oneDNN-prepacked weights must give what ``F.linear`` gives;
 and the engine must produce the same greedy tokens with and without them.
 """
 import numpy as np
@@ -16,6 +17,8 @@ from orca_serve import kernels
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
 from orca_serve.layers.activation import SiluAndMul
+from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from orca_serve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from orca_serve.layers.norm import RMSNorm
 from orca_serve.layers.rotary import RotaryEmbedding
 from orca_serve.sampling_params import SamplingParams
@@ -206,6 +209,38 @@ def test_kernel_selection_modes():
         EngineConfig.from_kwargs(cpu_kernels="fast")
 
 
+def test_packed_linears_match_dense_and_release_untied_weights():
+    torch.manual_seed(0)
+    col = MergedColumnParallelLinear(48, [40, 40], bias=True)
+    row = RowParallelLinear(80, 48, bias=False)
+    embed = VocabParallelEmbedding(300, 48)
+    tied, untied = ParallelLMHead(300, 48), ParallelLMHead(300, 48, bias=True)
+    tied.tie_to(embed)
+    for layer in (col, row, embed, untied):
+        for param in layer.parameters():
+            param.data.normal_()
+    x, h = torch.randn(37, 48), torch.randn(37, 80)
+    # The second input is a strided view, as a slice of a fused projection is.
+    expected = [col(x), row(h), row(h[::2]), tied(x), untied(x)]
+    for layer in (col, row, tied, untied):
+        layer.pack_weight()
+    got = [col(x), row(h), row(h[::2]), tied(x), untied(x)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-4)
+    # Dense copies are released, except the tied one the embedding still looks up.
+    assert col.weight is None and row.weight is None and untied.weight is None
+    assert tied.weight is embed.weight
+    assert col(torch.randn(0, 48)).shape == (0, 80)
+
+
+def test_packed_gemm_selection_modes():
+    assert kernels.packed_gemm_for("auto", "cpu", torch.float32)
+    assert not kernels.packed_gemm_for("off", "cpu", torch.float32)
+    assert not kernels.packed_gemm_for("auto", "cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="prepacked matmuls: .*float32 only"):
+        kernels.packed_gemm_for("on", "cpu", torch.bfloat16)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_engine_same_tokens_with_and_without_kernel(tiny_model_dir, kind):
     """Staggered arrivals, chunked prefills and a preempting pool; only the arithmetic's order differs."""
@@ -216,7 +251,16 @@ def test_engine_same_tokens_with_and_without_kernel(tiny_model_dir, kind):
         engine = LLMEngine(EngineConfig.from_kwargs(
             model=tiny_model_dir(kind), num_kv_blocks=30, block_size=4, max_num_batched_tokens=40,
             max_num_seqs=8, enable_prefix_caching=False, cpu_kernels=mode))
-        assert engine.executor.runner.uses_attention_kernel == (mode == "on")
+        runner = engine.executor.runner
+        assert runner.uses_attention_kernel == (mode == "on")
+        packed = [m for m in runner.model.modules() if getattr(m, "packed_weight", None) is not None]
+        assert bool(packed) == (mode == "on")
+        if mode == "on":  # a packed weight in place of a released dense one counts once
+            assert runner.param_bytes == sum(p.numel() * 4 for p in runner.model.parameters()) + sum(
+                m.packed_weight.numel() * 4 for m in packed if m.weight is None)
+            held_on = runner.param_bytes
+        else:
+            assert runner.param_bytes == held_on  # the same weights, packed or not
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, SamplingParams(max_tokens=6 + 2 * i, temperature=0, ignore_eos=True))
         done = {}

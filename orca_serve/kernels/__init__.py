@@ -114,6 +114,21 @@ def cpu_ops_for(mode: str, device, dtype):
     return None
 
 
+def packed_gemm_for(mode: str, device, dtype) -> bool:
+    """Whether a runner prepacks its linear weights for oneDNN
+    (``orca_serve.layers.packed_gemm``); ``mode`` as in ``cpu_ops_for``. The
+    two are independent: packing needs no compiler, only torch's oneDNN."""
+    if mode == "off":
+        return False
+    from orca_serve.layers import packed_gemm
+
+    reason = packed_gemm.unavailable_reason(device, dtype)
+    if reason is None:
+        return True
+    _not_used(mode, f"prepacked matmuls: {reason}")
+    return False
+
+
 def paged_attention_kernel(mode: str, module, head_dim: int):
     """The paged attention op of ``module`` (what ``cpu_ops_for`` returned), or
     None when there is no module or it has no kernel for ``head_dim`` (an

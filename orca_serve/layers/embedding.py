@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orca_serve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from orca_serve.layers import packed_gemm
 from orca_serve.layers.weight_slice import WeightSlice, materialize
 
 
@@ -62,9 +63,22 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's weight (tied input/output embeddings)."""
         self.weight = embedding.weight
+        self.tied = True
+
+    tied = False
+    packed_weight: torch.Tensor | None = None
+
+    def pack_weight(self) -> None:
+        """Use a prepacked copy (``packed_gemm``); a tied weight stays for the embedding lookup."""
+        self.packed_weight = packed_gemm.pack(self.weight)
+        if not self.tied:
+            self.register_parameter("weight", None)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight, self.bias)
+        if self.packed_weight is not None:
+            logits = packed_gemm.linear(hidden_states, self.packed_weight, self.bias)
+        else:
+            logits = F.linear(hidden_states, self.weight, self.bias)
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)[..., :self.num_embeddings]
         return logits

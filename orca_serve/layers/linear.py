@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orca_serve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from orca_serve.layers import packed_gemm
 from orca_serve.layers.weight_slice import WeightSlice, materialize
 
 Loaded = torch.Tensor | WeightSlice
@@ -49,7 +50,23 @@ def _param(*shape: int, dtype: torch.dtype | None, loader) -> nn.Parameter:
     return p
 
 
-class ColumnParallelLinear(nn.Module):
+class PackableLinear(nn.Module):
+    """A linear layer whose weight the runner may swap for a prepacked copy
+    (``packed_gemm``, CPU float32); the dense weight is then released."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def pack_weight(self) -> None:
+        self.packed_weight = packed_gemm.pack(self.weight)
+        self.register_parameter("weight", None)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_gemm.linear(x, self.packed_weight, bias)
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(PackableLinear):
     """y = x W^T + b with W's rows (output features) split across TP ranks."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -67,7 +84,7 @@ class ColumnParallelLinear(nn.Module):
         default_weight_loader(param, _check_narrow(loaded, 0, self.tp_rank * size, size, "column shard"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -125,7 +142,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         default_weight_loader(param.data.narrow(0, offset, size), shard)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableLinear):
     """y = x W^T + b with W's columns (input features) split across TP ranks.
 
     The input arrives already split (output of a column-parallel layer); the
@@ -148,6 +165,6 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = tp_all_reduce(F.linear(x, self.weight))
+            return self.matmul(x, self.bias)
+        y = tp_all_reduce(self.matmul(x, None))
         return y + self.bias if self.bias is not None else y

@@ -23,7 +23,8 @@ from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, pp_recv_prev,
                                                    pp_send_next)
-from orca_serve.kernels import cpu_ops_for, paged_attention_kernel
+from orca_serve.kernels import cpu_ops_for, packed_gemm_for, paged_attention_kernel
+from orca_serve.layers import packed_gemm
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, model_eos_token_ids
@@ -62,9 +63,12 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
             layer.attention_kernel = attention_kernel
+        pack = packed_gemm_for(mode, self.device, self.dtype)
         for module in self.model.modules():
             if hasattr(module, "cpu_ops"):
                 module.cpu_ops = cpu_ops
+            if pack and hasattr(module, "pack_weight"):
+                module.pack_weight()
         cpu_shape = shape[:2] + (num_cpu_blocks,) + shape[3:]
         self.cpu_kv_cache = torch.zeros(cpu_shape, dtype=self.dtype, device="cpu",
                                         pin_memory=self.device.type == "cuda" and num_cpu_blocks > 0)
@@ -75,8 +79,13 @@ class ModelRunner:
 
     @property
     def param_bytes(self) -> int:
-        """Bytes of the parameters this rank holds (tied ones once)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of the checkpoint's weights this rank holds, each once (tied
+        ones once; a prepacked weight in place of its dense one). A tied LM
+        head's prepacked copy sits beside the embedding and is not counted."""
+        packed = [m.packed_weight for m in self.model.modules()
+                  if getattr(m, "packed_weight", None) is not None and m.weight is None]
+        return (sum(p.numel() * p.element_size() for p in self.model.parameters())
+                + sum(packed_gemm.packed_bytes(w) for w in packed))
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
