@@ -47,6 +47,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; call ``compute_logits``."""
 
+    tied = False  # shares the embedding's weight (tie_to)
+    packed_weight: torch.Tensor | None = None  # set by pack_weight
+
     def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(num_embeddings, embedding_dim, dtype=dtype)
@@ -65,9 +68,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
         self.tied = True
 
-    tied = False
-    packed_weight: torch.Tensor | None = None
-
     def pack_weight(self) -> None:
         """Use a prepacked copy (``packed_gemm``); a tied weight stays for the embedding lookup."""
         self.packed_weight = packed_gemm.pack(self.weight)
@@ -75,10 +75,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.register_parameter("weight", None)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
-            logits = packed_gemm.linear(hidden_states, self.packed_weight, self.bias)
-        else:
-            logits = F.linear(hidden_states, self.weight, self.bias)
+        logits = packed_gemm.matmul(hidden_states, self.weight, self.packed_weight, self.bias)
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)[..., :self.num_embeddings]
         return logits

@@ -4,7 +4,8 @@ Each parameter carries a ``weight_loader(param, full_tensor[, shard_id])``
 that receives the *full* checkpoint tensor (usually a lazy ``WeightSlice``
 over the memory-mapped file) and copies this rank's slice, so model code
 stays written as if on one device and a rank reads only its shard. At tp=1
-every layer is a plain ``F.linear``.
+every layer is a plain ``F.linear`` (on CPU float32, a matmul against a weight
+prepacked once: ``packed_gemm``).
 
 Column-parallel layers split the output features and need no communication;
 a row-parallel layer splits the input features and sums partial products
@@ -14,7 +15,6 @@ costs one all-reduce per block.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from orca_serve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
@@ -61,9 +61,7 @@ class PackableLinear(nn.Module):
         self.register_parameter("weight", None)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed_weight is not None:
-            return packed_gemm.linear(x, self.packed_weight, bias)
-        return F.linear(x, self.weight, bias)
+        return packed_gemm.matmul(x, self.weight, self.packed_weight, bias)
 
 
 class ColumnParallelLinear(PackableLinear):
