@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from orca_serve.bench import report
-from orca_serve.layers import packed_gemm
+from orca_serve.kernels import packed_gemm
 
 
 @dataclass(frozen=True)

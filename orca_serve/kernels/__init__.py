@@ -11,6 +11,10 @@ different machines never hands one a binary it cannot run.
 Rebuilding after a source change happens automatically (torch hashes the
 sources). Concurrent builds from several worker processes are serialized by
 torch's lock file in the build directory.
+
+``packed_gemm`` is the other CPU fast path: matmuls against weights prepacked
+once for oneDNN; it needs no build. ``ModelConfig.cpu_kernels`` decides both
+(``cpu_ops_for``, ``packed_gemm_for``).
 """
 from __future__ import annotations
 
@@ -116,11 +120,11 @@ def cpu_ops_for(mode: str, device, dtype):
 
 def packed_gemm_for(mode: str, device, dtype) -> bool:
     """Whether a runner prepacks its linear weights for oneDNN
-    (``orca_serve.layers.packed_gemm``); ``mode`` as in ``cpu_ops_for``. The
+    (``packed_gemm``); ``mode`` as in ``cpu_ops_for``. The
     two are independent: packing needs no compiler, only torch's oneDNN."""
     if mode == "off":
         return False
-    from orca_serve.layers import packed_gemm
+    from orca_serve.kernels import packed_gemm
 
     reason = packed_gemm.unavailable_reason(device, dtype)
     if reason is None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orca_serve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
-from orca_serve.layers import packed_gemm
+from orca_serve.kernels import packed_gemm
 from orca_serve.layers.weight_slice import WeightSlice, materialize
 
 

@@ -23,8 +23,7 @@ from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, pp_recv_prev,
                                                    pp_send_next)
-from orca_serve.kernels import cpu_ops_for, packed_gemm_for, paged_attention_kernel
-from orca_serve.layers import packed_gemm
+from orca_serve.kernels import cpu_ops_for, packed_gemm, packed_gemm_for, paged_attention_kernel
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, model_eos_token_ids
