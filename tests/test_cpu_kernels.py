@@ -5,7 +5,8 @@ gathered context, for decodes, whole prompts and prompt chunks in one batch,
 scattered block tables, partial last blocks, GQA groups and the head sizes it
 compiles; RMSNorm, SiLU-and-mul and RoPE must give what the
 layers' PyTorch code gives; bad inputs must raise, not read out of bounds;
-linear layers with oneDNN-prepacked weights must give what ``F.linear`` gives;
+linear layers with prepacked weights (oneDNN's layout, and the panels of the
+native small-batch matmul) must give what ``F.linear`` gives;
 and the engine must produce the same greedy tokens with and without them.
 """
 import numpy as np
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from orca_serve import kernels
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
+from orca_serve.kernels import packed_gemm
 from orca_serve.layers.activation import SiluAndMul
 from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from orca_serve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
@@ -209,7 +211,51 @@ def test_kernel_selection_modes():
         EngineConfig.from_kwargs(cpu_kernels="fast")
 
 
-def test_packed_linears_match_dense_and_release_untied_weights():
+@pytest.mark.parametrize("out_features,in_features", [(5, 3), (37, 24), (96, 13), (960, 576), (576, 1536)])
+def test_panel_linear_matches_float64_reference(ops, out_features, in_features):
+    """Ragged last panel, K not a multiple of the vector width, row counts around
+    the 6-row tile and the 192-row sweep, strided x rows, with and without bias."""
+    g = torch.Generator().manual_seed(out_features)
+    w = torch.randn(out_features, in_features, generator=g)
+    bias = torch.randn(out_features, generator=g)
+    panels = ops.pack_panels(w)
+    assert panels.shape == (-(-out_features // 16), in_features, 16)
+    for rows in (0, 1, 5, 6, 7, 13, 200, 389):
+        wide = torch.randn(rows, in_features + 3, generator=g)
+        x = wide[:, 1:in_features + 1]  # rows 3 floats apart: a strided view
+        for b in (bias, None):
+            out = torch.full((rows, out_features), float("nan"))
+            ops.panel_linear(out, x, panels, b)
+            ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_panel_linear_rejects_bad_inputs(ops):
+    w = torch.randn(40, 24)
+    panels = ops.pack_panels(w)
+    x, out = torch.randn(3, 24), torch.empty(3, 40)
+    with pytest.raises(RuntimeError, match="x has 20 features but the weight takes 24"):
+        ops.panel_linear(out, torch.randn(3, 20), panels, None)
+    with pytest.raises(RuntimeError, match="out must be"):
+        ops.panel_linear(torch.empty(3, 60), x, panels, None)
+    with pytest.raises(RuntimeError, match="out must be"):
+        ops.panel_linear(torch.empty(4, 40), x, panels, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.panel_linear(out, x, panels, torch.randn(41))
+    with pytest.raises(RuntimeError, match="x must be a 2-D float32"):
+        ops.panel_linear(out, x.double(), panels, None)
+    with pytest.raises(RuntimeError, match="x must be a 2-D float32"):
+        ops.panel_linear(out, x.t().contiguous().t(), panels, None)
+    with pytest.raises(RuntimeError, match="panels must be a contiguous"):
+        ops.panel_linear(out, x, w, None)
+    shifted = torch.empty(panels.numel() + 1)[1:].view(panels.shape)
+    shifted.copy_(panels)
+    with pytest.raises(RuntimeError, match="32-byte aligned"):
+        ops.panel_linear(out, x, shifted, None)
+
+
+@pytest.mark.parametrize("with_panels", [True, False])
+def test_packed_linears_match_dense_and_release_untied_weights(ops, monkeypatch, with_panels):
     torch.manual_seed(0)
     col = MergedColumnParallelLinear(48, [40, 40], bias=True)
     row = RowParallelLinear(80, 48, bias=False)
@@ -220,17 +266,24 @@ def test_packed_linears_match_dense_and_release_untied_weights():
         for param in layer.parameters():
             param.data.normal_()
     x, h = torch.randn(37, 48), torch.randn(37, 80)
-    # The second input is a strided view, as a slice of a fused projection is.
-    expected = [col(x), row(h), row(h[::2]), tied(x), untied(x)]
+    # The third input is a strided view, as a slice of a fused projection is;
+    # with 20 rows at most on the panels, 37 rows take oneDNN's path, 19 the panels'.
+    monkeypatch.setattr(packed_gemm, "PANEL_MAX_ROWS", 20)
+    expected = [col(x), row(h), row(h[::2]), tied(x), untied(x), untied(x[:3])]
     for layer in (col, row, tied, untied):
-        layer.pack_weight()
-    got = [col(x), row(h), row(h[::2]), tied(x), untied(x)]
+        layer.pack_weight(ops if with_panels else None)
+        assert (layer.packed_weight.panels is not None) == with_panels
+    # The LM head keeps no oneDNN copy beside its panels: it sees the sampled rows only.
+    assert (untied.packed_weight.onednn is None) == with_panels
+    assert col.packed_weight.onednn is not None
+    got = [col(x), row(h), row(h[::2]), tied(x), untied(x), untied(x[:3])]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-4)
     # Dense copies are released, except the tied one the embedding still looks up.
     assert col.weight is None and row.weight is None and untied.weight is None
     assert tied.weight is embed.weight
     assert col(torch.randn(0, 48)).shape == (0, 80)
+    assert row.packed_weight.checkpoint_bytes == 48 * 80 * 4
 
 
 def test_packed_gemm_selection_modes():
@@ -257,7 +310,7 @@ def test_engine_same_tokens_with_and_without_kernel(tiny_model_dir, kind):
         assert bool(packed) == (mode == "on")
         if mode == "on":  # a packed weight in place of a released dense one counts once
             assert runner.param_bytes == sum(p.numel() * 4 for p in runner.model.parameters()) + sum(
-                m.packed_weight.numel() * 4 for m in packed if m.weight is None)
+                m.packed_weight.checkpoint_bytes for m in packed if m.weight is None)
             held_on = runner.param_bytes
         else:
             assert runner.param_bytes == held_on  # the same weights, packed or not

@@ -5,8 +5,9 @@ context of c tokens) is T / max(compute time, memory time):
 
 - compute time: the measured time of the model's own GEMMs at T rows (QKV,
   attention output, MLP, LM head; float32 on this process's CPU threads by
-  default, or --device cuda --dtype bfloat16 for a GPU), by the faster of
-  ``F.linear`` and the prepacked oneDNN matmul the layers use on CPU float32,
+  default, or --device cuda --dtype bfloat16 for a GPU), by the fastest of
+  ``F.linear`` and the prepacked matmuls the layers use on CPU float32
+  (oneDNN's, and the native kernels' panels),
   plus attention's 4*c*heads*head_dim FLOPs per token and layer at the
   FLOP rate those GEMMs reached;
 - memory time: weights read once per iteration plus every token's KV
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from orca_serve import kernels
 from orca_serve.bench import report
 from orca_serve.kernels import packed_gemm
 
@@ -74,8 +76,8 @@ def _timed(fn, device: torch.device) -> float:
 
 def time_gemm(m: int, k: int, n: int, dtype=torch.float32, device="cpu", reps: int = 10) -> float:
     """Best seconds of [m,k] x [n,k]^T by the fastest path the model layers can
-    take here: ``F.linear``, or, where the runner uses it (CPU float32), the
-    oneDNN matmul against a prepacked weight.
+    take here: ``F.linear``, or, where the runner uses them (CPU float32), the
+    oneDNN matmul against a prepacked weight and the native panel matmul.
 
     The best of several, not the median: a ceiling is what the machine can do,
     and interference from other processes only ever makes a run slower.
@@ -84,8 +86,12 @@ def time_gemm(m: int, k: int, n: int, dtype=torch.float32, device="cpu", reps: i
     x, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
     paths = [lambda: F.linear(x, w)]
     if packed_gemm.unavailable_reason(device, dtype) is None:
-        packed = packed_gemm.pack(w)
-        paths.append(lambda: packed_gemm.linear(x, packed, None))
+        onednn = packed_gemm.pack_onednn(w)
+        paths.append(lambda: packed_gemm.linear_onednn(x, onednn, None))
+        ops = kernels.load()
+        if ops is not None:
+            panels, out = ops.pack_panels(w), torch.empty(m, n)
+            paths.append(lambda: ops.panel_linear(out, x, panels, None))
     best = math.inf
     for path in paths:
         for _ in range(3):

@@ -1,4 +1,5 @@
-"""Matmuls against weights prepacked once into oneDNN's blocked layout (CPU, float32).
+"""Matmuls against weights prepacked once (CPU, float32): oneDNN's blocked
+layout for large batches, the native kernels' panels for decode-sized ones.
 
 ``F.linear`` on CPU packs the weight matrix into the GEMM's panel layout
 inside every call. A decode iteration reads each weight once, from DRAM (the layers
@@ -7,6 +8,14 @@ packing dominates: on this project's 2-core machine, with 30 layers' weights
 cycling as in a real step, the SmolLM2 projections ran at 75-90 GFLOP/s
 through ``F.linear`` and 105-125 GFLOP/s prepacked at 110 rows, and the LM head
 at 80 vs 135 (33 vs 85 at 16 rows); at 2048 rows both are within noise.
+
+A decode step has tens of rows, where even oneDNN's packed GEMM is far from
+this machine's limits (8-110 GFLOP/s from 1 to 96 rows with the weights
+cycling from DRAM). When the native kernels are built, each weight is also
+repacked into 16-feature panels for ``cpu_ops.panel_linear``, which runs
+1.2-1.7x faster there; batches of up to ``PANEL_MAX_ROWS`` rows take it,
+larger ones (prefill) oneDNN's, which stays ahead at 2048 rows. The price is
+a second copy of the layer weights in memory (+425 MB for SmolLM2 in float32).
 
 The runner decides (``ModelConfig.cpu_kernels``, see ``orca_serve.kernels``);
 layers own how their weight is packed (``pack_weight``).
@@ -31,21 +40,57 @@ def unavailable_reason(device, dtype) -> str | None:
     return None
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """A prepacked copy of a dense [out_features, in_features] float32 weight."""
+# Above this many rows oneDNN's packed GEMM is as fast or faster (measured with
+# the model's weights cycling from DRAM: equal at 128-256 rows, 0.9x at 2048).
+PANEL_MAX_ROWS = 256
+
+
+def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's prepacked copy of a dense [out_features, in_features] float32 weight."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W^T + bias with W prepacked by ``pack``."""
+def linear_onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + bias with W prepacked by ``pack_onednn``."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None,
+class PackedWeight:
+    """One weight in the layouts the CPU matmuls read: the native kernels'
+    panels when ``cpu_ops`` (the built module) is given, and oneDNN's for
+    large batches. ``large_batches=False`` skips oneDNN's copy where the
+    panels exist (the LM head: it sees only the rows that sample, and the
+    rare larger batch, prompt logprobs, runs on the panels at ~0.9x)."""
+
+    def __init__(self, weight: torch.Tensor, cpu_ops=None, large_batches: bool = True) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.cpu_ops = cpu_ops
+        self.panels = cpu_ops.pack_panels(weight.detach()) if cpu_ops is not None else None
+        self.onednn = pack_onednn(weight) if large_batches or self.panels is None else None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.panels is None or (rows > PANEL_MAX_ROWS and self.onednn is not None):
+            return linear_onednn(x, self.onednn, bias)
+        x2 = x.reshape(rows, self.in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = x2.new_empty(rows, self.out_features)
+        self.cpu_ops.panel_linear(out, x2, self.panels, bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """The dense weight's bytes: what this weight is in the checkpoint, once."""
+        return self.out_features * self.in_features * 4  # float32: unavailable_reason admits no other
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all its layouts."""
+        return sum(t.numel() * t.element_size() for t in (self.onednn, self.panels) if t is not None)
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor | None, packed: PackedWeight | None,
            bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W^T + bias by the packed copy of W when there is one, else ``F.linear``."""
-    return linear(x, packed, bias) if packed is not None else F.linear(x, weight, bias)
-
-
-def packed_bytes(packed: torch.Tensor) -> int:
-    return packed.numel() * packed.element_size()
+    return packed.matmul(x, bias) if packed is not None else F.linear(x, weight, bias)

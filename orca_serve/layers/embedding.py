@@ -48,7 +48,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; call ``compute_logits``."""
 
     tied = False  # shares the embedding's weight (tie_to)
-    packed_weight: torch.Tensor | None = None  # set by pack_weight
+    packed_weight: packed_gemm.PackedWeight | None = None  # set by pack_weight
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False,
                  dtype: torch.dtype | None = None) -> None:
@@ -68,9 +68,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
         self.tied = True
 
-    def pack_weight(self) -> None:
+    def pack_weight(self, cpu_ops=None) -> None:
         """Use a prepacked copy (``packed_gemm``); a tied weight stays for the embedding lookup."""
-        self.packed_weight = packed_gemm.pack(self.weight)
+        self.packed_weight = packed_gemm.PackedWeight(self.weight, cpu_ops, large_batches=False)
         if not self.tied:
             self.register_parameter("weight", None)
 

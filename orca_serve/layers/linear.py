@@ -54,10 +54,10 @@ class PackableLinear(nn.Module):
     """A linear layer whose weight the runner may swap for a prepacked copy
     (``packed_gemm``, CPU float32); the dense weight is then released."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: packed_gemm.PackedWeight | None = None
 
-    def pack_weight(self) -> None:
-        self.packed_weight = packed_gemm.pack(self.weight)
+    def pack_weight(self, cpu_ops=None) -> None:
+        self.packed_weight = packed_gemm.PackedWeight(self.weight, cpu_ops)
         self.register_parameter("weight", None)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -67,7 +67,7 @@ class ModelRunner:
             if hasattr(module, "cpu_ops"):
                 module.cpu_ops = cpu_ops
             if pack and hasattr(module, "pack_weight"):
-                module.pack_weight()
+                module.pack_weight(cpu_ops)
         cpu_shape = shape[:2] + (num_cpu_blocks,) + shape[3:]
         self.cpu_kv_cache = torch.zeros(cpu_shape, dtype=self.dtype, device="cpu",
                                         pin_memory=self.device.type == "cuda" and num_cpu_blocks > 0)
@@ -84,7 +84,7 @@ class ModelRunner:
         packed = [m.packed_weight for m in self.model.modules()
                   if getattr(m, "packed_weight", None) is not None and m.weight is None]
         return (sum(p.numel() * p.element_size() for p in self.model.parameters())
-                + sum(packed_gemm.packed_bytes(w) for w in packed))
+                + sum(w.checkpoint_bytes for w in packed))
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
