@@ -84,11 +84,6 @@ class PackedWeight:
         """The dense weight's bytes: what this weight is in the checkpoint, once."""
         return self.out_features * self.in_features * 4  # float32: unavailable_reason admits no other
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by all its layouts."""
-        return sum(t.numel() * t.element_size() for t in (self.onednn, self.panels) if t is not None)
-
 
 def matmul(x: torch.Tensor, weight: torch.Tensor | None, packed: PackedWeight | None,
            bias: torch.Tensor | None) -> torch.Tensor:
