@@ -13,7 +13,8 @@ sources). Concurrent builds from several worker processes are serialized by
 torch's lock file in the build directory.
 
 ``packed_gemm`` is the other CPU fast path: matmuls against weights prepacked
-once for oneDNN; it needs no build. ``ModelConfig.cpu_kernels`` decides both
+once, for oneDNN (no build needed) and, when this module built, as panels for
+its ``panel_linear``. ``ModelConfig.cpu_kernels`` decides both
 (``cpu_ops_for``, ``packed_gemm_for``).
 """
 from __future__ import annotations
@@ -119,9 +120,9 @@ def cpu_ops_for(mode: str, device, dtype):
 
 
 def packed_gemm_for(mode: str, device, dtype) -> bool:
-    """Whether a runner prepacks its linear weights for oneDNN
-    (``packed_gemm``); ``mode`` as in ``cpu_ops_for``. The
-    two are independent: packing needs no compiler, only torch's oneDNN."""
+    """Whether a runner prepacks its linear weights (``packed_gemm``); ``mode``
+    as in ``cpu_ops_for``. Packing needs only torch's oneDNN; the panels for
+    decode-sized batches come in addition when ``cpu_ops_for`` gave a module."""
     if mode == "off":
         return False
     from orca_serve.kernels import packed_gemm

@@ -64,6 +64,8 @@ class PackedWeight:
 
     def __init__(self, weight: torch.Tensor, cpu_ops=None, large_batches: bool = True) -> None:
         self.out_features, self.in_features = weight.shape
+        # What this weight is in the checkpoint, once, whatever layouts it is held in.
+        self.checkpoint_bytes = weight.numel() * weight.element_size()
         self.cpu_ops = cpu_ops
         self.panels = cpu_ops.pack_panels(weight.detach()) if cpu_ops is not None else None
         self.onednn = pack_onednn(weight) if large_batches or self.panels is None else None
@@ -78,11 +80,6 @@ class PackedWeight:
         out = x2.new_empty(rows, self.out_features)
         self.cpu_ops.panel_linear(out, x2, self.panels, bias)
         return out.view(*x.shape[:-1], self.out_features)
-
-    @property
-    def checkpoint_bytes(self) -> int:
-        """The dense weight's bytes: what this weight is in the checkpoint, once."""
-        return self.out_features * self.in_features * 4  # float32: unavailable_reason admits no other
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor | None, packed: PackedWeight | None,
