@@ -181,6 +181,12 @@ def test_graceful_shutdown(model_dir, tmp_path, sig, entry):
         with httpx.stream("POST", srv.url + CMPL, json=body, headers=headers, timeout=30) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
+            # The plain request is sent from another thread: signal only once the
+            # engine runs both, or it may reach a server that stopped accepting.
+            deadline = time.monotonic() + 15
+            while metric(httpx.get(srv.url + "/metrics", timeout=5).text, "orca_serve_num_requests_running") < 2:
+                assert time.monotonic() < deadline, "the non-streaming request never started running"
+                time.sleep(0.05)
             srv.signal(sig)
             t0 = time.monotonic()
             events = [line[6:] for line in lines if line.startswith("data: ")]
