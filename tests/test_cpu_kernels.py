@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from orca_serve import kernels
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
-from orca_serve.kernels import packed_gemm
 from orca_serve.layers.activation import SiluAndMul
 from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from orca_serve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
@@ -211,16 +210,19 @@ def test_kernel_selection_modes():
         EngineConfig.from_kwargs(cpu_kernels="fast")
 
 
-@pytest.mark.parametrize("out_features,in_features", [(5, 3), (37, 24), (96, 13), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("out_features,in_features",
+                         [(5, 3), (37, 24), (96, 13), (48, 600), (960, 576), (576, 1536)])
 def test_panel_linear_matches_float64_reference(ops, out_features, in_features):
-    """Ragged last panel, K not a multiple of the vector width, row counts around
-    the 6-row tile and the 192-row sweep, strided x rows, with and without bias."""
+    """Ragged last panel, K not a multiple of the vector width, and, from 128
+    rows on (the K-blocked loop), K in 256-wide slices with a ragged last one
+    (600); row counts around the 6-row tile, the 128-row switch and the
+    192-row blocks; strided x rows, with and without bias."""
     g = torch.Generator().manual_seed(out_features)
     w = torch.randn(out_features, in_features, generator=g)
     bias = torch.randn(out_features, generator=g)
     panels = ops.pack_panels(w)
     assert panels.shape == (-(-out_features // 16), in_features, 16)
-    for rows in (0, 1, 5, 6, 7, 13, 200, 389):
+    for rows in (0, 1, 5, 6, 7, 13, 127, 128, 200, 389):
         wide = torch.randn(rows, in_features + 3, generator=g)
         x = wide[:, 1:in_features + 1]  # rows 3 floats apart: a strided view
         for b in (bias, None):
@@ -255,7 +257,7 @@ def test_panel_linear_rejects_bad_inputs(ops):
 
 
 @pytest.mark.parametrize("with_panels", [True, False])
-def test_packed_linears_match_dense_and_release_untied_weights(ops, monkeypatch, with_panels):
+def test_packed_linears_match_dense_and_release_untied_weights(ops, with_panels):
     torch.manual_seed(0)
     col = MergedColumnParallelLinear(48, [40, 40], bias=True)
     row = RowParallelLinear(80, 48, bias=False)
@@ -265,18 +267,17 @@ def test_packed_linears_match_dense_and_release_untied_weights(ops, monkeypatch,
     for layer in (col, row, embed, untied):
         for param in layer.parameters():
             param.data.normal_()
-    x, h = torch.randn(37, 48), torch.randn(37, 80)
+    x, h = torch.randn(300, 48), torch.randn(300, 80)
     # The third input is a strided view, as a slice of a fused projection is;
-    # with 20 rows at most on the panels, 37 rows take oneDNN's path, 19 the panels'.
-    monkeypatch.setattr(packed_gemm, "PANEL_MAX_ROWS", 20)
-    expected = [col(x), row(h), row(h[::2]), tied(x), untied(x), untied(x[:3])]
+    # 300 and 150 rows take the panels' K-blocked loop, 37 and 3 the streaming one.
+    inputs = [(col, x), (row, h), (row, h[::2]), (row, h[:37]), (tied, x), (untied, x), (untied, x[:3])]
+    expected = [layer(t) for layer, t in inputs]
     for layer in (col, row, tied, untied):
         layer.pack_weight(ops if with_panels else None)
+        # One layout per weight: the panels when the module built, else oneDNN's.
         assert (layer.packed_weight.panels is not None) == with_panels
-    # The LM head keeps no oneDNN copy beside its panels: it sees the sampled rows only.
-    assert (untied.packed_weight.onednn is None) == with_panels
-    assert col.packed_weight.onednn is not None
-    got = [col(x), row(h), row(h[::2]), tied(x), untied(x), untied(x[:3])]
+        assert (layer.packed_weight.onednn is None) == with_panels
+    got = [layer(t) for layer, t in inputs]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-4)
     # Dense copies are released, except the tied one the embedding still looks up.

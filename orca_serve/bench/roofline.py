@@ -76,8 +76,9 @@ def _timed(fn, device: torch.device) -> float:
 
 def time_gemm(m: int, k: int, n: int, dtype=torch.float32, device="cpu", reps: int = 10) -> float:
     """Best seconds of [m,k] x [n,k]^T by the fastest path the model layers can
-    take here: ``F.linear``, or, where the runner uses them (CPU float32), the
-    oneDNN matmul against a prepacked weight and the native panel matmul.
+    take here: ``F.linear``, or, where the runner prepacks (CPU float32), the
+    native panel matmul and oneDNN's against a prepacked weight (what the
+    layers use when the native kernels did not build).
 
     The best of several, not the median: a ceiling is what the machine can do,
     and interference from other processes only ever makes a run slower.

@@ -13,8 +13,8 @@ sources). Concurrent builds from several worker processes are serialized by
 torch's lock file in the build directory.
 
 ``packed_gemm`` is the other CPU fast path: matmuls against weights prepacked
-once, for oneDNN (no build needed) and, when this module built, as panels for
-its ``panel_linear``. ``ModelConfig.cpu_kernels`` decides both
+once, as panels for this module's ``panel_linear`` when it built, else in
+oneDNN's layout (no build needed). ``ModelConfig.cpu_kernels`` decides both
 (``cpu_ops_for``, ``packed_gemm_for``).
 """
 from __future__ import annotations
@@ -121,8 +121,9 @@ def cpu_ops_for(mode: str, device, dtype):
 
 def packed_gemm_for(mode: str, device, dtype) -> bool:
     """Whether a runner prepacks its linear weights (``packed_gemm``); ``mode``
-    as in ``cpu_ops_for``. Packing needs only torch's oneDNN; the panels for
-    decode-sized batches come in addition when ``cpu_ops_for`` gave a module."""
+    as in ``cpu_ops_for``. It is decided on torch's oneDNN, the layout used
+    when ``cpu_ops_for`` gave no module; with one, the weights are held as its
+    panels instead."""
     if mode == "off":
         return False
     from orca_serve.kernels import packed_gemm

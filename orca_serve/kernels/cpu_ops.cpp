@@ -20,8 +20,9 @@
 // register-tiled against transposed 16-key tiles for head sizes that are
 // multiples of 16 (277-800-token prompts: 1.25-1.45x the per-row loop).
 //
-// pack_panels, panel_linear: the matmul of a decode step's few rows against
-// weights repacked into 16-feature panels (see the section below).
+// pack_panels, panel_linear: the layers' matmuls against weights repacked once
+// into 16-feature panels, for decode-sized and prefill-sized batches (see the
+// section below).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -587,49 +588,73 @@ void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Ten
   });
 }
 
-// ---- panel_linear: out = x W^T (+ bias) for the few rows of a decode step ----
+// ---- panel_linear: out = x W^T (+ bias), every matmul of the layers ----
 //
-// A decode iteration multiplies tens of rows by every weight of the model, and
-// the weights (540 MB for SmolLM2 in float32) come from DRAM each step. oneDNN
-// is built for many rows: at 1-96 rows, with 30 layers' weights cycling as in a
-// real step, it ran at 8-110 GFLOP/s on this project's 2-core machine. Here W
-// is repacked once into panels of 16 output features, [ceil(N / 16)][K][16],
-// so one panel is one sequential stream; each thread takes a contiguous run of
-// panels and sweeps all rows of x over a panel while it is in L1/L2, 6 rows x
-// 16 features of accumulators in registers (the classic AVX2 6x16 tile), and
-// prefetches the next panel in parts spread over that sweep: 1.2-1.7x oneDNN's
-// prepacked matmul from 4 to 96 rows, the same at 128-256.
+// W is repacked once into panels of 16 output features, [ceil(N / 16)][K][16],
+// so one panel is one sequential stream, and each thread takes a contiguous run
+// of panels. Two loop nests read that one layout:
+//
+// - Decode-sized batches (under kBlockedMinRows rows): a step multiplies tens
+//   of rows by every weight of the model, and the weights (540 MB for SmolLM2
+//   in float32) come from DRAM each step. All rows of x sweep a whole panel
+//   while it is in L1/L2, 6 rows x 16 features of accumulators in registers
+//   (the classic AVX2 6x16 tile), and the next panel is prefetched in parts
+//   spread over that sweep. With 30 layers' weights cycling as in a real step,
+//   oneDNN's prepacked matmul ran at 8-110 GFLOP/s from 1 to 96 rows on this
+//   project's 2-core machine; this runs 1.2-1.7x faster there.
+// - Prefill-sized batches: the same tiles over K slices that stay in L1 and
+//   a copy of x's row block in tile order that stays in L2 (see
+//   panel_linear_blocked). On the 128-request trace its prefill iterations took
+//   60-65 s against 67-72 s with oneDNN's prepacked GEMM (two A/B sittings of
+//   two runs each), so the layers keep no other copy of their weights.
 namespace {
 
 constexpr int64_t kPanel = 16;     // output features per panel
 constexpr int64_t kTileRows = 6;   // rows of x per register tile
-constexpr int64_t kRowBlock = 192; // rows swept per panel visit (x block stays in L2)
 
-// One tile: out[0..MR)[0..ncols) = x[0..MR) . panel (+ bias); prefetches pf_lines
-// cache lines (16 floats each) from pf along the way.
-template <int MR>
-void panel_tile(const float* __restrict x, int64_t ldx, const float* __restrict panel, int64_t K,
-                float* __restrict out, int64_t ldo, int64_t ncols, const float* __restrict bias,
+// Prefill-sized batches: classic cache blocking. K is cut into slices of
+// kDepth so a panel's slice (kDepth x 16 floats, 16 KB) stays in L1 while every
+// tile of a row block runs over it; the row block's x slice is copied once into
+// tile order ([tile][k][row], kBlockRows x kDepth floats, 192 KB) so each tile
+// reads one sequential stream from L2. Slices after the first add to out.
+constexpr int64_t kDepth = 256;
+constexpr int64_t kBlockRows = 192;
+// Below this many rows the weights stream from DRAM once, whole panels at a
+// time; slicing K would break that stream for little reuse.
+constexpr int64_t kBlockedMinRows = 128;
+
+// One register tile: out[0..MR)[0..ncols) = a . b over kc (+ bias), or += when
+// accumulate. b is a panel (or a slice of one), [kc][16]. a holds MR rows of x:
+// in place (row i at a + i * lda) or, Packed, interleaved by pack_rows
+// (a[k * MR + i]). Prefetches pf_lines cache lines (16 floats each) from pf
+// along the way, spread over the k loop.
+template <int MR, bool Packed>
+void panel_tile(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t kc,
+                float* __restrict out, int64_t ldo, int64_t ncols, bool accumulate, const float* __restrict bias,
                 const float* pf, int64_t pf_lines) {
-  const int64_t steps = std::max<int64_t>(1, (K + 7) / 8);
-  const int64_t per_step = (pf_lines + steps - 1) / steps;
   alignas(32) float t[MR][kPanel];
 #ifdef __AVX2__
+  // k runs in steps of kStep with a share of the prefetches each. Packed
+  // (prefill) tiles take 16: with 8 and no unrolling, the trace's prefill
+  // iterations took 72-73 s instead of 60-65 s.
+  constexpr int64_t kStep = Packed ? 16 : 8;
+  const int64_t steps = std::max<int64_t>(1, (kc + kStep - 1) / kStep);
+  const int64_t per_step = (pf_lines + steps - 1) / steps;
   __m256 c0[MR], c1[MR];
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
     c0[i] = _mm256_setzero_ps();
     c1[i] = _mm256_setzero_ps();
   }
-  for (int64_t k0 = 0; k0 < K; k0 += 8) {
+  for (int64_t k0 = 0; k0 < kc; k0 += kStep) {
     for (int64_t q = 0; q < per_step && pf_lines > 0; ++q, --pf_lines, pf += kPanel)
       _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
-    const int64_t k1 = std::min(K, k0 + 8);
-    for (int64_t k = k0; k < k1; ++k) {
-      const __m256 b0 = _mm256_load_ps(panel + k * kPanel), b1 = _mm256_load_ps(panel + k * kPanel + 8);
+    const int64_t k1 = std::min(kc, k0 + kStep);
+    _Pragma("GCC unroll 4") for (int64_t k = k0; k < k1; ++k) {
+      const __m256 b0 = _mm256_load_ps(b + k * kPanel), b1 = _mm256_load_ps(b + k * kPanel + 8);
       _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-        const __m256 a = _mm256_broadcast_ss(x + i * ldx + k);
-        c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
-        c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+        const __m256 av = _mm256_broadcast_ss(Packed ? a + k * MR + i : a + i * lda + k);
+        c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+        c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
       }
     }
   }
@@ -639,23 +664,68 @@ void panel_tile(const float* __restrict x, int64_t ldx, const float* __restrict 
   }
 #else
   (void)pf;
-  (void)per_step;
+  (void)pf_lines;
   for (int i = 0; i < MR; ++i)
     for (int64_t j = 0; j < kPanel; ++j) t[i][j] = 0.f;
-  for (int64_t k = 0; k < K; ++k)
+  for (int64_t k = 0; k < kc; ++k)
     for (int i = 0; i < MR; ++i) {
-      const float a = x[i * ldx + k];
+      const float av = Packed ? a[k * MR + i] : a[i * lda + k];
 #pragma omp simd
-      for (int64_t j = 0; j < kPanel; ++j) t[i][j] += a * panel[k * kPanel + j];
+      for (int64_t j = 0; j < kPanel; ++j) t[i][j] += av * b[k * kPanel + j];
     }
 #endif
   for (int i = 0; i < MR; ++i)
-    for (int64_t j = 0; j < ncols; ++j) out[i * ldo + j] = t[i][j] + (bias ? bias[j] : 0.f);
+    for (int64_t j = 0; j < ncols; ++j)
+      out[i * ldo + j] = t[i][j] + (accumulate ? out[i * ldo + j] : (bias ? bias[j] : 0.f));
 }
 
-using PanelTileFn = decltype(&panel_tile<1>);
-constexpr PanelTileFn kPanelTiles[kTileRows + 1] = {nullptr, &panel_tile<1>, &panel_tile<2>, &panel_tile<3>,
-                                                    &panel_tile<4>, &panel_tile<5>, &panel_tile<6>};
+using PanelTileFn = decltype(&panel_tile<1, false>);
+template <bool Packed>
+constexpr PanelTileFn kPanelTiles[kTileRows + 1] = {
+    nullptr, &panel_tile<1, Packed>, &panel_tile<2, Packed>, &panel_tile<3, Packed>,
+    &panel_tile<4, Packed>, &panel_tile<5, Packed>, &panel_tile<6, Packed>};
+
+// x rows [0, rows) x columns [k0, k0 + kc) -> dst, tile by tile: tile t holds
+// its r = min(6, rows - 6t) rows interleaved, k-major ([kc][r]).
+void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0, int64_t kc, float* __restrict dst) {
+  for (int64_t m = 0; m < rows; m += kTileRows) {
+    const int64_t r = std::min(kTileRows, rows - m);
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t i = 0; i < r; ++i) dst[k * r + i] = x[(m + i) * ldx + k0 + k];
+    dst += r * kc;
+  }
+}
+
+// out [M, N] = x [M, K] . W^T (+ bias) for M >= kBlockedMinRows, K >= 1. Each
+// thread packs its own copy of x's blocks (M x K floats in all, against its
+// M x K x N/2 multiply-adds) so the threads never wait for each other.
+void panel_linear_blocked(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P,
+                          float* op, int64_t ldo, int64_t N, const float* bp) {
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> a(kBlockRows * kDepth);
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+      const int64_t rows = std::min(kBlockRows, M - m0);
+      const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+        const int64_t kc = std::min(kDepth, K - k0);
+        pack_rows(xp + m0 * ldx, ldx, rows, k0, kc, a.data());
+        const int64_t lines = kc;  // one 16-float line per k of the next slice
+        const int64_t share = (lines + tiles - 1) / tiles;
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
+          const float* b = pp + (p * K + k0) * kPanel;
+          const float* next = p + 1 < p1 ? b + K * kPanel : nullptr;
+          for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t m = t * kTileRows, r = std::min(kTileRows, rows - m);
+            const int64_t lo = std::min(lines, t * share), n = next ? std::min(lines, lo + share) - lo : 0;
+            kPanelTiles<true>[r](a.data() + m * kc, 0, b, kc, op + (m0 + m) * ldo + n0, ldo, ncols, k0 > 0,
+                                 bp ? bp + n0 : nullptr, next ? next + lo * kPanel : nullptr, n);
+          }
+        }
+      }
+    }
+  });
+}
 
 }  // namespace
 
@@ -702,20 +772,20 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& panels,
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldo = out.stride(0);
+  if (M >= kBlockedMinRows && K > 0) return panel_linear_blocked(xp, ldx, M, K, pp, P, op, ldo, N, bp);
+  // Fewer than kBlockedMinRows rows: x (at most 127 x K floats) stays in L2
+  // while every panel of this thread's run sweeps it.
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-      const int64_t m1 = std::min(M, m0 + kRowBlock);
-      const int64_t tiles = (m1 - m0 + kTileRows - 1) / kTileRows;
-      const int64_t share = (K + tiles - 1) / tiles;  // next panel's lines each tile prefetches
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
-        const bool prefetch = p + 1 < p1;
-        for (int64_t m = m0, t = 0; m < m1; m += kTileRows, ++t) {
-          const int64_t lo = std::min(K, t * share), lines = prefetch ? std::min(K, lo + share) - lo : 0;
-          kPanelTiles[std::min(kTileRows, m1 - m)](xp + m * ldx, ldx, pp + p * K * kPanel, K, op + m * ldo + n0, ldo,
-                                                   ncols, bp ? bp + n0 : nullptr, pp + ((p + 1) * K + lo) * kPanel,
-                                                   lines);
-        }
+    const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+    const int64_t share = (K + tiles - 1) / tiles;  // next panel's lines each tile prefetches
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
+      const bool prefetch = p + 1 < p1;
+      for (int64_t m = 0, t = 0; m < M; m += kTileRows, ++t) {
+        const int64_t lo = std::min(K, t * share), lines = prefetch ? std::min(K, lo + share) - lo : 0;
+        kPanelTiles<false>[std::min(kTileRows, M - m)](xp + m * ldx, ldx, pp + p * K * kPanel, K, op + m * ldo + n0,
+                                                       ldo, ncols, false, bp ? bp + n0 : nullptr,
+                                                       pp + ((p + 1) * K + lo) * kPanel, lines);
       }
     }
   });

@@ -1,5 +1,5 @@
-"""Matmuls against weights prepacked once (CPU, float32): oneDNN's blocked
-layout for large batches, the native kernels' panels for decode-sized ones.
+"""Matmuls against weights prepacked once (CPU, float32): the native kernels'
+16-feature panels when they are built, oneDNN's blocked layout otherwise.
 
 ``F.linear`` on CPU packs the weight matrix into the GEMM's panel layout
 inside every call. A decode iteration reads each weight once, from DRAM (the layers
@@ -9,13 +9,13 @@ cycling as in a real step, the SmolLM2 projections ran at 75-90 GFLOP/s
 through ``F.linear`` and 105-125 GFLOP/s prepacked at 110 rows, and the LM head
 at 80 vs 135 (33 vs 85 at 16 rows); at 2048 rows both are within noise.
 
-A decode step has tens of rows, where even oneDNN's packed GEMM is far from
-this machine's limits (8-110 GFLOP/s from 1 to 96 rows with the weights
-cycling from DRAM). When the native kernels are built, each weight is also
-repacked into 16-feature panels for ``cpu_ops.panel_linear``, which runs
-1.2-1.7x faster there; batches of up to ``PANEL_MAX_ROWS`` rows take it,
-larger ones (prefill) oneDNN's, which stays ahead at 2048 rows. The price is
-a second copy of the layer weights in memory (+425 MB for SmolLM2 in float32).
+When the native kernels are built, each weight is repacked once into panels
+for ``cpu_ops.panel_linear``, which serves every batch size: decode-sized
+batches stream whole panels (1.2-1.7x oneDNN's prepacked GEMM from 4 to 96
+rows with the weights cycling from DRAM), prefill-sized ones run cache-blocked
+over K slices (on the 128-request trace, its prefill iterations took 60-65 s
+against 67-72 s with oneDNN's). Without the module (no compiler), oneDNN's
+prepacked layout serves instead. Either way each weight is held once.
 
 The runner decides (``ModelConfig.cpu_kernels``, see ``orca_serve.kernels``);
 layers own how their weight is packed (``pack_weight``).
@@ -40,11 +40,6 @@ def unavailable_reason(device, dtype) -> str | None:
     return None
 
 
-# Above this many rows oneDNN's packed GEMM is as fast or faster (measured with
-# the model's weights cycling from DRAM: equal at 128-256 rows, 0.9x at 2048).
-PANEL_MAX_ROWS = 256
-
-
 def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
     """oneDNN's prepacked copy of a dense [out_features, in_features] float32 weight."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
@@ -56,24 +51,21 @@ def linear_onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 class PackedWeight:
-    """One weight in the layouts the CPU matmuls read: the native kernels'
-    panels when ``cpu_ops`` (the built module) is given, and oneDNN's for
-    large batches. ``large_batches=False`` skips oneDNN's copy where the
-    panels exist (the LM head: it sees only the rows that sample, and the
-    rare larger batch, prompt logprobs, runs on the panels at ~0.9x)."""
+    """One weight in the one layout its matmuls read: the native kernels'
+    panels when ``cpu_ops`` (the built module) is given, else oneDNN's."""
 
-    def __init__(self, weight: torch.Tensor, cpu_ops=None, large_batches: bool = True) -> None:
+    def __init__(self, weight: torch.Tensor, cpu_ops=None) -> None:
         self.out_features, self.in_features = weight.shape
-        # What this weight is in the checkpoint, once, whatever layouts it is held in.
+        # What this weight is in the checkpoint, whatever layout it is held in.
         self.checkpoint_bytes = weight.numel() * weight.element_size()
         self.cpu_ops = cpu_ops
         self.panels = cpu_ops.pack_panels(weight.detach()) if cpu_ops is not None else None
-        self.onednn = pack_onednn(weight) if large_batches or self.panels is None else None
+        self.onednn = pack_onednn(weight) if cpu_ops is None else None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self.panels is None or (rows > PANEL_MAX_ROWS and self.onednn is not None):
+        if self.panels is None:
             return linear_onednn(x, self.onednn, bias)
+        rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()

@@ -70,7 +70,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def pack_weight(self, cpu_ops=None) -> None:
         """Use a prepacked copy (``packed_gemm``); a tied weight stays for the embedding lookup."""
-        self.packed_weight = packed_gemm.PackedWeight(self.weight, cpu_ops, large_batches=False)
+        self.packed_weight = packed_gemm.PackedWeight(self.weight, cpu_ops)
         if not self.tied:
             self.register_parameter("weight", None)
 
