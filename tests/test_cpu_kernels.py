@@ -287,12 +287,18 @@ def test_packed_linears_match_dense_and_release_untied_weights(ops, with_panels)
     assert row.packed_weight.checkpoint_bytes == 48 * 80 * 4
 
 
-def test_packed_gemm_selection_modes():
+def test_packed_gemm_selection_modes(ops, monkeypatch):
     assert kernels.packed_gemm_for("auto", "cpu", torch.float32)
     assert not kernels.packed_gemm_for("off", "cpu", torch.float32)
     assert not kernels.packed_gemm_for("auto", "cpu", torch.bfloat16)
     with pytest.raises(ValueError, match="prepacked matmuls: .*float32 only"):
         kernels.packed_gemm_for("on", "cpu", torch.bfloat16)
+    # With the built module the weights become its panels, which need no oneDNN.
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="prepacked matmuls: .*no oneDNN"):
+        kernels.packed_gemm_for("on", "cpu", torch.float32)
+    assert kernels.packed_gemm_for("on", "cpu", torch.float32, ops)
+    assert not kernels.packed_gemm_for("off", "cpu", torch.float32, ops)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -119,13 +119,15 @@ def cpu_ops_for(mode: str, device, dtype):
     return None
 
 
-def packed_gemm_for(mode: str, device, dtype) -> bool:
+def packed_gemm_for(mode: str, device, dtype, module=None) -> bool:
     """Whether a runner prepacks its linear weights (``packed_gemm``); ``mode``
-    as in ``cpu_ops_for``. It is decided on torch's oneDNN, the layout used
-    when ``cpu_ops_for`` gave no module; with one, the weights are held as its
-    panels instead."""
+    as in ``cpu_ops_for``, ``module`` what it returned. With a module the
+    weights become its panels, which need nothing more; without one, oneDNN's
+    layout, which needs torch's oneDNN."""
     if mode == "off":
         return False
+    if module is not None:
+        return True
     from orca_serve.kernels import packed_gemm
 
     reason = packed_gemm.unavailable_reason(device, dtype)

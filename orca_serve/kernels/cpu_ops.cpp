@@ -604,7 +604,7 @@ void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Ten
 //   project's 2-core machine; this runs 1.2-1.7x faster there.
 // - Prefill-sized batches: the same tiles over K slices that stay in L1 and
 //   a copy of x's row block in tile order that stays in L2 (see
-//   panel_linear_blocked). On the 128-request trace its prefill iterations took
+//   panel_sweep). On the 128-request trace its prefill iterations took
 //   60-65 s against 67-72 s with oneDNN's prepacked GEMM (two A/B sittings of
 //   two runs each), so the layers keep no other copy of their weights.
 namespace {
@@ -696,30 +696,37 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
   }
 }
 
-// out [M, N] = x [M, K] . W^T (+ bias) for M >= kBlockedMinRows, K >= 1. Each
-// thread packs its own copy of x's blocks (M x K floats in all, against its
+// out [M, N] = x [M, K] . W^T (+ bias). Each thread takes a contiguous run of
+// panels; rows of x go in blocks of `block` rows, K in slices of `depth`.
+// Unpacked (decode-sized batches): one block of all M rows and one slice of
+// all of K, x read in place, so each panel streams once. Packed (prefill-sized):
+// 192-row blocks and 256-wide slices, each block's slice copied into tile order
+// first; each thread packs its own copy (M x K floats in all, against its
 // M x K x N/2 multiply-adds) so the threads never wait for each other.
-void panel_linear_blocked(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P,
-                          float* op, int64_t ldo, int64_t N, const float* bp) {
+template <bool Packed>
+void panel_sweep(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
+                 int64_t ldo, int64_t N, const float* bp) {
+  const int64_t block = Packed ? kBlockRows : M, depth = Packed ? kDepth : std::max<int64_t>(K, 1);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> a(kBlockRows * kDepth);
-    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, M - m0);
+    std::vector<float> packed(Packed ? kBlockRows * kDepth : 0);
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+      const int64_t rows = std::min(block, M - m0);
       const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-        const int64_t kc = std::min(kDepth, K - k0);
-        pack_rows(xp + m0 * ldx, ldx, rows, k0, kc, a.data());
-        const int64_t lines = kc;  // one 16-float line per k of the next slice
-        const int64_t share = (lines + tiles - 1) / tiles;
+      // k0 == 0 runs even when K == 0, so out still gets the bias (or zeros).
+      for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += depth) {
+        const int64_t kc = std::min(depth, K - k0);
+        if (Packed) pack_rows(xp + m0 * ldx, ldx, rows, k0, kc, packed.data());
+        const int64_t share = (kc + tiles - 1) / tiles;  // next panel's lines (one per k) each tile prefetches
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
           const float* b = pp + (p * K + k0) * kPanel;
           const float* next = p + 1 < p1 ? b + K * kPanel : nullptr;
           for (int64_t t = 0; t < tiles; ++t) {
             const int64_t m = t * kTileRows, r = std::min(kTileRows, rows - m);
-            const int64_t lo = std::min(lines, t * share), n = next ? std::min(lines, lo + share) - lo : 0;
-            kPanelTiles<true>[r](a.data() + m * kc, 0, b, kc, op + (m0 + m) * ldo + n0, ldo, ncols, k0 > 0,
-                                 bp ? bp + n0 : nullptr, next ? next + lo * kPanel : nullptr, n);
+            const int64_t lo = std::min(kc, t * share), lines = next ? std::min(kc, lo + share) - lo : 0;
+            const float* a = Packed ? packed.data() + m * kc : xp + (m0 + m) * ldx + k0;
+            kPanelTiles<Packed>[r](a, ldx, b, kc, op + (m0 + m) * ldo + n0, ldo, ncols, k0 > 0, bp ? bp + n0 : nullptr,
+                                   next ? next + lo * kPanel : nullptr, lines);
           }
         }
       }
@@ -772,23 +779,10 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& panels,
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldo = out.stride(0);
-  if (M >= kBlockedMinRows && K > 0) return panel_linear_blocked(xp, ldx, M, K, pp, P, op, ldo, N, bp);
-  // Fewer than kBlockedMinRows rows: x (at most 127 x K floats) stays in L2
-  // while every panel of this thread's run sweeps it.
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-    const int64_t share = (K + tiles - 1) / tiles;  // next panel's lines each tile prefetches
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
-      const bool prefetch = p + 1 < p1;
-      for (int64_t m = 0, t = 0; m < M; m += kTileRows, ++t) {
-        const int64_t lo = std::min(K, t * share), lines = prefetch ? std::min(K, lo + share) - lo : 0;
-        kPanelTiles<false>[std::min(kTileRows, M - m)](xp + m * ldx, ldx, pp + p * K * kPanel, K, op + m * ldo + n0,
-                                                       ldo, ncols, false, bp ? bp + n0 : nullptr,
-                                                       pp + ((p + 1) * K + lo) * kPanel, lines);
-      }
-    }
-  });
+  if (M >= kBlockedMinRows)
+    panel_sweep<true>(xp, ldx, M, K, pp, P, op, ldo, N, bp);
+  else
+    panel_sweep<false>(xp, ldx, M, K, pp, P, op, ldo, N, bp);
 }
 
 // The ops release the GIL like torch's own: the engine runs them on its own

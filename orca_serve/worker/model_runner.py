@@ -62,7 +62,7 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
             layer.attention_kernel = attention_kernel
-        pack = packed_gemm_for(mode, self.device, self.dtype)
+        pack = packed_gemm_for(mode, self.device, self.dtype, cpu_ops)
         for module in self.model.modules():
             if hasattr(module, "cpu_ops"):
                 module.cpu_ops = cpu_ops
