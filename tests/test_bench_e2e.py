@@ -152,10 +152,12 @@ def test_trace_flops_by_hand():
 
     d = Dims(hidden=4, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=2, vocab=10, gated_mlp=True)
     # Per token and layer: qkv 2*4*8 + out 2*4*4 + gate/up 2*4*16 + down 2*8*4 = 288; 2 layers: 576.
-    # LM head 2*4*10 = 80; attention 4*heads*head_dim*layers = 32 per context token.
-    # p=3, o=2: prompt 3*576 + 32*(1+2+3); decode: 2 LM heads + 1 token through the layers at context 4.
+    # LM head 2*4*10 = 80; attention 4*heads*head_dim = 16 per context token and layer.
+    # p=3, o=2: prompt: layer 0 whole, 3*288 + 16*(1+2+3); the last layer projects K/V (2*4*4) for
+    # the first 2 rows, and runs whole for the sampled last row: 288 + 16*3.
+    # Decode: 2 LM heads + 1 token through both layers at context 4.
     prompt, decode = trace_flops(d, [{"prompt_len": 3, "output_len": 2}])
-    assert prompt == 3 * 576 + 32 * 6
+    assert prompt == 3 * 288 + 16 * 6 + 2 * 32 + 288 + 16 * 3
     assert decode == 2 * 80 + 576 + 32 * 4
 
 

@@ -6,6 +6,7 @@ import torch
 
 from helpers_models import load_hf
 from orca_serve.config import ModelConfig
+from orca_serve.kernels import cpu_ops_for, paged_attention_kernel
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.rotary import rope_parameters
 from orca_serve.models.loader import get_model_facts, load_model
@@ -49,6 +50,48 @@ def test_logits_match_hf(tiny_model_dir, kind):
         ours = run_chunks(model, prompt, chunks)
         assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (chunks, (ours - ref).abs().max())
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["pytorch-attention", "native-attention"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_last_layer_runs_on_sampled_rows_only(tiny_model_dir, kind, native):
+    """With ``sampled_rows_only`` the model returns just the sampled rows, equal
+    to those rows of the full forward, and writes the same K/V for every row."""
+    model, _ = load_model(ModelConfig(model=tiny_model_dir(kind)))
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if native:
+        kernel = paged_attention_kernel("on", cpu_ops_for("on", "cpu", torch.float32), layers[0].head_dim)
+        for layer in layers:
+            layer.attention_kernel = kernel
+    caches = {mode: [torch.zeros(2, 32, BLOCK, m.num_kv_heads, m.head_dim) for m in layers]
+              for mode in ("full", "sampled")}
+    # a: a 10-token prompt, then a decode; b: a 20-token prompt in chunks of 12
+    # (not sampled) and 8; c: a decode at position 4 in both steps.
+    a = RequestState("a", list(range(3, 13)), 10, list(range(0, 8)), 0, SamplingParams())
+    b = RequestState("b", list(range(40, 60)), 20, list(range(8, 16)), 0, SamplingParams())
+    c = RequestState("c", [5, 6, 7, 8, 9], 5, list(range(16, 24)), 4, SamplingParams())
+    with torch.inference_mode():
+        steps = [([(a, 10), (b, 12), (c, 1)], ["c", "a"]),  # decodes come first in a batch
+                 ([(a, 1), (b, 8), (c, 1)], ["a", "c", "b"])]
+        for step, (scheduled, sampled) in enumerate(steps):
+            out = {}
+            for mode, cache in caches.items():
+                for layer, kv in zip(layers, cache):
+                    layer.kv_cache = kv
+                inputs = prepare_inputs(scheduled, BLOCK, torch.device("cpu"), native_attention=native,
+                                        sampled_rows_only=mode == "sampled")
+                assert [s.req_id for s in inputs.sampling_states] == sampled
+                hidden = model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+                out[mode] = hidden[inputs.logits_indices] if mode == "full" else hidden
+            assert out["sampled"].shape == out["full"].shape == (len(sampled), out["full"].shape[1]), step
+            diff = (out["sampled"] - out["full"]).abs().max()
+            assert torch.allclose(out["sampled"], out["full"], atol=1e-5, rtol=0), (step, diff)
+            for full_kv, sampled_kv in zip(caches["full"], caches["sampled"]):
+                assert torch.equal(full_kv, sampled_kv), step
+            for r, n in scheduled:
+                r.num_computed_tokens += n
+            for r in (a, c):
+                r.token_ids.append(11 + step)
 
 
 def test_tiny_configs_exercise_their_features(tiny_model_dir):

@@ -148,15 +148,22 @@ def trace_flops(d: Dims, requests: list[dict]) -> tuple[float, float]:
     decode tokens through the layers (the last sampled token is never fed
     back) and the LM head o times (each output token is sampled once); every
     token attends to the context up to itself (4 * ctx * heads * head_dim per
-    layer: QK^T and PV).
+    layer: QK^T and PV). In the last layer only the prompt's last row, which
+    is sampled, needs more than its K/V projection: the other rows' outputs
+    are never read (the engine skips them too, see ``LlamaModel``).
     """
     per_token = sum(2 * k * n * count for name, _, k, n, count in gemm_shapes(d, 1) if name != "lm_head")
+    per_layer = per_token / d.layers
+    kv_proj = 2 * d.hidden * 2 * d.kv_heads * d.head_dim
     lm_head = 2 * d.hidden * d.vocab
-    attn = 4 * d.heads * d.head_dim * d.layers
+    attn_layer = 4 * d.heads * d.head_dim
+    attn = attn_layer * d.layers
     prompt = decode = 0.0
     for r in requests:
         p, o = r["prompt_len"], r["output_len"]
-        prompt += p * per_token + attn * p * (p + 1) / 2
+        if p:
+            prompt += ((d.layers - 1) * (p * per_layer + attn_layer * p * (p + 1) / 2)
+                       + (p - 1) * kv_proj + per_layer + attn_layer * p)
         decode += o * lm_head + (o - 1) * per_token + attn * ((p + o - 1) * (p + o) / 2 - p * (p + 1) / 2)
     return prompt, decode
 

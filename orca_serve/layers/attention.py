@@ -19,6 +19,11 @@ One forward does two things:
    (query length > 1) attend causally to their own context one by one; their
    gather indices and masks are built once per iteration, not per layer.
 
+The model's last layer calls it with ``sampled_only``: every row's K/V is
+written, but only the rows that sample come back (the native kernel attends
+just those, as decode rows at the end of their context), so its o_proj and
+MLP skip a prompt's other rows, whose final hidden states nobody reads.
+
 Everything position-dependent lives in ``AttentionMetadata``, which the
 runner builds once per iteration and passes down explicitly.
 """
@@ -75,6 +80,14 @@ class AttentionMetadata:
     seq_lens: torch.Tensor | None = None
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # The rows whose final hidden state is used: the last row of each request
+    # that samples, in sampling order. A layer called with ``sampled_only``
+    # (the model's last) still writes every row's K/V but returns only these
+    # rows, so the rest of it runs on them alone. None: not built (no stage
+    # after this one needs fewer rows). For the native kernel also the query
+    # offsets [R + 1] that select just these rows (0 or 1 per request).
+    sample_rows: torch.Tensor | None = None
+    sample_query_start_loc: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -97,7 +110,9 @@ class Attention(nn.Module):
         self.attention_kernel = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, sampled_only: bool = False) -> torch.Tensor:
+        """Write k/v of every row to the cache; attend. ``sampled_only``: return
+        only the rows ``meta.sample_rows`` (the native kernel attends just those)."""
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache bound; see ModelRunner")
         n_tok, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
@@ -106,6 +121,17 @@ class Attention(nn.Module):
         k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
 
+        if sampled_only and meta.sample_rows is None:
+            raise RuntimeError("sampled_only attention needs meta.sample_rows; see prepare_inputs")
+        if sampled_only and meta.block_table is not None:
+            # Each request that samples keeps one query row, the last of its
+            # context: the kernel takes it as a decode row.
+            q = q.index_select(0, meta.sample_rows)
+            out = torch.empty(q.shape[0], hkv, self.group, d, dtype=q.dtype, device=q.device)
+            if q.shape[0]:
+                self.attention_kernel(out, q.view(-1, hkv, self.group, d), k_cache, v_cache, meta.block_table,
+                                      meta.sample_query_start_loc, meta.seq_lens, self.scale)
+            return out.view(-1, self.num_heads * d)
         out = torch.empty(n_tok, hkv, self.group, d, dtype=q.dtype, device=q.device)
         q = q.view(n_tok, hkv, self.group, d)
         if meta.block_table is not None:
@@ -123,7 +149,10 @@ class Attention(nn.Module):
                 ks = k_cache.view(-1, hkv, d).index_select(0, chunk.kv_slots)
                 vs = v_cache.view(-1, hkv, d).index_select(0, chunk.kv_slots)
                 out[s:e] = self._prefill(q[s:e], ks, vs, chunk.mask)
-        return out.view(n_tok, self.num_heads * d)
+        out = out.view(n_tok, self.num_heads * d)
+        # The PyTorch path attends every row and keeps the sampled ones: the
+        # saving that matters, the projections and MLP after it, still holds.
+        return out.index_select(0, meta.sample_rows) if sampled_only else out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 group: DecodeGroup) -> torch.Tensor:

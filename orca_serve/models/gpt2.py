@@ -38,9 +38,9 @@ class GPT2Attention(nn.Module):
         self.q_size = self.c_attn.q_size
         self.attn = Attention(self.c_attn.num_heads, head_dim, scale, self.c_attn.num_kv_heads)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, sampled_only: bool = False) -> torch.Tensor:
         q, k, v = self.c_attn(x).split([self.q_size] * 3, dim=-1)
-        return self.c_proj(self.attn(q, k, v, meta))
+        return self.c_proj(self.attn(q, k, v, meta, sampled_only))
 
 
 class GPT2MLP(nn.Module):
@@ -64,8 +64,10 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps, dtype=dtype)
         self.mlp = GPT2MLP(config, dtype)
 
-    def forward(self, x, meta):
-        x = x + self.attn(self.ln_1(x), meta)
+    def forward(self, x, meta, sampled_only: bool = False):
+        """``sampled_only``: return just the rows ``meta.sample_rows`` (see GPT2Model)."""
+        h = self.attn(self.ln_1(x), meta, sampled_only)
+        x = (x.index_select(0, meta.sample_rows) if sampled_only else x) + h
         return x + self.mlp(self.ln_2(x))
 
 
@@ -85,9 +87,13 @@ class GPT2Model(nn.Module):
                      if is_last_stage() else PPMissingLayer())
 
     def forward(self, input_ids, positions, meta, hidden_states=None):
+        """Hidden states [T, H], or only ``meta.sample_rows`` when set on the stage
+        with the last block, which runs its projections and MLP on those rows alone
+        (as in LlamaModel)."""
         x = self.wte(input_ids) + self.wpe(positions) if hidden_states is None else hidden_states
-        for block in self.h[self.start:self.end]:
-            x = block(x, meta)
+        last = self.end - 1 if meta.sample_rows is not None and self.end == len(self.h) else -1
+        for i in range(self.start, self.end):
+            x = self.h[i](x, meta, sampled_only=i == last)
         return self.ln_f(x)
 
 

@@ -50,9 +50,10 @@ class LlamaAttention(nn.Module):
         self.head_dim, self.num_heads, self.num_kv_heads = head_dim, p.num_heads, p.num_kv_heads
         self.attn = Attention(p.num_heads, head_dim, head_dim ** -0.5, p.num_kv_heads)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
+                sampled_only: bool = False) -> torch.Tensor:
         q, k, v = self.rotary_emb.rotate_qkv(positions, self.qkv_proj(x), self.num_heads, self.num_kv_heads)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta, sampled_only))
 
 
 class LlamaMLP(nn.Module):
@@ -78,8 +79,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = LlamaMLP(config, dtype)
 
-    def forward(self, positions, x, meta):
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+    def forward(self, positions, x, meta, sampled_only: bool = False):
+        """``sampled_only``: return just the rows ``meta.sample_rows`` (see LlamaModel)."""
+        h = self.self_attn(positions, self.input_layernorm(x), meta, sampled_only)
+        x = (x.index_select(0, meta.sample_rows) if sampled_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -97,14 +100,20 @@ class LlamaModel(nn.Module):
                      if is_last_stage() else PPMissingLayer())
 
     def forward(self, input_ids, positions, meta, hidden_states=None):
+        """Hidden states [T, H]; with ``meta.sample_rows`` on the stage that holds
+        the last layer, only those rows [S, H]: the last layer needs every
+        row's K/V but its attention output, o_proj and MLP only for the rows
+        that are sampled (a prompt's other rows are never read again)."""
         x = self.embed_tokens(input_ids) if hidden_states is None else hidden_states
-        for layer in self.layers[self.start:self.end]:
-            x = layer(positions, x, meta)
+        last = self.end - 1 if meta.sample_rows is not None and self.end == len(self.layers) else -1
+        for i in range(self.start, self.end):
+            x = self.layers[i](positions, x, meta, sampled_only=i == last)
         return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama/Mistral/SmolLM2. ``forward`` -> hidden [T, H]; ``compute_logits`` on sampled rows.
+    """Llama/Mistral/SmolLM2. ``forward`` -> hidden [T, H] (or the sampled rows, see
+    LlamaModel); ``compute_logits`` on sampled rows.
 
     Under pipeline parallelism ``forward`` takes the previous stage's output as
     ``hidden_states`` (None on the first stage); only the last stage has the LM head.

@@ -43,12 +43,16 @@ class ModelInputs:
 
 
 def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
-                   device: torch.device, native_attention: bool = False) -> ModelInputs:
+                   device: torch.device, native_attention: bool = False,
+                   sampled_rows_only: bool = False) -> ModelInputs:
     """Build one iteration's inputs from (request, number of tokens to compute) pairs.
 
     ``native_attention``: describe the batch for the native kernel (block
     table, query offsets, context lengths of every request) instead of as
-    decode length groups and prefill chunks for the PyTorch path."""
+    decode length groups and prefill chunks for the PyTorch path.
+    ``sampled_rows_only``: fill ``sample_rows`` (and, for the native kernel,
+    their query offsets) so the model's last layer runs on the sampled rows
+    alone and returns just those, in ``sampling_states`` order."""
     # Decodes first; for the PyTorch path longest context first, so length groups
     # are contiguous (the native kernel takes any order).
     decodes = [(r, n) for r, n in scheduled if n == 1]
@@ -96,10 +100,16 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
                                                 int(offsets[i]), block_size, to_dev))
 
     sampling = [i for i, (r, _) in enumerate(order) if ends[i] == len(r.token_ids)]
+    logits_indices = to_dev(offsets[1:][sampling] - 1)
+    if sampled_rows_only:
+        meta.sample_rows = logits_indices
+        if native_attention:
+            samples = np.zeros(len(order), dtype=np.int64)
+            samples[sampling] = 1
+            meta.sample_query_start_loc = to_dev(np.concatenate(([0], np.cumsum(samples))))
     return ModelInputs(
         input_ids=to_dev(input_ids), positions=to_dev(positions), attn_metadata=meta,
-        logits_indices=to_dev(offsets[1:][sampling] - 1),
-        sampling_states=[order[i][0] for i in sampling])
+        logits_indices=logits_indices, sampling_states=[order[i][0] for i in sampling])
 
 
 def _length_groups(ctx: np.ndarray, max_groups: int = 8, slack: float = 1.25) -> list[tuple[int, int]]:

@@ -102,7 +102,9 @@ class ModelRunner:
         if unknown:
             raise RuntimeError(f"scheduled request(s) the worker was never sent: {sorted(unknown)}")
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
-        inputs = prepare_inputs(scheduled, self.block_size, self.device, native_attention=self.uses_attention_kernel)
+        # On the last stage the model returns only the rows it samples (see LlamaModel).
+        inputs = prepare_inputs(scheduled, self.block_size, self.device, native_attention=self.uses_attention_kernel,
+                                sampled_rows_only=self.last_stage)
         prev = None
         if not self.first_stage:
             t0 = time.perf_counter()
@@ -116,7 +118,7 @@ class ModelRunner:
         if not states:
             return empty
         # Every TP rank of the last stage takes part in gathering the logits; one samples.
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        logits = self.model.compute_logits(hidden)
         if not self.samples:
             return None
         md = SamplingMetadata.build([s.sampling_params for s in states],
