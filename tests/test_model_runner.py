@@ -109,3 +109,33 @@ def test_runner_rejects_inconsistent_messages(tiny_model_dir):
         runner.execute_model(SchedulerOutput(0, [short], [], {"a": 9}, 9))
     with pytest.raises(RuntimeError, match="no CPU blocks"):
         runner.swap_out([(0, 1)])
+
+
+def _huge_page_kib(ptr: int) -> int | None:
+    """AnonHugePages of the mapping holding address ``ptr`` (from /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return None
+
+
+def test_kv_pool_is_zeroed_on_huge_pages():
+    import sys
+
+    import torch
+
+    from orca_serve.worker.model_runner import zeros_on_huge_pages
+
+    pool = zeros_on_huge_pages((2, 1024, 16, 2, 64), torch.float32, torch.device("cpu"))  # 16 MiB
+    assert pool.shape == (2, 1024, 16, 2, 64) and pool.dtype == torch.float32
+    assert not pool.any()
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if sys.platform.startswith("linux") and "[never]" not in open(thp).read():
+        # At least the 2 MiB-aligned interior (all but the edges) is on huge pages.
+        assert _huge_page_kib(pool.data_ptr()) >= 8 * 1024

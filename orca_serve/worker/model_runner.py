@@ -15,6 +15,9 @@ output, the other ranks return None.
 """
 from __future__ import annotations
 
+import math
+import mmap
+import sys
 import time
 
 import torch
@@ -29,6 +32,32 @@ from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, model_eos_token_ids
 from orca_serve.models.weights import LoadStats
 from orca_serve.worker.input_batch import RequestState, prepare_inputs
+
+_HUGE_PAGE = 2 << 20
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on CPU under Linux in a private mapping of its own that the kernel
+    is asked to back with 2 MiB pages (transparent huge pages, ``madvise``
+    mode), 2 MiB-aligned.
+
+    A decode reads its request's blocks scattered over the KV pool; on 4 KiB
+    pages each 12 KiB block of a SmolLM2 layer spans three pages and their TLB
+    misses. With the blocks in random order, 110 decodes over 330 tokens, the
+    native attention ran ~11% faster on huge pages (same process, alternated).
+    The mapping is the pool's own: memory from the allocator may be reused
+    heap pages, already faulted in small. Elsewhere, plain zeros."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if device.type != "cpu" or not sys.platform.startswith("linux") or advice is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    region = mmap.mmap(-1, numel * itemsize + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(advice)
+    offset = -torch.frombuffer(region, dtype=torch.uint8).data_ptr() % _HUGE_PAGE
+    # The tensor keeps the mapping alive; zero_() faults every page in now, not mid-serving.
+    pool = torch.frombuffer(region, dtype=dtype, count=numel, offset=offset).view(shape)
+    return pool.zero_()
 
 
 class ModelRunner:
@@ -52,7 +81,7 @@ class ModelRunner:
         shape = (len(layers), 2, num_kv_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
         # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
         # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = zeros_on_huge_pages(shape, self.dtype, self.device)
         # Native kernels: attention layers take the paged attention op, and the
         # norms, activations and RoPE that have a native version the module.
         mode = engine_config.model.cpu_kernels
