@@ -94,12 +94,19 @@ def test_decodes_match_sdpa(ops, kv_heads, group, head_dim, block_size):
     torch.testing.assert_close(run_kernel(ops, *case, scale), reference(*case, scale), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (16, 4), (20, 3)])
-def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops, head_dim, block_size):
+@pytest.mark.parametrize("kv_heads,group,head_dim,block_size", [
+    (3, 3, 64, 16),   # SmolLM2's shape
+    (3, 3, 16, 4),
+    (1, 4, 128, 16),  # MQA: query vectors fill whole 16-wide columns
+    (2, 1, 32, 5),    # MHA: a 7-row chunk has 7 query vectors, padded to 16
+    (2, 7, 16, 4),    # an odd group: 112 query vectors per 16-row task
+    (3, 3, 20, 3),    # a head size with no specialization: the generic loop
+])
+def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops, kv_heads, group, head_dim, block_size):
     # Decodes (1 row), whole prompts (rows == context), chunks continuing a
     # context (1 < rows < context), and a prompt longer than a task's rows.
     rows = [1, 1, 200, 7, 1, 40, 3, 300, 1, 17]
-    case = make_case(head_dim, len(rows), 3, 3, head_dim, block_size, 300, rows=rows)
+    case = make_case(head_dim, len(rows), kv_heads, group, head_dim, block_size, 300, rows=rows)
     qs = case[4]
     assert (qs[1:] - qs[:-1]).max() > 16  # some request spans several tasks
     # Rows may be strided, as a view of the fused QKV output is.

@@ -17,8 +17,11 @@
 // decode-heavy batch is bound by how fast one core streams scattered blocks
 // (110 decodes over 340 tokens: ~6 ms per layer with a task per KV head,
 // ~2.6-3 ms this way, on this project's 2-core machine). Prompt rows are
-// register-tiled against transposed 16-key tiles for head sizes that are
-// multiples of 16 (277-800-token prompts: 1.25-1.45x the per-row loop).
+// register-tiled for head sizes that are multiples of 16, with the scores
+// built transposed (keys x queries) so K is read in place: six prompts of
+// 224-512 tokens took 0.80-0.82x the time of the previous tiling, which
+// copied every 16-key tile of K into [D][16] for every task (itself
+// 1.25-1.45x the per-row loop).
 //
 // pack_panels, panel_linear: the layers' matmuls against weights repacked once
 // into 16-feature panels, for decode-sized and prefill-sized batches (see the
@@ -204,56 +207,69 @@ inline void prefetch_part(const float* block, int64_t floats, int64_t part, int6
 // Blocks a decode's scan prefetches ahead of use (1, 2 and 3 measured; 1 was best).
 constexpr int64_t kAhead = 1;
 
-#ifdef __AVX2__
-// Prompt rows, register-tiled (head sizes that are multiples of 16): the
-// query vectors of a task (rows x the KV head's group) are scored against a
-// tile of up to 16 keys transposed to [D][16], QT queries at a time, so each
-// step is QT broadcasts and 2 loads for 2 * QT FMAs and no horizontal sums;
-// P.V runs QT queries x 16 dims at a time the same way. Same contract as
-// attend_rows; scratch: kRowsPerTask * group * (first_pos + j1 + 16) + 16 * D floats.
-constexpr int kQueryTile = 6;
+// Query vectors of a prompt task padded to whole 16-wide columns, and the
+// scratch floats attend_rows_tiled needs for nq of them over max_len keys.
+inline int64_t padded_queries(int64_t nq) { return (nq + 15) / 16 * 16; }
+inline int64_t tiled_scratch(int64_t nq, int64_t max_len, int64_t d) { return padded_queries(nq) * (d + max_len + 3); }
 
-// out[r][0, 16) = scale * <qv[r], key column c> over the key tile kt [D][16], for QT queries.
-template <int D, int QT>
-inline void score_tile(const float* const* qv, const float* __restrict kt, float scale, float* const* out) {
-  __m256 acc[QT][2];
-  for (int r = 0; r < QT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+#ifdef __AVX2__
+// Prompt rows, register-tiled (head sizes that are multiples of 16). A task's
+// query vectors (rows x the KV head's group) are transposed once into
+// qt [D][nq_pad]; scores are built transposed, st [key][query] = K Q^T, 6 keys
+// x 16 queries per register tile: per d, 2 loads of qt and 6 broadcasts of K
+// values read in place from the pool's rows, for 12 FMAs. Nothing per key is
+// copied (an earlier version transposed every 16-key tile of K for every
+// task). Softmax runs down each query's column, vectorized across queries;
+// P.V runs 6 queries x 16 dims per tile, the 6 weights of a key contiguous in
+// its st row. Same contract as attend_rows; scratch: tiled_scratch floats.
+constexpr int kKeyTile = 6;    // keys per score tile
+constexpr int kQueryTile = 6;  // queries per P.V tile
+
+// st rows t0 + r (r < KT), columns [c0, c0 + 16): scale * <key row r, query c>.
+template <int D, int KT>
+inline void score_tile_t(const float* const* krow, const float* __restrict qt, int64_t nq_pad, float scale,
+                         float* __restrict st_rows, int64_t c0) {
+  __m256 acc[KT][2];
+  for (int r = 0; r < KT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int d = 0; d < D; ++d) {
-    const __m256 k0 = _mm256_loadu_ps(kt + 16 * d), k1 = _mm256_loadu_ps(kt + 16 * d + 8);
-    for (int r = 0; r < QT; ++r) {
-      const __m256 qb = _mm256_broadcast_ss(qv[r] + d);
-      acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
+    const __m256 q0 = _mm256_loadu_ps(qt + d * nq_pad + c0), q1 = _mm256_loadu_ps(qt + d * nq_pad + c0 + 8);
+    for (int r = 0; r < KT; ++r) {
+      const __m256 kb = _mm256_broadcast_ss(krow[r] + d);
+      acc[r][0] = _mm256_fmadd_ps(kb, q0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(kb, q1, acc[r][1]);
     }
   }
   const __m256 sv = _mm256_set1_ps(scale);
-  for (int r = 0; r < QT; ++r) {
-    _mm256_storeu_ps(out[r], _mm256_mul_ps(acc[r][0], sv));
-    _mm256_storeu_ps(out[r] + 8, _mm256_mul_ps(acc[r][1], sv));
+  for (int r = 0; r < KT; ++r) {
+    _mm256_storeu_ps(st_rows + r * nq_pad + c0, _mm256_mul_ps(acc[r][0], sv));
+    _mm256_storeu_ps(st_rows + r * nq_pad + c0 + 8, _mm256_mul_ps(acc[r][1], sv));
   }
 }
 
-// out[r][d0, d0 + 16) = sum over t < len of p[r][t] * v row t, for QT queries.
+// out[r][d0, d0 + 16) = inv[r] * sum over t < len of st[t][c0 + r] * v row t, for QT queries.
 template <int D, int QT>
-inline void pv_tile(const float* const* p, const float* __restrict v_cache, const int64_t* __restrict blocks,
-                    int64_t len, int64_t block_size, int64_t row_stride, int64_t head_off, int d0, float* const* out) {
+inline void pv_tile_t(const float* __restrict st, int64_t nq_pad, int64_t c0, const float* __restrict v_cache,
+                      const int64_t* __restrict blocks, int64_t len, int64_t block_size, int64_t row_stride,
+                      int64_t head_off, int d0, const float* __restrict inv, float* const* out) {
   __m256 acc[QT][2];
   for (int r = 0; r < QT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t t0 = 0; t0 < len; t0 += block_size) {
     const int64_t n = std::min(block_size, len - t0);
     const float* vb = v_cache + blocks[t0 / block_size] * block_size * row_stride + head_off + d0;
+    const float* pw = st + t0 * nq_pad + c0;
     for (int64_t i = 0; i < n; ++i) {
       const __m256 v0 = _mm256_loadu_ps(vb + i * row_stride), v1 = _mm256_loadu_ps(vb + i * row_stride + 8);
       for (int r = 0; r < QT; ++r) {
-        const __m256 pb = _mm256_broadcast_ss(p[r] + t0 + i);
+        const __m256 pb = _mm256_broadcast_ss(pw + i * nq_pad + r);
         acc[r][0] = _mm256_fmadd_ps(pb, v0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(pb, v1, acc[r][1]);
       }
     }
   }
   for (int r = 0; r < QT; ++r) {
-    _mm256_storeu_ps(out[r] + d0, acc[r][0]);
-    _mm256_storeu_ps(out[r] + d0 + 8, acc[r][1]);
+    const __m256 s = _mm256_set1_ps(inv[r]);
+    _mm256_storeu_ps(out[r] + d0, _mm256_mul_ps(acc[r][0], s));
+    _mm256_storeu_ps(out[r] + d0 + 8, _mm256_mul_ps(acc[r][1], s));
   }
 }
 
@@ -264,56 +280,69 @@ void attend_rows_tiled(const float* __restrict q, int64_t q_row_stride, float* _
                        int64_t block_size, int64_t kv_heads, int64_t h, int64_t group, int /*d_runtime*/,
                        float scale, float* __restrict scratch) {
   static_assert(D % 16 == 0, "tiles are 16 wide");
-  const int64_t row_stride = kv_heads * D, rows = j1 - j0, nq = rows * group;
-  const int64_t len_max = first_pos + j1, stride = len_max + 16;
-  float* kt = scratch;              // [D][16]
-  float* scores = scratch + 16 * D;  // [nq][stride]
-  // Query vector i = (row j0 + i / group, head h * group + i % group).
-  auto qptr = [&](int64_t i) { return q + (j0 + i / group) * q_row_stride + (h * group + i % group) * D; };
-  auto sptr = [&](int64_t i) { return scores + i * stride; };
-  for (int64_t t0 = 0; t0 < len_max;) {
-    // A key tile never crosses a block: [t0, t0 + n) within block t0 / block_size.
-    const int64_t in_block = t0 % block_size;
-    const int64_t n = std::min({int64_t{16}, len_max - t0, block_size - in_block});
-    const float* kb = k_cache + (blocks[t0 / block_size] * block_size + in_block) * row_stride + h * D;
-    for (int d = 0; d < D; ++d)
-      for (int64_t i = 0; i < 16; ++i) kt[16 * d + i] = i < n ? kb[i * row_stride + d] : 0.f;
-    int64_t i = 0;
-    const float* qs[kQueryTile];
-    float* os[kQueryTile];
-    for (; i + kQueryTile <= nq; i += kQueryTile) {
-      for (int r = 0; r < kQueryTile; ++r) qs[r] = qptr(i + r), os[r] = sptr(i + r) + t0;
-      score_tile<D, kQueryTile>(qs, kt, scale, os);
-    }
-    for (; i < nq; ++i) {
-      qs[0] = qptr(i), os[0] = sptr(i) + t0;
-      score_tile<D, 1>(qs, kt, scale, os);
-    }
-    t0 += n;
+  const int64_t row_stride = kv_heads * D, nq = (j1 - j0) * group, nq_pad = padded_queries(nq);
+  const int64_t len_max = first_pos + j1;
+  float* qt = scratch;                   // [D][nq_pad]
+  float* st = qt + D * nq_pad;           // [len_max][nq_pad]
+  float* mx = st + len_max * nq_pad;     // [nq_pad] running max, then 1 / sum
+  float* sum = mx + nq_pad;              // [nq_pad]
+  float* lenf = sum + nq_pad;            // [nq_pad] each query's context length
+  // Query vector i = (row j0 + i / group, head h * group + i % group); padding
+  // columns are zero queries over one key, computed and never written out.
+  for (int64_t i = 0; i < nq_pad; ++i) {
+    const float* qv = i < nq ? q + (j0 + i / group) * q_row_stride + (h * group + i % group) * D : nullptr;
+    for (int d = 0; d < D; ++d) qt[d * nq_pad + i] = qv ? qv[d] : 0.f;
+    lenf[i] = i < nq ? static_cast<float>(first_pos + j0 + i / group + 1) : 1.f;
   }
-  // Softmax over each query's causal length; weights past it are zero, so
-  // P.V can run every query of a tile over the longest length.
-  for (int64_t i = 0; i < nq; ++i) {
-    float* sr = sptr(i);
-    const int64_t len = first_pos + j0 + i / group + 1;
-    const float inv = exp_shifted(sr, len);
-    for (int64_t t = 0; t < len; ++t) sr[t] *= inv;
-    std::fill(sr + len, sr + len_max, 0.f);
+  auto krow = [&](int64_t t) {
+    return k_cache + (blocks[t / block_size] * block_size + t % block_size) * row_stride + h * D;
+  };
+  const float* kr[kKeyTile];
+  int64_t t = 0;
+  for (; t + kKeyTile <= len_max; t += kKeyTile) {
+    for (int r = 0; r < kKeyTile; ++r) kr[r] = krow(t + r);
+    for (int64_t c0 = 0; c0 < nq_pad; c0 += 16) score_tile_t<D, kKeyTile>(kr, qt, nq_pad, scale, st + t * nq_pad, c0);
   }
+  for (; t < len_max; ++t) {
+    kr[0] = krow(t);
+    for (int64_t c0 = 0; c0 < nq_pad; c0 += 16) score_tile_t<D, 1>(kr, qt, nq_pad, scale, st + t * nq_pad, c0);
+  }
+  // Softmax down each column over the query's causal length; weights past it
+  // become zero, so P.V can run a tile's queries over its longest length.
+  std::fill(mx, mx + nq_pad, -INFINITY);
+  std::fill(sum, sum + nq_pad, 0.f);
+  for (t = 0; t < len_max; ++t) {
+    const float* row = st + t * nq_pad;
+    const float tf = static_cast<float>(t);
+#pragma omp simd
+    for (int64_t i = 0; i < nq_pad; ++i) mx[i] = tf < lenf[i] && row[i] > mx[i] ? row[i] : mx[i];
+  }
+  for (t = 0; t < len_max; ++t) {
+    float* row = st + t * nq_pad;
+    const float tf = static_cast<float>(t);
+#pragma omp simd
+    for (int64_t i = 0; i < nq_pad; ++i) {
+      const float e = tf < lenf[i] ? exp_nonpositive(row[i] - mx[i]) : 0.f;
+      row[i] = e;
+      sum[i] += e;
+    }
+  }
+  for (int64_t i = 0; i < nq_pad; ++i) mx[i] = 1.f / sum[i];
+  const float* inv = mx;
   auto optr = [&](int64_t i) { return out + (j0 + i / group) * out_row_stride + (h * group + i % group) * D; };
-  int64_t i = 0;
-  const float* ps[kQueryTile];
   float* os[kQueryTile];
+  int64_t i = 0;
   for (; i + kQueryTile <= nq; i += kQueryTile) {
-    for (int r = 0; r < kQueryTile; ++r) ps[r] = sptr(i + r), os[r] = optr(i + r);
+    for (int r = 0; r < kQueryTile; ++r) os[r] = optr(i + r);
     const int64_t len = first_pos + j0 + (i + kQueryTile - 1) / group + 1;
     for (int d0 = 0; d0 < D; d0 += 16)
-      pv_tile<D, kQueryTile>(ps, v_cache, blocks, len, block_size, row_stride, h * D, d0, os);
+      pv_tile_t<D, kQueryTile>(st, nq_pad, i, v_cache, blocks, len, block_size, row_stride, h * D, d0, inv + i, os);
   }
   for (; i < nq; ++i) {
-    ps[0] = sptr(i), os[0] = optr(i);
+    os[0] = optr(i);
     const int64_t len = first_pos + j0 + i / group + 1;
-    for (int d0 = 0; d0 < D; d0 += 16) pv_tile<D, 1>(ps, v_cache, blocks, len, block_size, row_stride, h * D, d0, os);
+    for (int d0 = 0; d0 < D; d0 += 16)
+      pv_tile_t<D, 1>(st, nq_pad, i, v_cache, blocks, len, block_size, row_stride, h * D, d0, inv + i, os);
   }
 }
 #endif
@@ -475,7 +504,8 @@ void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_ca
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     // Scratch for the largest of: a prompt task (tiled or not) and a decode.
-    std::vector<float> scores(std::max(kRowsPerTask * group * (max_len + 16) + 16 * d, hkv * group * (max_len + d)));
+    std::vector<float> scores(std::max({kRowsPerTask * group * max_len, tiled_scratch(kRowsPerTask * group, max_len, d),
+                                        hkv * group * (max_len + d)}));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_tasks; ++i) {
       const Task& t = tasks[i];
