@@ -70,9 +70,12 @@ def test_last_layer_runs_on_sampled_rows_only(tiny_model_dir, kind, native):
     a = RequestState("a", list(range(3, 13)), 10, list(range(0, 8)), 0, SamplingParams())
     b = RequestState("b", list(range(40, 60)), 20, list(range(8, 16)), 0, SamplingParams())
     c = RequestState("c", [5, 6, 7, 8, 9], 5, list(range(16, 24)), 4, SamplingParams())
+    # d: a lone prompt chunk that samples nothing (the last layer still writes its K/V).
+    d = RequestState("d", list(range(70, 90)), 20, list(range(24, 32)), 0, SamplingParams())
     with torch.inference_mode():
         steps = [([(a, 10), (b, 12), (c, 1)], ["c", "a"]),  # decodes come first in a batch
-                 ([(a, 1), (b, 8), (c, 1)], ["a", "c", "b"])]
+                 ([(a, 1), (b, 8), (c, 1)], ["a", "c", "b"]),
+                 ([(d, 5)], [])]
         for step, (scheduled, sampled) in enumerate(steps):
             out = {}
             for mode, cache in caches.items():
@@ -84,7 +87,7 @@ def test_last_layer_runs_on_sampled_rows_only(tiny_model_dir, kind, native):
                 hidden = model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
                 out[mode] = hidden[inputs.logits_indices] if mode == "full" else hidden
             assert out["sampled"].shape == out["full"].shape == (len(sampled), out["full"].shape[1]), step
-            diff = (out["sampled"] - out["full"]).abs().max()
+            diff = (out["sampled"] - out["full"]).abs().max() if sampled else 0.0
             assert torch.allclose(out["sampled"], out["full"], atol=1e-5, rtol=0), (step, diff)
             for full_kv, sampled_kv in zip(caches["full"], caches["sampled"]):
                 assert torch.equal(full_kv, sampled_kv), step

@@ -123,20 +123,15 @@ class Attention(nn.Module):
 
         if sampled_only and meta.sample_rows is None:
             raise RuntimeError("sampled_only attention needs meta.sample_rows; see prepare_inputs")
+        query_start = meta.query_start_loc
         if sampled_only and meta.block_table is not None:
             # Each request that samples keeps one query row, the last of its
             # context: the kernel takes it as a decode row.
-            q = q.index_select(0, meta.sample_rows)
-            out = torch.empty(q.shape[0], hkv, self.group, d, dtype=q.dtype, device=q.device)
-            if q.shape[0]:
-                self.attention_kernel(out, q.view(-1, hkv, self.group, d), k_cache, v_cache, meta.block_table,
-                                      meta.sample_query_start_loc, meta.seq_lens, self.scale)
-            return out.view(-1, self.num_heads * d)
+            q, query_start, n_tok = q.index_select(0, meta.sample_rows), meta.sample_query_start_loc, len(meta.sample_rows)
         out = torch.empty(n_tok, hkv, self.group, d, dtype=q.dtype, device=q.device)
         q = q.view(n_tok, hkv, self.group, d)
         if meta.block_table is not None:
-            self.attention_kernel(out, q, k_cache, v_cache, meta.block_table, meta.query_start_loc,
-                                  meta.seq_lens, self.scale)
+            self.attention_kernel(out, q, k_cache, v_cache, meta.block_table, query_start, meta.seq_lens, self.scale)
             return out.view(n_tok, self.num_heads * d)
         for group in meta.decode_groups:
             out[group.start:group.end] = self._decode(q[group.start:group.end], k_cache, v_cache, group)

@@ -19,7 +19,7 @@ from orca_serve.layers.attention import Attention, AttentionMetadata
 from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from orca_serve.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from orca_serve.layers.norm import LayerNorm
-from orca_serve.models.stages import PPMissingLayer, make_layers
+from orca_serve.models.stages import PPMissingLayer, make_layers, sampled_only_layer
 from orca_serve.models.weights import load_params
 
 _CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
@@ -91,7 +91,7 @@ class GPT2Model(nn.Module):
         with the last block, which runs its projections and MLP on those rows alone
         (as in LlamaModel)."""
         x = self.wte(input_ids) + self.wpe(positions) if hidden_states is None else hidden_states
-        last = self.end - 1 if meta.sample_rows is not None and self.end == len(self.h) else -1
+        last = sampled_only_layer(self.end, len(self.h), meta)
         for i in range(self.start, self.end):
             x = self.h[i](x, meta, sampled_only=i == last)
         return self.ln_f(x)

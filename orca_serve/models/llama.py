@@ -19,7 +19,7 @@ from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from orca_serve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from orca_serve.layers.norm import RMSNorm
 from orca_serve.layers.rotary import get_rope
-from orca_serve.models.stages import PPMissingLayer, make_layers
+from orca_serve.models.stages import PPMissingLayer, make_layers, sampled_only_layer
 from orca_serve.models.weights import load_params
 
 # checkpoint name piece -> (our fused parameter piece, shard id)
@@ -105,7 +105,7 @@ class LlamaModel(nn.Module):
         row's K/V but its attention output, o_proj and MLP only for the rows
         that are sampled (a prompt's other rows are never read again)."""
         x = self.embed_tokens(input_ids) if hidden_states is None else hidden_states
-        last = self.end - 1 if meta.sample_rows is not None and self.end == len(self.layers) else -1
+        last = sampled_only_layer(self.end, len(self.layers), meta)
         for i in range(self.start, self.end):
             x = self.layers[i](positions, x, meta, sampled_only=i == last)
         return self.norm(x)

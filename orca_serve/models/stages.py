@@ -27,6 +27,12 @@ def make_layers(num_layers: int, build: Callable[[int], nn.Module]) -> tuple[int
     return start, end, layers
 
 
+def sampled_only_layer(end: int, num_layers: int, meta) -> int:
+    """The layer to run on the sampled rows only (``meta.sample_rows``): the
+    model's last, when this stage holds it and the rows were asked for; else -1."""
+    return num_layers - 1 if meta.sample_rows is not None and end == num_layers else -1
+
+
 def missing_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Name prefixes of the modules this stage does not hold."""
     return tuple(name + "." for name, m in model.named_modules() if isinstance(m, PPMissingLayer))

@@ -51,8 +51,7 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torc
     if device.type != "cpu" or not sys.platform.startswith("linux") or advice is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    region = mmap.mmap(-1, numel * itemsize + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region = mmap.mmap(-1, numel * dtype.itemsize + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(advice)
     offset = -torch.frombuffer(region, dtype=torch.uint8).data_ptr() % _HUGE_PAGE
     # The tensor keeps the mapping alive; zero_() faults every page in now, not mid-serving.
