@@ -130,6 +130,29 @@ def test_large_scores_do_not_overflow(ops):
     torch.testing.assert_close(out, reference(q, kc, vc, table, qs, lens, 0.125), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("future", [9, 17, 34, 63])
+def test_a_future_keys_huge_score_leaves_earlier_rows_alone(ops, future):
+    # One 64-token prompt whose queries all point one way, and one key at
+    # position `future` that scores ~1000 above the rest with every query. The
+    # rows before it must not see it at all: were it counted in their softmax
+    # max, every weight they do see would underflow to zero (0/0 = NaN). With
+    # 16-row tasks and 6-key score tiles, 17 and 34 sit just past a task's
+    # first row, in the tile after the last one every row of it sees; 63 is in
+    # the single-key tail.
+    # One request of one 64-token block (make_case fills the first request's block).
+    q, kc, vc, table, qs, lens = make_case(11, 1, 3, 3, 64, 64, 64, rows=[64])
+    assert int(lens[0]) == 64 and len(q) == 64
+    q[:] = F.normalize(torch.randn(3, 3, 64), dim=-1)  # every row: the same query per head
+    block, offset = table[0, 0], future
+    kc[block, offset] = q[0].mean(1) * 8000  # [kv_heads, head_dim], along each head's queries
+    out = run_kernel(ops, q, kc, vc, table, qs, lens, 0.125)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference(q, kc, vc, table, qs, lens, 0.125), rtol=1e-4, atol=1e-4)
+    # The rows from `future` on take that key's value row alone.
+    torch.testing.assert_close(out[future:], vc[block, offset][None, :, None].expand_as(out[future:]),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_attention_kernel_rejects_bad_inputs(ops):
     q, kc, vc, table, qs, lens = make_case(3, 4, 3, 3, 64, 16, 40)
     out = torch.empty_like(q)
