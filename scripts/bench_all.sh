@@ -57,15 +57,21 @@ if want http && want engine; then
     --out "$OUT/http-vs-engine.json"
 fi
 
+# HF_REPEATS (default 1) runs of ours and hf-static, alternated, compared by
+# their medians; hf-cb (several minutes a run) runs once.
 if want hf; then
 HF_N=${HF_N:-64}
-step "Hugging Face transformers: static batches and continuous batching, $HF_N requests, with ours on the same trace"
-$B bench --workload orca --num-requests "$HF_N" --label orca-serve-engine --out "$OUT/hf-trace-ours.json" --no-progress --quiet
-$B bench --backend hf-static --hf-batch-sizes ${HF_BATCH_SIZES:-16,32,64} --workload orca --num-requests "$HF_N" \
-  --label hf-static --out "$OUT/hf-static.json" --no-progress --quiet
+HF_REPEATS=${HF_REPEATS:-1}
+for i in $(seq 1 "$HF_REPEATS"); do
+  step "Hugging Face transformers static batches, $HF_N requests, with ours on the same trace, run $i/$HF_REPEATS"
+  $B bench --workload orca --num-requests "$HF_N" --label orca-serve-engine --out "$OUT/hf-trace-ours-$i.json" --no-progress --quiet
+  $B bench --backend hf-static --hf-batch-sizes ${HF_BATCH_SIZES:-16,32,64} --workload orca --num-requests "$HF_N" \
+    --label hf-static --out "$OUT/hf-static-$i.json" --no-progress --quiet
+done
+step "Hugging Face transformers continuous batching, $HF_N requests"
 $B bench --backend hf-cb --workload orca --num-requests "$HF_N" --label hf-cb --out "$OUT/hf-cb.json" --no-progress --quiet
-$B bench compare "$OUT/hf-trace-ours.json" "$OUT/hf-static.json" --out "$OUT/vs-hf-static.json"
-$B bench compare "$OUT/hf-trace-ours.json" "$OUT/hf-cb.json" --out "$OUT/vs-hf-cb.json"
+$B bench compare --median "$OUT"/hf-trace-ours-*.json "$OUT"/hf-static-*.json --baseline hf-static --out "$OUT/vs-hf-static.json"
+$B bench compare --median "$OUT"/hf-trace-ours-*.json "$OUT/hf-cb.json" --baseline hf-cb --out "$OUT/vs-hf-cb.json"
 fi
 
 if want sweep; then
