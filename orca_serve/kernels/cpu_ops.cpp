@@ -267,8 +267,8 @@ inline void score_tile_t(const float* const* krow, const float* __restrict qt, i
   }
 }
 
-// rows[r][0, 8) for r < 8 -> dst + r' * ld, column r' of the 8 x 8 block: the
-// classic unpack / shuffle / permute transpose, 24 shuffles for 64 floats.
+// dst[c * ld + r] = rows[r][c] for r, c < 8: an 8 x 8 block transposed in
+// registers (the classic unpack / shuffle / permute sequence, 24 shuffles).
 inline void transpose8(const float* const* rows, float* __restrict dst, int64_t ld) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[i]);
