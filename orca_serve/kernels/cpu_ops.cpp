@@ -325,7 +325,7 @@ void attend_rows_tiled(const float* __restrict q, int64_t q_row_stride, float* _
   const int64_t len_max = first_pos + j1;
   float* qt = scratch;                   // [D][nq_pad]
   float* st = qt + D * nq_pad;           // [len_max][nq_pad]
-  float* mx = st + len_max * nq_pad;     // [nq_pad] running max, then 1 / sum
+  float* mx = st + len_max * nq_pad;     // [nq_pad] each query's max score
   float* sum = mx + nq_pad;              // [nq_pad]
   float* lenf = sum + nq_pad;            // [nq_pad] each query's context length
   // Query vector i = (row j0 + i / group, head h * group + i % group); padding
@@ -342,8 +342,9 @@ void attend_rows_tiled(const float* __restrict q, int64_t q_row_stride, float* _
       for (auto& p : qv) p += 8;
     }
   }
-  auto krow = [&](int64_t t) {
-    return k_cache + (blocks[t / block_size] * block_size + t % block_size) * row_stride + h * D;
+  // Key t's row of KV head h in a cache (K or V).
+  auto row_at = [&](const float* cache, int64_t t) {
+    return cache + (blocks[t / block_size] * block_size + t % block_size) * row_stride + h * D;
   };
   // Keys before the task's first causal length are seen by every query of it:
   // their score tiles keep each column's max as they go. Only the last few
@@ -354,17 +355,15 @@ void attend_rows_tiled(const float* __restrict q, int64_t q_row_stride, float* _
   const float* kr[kKeyTile];
   int64_t t = 0;
   for (; t + kKeyTile <= len_max; t += kKeyTile) {
-    for (int r = 0; r < kKeyTile; ++r) kr[r] = krow(t + r);
-    if (t + kKeyTile <= seen_by_all)
-      for (int64_t c0 = 0; c0 < nq_pad; c0 += 16)
-        score_tile_t<D, kKeyTile, true>(kr, qt, nq_pad, scale, st + t * nq_pad, c0, mx);
-    else
-      for (int64_t c0 = 0; c0 < nq_pad; c0 += 16)
-        score_tile_t<D, kKeyTile, false>(kr, qt, nq_pad, scale, st + t * nq_pad, c0, mx);
+    for (int r = 0; r < kKeyTile; ++r) kr[r] = row_at(k_cache, t + r);
+    const bool seen = t + kKeyTile <= seen_by_all;
+    for (int64_t c0 = 0; c0 < nq_pad; c0 += 16)
+      (seen ? score_tile_t<D, kKeyTile, true> : score_tile_t<D, kKeyTile, false>)(kr, qt, nq_pad, scale,
+                                                                                  st + t * nq_pad, c0, mx);
   }
   const int64_t masked_from = std::min(t, seen_by_all / kKeyTile * kKeyTile);
   for (; t < len_max; ++t) {
-    kr[0] = krow(t);
+    kr[0] = row_at(k_cache, t);
     for (int64_t c0 = 0; c0 < nq_pad; c0 += 16) score_tile_t<D, 1, false>(kr, qt, nq_pad, scale, st + t * nq_pad, c0, mx);
   }
   for (t = masked_from; t < len_max; ++t) {
@@ -373,17 +372,14 @@ void attend_rows_tiled(const float* __restrict q, int64_t q_row_stride, float* _
 #pragma omp simd
     for (int64_t i = 0; i < nq_pad; ++i) mx[i] = tf < lenf[i] && row[i] > mx[i] ? row[i] : mx[i];
   }
-  // P.V key chunk by key chunk: a chunk's V rows (kPvKeys x D floats) and
-  // weights stay in L1 while every query tile and 16-dim slice runs over them,
-  // accumulating in acc [nq][D]; walking the whole context once per tile and
-  // slice read each V row from L2 nq / 6 * D / 16 times.
+  // P.V key chunk by key chunk, accumulating in acc [nq][D].
   float* acc = lenf + nq_pad;  // [nq][D]
   std::fill(acc, acc + nq * D, 0.f);
   const float* vr[kPvKeys];
   for (int64_t k0 = 0; k0 < len_max; k0 += kPvKeys) {
     const int64_t k1 = std::min(len_max, k0 + kPvKeys);
     for (int64_t tk = k0; tk < k1; ++tk) {
-      vr[tk - k0] = v_cache + (blocks[tk / block_size] * block_size + tk % block_size) * row_stride + h * D;
+      vr[tk - k0] = row_at(v_cache, tk);
       // Softmax weights of this chunk's keys, computed here so their rows are
       // still in L1 for the tiles below; past a query's causal length: zero.
       float* row = st + tk * nq_pad;
