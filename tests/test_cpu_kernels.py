@@ -262,6 +262,55 @@ def test_panel_linear_matches_float64_reference(ops, out_features, in_features):
             torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
 
 
+def test_panel_linear_is_the_same_whatever_thread_runs_what(ops):
+    """The threads take units of work from a shared counter, and each calling
+    thread packs x into a buffer of its own: every output element must come
+    out bit for bit the same on one thread or two, and while another thread
+    runs a matmul of a different shape at the same time."""
+    import threading
+
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for rows, n, k in ((7, 200, 96), (200, 960, 576), (389, 576, 600), (130, 3072, 64)):
+        w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+        cases.append((x, ops.pack_panels(w), torch.randn(n, generator=g)))
+
+    def run(case):
+        x, panels, bias = case
+        out = torch.empty(x.shape[0], bias.numel())
+        ops.panel_linear(out, x, panels, bias)
+        return out
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = [run(c) for c in cases]
+        torch.set_num_threads(2)
+        for _ in range(3):
+            for case, want in zip(cases, expected):
+                assert torch.equal(run(case), want)
+    finally:
+        torch.set_num_threads(threads)
+    got, errors = {}, []
+
+    def caller(i):
+        try:
+            for _ in range(5):
+                for j in (i, 3 - i):
+                    got.setdefault(j, []).append(run(cases[j]))
+        except Exception as exc:  # surfaced below; a thread's exception would be lost
+            errors.append(exc)
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in (0, 1)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert not errors
+    for j, outs in got.items():
+        assert len(outs) == 5 and all(torch.equal(o, expected[j]) for o in outs)
+
+
 def test_panel_linear_rejects_bad_inputs(ops):
     w = torch.randn(40, 24)
     panels = ops.pack_panels(w)

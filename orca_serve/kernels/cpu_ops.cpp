@@ -33,6 +33,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -687,8 +688,9 @@ void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Ten
 // ---- panel_linear: out = x W^T (+ bias), every matmul of the layers ----
 //
 // W is repacked once into panels of 16 output features, [ceil(N / 16)][K][16],
-// so one panel is one sequential stream, and each thread takes a contiguous run
-// of panels. Two loop nests read that one layout:
+// so one panel is one sequential stream. The threads take the work in units
+// (runs of panels, and for prefill-sized batches one row block each) from a
+// shared counter (parallel_units). Two loop nests read that one layout:
 //
 // - Decode-sized batches (under kBlockedMinRows rows): a step multiplies tens
 //   of rows by every weight of the model, and the weights (540 MB for SmolLM2
@@ -700,7 +702,7 @@ void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Ten
 //   project's 2-core machine; this runs 1.2-1.7x faster there.
 // - Prefill-sized batches: the same tiles over K slices that stay in L1 and
 //   a copy of x's row block in tile order that stays in L2 (see
-//   panel_sweep). On the 128-request trace its prefill iterations took
+//   panel_sweep_blocks). On the 128-request trace its prefill iterations took
 //   60-65 s against 67-72 s with oneDNN's prepacked GEMM (two A/B sittings of
 //   two runs each), so the layers keep no other copy of their weights.
 namespace {
@@ -718,6 +720,8 @@ constexpr int64_t kBlockRows = 192;
 // Below this many rows the weights stream from DRAM once, whole panels at a
 // time; slicing K would break that stream for little reuse.
 constexpr int64_t kBlockedMinRows = 128;
+// The fewest panels one unit of work runs (see panel_runs).
+constexpr int64_t kMinRunPanels = 4;
 
 // One register tile: out[0..MR)[0..ncols) = a . b over kc (+ bias), or += when
 // accumulate. b is a panel (or a slice of one), [kc][16]. a holds MR rows of x:
@@ -792,41 +796,86 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
   }
 }
 
-// out [M, N] = x [M, K] . W^T (+ bias). Each thread takes a contiguous run of
-// panels; rows of x go in blocks of `block` rows, K in slices of `depth`.
-// Unpacked (decode-sized batches): one block of all M rows and one slice of
-// all of K, x read in place, so each panel streams once. Packed (prefill-sized):
-// 192-row blocks and 256-wide slices, each block's slice copied into tile order
-// first; each thread packs its own copy (M x K floats in all, against its
-// M x K x N/2 multiply-adds) so the threads never wait for each other.
+// One run of tiles: rows [m0, m0 + rows) of out, panels [p0, p1), K columns
+// [k0, k0 + kc). a is x in place (row m0's column k0, rows ldx apart) or,
+// Packed, those rows' slice in tile order (pack_rows). Each tile prefetches its
+// share of the next panel's lines of this slice.
 template <bool Packed>
-void panel_sweep(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
-                 int64_t ldo, int64_t N, const float* bp) {
-  const int64_t block = Packed ? kBlockRows : M, depth = Packed ? kDepth : std::max<int64_t>(K, 1);
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> packed(Packed ? kBlockRows * kDepth : 0);
-    for (int64_t m0 = 0; m0 < M; m0 += block) {
-      const int64_t rows = std::min(block, M - m0);
-      const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-      // k0 == 0 runs even when K == 0, so out still gets the bias (or zeros).
-      for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += depth) {
-        const int64_t kc = std::min(depth, K - k0);
-        if (Packed) pack_rows(xp + m0 * ldx, ldx, rows, k0, kc, packed.data());
-        const int64_t share = (kc + tiles - 1) / tiles;  // next panel's lines (one per k) each tile prefetches
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
-          const float* b = pp + (p * K + k0) * kPanel;
-          const float* next = p + 1 < p1 ? b + K * kPanel : nullptr;
-          for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t m = t * kTileRows, r = std::min(kTileRows, rows - m);
-            const int64_t lo = std::min(kc, t * share), lines = next ? std::min(kc, lo + share) - lo : 0;
-            const float* a = Packed ? packed.data() + m * kc : xp + (m0 + m) * ldx + k0;
-            kPanelTiles<Packed>[r](a, ldx, b, kc, op + (m0 + m) * ldo + n0, ldo, ncols, k0 > 0, bp ? bp + n0 : nullptr,
-                                   next ? next + lo * kPanel : nullptr, lines);
-          }
-        }
-      }
+void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0, int64_t kc, const float* pp,
+               int64_t p0, int64_t p1, float* op, int64_t ldo, int64_t N, const float* bp) {
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  const int64_t share = (kc + tiles - 1) / tiles;  // next panel's lines (one per k) each tile prefetches
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
+    const float* b = pp + (p * K + k0) * kPanel;
+    const float* next = p + 1 < p1 ? b + K * kPanel : nullptr;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m = t * kTileRows, r = std::min(kTileRows, rows - m);
+      const int64_t lo = std::min(kc, t * share), lines = next ? std::min(kc, lo + share) - lo : 0;
+      kPanelTiles<Packed>[r](Packed ? a + m * kc : a + m * ldx, ldx, b, kc, op + m * ldo + n0, ldo, ncols, k0 > 0,
+                             bp ? bp + n0 : nullptr, next ? next + lo * kPanel : nullptr, lines);
     }
+  }
+}
+
+// Hands out units [0, units) to the threads from a shared counter: a thread
+// the OS or a neighbour on the host preempts for a while takes fewer of them
+// instead of holding the others at the end of the matmul, as a fixed split
+// made it do. On this project's 2-core machine, whose speed moves with its
+// neighbours' load, SmolLM2's layer GEMMs took 0.92x the time at 110 rows and
+// 0.95x at 2048 side by side with the fixed split (0.94x at 2048 with a
+// 2 ms-in-20 ms busy loop beside them, 0.98x in a quiet minute).
+template <typename F>
+void parallel_units(int64_t units, const F& body) {
+  std::atomic<int64_t> next_unit{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t u; (u = next_unit.fetch_add(1, std::memory_order_relaxed)) < units;) body(u);
+  });
+}
+
+// Runs of panels to cut a matmul's P panels into so that `blocks` row blocks
+// x runs give each thread several units, no run shorter than kMinRunPanels.
+int64_t panel_runs(int64_t P, int64_t blocks) {
+  const int64_t want = (8 * at::get_num_threads() + blocks - 1) / blocks;
+  return std::max<int64_t>(1, std::min(want, P / kMinRunPanels));
+}
+
+// Decode-sized batches: out [M, N] = x [M, K] . W^T (+ bias), x read in place,
+// runs of whole panels, each panel streamed once.
+void panel_sweep_rows(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
+                      int64_t ldo, int64_t N, const float* bp) {
+  const int64_t runs = panel_runs(P, 1), run = (P + runs - 1) / runs;
+  parallel_units((P + run - 1) / run, [&](int64_t u) {
+    panel_run<false>(xp, ldx, M, K, 0, K, pp, u * run, std::min(P, (u + 1) * run), op, ldo, N, bp);
+  });
+}
+
+// Prefill-sized batches: x is packed once, every (row block, K slice) in tile
+// order, by all threads together; then the work goes out in units of one row
+// block x a run of panels, each over every K slice (parallel_units). The
+// pack buffer is kept per calling thread and grows to the largest x seen.
+void panel_sweep_blocks(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
+                        int64_t ldo, int64_t N, const float* bp) {
+  const int64_t blocks = (M + kBlockRows - 1) / kBlockRows, slices = std::max<int64_t>(1, (K + kDepth - 1) / kDepth);
+  thread_local std::vector<float> packed;
+  if (packed.size() < static_cast<size_t>(M * K)) packed.resize(M * K);
+  float* pk = packed.data();
+  // Block b's slice starting at k0 sits at b * kBlockRows * K + k0 * rows.
+  at::parallel_for(0, blocks * slices, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t m0 = (u / slices) * kBlockRows, k0 = (u % slices) * kDepth;
+      const int64_t rows = std::min(kBlockRows, M - m0);
+      pack_rows(xp + m0 * ldx, ldx, rows, k0, std::min(kDepth, K - k0), pk + m0 * K + k0 * rows);
+    }
+  });
+  const int64_t runs = panel_runs(P, blocks), run = (P + runs - 1) / runs;
+  parallel_units(blocks * ((P + run - 1) / run), [&](int64_t u) {
+    const int64_t b = u % blocks, p0 = (u / blocks) * run, p1 = std::min(P, p0 + run);
+    const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, M - m0);
+    // k0 == 0 runs even when K == 0, so out still gets the bias (or zeros).
+    for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kDepth)
+      panel_run<true>(pk + m0 * K + k0 * rows, ldx, rows, K, k0, std::min(kDepth, K - k0), pp, p0, p1, op + m0 * ldo,
+                      ldo, N, bp);
   });
 }
 
@@ -876,9 +925,9 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& panels,
   float* op = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldo = out.stride(0);
   if (M >= kBlockedMinRows)
-    panel_sweep<true>(xp, ldx, M, K, pp, P, op, ldo, N, bp);
+    panel_sweep_blocks(xp, ldx, M, K, pp, P, op, ldo, N, bp);
   else
-    panel_sweep<false>(xp, ldx, M, K, pp, P, op, ldo, N, bp);
+    panel_sweep_rows(xp, ldx, M, K, pp, P, op, ldo, N, bp);
 }
 
 // The ops release the GIL like torch's own: the engine runs them on its own
