@@ -796,10 +796,11 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
   }
 }
 
-// One run of tiles: rows [m0, m0 + rows) of out, panels [p0, p1), K columns
-// [k0, k0 + kc). a is x in place (row m0's column k0, rows ldx apart) or,
-// Packed, those rows' slice in tile order (pack_rows). Each tile prefetches its
-// share of the next panel's lines of this slice.
+// One run of tiles: `rows` rows of op (the caller's row block, rows ldo
+// apart), panels [p0, p1), K columns [k0, k0 + kc). a is that block's x in
+// place (at column k0, rows ldx apart) or, Packed, its slice in tile order
+// (pack_rows). Each tile prefetches its share of the next panel's lines of
+// this slice.
 template <bool Packed>
 void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0, int64_t kc, const float* pp,
                int64_t p0, int64_t p1, float* op, int64_t ldo, int64_t N, const float* bp) {
