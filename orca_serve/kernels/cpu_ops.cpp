@@ -33,7 +33,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -689,8 +688,8 @@ void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Ten
 //
 // W is repacked once into panels of 16 output features, [ceil(N / 16)][K][16],
 // so one panel is one sequential stream. The threads take the work in units
-// (runs of panels, and for prefill-sized batches one row block each) from a
-// shared counter (parallel_units). Two loop nests read that one layout:
+// (runs of panels, and for prefill-sized batches one row block each) one at
+// a time (parallel_units). Two loop nests read that one layout:
 //
 // - Decode-sized batches (under kBlockedMinRows rows): a step multiplies tens
 //   of rows by every weight of the model, and the weights (540 MB for SmolLM2
@@ -819,7 +818,8 @@ void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0,
   }
 }
 
-// Hands out units [0, units) to the threads from a shared counter: a thread
+// Hands out units [0, units) to the threads one at a time, as paged_attention
+// hands out its tasks (OpenMP's dynamic schedule): a thread
 // the OS or a neighbour on the host preempts for a while takes fewer of them
 // instead of holding the others at the end of the matmul, as a fixed split
 // made it do. On this project's 2-core machine, whose speed moves with its
@@ -828,10 +828,8 @@ void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0,
 // 2 ms-in-20 ms busy loop beside them, 0.98x in a quiet minute).
 template <typename F>
 void parallel_units(int64_t units, const F& body) {
-  std::atomic<int64_t> next_unit{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t u; (u = next_unit.fetch_add(1, std::memory_order_relaxed)) < units;) body(u);
-  });
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t u = 0; u < units; ++u) body(u);
 }
 
 // Runs of panels to cut a matmul's P panels into so that `blocks` row blocks
