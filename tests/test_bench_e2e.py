@@ -134,10 +134,17 @@ def test_roofline_reports_a_ceiling_and_our_fraction(tmp_path, capsys):
         "requests": [{"success": True, "prompt_len": 20, "output_len": 10}]}]}))
     out = tmp_path / "roof.json"
     assert bench(["roofline", "--load-format", "dummy", "--dummy-config", "tiny-llama", "--num-tokens", "16",
+                  "--prefill-tokens", "32", "--rounds", "2", "--round-gap", "0",
                   "--result", str(result), "--out", str(out)]) == 0
     roof = json.loads(out.read_text())
     assert roof["context"] == 25 and roof["ceiling_tokens_per_s"] > 0
     assert set(roof["gemm_ms"]) == {"qkv", "attn_out", "mlp_up", "mlp_down", "lm_head"}
+    # Every shape is timed once per round; the ceiling takes each one's best round.
+    assert len(roof["rounds"]) == 2
+    for name, ms in roof["gemm_ms"].items():
+        assert ms == min(r["decode"]["gemm_ms"][name] for r in roof["rounds"])
+    assert set(roof["rounds"][0]["prefill"]["gemm_ms"]) == {"qkv", "attn_out", "mlp_up", "mlp_down"}
+    assert roof["gemm_gflops"] >= max(r["decode"]["gemm_gflops"] for r in roof["rounds"]) * (1 - 1e-9)
     (row,) = roof["runs"]
     assert row["total_fraction"] == pytest.approx(200.0 / roof["ceiling_tokens_per_s"])
     (trace,) = roof["trace"]["runs"]
@@ -145,6 +152,12 @@ def test_roofline_reports_a_ceiling_and_our_fraction(tmp_path, capsys):
     assert roof["trace"]["median_fraction"] == pytest.approx(trace["fraction"])
     out_text = capsys.readouterr().out
     assert "of the ceiling" in out_text and "median fraction of the matmul ceiling on this trace" in out_text
+    assert "decode GEMMs by round: " in out_text and "prefill GEMMs by round: " in out_text
+
+
+def test_roofline_rejects_no_rounds(capsys):
+    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+        bench(["roofline", "--load-format", "dummy", "--dummy-config", "tiny-llama", "--rounds", "0"])
 
 
 def test_trace_flops_by_hand():

@@ -88,6 +88,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="rows of a prefill iteration (the token budget) for the trace's prompt GEMM rate")
     r.add_argument("--result", default=None, nargs="+",
                    help="bench JSON(s): print the (median) throughput's fraction of the ceiling")
+    r.add_argument("--rounds", type=int, default=3,
+                   help="times every GEMM shape is measured; the ceiling takes each shape's best round")
+    r.add_argument("--round-gap", type=float, default=10.0,
+                   help="seconds between rounds, so that one busy minute on a shared machine cannot set them all")
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

@@ -7,7 +7,8 @@ context of c tokens) is T / max(compute time, memory time):
   attention output, MLP, LM head; float32 on this process's CPU threads by
   default, or --device cuda --dtype bfloat16 for a GPU), by the fastest of
   ``F.linear`` and the prepacked matmuls the layers use on CPU float32
-  (oneDNN's, and the native kernels' panels),
+  (oneDNN's, and the native kernels' panels), each shape's best over
+  several rounds spaced apart (see ``gemm_rounds``),
   plus attention's 4*c*heads*head_dim FLOPs per token and layer at the
   FLOP rate those GEMMs reached;
 - memory time: weights read once per iteration plus every token's KV
@@ -55,7 +56,11 @@ class Dims:
                    getattr(c, "head_dim", None) or c.hidden_size // heads, c.vocab_size, True)
 
 
-def gemm_shapes(d: Dims, tokens: int) -> list[tuple[str, int, int, int, int]]:
+# (name, M, K, N, times per iteration)
+Shape = tuple[str, int, int, int, int]
+
+
+def gemm_shapes(d: Dims, tokens: int) -> list[Shape]:
     """(name, M, K, N, times per iteration) of every weight GEMM for ``tokens`` rows."""
     q, kv = d.heads * d.head_dim, 2 * d.kv_heads * d.head_dim
     mlp_up = 2 * d.intermediate if d.gated_mlp else d.intermediate
@@ -118,9 +123,9 @@ def ceiling(d: Dims, tokens: int, context: int, bandwidth: float, gemm_times: di
     elem_bytes = torch.tensor([], dtype=dtype).element_size()
     if gemm_times is None:
         gemm_times = {name: time_gemm(m, k, n, dtype, device) for name, m, k, n, _ in shapes}
-    gemm_s = sum(gemm_times[name] * count for name, _, _, _, count in shapes)
     gemm_flops = sum(2 * m * k * n * count for _, m, k, n, count in shapes)
-    flop_rate = gemm_flops / gemm_s
+    flop_rate = gemm_rate(shapes, gemm_times)
+    gemm_s = gemm_flops / flop_rate
     attn_flops = 4 * context * d.heads * d.head_dim * d.layers * tokens
     compute_s = gemm_s + attn_flops / flop_rate
     weight_bytes = sum(k * n * count for _, _, k, n, count in shapes) * elem_bytes
@@ -134,11 +139,38 @@ def ceiling(d: Dims, tokens: int, context: int, bandwidth: float, gemm_times: di
             "ceiling_tokens_per_s": tokens / max(compute_s, memory_s)}
 
 
-def layer_gemm_rate(d: Dims, rows: int, dtype=torch.float32, device="cpu") -> float:
-    """FLOP/s of the decoder layers' GEMMs (no LM head) at ``rows`` tokens."""
-    shapes = [s for s in gemm_shapes(d, rows) if s[0] != "lm_head"]
-    seconds = sum(time_gemm(m, k, n, dtype, device) * count for _, m, k, n, count in shapes)
-    return sum(2 * m * k * n * count for _, m, k, n, count in shapes) / seconds
+def gemm_rounds(views: dict[str, list[Shape]], rounds: int, gap_s: float, dtype=torch.float32,
+                device="cpu") -> list[dict[str, dict[str, float]]]:
+    """Seconds of every GEMM shape of every view (by ``time_gemm``), measured
+    ``rounds`` times: each round times every shape in turn, rounds ``gap_s``
+    apart. On a shared machine one round's figures move with the minute it
+    ran in (the same GEMMs measured 127-175 GFLOP/s at 2048 rows from one
+    run of this command to the next on this project's 2-core machine); a
+    ceiling taken from each shape's best over rounds spaced apart is what
+    the machine can do, not what one minute let it do."""
+    measured = []
+    for r in range(rounds):
+        if r and gap_s > 0:
+            time.sleep(gap_s)
+        measured.append({view: {name: time_gemm(m, k, n, dtype, device) for name, m, k, n, _ in shapes}
+                         for view, shapes in views.items()})
+    return measured
+
+
+def best_times(measured: list[dict[str, dict[str, float]]], view: str) -> dict[str, float]:
+    """Each shape's best seconds over the rounds of ``gemm_rounds``."""
+    return {name: min(r[view][name] for r in measured) for name in measured[0][view]}
+
+
+def gemm_rate(shapes: list[Shape], times: dict[str, float]) -> float:
+    """FLOP/s of ``shapes`` (counted as often as an iteration runs them) at ``times``."""
+    return (sum(2 * m * k * n * count for _, m, k, n, count in shapes)
+            / sum(times[name] * count for name, _, _, _, count in shapes))
+
+
+def layer_shapes(d: Dims, rows: int) -> list[Shape]:
+    """The decoder layers' GEMMs (no LM head) at ``rows`` tokens."""
+    return [s for s in gemm_shapes(d, rows) if s[0] != "lm_head"]
 
 
 def trace_flops(d: Dims, requests: list[dict]) -> tuple[float, float]:
@@ -219,15 +251,25 @@ def run_roofline(args) -> dict:
         result = {"runs": [r for runs in report.median_runs(args.result).values() for r in runs]}
         context = args.context_len or mean_context(report.load(args.result[0]))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.rounds < 1 or args.round_gap < 0:
+        raise SystemExit(f"--rounds must be at least 1 and --round-gap at least 0 "
+                         f"(got {args.rounds} and {args.round_gap})")
+    views = {"decode": gemm_shapes(dims, args.num_tokens)}
+    if result:  # the trace view's prompt-side rate, measured in the same rounds
+        views["prefill"] = layer_shapes(dims, args.prefill_tokens)
+    measured = gemm_rounds(views, args.rounds, args.round_gap, dtype, args.device)
     out = {"model": args.model or args.dummy_config or "default", "dims": asdict(dims), "device": args.device,
            "dtype": args.dtype, "threads": torch.get_num_threads(),
-           **ceiling(dims, args.num_tokens, context, memory_bandwidth(device=args.device), dtype=dtype,
-                     device=args.device)}
+           "rounds": [{view: {"gemm_gflops": gemm_rate(views[view], r[view]) / 1e9,
+                              "gemm_ms": {k: v * 1000.0 for k, v in r[view].items()}} for view in views}
+                      for r in measured],
+           **ceiling(dims, args.num_tokens, context, memory_bandwidth(device=args.device),
+                     gemm_times=best_times(measured, "decode"), dtype=dtype, device=args.device)}
     if result:
         out["runs"] = fractions(result, out["ceiling_tokens_per_s"])
         # The trace view: each repeat's own requests and duration, median fraction.
         with_requests = {"runs": [r for p in args.result for r in report.load(p)["runs"]]}
-        trace = trace_fraction(dims, with_requests, layer_gemm_rate(dims, args.prefill_tokens, dtype, args.device),
+        trace = trace_fraction(dims, with_requests, gemm_rate(views["prefill"], best_times(measured, "prefill")),
                                out["gemm_gflops"] * 1e9)
         trace["median_fraction"] = statistics.median(r["fraction"] for r in trace["runs"])
         trace["prefill_tokens"] = args.prefill_tokens
@@ -245,7 +287,10 @@ def _print(r: dict) -> None:
           f"context {r['context']}")
     for name, ms in r["gemm_ms"].items():
         print(f"  GEMM {name:<10}{ms:>10.3f} ms")
-    print(f"GEMM rate            {r['gemm_gflops']:>10.1f} GFLOP/s")
+    print(f"GEMM rate            {r['gemm_gflops']:>10.1f} GFLOP/s (each shape's best of "
+          f"{len(r['rounds'])} round{'s' if len(r['rounds']) > 1 else ''})")
+    for view in r["rounds"][0]:
+        print(f"  {view} GEMMs by round: " + " / ".join(f"{rnd[view]['gemm_gflops']:.1f}" for rnd in r["rounds"]) + " GFLOP/s")
     print(f"copy bandwidth       {r['bandwidth_gb_s']:>10.1f} GB/s")
     print(f"FLOPs per token      {r['flops_per_token'] / 1e6:>10.1f} MFLOP")
     print(f"iteration: compute {r['compute_s'] * 1e3:.2f} ms, memory {r['memory_s'] * 1e3:.2f} ms "
