@@ -116,13 +116,12 @@ def memory_bandwidth(mib: int = 512, device="cpu", reps: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def ceiling(d: Dims, tokens: int, context: int, bandwidth: float, gemm_times: dict[str, float] | None = None,
-            dtype=torch.float32, device="cpu") -> dict:
-    """Tokens/s this machine could process in iterations of ``tokens`` decode tokens."""
+def ceiling(d: Dims, tokens: int, context: int, bandwidth: float, gemm_times: dict[str, float],
+            dtype=torch.float32) -> dict:
+    """Tokens/s this machine could process in iterations of ``tokens`` decode tokens,
+    given the seconds of each of ``gemm_shapes(d, tokens)`` (see ``gemm_rounds``)."""
     shapes = gemm_shapes(d, tokens)
     elem_bytes = torch.tensor([], dtype=dtype).element_size()
-    if gemm_times is None:
-        gemm_times = {name: time_gemm(m, k, n, dtype, device) for name, m, k, n, _ in shapes}
     gemm_flops = sum(2 * m * k * n * count for _, m, k, n, count in shapes)
     flop_rate = gemm_rate(shapes, gemm_times)
     gemm_s = gemm_flops / flop_rate
@@ -264,7 +263,7 @@ def run_roofline(args) -> dict:
                               "gemm_ms": {k: v * 1000.0 for k, v in r[view].items()}} for view in views}
                       for r in measured],
            **ceiling(dims, args.num_tokens, context, memory_bandwidth(device=args.device),
-                     gemm_times=best_times(measured, "decode"), dtype=dtype, device=args.device)}
+                     best_times(measured, "decode"), dtype)}
     if result:
         out["runs"] = fractions(result, out["ceiling_tokens_per_s"])
         # The trace view: each repeat's own requests and duration, median fraction.
@@ -290,7 +289,8 @@ def _print(r: dict) -> None:
     print(f"GEMM rate            {r['gemm_gflops']:>10.1f} GFLOP/s (each shape's best of "
           f"{len(r['rounds'])} round{'s' if len(r['rounds']) > 1 else ''})")
     for view in r["rounds"][0]:
-        print(f"  {view} GEMMs by round: " + " / ".join(f"{rnd[view]['gemm_gflops']:.1f}" for rnd in r["rounds"]) + " GFLOP/s")
+        rates = " / ".join(f"{rnd[view]['gemm_gflops']:.1f}" for rnd in r["rounds"])
+        print(f"  {view} GEMMs by round: {rates} GFLOP/s")
     print(f"copy bandwidth       {r['bandwidth_gb_s']:>10.1f} GB/s")
     print(f"FLOPs per token      {r['flops_per_token'] / 1e6:>10.1f} MFLOP")
     print(f"iteration: compute {r['compute_s'] * 1e3:.2f} ms, memory {r['memory_s'] * 1e3:.2f} ms "
