@@ -145,6 +145,7 @@ def test_roofline_reports_a_ceiling_and_our_fraction(tmp_path, capsys):
         assert ms == min(r["decode"]["gemm_ms"][name] for r in roof["rounds"])
     assert set(roof["rounds"][0]["prefill"]["gemm_ms"]) == {"qkv", "attn_out", "mlp_up", "mlp_down"}
     assert roof["gemm_gflops"] >= max(r["decode"]["gemm_gflops"] for r in roof["rounds"]) * (1 - 1e-9)
+    assert roof["trace"]["prefill_gemm_gflops"] >= max(r["prefill"]["gemm_gflops"] for r in roof["rounds"]) * (1 - 1e-9)
     (row,) = roof["runs"]
     assert row["total_fraction"] == pytest.approx(200.0 / roof["ceiling_tokens_per_s"])
     (trace,) = roof["trace"]["runs"]
