@@ -122,9 +122,8 @@ def ceiling(d: Dims, tokens: int, context: int, bandwidth: float, gemm_times: di
     given the seconds of each of ``gemm_shapes(d, tokens)`` (see ``gemm_rounds``)."""
     shapes = gemm_shapes(d, tokens)
     elem_bytes = torch.tensor([], dtype=dtype).element_size()
-    gemm_flops = sum(2 * m * k * n * count for _, m, k, n, count in shapes)
-    flop_rate = gemm_rate(shapes, gemm_times)
-    gemm_s = gemm_flops / flop_rate
+    gemm_flops, gemm_s = total_flops(shapes), total_seconds(shapes, gemm_times)
+    flop_rate = gemm_flops / gemm_s
     attn_flops = 4 * context * d.heads * d.head_dim * d.layers * tokens
     compute_s = gemm_s + attn_flops / flop_rate
     weight_bytes = sum(k * n * count for _, _, k, n, count in shapes) * elem_bytes
@@ -161,10 +160,19 @@ def best_times(measured: list[dict[str, dict[str, float]]], view: str) -> dict[s
     return {name: min(r[view][name] for r in measured) for name in measured[0][view]}
 
 
+def total_flops(shapes: list[Shape]) -> float:
+    """FLOPs of ``shapes``, each counted as often as an iteration runs it."""
+    return sum(2 * m * k * n * count for _, m, k, n, count in shapes)
+
+
+def total_seconds(shapes: list[Shape], times: dict[str, float]) -> float:
+    """Seconds of ``shapes`` at ``times`` (per shape), each counted as often as an iteration runs it."""
+    return sum(times[name] * count for name, _, _, _, count in shapes)
+
+
 def gemm_rate(shapes: list[Shape], times: dict[str, float]) -> float:
-    """FLOP/s of ``shapes`` (counted as often as an iteration runs them) at ``times``."""
-    return (sum(2 * m * k * n * count for _, m, k, n, count in shapes)
-            / sum(times[name] * count for name, _, _, _, count in shapes))
+    """FLOP/s of ``shapes`` at ``times``."""
+    return total_flops(shapes) / total_seconds(shapes, times)
 
 
 def layer_shapes(d: Dims, rows: int) -> list[Shape]:
@@ -183,7 +191,7 @@ def trace_flops(d: Dims, requests: list[dict]) -> tuple[float, float]:
     is sampled, needs more than its K/V projection: the other rows' outputs
     are never read (the engine skips them too, see ``LlamaModel``).
     """
-    per_token = sum(2 * k * n * count for name, _, k, n, count in gemm_shapes(d, 1) if name != "lm_head")
+    per_token = total_flops(layer_shapes(d, 1))
     per_layer = per_token / d.layers
     kv_proj = 2 * d.hidden * 2 * d.kv_heads * d.head_dim
     lm_head = 2 * d.hidden * d.vocab

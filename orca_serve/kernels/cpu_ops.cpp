@@ -719,7 +719,7 @@ constexpr int64_t kBlockRows = 192;
 // Below this many rows the weights stream from DRAM once, whole panels at a
 // time; slicing K would break that stream for little reuse.
 constexpr int64_t kBlockedMinRows = 128;
-// The fewest panels one unit of work runs (see panel_runs).
+// The fewest panels one unit of work runs (see panel_run_length).
 constexpr int64_t kMinRunPanels = 4;
 
 // One register tile: out[0..MR)[0..ncols) = a . b over kc (+ bias), or += when
@@ -832,18 +832,20 @@ void parallel_units(int64_t units, const F& body) {
   for (int64_t u = 0; u < units; ++u) body(u);
 }
 
-// Runs of panels to cut a matmul's P panels into so that `blocks` row blocks
-// x runs give each thread several units, no run shorter than kMinRunPanels.
-int64_t panel_runs(int64_t P, int64_t blocks) {
+// Panels per unit of work, cutting a matmul's P panels into runs so that
+// `blocks` row blocks x runs give each thread several units, no run shorter
+// than kMinRunPanels unless the matmul has fewer panels than that.
+int64_t panel_run_length(int64_t P, int64_t blocks) {
   const int64_t want = (8 * at::get_num_threads() + blocks - 1) / blocks;
-  return std::max<int64_t>(1, std::min(want, P / kMinRunPanels));
+  const int64_t runs = std::max<int64_t>(1, std::min(want, P / kMinRunPanels));
+  return (P + runs - 1) / runs;
 }
 
 // Decode-sized batches: out [M, N] = x [M, K] . W^T (+ bias), x read in place,
 // runs of whole panels, each panel streamed once.
 void panel_sweep_rows(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
                       int64_t ldo, int64_t N, const float* bp) {
-  const int64_t runs = panel_runs(P, 1), run = (P + runs - 1) / runs;
+  const int64_t run = panel_run_length(P, 1);
   parallel_units((P + run - 1) / run, [&](int64_t u) {
     panel_run<false>(xp, ldx, M, K, 0, K, pp, u * run, std::min(P, (u + 1) * run), op, ldo, N, bp);
   });
@@ -851,8 +853,9 @@ void panel_sweep_rows(const float* xp, int64_t ldx, int64_t M, int64_t K, const 
 
 // Prefill-sized batches: x is packed once, every (row block, K slice) in tile
 // order, by all threads together; then the work goes out in units of one row
-// block x a run of panels, each over every K slice (parallel_units). The
-// pack buffer is kept per calling thread and grows to the largest x seen.
+// block x a run of panels, each over every K slice. Both phases hand out
+// their units with parallel_units. The pack buffer is kept per calling
+// thread and grows to the largest x seen.
 void panel_sweep_blocks(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
                         int64_t ldo, int64_t N, const float* bp) {
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows, slices = std::max<int64_t>(1, (K + kDepth - 1) / kDepth);
@@ -860,14 +863,12 @@ void panel_sweep_blocks(const float* xp, int64_t ldx, int64_t M, int64_t K, cons
   if (packed.size() < static_cast<size_t>(M * K)) packed.resize(M * K);
   float* pk = packed.data();
   // Block b's slice starting at k0 sits at b * kBlockRows * K + k0 * rows.
-  at::parallel_for(0, blocks * slices, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t m0 = (u / slices) * kBlockRows, k0 = (u % slices) * kDepth;
-      const int64_t rows = std::min(kBlockRows, M - m0);
-      pack_rows(xp + m0 * ldx, ldx, rows, k0, std::min(kDepth, K - k0), pk + m0 * K + k0 * rows);
-    }
+  parallel_units(blocks * slices, [&](int64_t u) {
+    const int64_t m0 = (u / slices) * kBlockRows, k0 = (u % slices) * kDepth;
+    const int64_t rows = std::min(kBlockRows, M - m0);
+    pack_rows(xp + m0 * ldx, ldx, rows, k0, std::min(kDepth, K - k0), pk + m0 * K + k0 * rows);
   });
-  const int64_t runs = panel_runs(P, blocks), run = (P + runs - 1) / runs;
+  const int64_t run = panel_run_length(P, blocks);
   parallel_units(blocks * ((P + run - 1) / run), [&](int64_t u) {
     const int64_t b = u % blocks, p0 = (u / blocks) * run, p1 = std::min(P, p0 + run);
     const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, M - m0);
