@@ -195,6 +195,53 @@ def test_rms_norm_matches_layer(ops, rows, hidden):
     torch.testing.assert_close(norm(wide[:, :hidden]), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (37, 64), (300, 100)])
+def test_add_and_norm_is_the_add_then_the_norm(ops, rows, hidden):
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(hidden, eps=1e-5)
+    norm.weight.copy_(torch.randn(hidden, generator=g))
+    # x a strided row view (a slice of a wider buffer), as layer outputs can be.
+    x = torch.randn(rows, hidden + 5, generator=g)[:, :hidden] * 3
+    residual = torch.randn(rows, hidden, generator=g)
+    norm.cpu_ops = ops
+    total, out = norm.add_and_norm(x, residual)
+    # The sum is the float32 sum, and the norm the native norm of it, bit for bit.
+    assert torch.equal(total, x + residual)
+    assert torch.equal(out, norm(x + residual))
+    norm.cpu_ops = None
+    ref_total, ref_out = norm.add_and_norm(x, residual)
+    assert torch.equal(ref_total, total)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="same shape"):
+        ops.add_rms_norm(torch.empty(rows, hidden), torch.empty(rows, hidden), x, residual[:, :hidden - 1],
+                         norm.weight, 1e-5)
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_write_kv_matches_index_copy_and_checks_slots(ops, block_size):
+    g = torch.Generator().manual_seed(block_size)
+    kv_heads, head_dim, blocks, tokens = 3, 16, 12, 9
+    qkv = torch.randn(tokens, (2 + 2 * kv_heads) * head_dim, generator=g)
+    k = qkv[:, 2 * head_dim:(2 + kv_heads) * head_dim]  # strided views, as the layer passes them
+    v = qkv[:, (2 + kv_heads) * head_dim:]
+    slots = torch.randperm(blocks * block_size, generator=g)[:tokens]
+    kc, vc = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g), torch.zeros(blocks, block_size,
+                                                                                           kv_heads, head_dim)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    ref_k.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.reshape(tokens, kv_heads, head_dim))
+    ref_v.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.reshape(tokens, kv_heads, head_dim))
+    ops.write_kv(kc, vc, k, v, slots)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    before = kc.clone()
+    bad = slots.clone()
+    bad[4] = blocks * block_size
+    with pytest.raises(RuntimeError, match=f"slot {blocks * block_size} of token 4 is outside"):
+        ops.write_kv(kc, vc, k, v, bad)
+    assert torch.equal(kc, before)  # checked before anything is written
+    with pytest.raises(RuntimeError, match="k and v must be"):
+        ops.write_kv(kc, vc, k[:, :-1], v, slots)
+
+
 def test_silu_and_mul_matches_layer_including_extremes(ops):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 2 * 96, generator=g) * 6

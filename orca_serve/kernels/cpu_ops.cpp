@@ -4,7 +4,11 @@
 // layer in one pass over memory each. PyTorch runs them as chains of
 // separate ops (pow, mean, rsqrt, mul, mul; chunk, silu, mul; cat, neg, mul,
 // mul, add), each reading and writing the whole activation: at a 2048-token
-// prefill that chain cost ~9 ms per layer, against ~2.7 ms here.
+// prefill that chain cost ~9 ms per layer, against ~2.7 ms here. add_rms_norm
+// takes the residual add before each norm into the same pass, and write_kv
+// puts a batch's new K/V rows into the paged pool (vLLM's reshape_and_cache):
+// both replace torch ops whose per-call cost (~45 us each, 120 calls an
+// iteration) counted at decode-sized batches.
 //
 // paged_attention: every query token of a mixed batch (decodes, prompts,
 // prompt chunks) attends causally to its request's context directly in the
@@ -597,31 +601,58 @@ void check_rows(const at::Tensor& t, const char* name) {
 // Rows per parallel task: enough work (~16K floats) to amortize the fork.
 int64_t grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
 
-}  // namespace
-
-// out[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps), as HF computes it in float32.
-void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+// out[t] = weight * r / sqrt(mean(r^2) + eps), as HF computes it in float32,
+// for each row t of r = x, or, with h, r = x + h (also written to sum).
+void norm_rows(at::Tensor out, const at::Tensor& x, const at::Tensor* h, at::Tensor* sum, const at::Tensor& weight,
+               double eps) {
   check_rows(x, "x");
   check_rows(out, "out");
   TORCH_CHECK(out.sizes() == x.sizes(), "out and x must have the same shape");
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == x.size(1),
               "weight must be a contiguous float32 vector of the hidden size");
-  const int64_t rows = x.size(0), h = x.size(1), xs = x.stride(0), os = out.stride(0);
+  if (h) {
+    check_rows(*h, "h");
+    check_rows(*sum, "sum");
+    TORCH_CHECK(h->sizes() == x.sizes() && sum->sizes() == x.sizes(), "x, h and sum must have the same shape");
+  }
+  const int64_t rows = x.size(0), n = x.size(1), xs = x.stride(0), os = out.stride(0);
+  const int64_t hs = h ? h->stride(0) : 0, ss = h ? sum->stride(0) : 0;
   const float* xp = x.data_ptr<float>();
+  const float* hp = h ? h->data_ptr<float>() : nullptr;
+  float* sp = h ? sum->data_ptr<float>() : nullptr;
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows, grain(h), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* xr = xp + r * xs;
-      float* orow = op + r * os;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < h; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+      const float* row = xp + r * xs;
+      if (hp) {
+        const float* hr = hp + r * hs;
+        float* sr = sp + r * ss;
 #pragma omp simd
-      for (int64_t i = 0; i < h; ++i) orow[i] = wp[i] * (xr[i] * inv);
+        for (int64_t i = 0; i < n; ++i) sr[i] = row[i] + hr[i];
+        row = sr;
+      }
+      float* orow = op + r * os;
+      float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t i = 0; i < n; ++i) sq += row[i] * row[i];
+      const float inv = 1.f / std::sqrt(sq / static_cast<float>(n) + static_cast<float>(eps));
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) orow[i] = wp[i] * (row[i] * inv);
     }
   });
+}
+
+}  // namespace
+
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  norm_rows(out, x, nullptr, nullptr, weight, eps);
+}
+
+// The residual add before a norm, in the same pass: sum = x + h, out = RMSNorm(sum).
+void add_rms_norm(at::Tensor out, at::Tensor sum, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                  double eps) {
+  norm_rows(out, x, &h, &sum, weight, eps);
 }
 
 // x = [gate | up] per row; out = silu(gate) * up.
@@ -645,6 +676,42 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
         const float sig = (g >= 0.f ? 1.f : e) / (1.f + e);
         o[i] = g * sig * up[i];
       }
+    }
+  });
+}
+
+// Each new token's K and V rows (k, v: [T, kv_heads * head_dim], rows may be
+// strided, as views of the fused QKV projection) into the paged pool
+// (k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]) at its slot
+// (block id * block_size + offset). torch's index_copy_ took ~45 us a call
+// for a decode batch's rows; this is a row copy per token.
+void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache/v_cache must be [num_blocks, block_size, kv_heads, head_dim]");
+  for (const at::Tensor* t : {&k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "k_cache/v_cache must be contiguous float32 CPU tensors");
+  check_rows(k, "k");
+  check_rows(v, "v");
+  const int64_t T = k.size(0), width = k_cache.size(2) * k_cache.size(3), slots = k_cache.size(0) * k_cache.size(1);
+  TORCH_CHECK(v.size(0) == T && k.size(1) == width && v.size(1) == width, "k and v must be [tokens, ", width,
+              "] for this cache");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.numel() == T,
+              "slot_mapping must be a contiguous int64 vector with one slot per token");
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " of token ", t, " is outside the pool's ", slots,
+                " slots");
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  at::parallel_for(0, T, grain(2 * width), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(kc + slot[t] * width, kp + t * ks, sizeof(float) * width);
+      std::memcpy(vc + slot[t] * width, vp + t * vs, sizeof(float) * width);
     }
   });
 }
@@ -935,6 +1002,8 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& panels,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("rms_norm", &rms_norm, "RMSNorm of each row", release());
+  m.def("add_rms_norm", &add_rms_norm, "sum = x + h, then RMSNorm of each row of sum", release());
+  m.def("write_kv", &write_kv, "write new K/V rows into the paged pool at their slots", release());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", release());
   m.def("rotary_embedding", &rotary_embedding, "in-place rotate-half RoPE of q and k heads", release());
   m.def("paged_attention", &paged_attention, "mixed-batch causal attention over the paged KV pool", release());

@@ -108,6 +108,7 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         # The native paged attention kernel, bound by the runner with the cache when it can be used.
         self.attention_kernel = None
+        self.cpu_ops = None  # native kernels (the K/V write), bound by the model runner when they apply
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, sampled_only: bool = False) -> torch.Tensor:
@@ -118,8 +119,11 @@ class Attention(nn.Module):
         n_tok, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
         k, v = k.view(n_tok, hkv, d), v.view(n_tok, hkv, d)
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+        if self.cpu_ops is not None:
+            self.cpu_ops.write_kv(k_cache, v_cache, k.view(n_tok, hkv * d), v.view(n_tok, hkv * d), meta.slot_mapping)
+        else:
+            k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
 
         if sampled_only and meta.sample_rows is None:
             raise RuntimeError("sampled_only attention needs meta.sample_rows; see prepare_inputs")

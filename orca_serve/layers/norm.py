@@ -3,7 +3,8 @@
 RMSNorm follows HF transformers' order of operations exactly (normalize in
 float32, cast back, then scale) so that greedy outputs match it token for token.
 On CPU in float32 the runner binds the native kernel (``cpu_ops``), which does
-the same arithmetic in one pass over the row.
+the same arithmetic in one pass over the row, with the residual add before
+the norm in that pass too (``add_and_norm``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, this norm of it): a pre-norm block's residual add and
+        the next norm, in one pass with the native kernel."""
+        if (self.cpu_ops is not None and x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1
+                and x.shape == residual.shape):
+            total, out = torch.empty_like(x), torch.empty_like(x)
+            self.cpu_ops.add_rms_norm(out, total, x, residual, self.weight, self.eps)
+            return total, out
+        total = x + residual
+        return total, self(total)
 
 
 class LayerNorm(nn.Module):

@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2).
 
 Pre-norm blocks: RMSNorm -> attention (fused QKV, RoPE, GQA) -> residual ->
-RMSNorm -> SwiGLU MLP (fused gate/up) -> residual. Qwen2 differs only by a
+RMSNorm -> SwiGLU MLP (fused gate/up) -> residual; each residual add is done
+in one pass with the norm after it (as vLLM does). Qwen2 differs only by a
 bias on the QKV projection. Selective batching: every op but attention runs
 once on the flattened [num_tokens, hidden] batch.
 """
@@ -79,11 +80,21 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = LlamaMLP(config, dtype)
 
-    def forward(self, positions, x, meta, sampled_only: bool = False):
-        """``sampled_only``: return just the rows ``meta.sample_rows`` (see LlamaModel)."""
-        h = self.self_attn(positions, self.input_layernorm(x), meta, sampled_only)
-        x = (x.index_select(0, meta.sample_rows) if sampled_only else x) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, x, residual, meta, sampled_only: bool = False):
+        """(MLP output, residual stream before it): the block's output is their
+        sum, which the next block's input norm (or the model's final norm)
+        forms in the same pass as the norm (``RMSNorm.add_and_norm``).
+        ``residual`` None: x is the stream itself (the stage's first block).
+        ``sampled_only``: return just the rows ``meta.sample_rows`` (see LlamaModel)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(positions, h, meta, sampled_only)
+        if sampled_only:
+            residual = residual.index_select(0, meta.sample_rows)
+        residual, h = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -106,9 +117,14 @@ class LlamaModel(nn.Module):
         that are sampled (a prompt's other rows are never read again)."""
         x = self.embed_tokens(input_ids) if hidden_states is None else hidden_states
         last = sampled_only_layer(self.end, len(self.layers), meta)
+        residual = None
         for i in range(self.start, self.end):
-            x = self.layers[i](positions, x, meta, sampled_only=i == last)
-        return self.norm(x)
+            x, residual = self.layers[i](positions, x, residual, meta, sampled_only=i == last)
+        if residual is None:  # a stage without layers
+            return self.norm(x)
+        if isinstance(self.norm, PPMissingLayer):  # the next stage takes the stream as it is
+            return x + residual
+        return self.norm.add_and_norm(x, residual)[1]
 
 
 class LlamaForCausalLM(nn.Module):
