@@ -312,9 +312,9 @@ def test_panel_linear_matches_float64_reference(ops, out_features, in_features):
 def test_panel_linear_is_the_same_whatever_thread_runs_what(ops):
     """The threads take units of work as they come free (OpenMP's dynamic
     schedule), and each calling thread packs x into a buffer of its own:
-    every output element must come
-    out bit for bit the same on one thread or two, and while another thread
-    runs a matmul of a different shape at the same time."""
+    every output element must come out bit for bit the same on one thread
+    or two, and while another thread runs a matmul of a different shape at
+    the same time."""
     import threading
 
     g = torch.Generator().manual_seed(3)

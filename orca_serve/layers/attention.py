@@ -117,11 +117,11 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache bound; see ModelRunner")
         n_tok, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
-        k, v = k.view(n_tok, hkv, d), v.view(n_tok, hkv, d)
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         if self.cpu_ops is not None:
-            self.cpu_ops.write_kv(k_cache, v_cache, k.view(n_tok, hkv * d), v.view(n_tok, hkv * d), meta.slot_mapping)
-        else:
+            self.cpu_ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        k, v = k.view(n_tok, hkv, d), v.view(n_tok, hkv, d)
+        if self.cpu_ops is None:
             k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
             v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
 

@@ -20,8 +20,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.cpu_ops = None  # native kernels, bound by the model runner when they apply
 
+    def _native(self, x: torch.Tensor) -> bool:
+        """Whether the native kernel takes x: bound, and rows of x contiguous."""
+        return self.cpu_ops is not None and x.dim() == 2 and x.stride(-1) == 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_ops is not None and x.dim() == 2 and x.stride(-1) == 1:
+        if self._native(x):
             out = torch.empty_like(x)
             self.cpu_ops.rms_norm(out, x, self.weight, self.eps)
             return out
@@ -33,8 +37,7 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + residual, this norm of it): a pre-norm block's residual add and
         the next norm, in one pass with the native kernel."""
-        if (self.cpu_ops is not None and x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1
-                and x.shape == residual.shape):
+        if self._native(x) and self._native(residual) and x.shape == residual.shape:
             total, out = torch.empty_like(x), torch.empty_like(x)
             self.cpu_ops.add_rms_norm(out, total, x, residual, self.weight, self.eps)
             return total, out
