@@ -203,11 +203,11 @@ void attend_rows(const float* __restrict q, int64_t q_row_stride, float* __restr
 // One core keeps only a few misses in flight and its prefetcher stops at each
 // 4 KiB page, so a decode's scan over scattered blocks runs at a third of the
 // bandwidth without this; spreading the requests over the work on the
-// current block keeps them from piling up. L2, not L1: a prefetch to L1
-// holds one of L1's few miss buffers until the line arrives, so the scan
-// kept fewer lines in flight (Zen 4, 100-128 decodes over 310-450 tokens in
-// random blocks: 0.62-0.69x the time of prefetching to L1, 14.6 -> 23 GB/s);
-// the block's reads then hit L2 and L1's own prefetcher.
+// current block keeps them from piling up. Into L2, not L1: on Zen 4 (32-128
+// decodes over 200-450 tokens in random blocks) that took 0.62-0.73x the
+// time, 14.6-19 -> 23-27 GB/s. Likely why (not measured directly): a
+// prefetch to L1 holds one of L1's few miss buffers until its line arrives,
+// so fewer lines were in flight; from L2 the block's reads are cheap.
 inline void prefetch_part(const float* block, int64_t floats, int64_t part, int64_t parts) {
 #ifdef __AVX2__
   const int64_t lines = (floats + 15) / 16, begin = lines * part / parts, end = lines * (part + 1) / parts;
@@ -878,15 +878,15 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
 // (pack_rows). Each tile prefetches its share of the next panel's lines of
 // this slice.
 //
-// Where those lines go: a decode-sized panel (K x 16 floats, 36-96 KB for
-// SmolLM2) does not fit in L1 (32 KB), so when 2 or 3 tiles sweep it, lines
+// Where those lines go: into L2 when 2 or 3 tiles sweep a decode-sized
+// panel. Side by side on Zen 4 (30 layers' GEMMs cycling, medians) that took
+// 0.75-0.81x the time of L1 prefetches at 8 rows, 0.80-0.87x at 12,
+// 0.85-0.99x at 16 and 0.92x at 18. The likely reason: such a panel (K x 16
+// floats, 36-96 KB for SmolLM2) does not fit in L1 (32 KB), so lines
 // prefetched into L1 for the next panel evict the current one's, which the
-// later tiles then read from L2 after all; into L2 the next panel waits
-// without displacing it. Side by side on Zen 4 (30 layers' GEMMs cycling,
-// medians): 0.75-0.81x the time at 8 rows, 0.80x at 12, 0.85-0.99x at 16.
-// With one tile (up to 6 rows) every line is read once and L1 is the right
-// place (4 rows: 1.11-1.14x the time into L2); from 4 tiles up the sweep is
-// compute-bound and the two measured within noise (0.94-1.04x).
+// later tiles then read from L2 after all. With one tile (up to 6 rows)
+// every line is read once and L1 is the right place (4 rows: 1.11-1.14x the
+// time into L2); from 4 tiles up the two measured within noise (0.94-1.04x).
 constexpr int64_t kL2PrefetchMaxTiles = 3;
 
 template <bool Packed>
