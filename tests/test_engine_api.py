@@ -129,3 +129,19 @@ def test_chat_and_cli_on_default_model(default_model_dir, capsys):
     assert "Paris" in capsys.readouterr().out
     assert main(["generate", "--prompt", "x", "--max-tokens", "0", "--num-kv-blocks", "64"]) == 2
     assert "max_tokens" in capsys.readouterr().err
+
+
+def test_baseline_batch_flags_say_they_do_not_cap_other_policies():
+    # --max-batch-size reads like a cap on every policy; the help must say it
+    # is the request-level baseline's alone, and where the real cap lives.
+    import argparse
+
+    from orca_serve.entrypoints.cli import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["max_batch_size"].startswith("request-level policy only")
+    assert "--max-num-seqs" in helps["max_batch_size"] and helps["max_batch_size"].endswith("default: 16")
+    assert helps["max_queue_delay_s"].startswith("request-level policy only")
+    assert helps["max_num_seqs"] == "default: 256"

@@ -20,6 +20,10 @@ _CHOICES = {"kv_allocation": config.KV_ALLOCATION_MODES, "preemption_mode": conf
             "load_format": ("auto", "dummy"), "dtype": config.DTYPES, "parallel": config.PARALLEL_MODES,
             "cpu_kernels": config.CPU_KERNEL_MODES}
 _SKIP = {"dummy_config"}  # set through --dummy-config below (a name, not a dict)
+# Flags whose name alone misleads: the request-level baseline's batch knobs do
+# not cap the iteration-level policies (those admit up to --max-num-seqs).
+_HELP = {"max_batch_size": "request-level policy only: requests per batch (other policies: see --max-num-seqs)",
+         "max_queue_delay_s": "request-level policy only: longest wait for a batch to fill"}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
             else:
                 group.add_argument(flag, dest=f.name, type=kind, default=None, choices=_CHOICES.get(f.name),
-                                   help=f"default: {f.default!r}")
+                                   help=f"{_HELP[f.name]}; default: {f.default!r}" if f.name in _HELP
+                                   else f"default: {f.default!r}")
     group.add_argument("--dummy-config", dest="dummy_config", default=None,
                        help="with --load-format dummy: a preset name (e.g. gpt3-13b) or a config.json path")
 
