@@ -120,10 +120,10 @@ class Attention(nn.Module):
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         if self.cpu_ops is not None:
             self.cpu_ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        else:
+            k_cache.view(-1, hkv * d).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, hkv * d).index_copy_(0, meta.slot_mapping, v)
         k, v = k.view(n_tok, hkv, d), v.view(n_tok, hkv, d)
-        if self.cpu_ops is None:
-            k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
-            v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
 
         if sampled_only and meta.sample_rows is None:
             raise RuntimeError("sampled_only attention needs meta.sample_rows; see prepare_inputs")
