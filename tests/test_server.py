@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import openai
@@ -206,6 +207,8 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("max-completion-tokens-cannot-fit", _CHAT, {"messages": _MSG, "max_completion_tokens": 1000}, None, 400,
      "max_completion_tokens"),
     ("token-id-out-of-vocab", _CMPL, {"prompt": [1, 99999]}, None, 400, "prompt"),
+    ("prompt-empty-list", _CMPL, {"prompt": []}, None, 400, "prompt"),
+    ("prompt-empty-string", _CMPL, {"prompt": ""}, None, 400, "prompt"),
     ("body-too-large", _CMPL, {"prompt": "x" * 100_000}, None, 400, "body"),
     ("no-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": ""}, 401, None),
     ("wrong-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": "Bearer nope"}, 401, None),
@@ -223,6 +226,8 @@ def test_bad_input_then_good_request(server, case):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param
+    # The field is named once ("prompt: token id ..."), not once per layer it passed.
+    assert not re.match(r"^([\w.\[\]]+): \1\b", err["message"]), err["message"]
     good = httpx.post(server.url + _CMPL, json={"prompt": "hi", "max_tokens": 2}, headers=_auth(), timeout=30)
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
 

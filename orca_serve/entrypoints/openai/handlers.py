@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from orca_serve.engine.async_engine import AsyncLLMEngine
 from orca_serve.engine.errors import EngineDeadError
-from orca_serve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from orca_serve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, name_field
 from orca_serve.entrypoints.openai.serving import (
     SSE_DONE, SSE_HEADERS, RequestGroup, TokenText, check_context, engine_error, failure, in_flight_failure,
     sampling_params, schedule_kwargs, sse)
@@ -44,7 +44,7 @@ async def _tokenize(fn, *args, param: str) -> list[int]:
     try:
         return await asyncio.to_thread(fn, *args)
     except (ValueError, TemplateError) as exc:  # a template may refuse a conversation (raise_exception)
-        raise engine_error(ValueError(f"{param}: {exc}"), param) from None
+        raise engine_error(ValueError(name_field(param, str(exc))), param) from None
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request,

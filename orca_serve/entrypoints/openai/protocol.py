@@ -9,6 +9,7 @@ with a 400 naming the field rather than silently ignored.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +35,14 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def name_field(param: str | None, message: str) -> str:
+    """``"top_p: must be > 0"``: the message led by the field it is about,
+    unless it already starts with that field (``"echo is not supported"``)."""
+    if not param or re.match(rf"{re.escape(param)}\b", message):
+        return message
+    return f"{param}: {message}"
 
 
 class _Strict(BaseModel):
@@ -221,5 +230,4 @@ def parse_request(model: type[_Strict], body: Any) -> Any:
         err = e.errors(include_url=False)[0]
         param = _param_of(err)
         msg = err["msg"].removeprefix("Value error, ")
-        raise bad_request(f"{param}: {msg}" if param else msg, param=param,
-                          code="invalid_value") from None
+        raise bad_request(name_field(param, msg), param=param, code="invalid_value") from None
