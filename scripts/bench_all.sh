@@ -11,8 +11,8 @@ MODEL_DIR=$($B bench hf-dir 2>/dev/null | tail -1)
 # Wait for a server's /health, giving up if its process ($2) dies.
 wait_up() { for _ in $(seq 1 600); do curl -sf "$1/health" >/dev/null && return 0
   kill -0 "$2" 2>/dev/null || return 1; sleep 1; done; return 1; }
-# STEPS="overhead engine http vllm hf sweep swap" picks what to run (default: all);
-# REPEATS (default 3) runs of engine, http and vllm are compared by their medians.
+# STEPS="overhead engine http vllm lowc hf sweep swap" picks what to run (default: all);
+# REPEATS (default 3) runs of engine, http, vllm and lowc are compared by their medians.
 want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 
 step() { echo "== $(date +%T) $*"; }
@@ -30,24 +30,34 @@ fi
 
 # Our server and vLLM's, alternated run by run so drift on this shared machine
 # hits both; each server starts fresh for each run (no prefix cache carried over).
-ours_http() {
+# ours_server/vllm_server CMD...: start the server, run CMD... PORT, stop it.
+ours_server() {
   $B --log-level warning serve --port 8100 > "$OUT/ours-serve.log" 2>&1 & PID=$!
-  wait_up http://127.0.0.1:8100 $PID && $B bench --backend openai --base-url http://127.0.0.1:8100 --tokenizer "$MODEL_DIR" \
-    --workload orca --num-requests "$N" --label orca-serve --out "$OUT/ours-http-$1.json" --no-progress --quiet
+  wait_up http://127.0.0.1:8100 $PID && "$@" 8100
   kill -INT $PID; wait $PID
 }
-vllm_http() {
+vllm_server() {
   HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 \
     .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --dtype float32 --max-model-len 2048 --port 8101 \
     --served-model-name SmolLM2-135M-Instruct > "$OUT/vllm-serve.log" 2>&1 & PID=$!
-  wait_up http://127.0.0.1:8101 $PID && $B bench --backend openai --base-url http://127.0.0.1:8101 --tokenizer "$MODEL_DIR" \
-    --workload orca --num-requests "$N" --label vllm --out "$OUT/vllm-http-$1.json" --no-progress --quiet
+  wait_up http://127.0.0.1:8101 $PID && "$@" 8101
   kill -INT $PID; wait $PID
+}
+http_bench() { $B bench --backend openai --base-url "http://127.0.0.1:${@: -1}" --tokenizer "$MODEL_DIR" --no-progress --quiet "${@:1:$#-1}"; }
+# The 128-request trace, all sent at t=0. Args: file prefix, label, run, port.
+trace_run() { http_bench --workload orca --num-requests "$N" --label "$2" --out "$OUT/$1-http-$3.json" "$4"; }
+# One user, then four, at a time: 256-token prompts, 128 output tokens.
+# Args as trace_run.
+lowc_run() {
+  http_bench --workload random --input-len 256 --output-len 128 --num-requests 8 --max-concurrency 1 \
+    --label "$2" --out "$OUT/$1-lowc-c1-$3.json" "$4"
+  http_bench --workload random --input-len 256 --output-len 128 --num-requests 16 --max-concurrency 4 \
+    --label "$2" --out "$OUT/$1-lowc-c4-$3.json" "$4"
 }
 have_vllm() { [ -x .venv-vllm/bin/python ]; }
 for i in $(seq 1 "$REPEATS"); do
-  want http && step "orca-serve server through HTTP, run $i/$REPEATS" && ours_http "$i"
-  want vllm && have_vllm && step "vLLM CPU server through HTTP, run $i/$REPEATS" && vllm_http "$i"
+  want http && step "orca-serve server through HTTP, run $i/$REPEATS" && ours_server trace_run ours orca-serve "$i"
+  want vllm && have_vllm && step "vLLM CPU server through HTTP, run $i/$REPEATS" && vllm_server trace_run vllm vllm "$i"
 done
 if want http && want vllm && have_vllm; then
   $B bench compare --median "$OUT"/ours-http-*.json "$OUT"/vllm-http-*.json --baseline vllm --out "$OUT/vs-vllm.json"
@@ -57,8 +67,18 @@ if want http && want engine; then
     --out "$OUT/http-vs-engine.json"
 fi
 
-# HF_REPEATS (default 1) runs of ours and hf-static, alternated, compared by
-# their medians; hf-cb (several minutes a run) runs once.
+if want lowc && have_vllm; then
+for i in $(seq 1 "$REPEATS"); do
+  step "low concurrency (1, then 4 at a time) over HTTP, orca-serve then vLLM, run $i/$REPEATS"
+  ours_server lowc_run ours orca-serve "$i"
+  vllm_server lowc_run vllm vllm "$i"
+done
+for c in 1 4; do
+  $B bench compare --median "$OUT"/ours-lowc-c$c-*.json "$OUT"/vllm-lowc-c$c-*.json --baseline vllm \
+    --out "$OUT/vs-vllm-lowc-c$c.json"
+done
+fi
+
 if want hf; then
 HF_N=${HF_N:-64}
 HF_REPEATS=${HF_REPEATS:-1}
