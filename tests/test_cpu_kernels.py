@@ -32,15 +32,18 @@ def ops():
     return module
 
 
-def make_case(seed, n, kv_heads, group, head_dim, block_size, max_len, num_blocks=1300, rows=None):
+def make_case(seed, n, kv_heads, group, head_dim, block_size, max_len, num_blocks=1300, rows=None, lens=None):
     """A batch of n requests over a scattered pool. ``rows[i]``: query rows of
-    request i (default 1: decodes); they are the last rows of its context."""
+    request i (default 1: decodes); they are the last rows of its context.
+    ``lens``: the context lengths (default: random up to max_len)."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
-    lens = rng.integers(1, max_len + 1, n)
-    lens[0] = block_size  # one exactly full last block
+    if lens is None:
+        lens = rng.integers(1, max_len + 1, n)
+        lens[0] = block_size  # one exactly full last block
+    lens = np.asarray(lens, dtype=np.int64)
     rows = np.ones(n, dtype=np.int64) if rows is None else np.minimum(np.asarray(rows), lens)
     max_blocks = int(-(-lens.max() // block_size)) + 1  # one spare column: padding must be ignored
     table = np.full((n, max_blocks), num_blocks - 1, dtype=np.int64)
@@ -119,6 +122,36 @@ def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops, kv_heads, g
     expected = reference(*case, scale)
     torch.testing.assert_close(run_kernel(ops, *case, scale), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(run_kernel(ops, strided, *case[1:], scale), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_a_lone_decode_cut_into_parts_matches_sdpa(ops, block_size):
+    # A batch with fewer tasks than threads (one user's decode) cuts the
+    # decode's context into parts of whole blocks, run as separate tasks and
+    # merged. Lengths: many parts with a short last block, exactly 32 blocks,
+    # one block past a part, 8 blocks (two parts of the fewest blocks), 7
+    # blocks (too short to cut) and a single token.
+    lens = [57 * block_size + 3, 32 * block_size, 17 * block_size, 8 * block_size, 7 * block_size, 1]
+    q, kc, vc, table, qs, lens = make_case(block_size, len(lens), 3, 3, 64, block_size, max(lens),
+                                           num_blocks=2 * sum(lens), lens=lens)
+    # One key per request, near its end, scores far above the rest: the merge
+    # must rescale each part from its own max to the largest, or the early
+    # parts' weights would swamp it (or underflow to 0/0).
+    for i, length in enumerate(lens.tolist()):
+        pos = max(length - 2, 0)
+        kc[table[i, pos // block_size], pos % block_size] = q[i].mean(1) * 60
+    scale = 0.125
+    expected = reference(q, kc, vc, table, qs, lens, scale)
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            for i in range(len(lens)):  # one decode: fewer tasks than threads
+                alone = run_kernel(ops, q[i:i + 1], kc, vc, table[i:i + 1], torch.tensor([0, 1]), lens[i:i + 1], scale)
+                assert torch.isfinite(alone).all()
+                torch.testing.assert_close(alone, expected[i:i + 1], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_large_scores_do_not_overflow(ops):
