@@ -79,6 +79,8 @@ for c in 1 4; do
 done
 fi
 
+# HF_REPEATS (default 1) runs of ours and hf-static, alternated, compared by
+# their medians; hf-cb (several minutes a run) runs once.
 if want hf; then
 HF_N=${HF_N:-64}
 HF_REPEATS=${HF_REPEATS:-1}

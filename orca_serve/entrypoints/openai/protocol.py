@@ -40,7 +40,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def name_field(param: str | None, message: str) -> str:
     """``"top_p: must be > 0"``: the message led by the field it is about,
     unless it already starts with that field (``"echo is not supported"``)."""
-    if not param or re.match(rf"{re.escape(param)}\b", message):
+    if not param or re.match(rf"{re.escape(param)}(?!\w)", message):
         return message
     return f"{param}: {message}"
 
