@@ -68,6 +68,41 @@ def test_greedy_matches_hf_with_staggered_arrivals(tiny_model_dir, kind, mode, n
     assert stats.num_kv_blocks_free == num_blocks
 
 
+def test_one_users_long_decodes_match_hf(tiny_model_dir):
+    """One request alone, its context tens of KV blocks long: with fewer
+    attention tasks than threads the native kernel cuts each decode's context
+    into parts, run on both threads and merged. The tokens must still be HF's."""
+    path = tiny_model_dir("llama")
+    prompt = make_prompts(1, 384, seed=3, lo=150, hi=150)[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = LLMEngine(EngineConfig.from_kwargs(model=path, block_size=4, num_kv_blocks=100,
+                                                    enable_prefix_caching=False, cpu_kernels="on"))
+        runner = engine.executor.runner
+        attn = [m for m in runner.model.modules() if getattr(m, "attention_kernel", None) is not None]
+        kernel = attn[0].attention_kernel
+        lone_decodes = []
+
+        def recording(out, q, k_cache, v_cache, block_table, query_start, seq_lens, scale):
+            if q.shape[0] == 1:
+                lone_decodes.append(int(seq_lens[0]))
+            return kernel(out, q, k_cache, v_cache, block_table, query_start, seq_lens, scale)
+        for m in attn:
+            m.attention_kernel = recording
+        engine.add_request("0", prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+        done = []
+        while engine.has_unfinished_requests():
+            done += [o for o in engine.step() if o.finished]
+    finally:
+        torch.set_num_threads(threads)
+    # The case under test happened: one query row over 150-173 tokens (38-44
+    # blocks of 4): the 23 decodes, and the prompt's last layer, which runs
+    # only the sampled row.
+    assert set(lone_decodes) == set(range(150, 174))
+    assert done[0].token_ids == hf_generate(load_hf(path), prompt, 24)
+
+
 def test_prefix_caching_same_outputs_and_counts_cached_tokens(tiny_model_dir):
     path = tiny_model_dir("llama")
     system = make_prompts(1, 384, seed=5, lo=40, hi=40)[0]
