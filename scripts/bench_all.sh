@@ -30,29 +30,30 @@ fi
 
 # Our server and vLLM's, alternated run by run so drift on this shared machine
 # hits both; each server starts fresh for each run (no prefix cache carried over).
-# ours_server/vllm_server CMD...: start the server, run CMD... PORT, stop it.
+# ours_server/vllm_server CMD...: start the server, run CMD... against it
+# (PORT says where), stop it.
 ours_server() {
   $B --log-level warning serve --port 8100 > "$OUT/ours-serve.log" 2>&1 & PID=$!
-  wait_up http://127.0.0.1:8100 $PID && "$@" 8100
+  PORT=8100; wait_up http://127.0.0.1:$PORT $PID && "$@"
   kill -INT $PID; wait $PID
 }
 vllm_server() {
   HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 \
     .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --dtype float32 --max-model-len 2048 --port 8101 \
     --served-model-name SmolLM2-135M-Instruct > "$OUT/vllm-serve.log" 2>&1 & PID=$!
-  wait_up http://127.0.0.1:8101 $PID && "$@" 8101
+  PORT=8101; wait_up http://127.0.0.1:$PORT $PID && "$@"
   kill -INT $PID; wait $PID
 }
-http_bench() { $B bench --backend openai --base-url "http://127.0.0.1:${@: -1}" --tokenizer "$MODEL_DIR" --no-progress --quiet "${@:1:$#-1}"; }
-# The 128-request trace, all sent at t=0. Args: file prefix, label, run, port.
-trace_run() { http_bench --workload orca --num-requests "$N" --label "$2" --out "$OUT/$1-http-$3.json" "$4"; }
+http_bench() { $B bench --backend openai --base-url "http://127.0.0.1:$PORT" --tokenizer "$MODEL_DIR" --no-progress --quiet "$@"; }
+# The 128-request trace, all sent at t=0. Args: file prefix, label, run.
+trace_run() { http_bench --workload orca --num-requests "$N" --label "$2" --out "$OUT/$1-http-$3.json"; }
 # One user, then four, at a time: 256-token prompts, 128 output tokens.
 # Args as trace_run.
 lowc_run() {
   http_bench --workload random --input-len 256 --output-len 128 --num-requests 8 --max-concurrency 1 \
-    --label "$2" --out "$OUT/$1-lowc-c1-$3.json" "$4"
+    --label "$2" --out "$OUT/$1-lowc-c1-$3.json"
   http_bench --workload random --input-len 256 --output-len 128 --num-requests 16 --max-concurrency 4 \
-    --label "$2" --out "$OUT/$1-lowc-c4-$3.json" "$4"
+    --label "$2" --out "$OUT/$1-lowc-c4-$3.json"
 }
 have_vllm() { [ -x .venv-vllm/bin/python ]; }
 for i in $(seq 1 "$REPEATS"); do

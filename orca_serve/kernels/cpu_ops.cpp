@@ -23,8 +23,8 @@
 // ~2.6-3 ms this way, on this project's 2-core machine). A batch of fewer
 // decodes than threads cuts each decode's context into parts for the idle
 // threads and merges their softmax sums after (as flash-decoding does).
-// Prompt rows are register-tiled for head sizes that are multiples of 16, with the scores
-// built transposed (keys x queries) so K is read in place: six prompts of
+// Prompt rows are register-tiled for head sizes that are multiples of 16,
+// with the scores built transposed (keys x queries) so K is read in place: six prompts of
 // 224-512 tokens took 0.80-0.82x the time of the previous tiling, which
 // copied every 16-key tile of K into [D][16] for every task (itself
 // 1.25-1.45x the per-row loop). P.V then runs over L1-sized chunks of keys,
@@ -113,8 +113,8 @@ inline void block_scores(const float* __restrict q, const float* __restrict kb, 
   }
 }
 
-// s[t] = exp(s[t] - max s) in place; returns 1 / sum, the normalizer, and
-// with max_out, the max.
+// s[t] = exp(s[t] - max s) in place; returns their sum, and with max_out,
+// the max.
 inline float exp_shifted(float* __restrict s, int64_t len, float* max_out = nullptr) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
@@ -126,7 +126,7 @@ inline float exp_shifted(float* __restrict s, int64_t len, float* max_out = null
     sum += s[t];
   }
   if (max_out) *max_out = m;
-  return 1.f / sum;
+  return sum;
 }
 
 // acc[0, D) += sum over the n rows t of w[t] * v row t (rows row_stride apart).
@@ -187,7 +187,7 @@ void attend_rows(const float* __restrict q, int64_t q_row_stride, float* __restr
     }
     for (int64_t g = 0; g < group; ++g) {
       float* s = scores + g * len;
-      const float inv = exp_shifted(s, len);
+      const float inv = 1.f / exp_shifted(s, len);
       float acc[D > 0 ? D : kMaxHeadDim];
       std::fill(acc, acc + D_, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
@@ -500,11 +500,10 @@ void attend_decode(const float* __restrict q, float* __restrict out, const float
   for (int64_t hd = 0; hd < heads; ++hd) {
     float* s = scores + hd * len;
     if (partial) {  // the part's exponentials stay unnormalized; the merge scales them
-      const float inv = exp_shifted(s, len, partial + hd);
-      partial[heads + hd] = 1.f / inv;
+      partial[heads + hd] = exp_shifted(s, len, partial + hd);
       continue;
     }
-    const float inv = exp_shifted(s, len);
+    const float inv = 1.f / exp_shifted(s, len);
 #pragma omp simd
     for (int64_t t = 0; t < len; ++t) s[t] *= inv;
   }
