@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from orca_serve import kernels
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
+from orca_serve.kernels import packed_gemm
 from orca_serve.layers.activation import SiluAndMul
 from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from orca_serve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
@@ -414,6 +415,63 @@ def test_panel_linear_rejects_bad_inputs(ops):
     shifted.copy_(panels)
     with pytest.raises(RuntimeError, match="32-byte aligned"):
         ops.panel_linear(out, x, shifted, None)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(37, 24), (48, 600), (5, 3)])
+def test_pack_panels_into_a_given_tensor_is_the_same_packing(ops, out_features, in_features):
+    """The runner packs every weight into its slice of one arena; what lands
+    there must be the packing itself, the last panel's padding zeroed
+    whatever the slice held before."""
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(1))
+    expected = ops.pack_panels(w)
+    out = torch.full(expected.shape, float("nan"))
+    assert ops.pack_panels(w, out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, expected)
+    assert not out[-1, :, out_features % 16 or 16:].any()
+
+
+def test_pack_panels_rejects_a_bad_destination(ops):
+    w = torch.randn(37, 24)
+    with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 CPU tensor of shape \[3, 24, 16\] "
+                                           r"for a \[37, 24\] weight, got \[2, 24, 16\]"):
+        ops.pack_panels(w, torch.empty(2, 24, 16))
+    with pytest.raises(RuntimeError, match="out must be a contiguous float32"):
+        ops.pack_panels(w, torch.empty(3, 24, 16, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="out must be a contiguous float32"):
+        ops.pack_panels(w, torch.empty(3, 16, 24).transpose(1, 2))
+    with pytest.raises(RuntimeError, match="32-byte aligned"):
+        ops.pack_panels(w, torch.empty(3 * 24 * 16 + 1)[1:].view(3, 24, 16))
+
+
+def test_packed_linears_share_one_arena_and_match_their_own_packing(ops):
+    """Layers packed into a PanelArena compute bit for bit what layers packed
+    each on its own do, and their panels lie in the arena, disjoint, each on
+    a 64-byte line; an arena asked for more than it was sized for says so."""
+    def layers():
+        torch.manual_seed(0)
+        made = [MergedColumnParallelLinear(48, [40, 40], bias=True), RowParallelLinear(80, 48),
+                ParallelLMHead(300, 48, bias=True)]
+        for layer in made:
+            for param in layer.parameters():
+                param.data.normal_()
+        return made
+
+    alone, in_arena = layers(), layers()
+    arena = packed_gemm.PanelArena([tuple(layer.weight.shape) for layer in in_arena], ops)
+    for a, b in zip(alone, in_arena):
+        a.pack_weight(ops)
+        b.pack_weight(ops, arena)
+    x, h = torch.randn(300, 48), torch.randn(7, 80)
+    for a, b, t in zip(alone, in_arena, (x[:9], h, x)):
+        assert torch.equal(a(t), b(t))
+    base, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.buffer.numel() * 4
+    spans = sorted((layer.packed_weight.panels.data_ptr(),
+                    layer.packed_weight.panels.data_ptr() + layer.packed_weight.panels.numel() * 4)
+                   for layer in in_arena)
+    assert all(base <= lo and hi <= end and lo % 64 == 0 for lo, hi in spans)
+    assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))
+    with pytest.raises(ValueError, match=r"the panel arena has \d+ floats left, a \[16, 48\] weight needs 768"):
+        arena.take(16, 48)
 
 
 @pytest.mark.parametrize("with_panels", [True, False])

@@ -111,8 +111,8 @@ def test_runner_rejects_inconsistent_messages(tiny_model_dir):
         runner.swap_out([(0, 1)])
 
 
-def _huge_page_kib(ptr: int) -> int | None:
-    """AnonHugePages of the mapping holding address ``ptr`` (from /proc/self/smaps)."""
+def _mapping_kib(ptr: int, field: str = "AnonHugePages") -> int | None:
+    """A field (KiB) of the mapping holding address ``ptr``, from /proc/self/smaps."""
     inside = False
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -120,22 +120,56 @@ def _huge_page_kib(ptr: int) -> int | None:
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(x, 16) for x in head.split("-"))
                 inside = lo <= ptr < hi
-            elif inside and head == "AnonHugePages:":
+            elif inside and head == field + ":":
                 return int(line.split()[1])
     return None
 
 
-def test_kv_pool_is_zeroed_on_huge_pages():
+def _huge_pages_on() -> bool:
     import sys
 
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    return sys.platform.startswith("linux") and "[never]" not in open(thp).read()
+
+
+def test_kv_pool_is_zeroed_on_huge_pages():
     import torch
 
-    from orca_serve.worker.model_runner import zeros_on_huge_pages
+    from orca_serve.kernels.huge_pages import zeros_on_huge_pages
 
     pool = zeros_on_huge_pages((2, 1024, 16, 2, 64), torch.float32, torch.device("cpu"))  # 16 MiB
     assert pool.shape == (2, 1024, 16, 2, 64) and pool.dtype == torch.float32
     assert not pool.any()
-    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
-    if sys.platform.startswith("linux") and "[never]" not in open(thp).read():
+    if _huge_pages_on():
         # At least the 2 MiB-aligned interior (all but the edges) is on huge pages.
-        assert _huge_page_kib(pool.data_ptr()) >= 8 * 1024
+        assert _mapping_kib(pool.data_ptr()) >= 8 * 1024
+
+
+def test_packed_weights_fill_one_arena_on_huge_pages_as_they_are_packed(tiny_model_dir):
+    """The runner packs every weight into one PanelArena; the arena takes
+    memory only as weights are packed into it (so a load's peak holds the
+    dense weights plus what is packed so far, not twice the model), and that
+    memory is on huge pages."""
+    import sys
+
+    import torch
+
+    from orca_serve.kernels import load, packed_gemm
+
+    runner = make_runner(tiny_model_dir("llama"))
+    panels = [m.packed_weight.panels for m in runner.model.modules() if getattr(m, "packed_weight", None)]
+    assert len(panels) >= 5 and all(p is not None for p in panels)
+    assert len({p.untyped_storage().data_ptr() for p in panels}) == 1
+
+    ops = load()
+    arena = packed_gemm.PanelArena([(1024, 1024)] * 3, ops)  # 12 MiB
+    linux = sys.platform.startswith("linux")
+    if linux:
+        assert _mapping_kib(arena.buffer.data_ptr(), "Rss") < 1024
+    for _ in range(3):
+        w = torch.randn(1024, 1024)
+        assert torch.equal(ops.pack_panels(w, arena.take(1024, 1024)), ops.pack_panels(w))
+    if linux:
+        assert _mapping_kib(arena.buffer.data_ptr(), "Rss") >= 12 * 1024
+    if _huge_pages_on():
+        assert _mapping_kib(arena.buffer.data_ptr()) >= 10 * 1024

@@ -1070,21 +1070,39 @@ void panel_sweep_blocks(const float* xp, int64_t ldx, int64_t M, int64_t K, cons
 }  // namespace
 
 // weight [N, K] -> panels [ceil(N / 16), K, 16], the last one zero-padded.
-at::Tensor pack_panels(const at::Tensor& weight) {
+// Into `out` when given (a slice of the runner's weight arena, which holds
+// every layer's panels on 2 MiB pages), else into a new tensor.
+at::Tensor pack_panels(const at::Tensor& weight, const c10::optional<at::Tensor>& out) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() && weight.dim() == 2,
               "weight must be a 2-D float32 CPU tensor");
   const at::Tensor w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel;
-  at::Tensor panels = at::zeros({P, K, kPanel}, w.options());
+  at::Tensor panels;
+  if (out.has_value()) {
+    panels = *out;
+    TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.device().is_cpu() && panels.is_contiguous() &&
+                    panels.sizes() == at::IntArrayRef({P, K, kPanel}),
+                "out must be a contiguous float32 CPU tensor of shape [", P, ", ", K, ", ", kPanel,
+                "] for a [", N, ", ", K, "] weight, got ", panels.sizes());
+    TORCH_CHECK(reinterpret_cast<std::uintptr_t>(panels.data_ptr<float>()) % 32 == 0,
+                "out must be 32-byte aligned (panel_linear's aligned loads)");
+  } else {
+    panels = at::empty({P, K, kPanel}, w.options());
+  }
   const float* src = w.data_ptr<float>();
   float* dst = panels.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p)
-      for (int64_t j = 0; j < std::min(kPanel, N - p * kPanel); ++j) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t cols = std::min(kPanel, N - p * kPanel);
+      for (int64_t j = 0; j < cols; ++j) {
         const float* row = src + (p * kPanel + j) * K;
         float* col = dst + p * K * kPanel + j;
         for (int64_t k = 0; k < K; ++k) col[k * kPanel] = row[k];
       }
+      // The last panel's missing features read as zeros, whatever out held.
+      for (int64_t k = 0; cols < kPanel && k < K; ++k)
+        std::fill(dst + (p * K + k) * kPanel + cols, dst + (p * K + k + 1) * kPanel, 0.f);
+    }
   });
   return panels;
 }
@@ -1128,7 +1146,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", release());
   m.def("rotary_embedding", &rotary_embedding, "in-place rotate-half RoPE of q and k heads", release());
   m.def("paged_attention", &paged_attention, "mixed-batch causal attention over the paged KV pool", release());
-  m.def("pack_panels", &pack_panels, "repack a [N, K] weight into 16-feature panels for panel_linear", release());
+  m.def("pack_panels", &pack_panels, "repack a [N, K] weight into 16-feature panels for panel_linear",
+        py::arg("weight"), py::arg("out") = py::none(), release());
+  m.attr("panel_width") = kPanel;
   m.def("panel_linear", &panel_linear, "x W^T (+ bias) against a pack_panels weight", release());
   m.def("supports_head_dim", &supports_head_dim, "whether a head_dim has a compiled kernel");
 }

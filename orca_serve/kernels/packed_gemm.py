@@ -17,13 +17,21 @@ over K slices (on the 128-request trace, its prefill iterations took 60-65 s
 against 67-72 s with oneDNN's). Without the module (no compiler), oneDNN's
 prepacked layout serves instead. Either way each weight is held once.
 
+The panels of all the layers go into one ``PanelArena``, a mapping on 2 MiB
+pages (``huge_pages``): a decode-sized step streams them all from DRAM, and on
+4 KiB pages it paid a TLB miss every 4 KiB.
+
 The runner decides (``ModelConfig.cpu_kernels``, see ``orca_serve.kernels``);
 layers own how their weight is packed (``pack_weight``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from orca_serve.kernels.huge_pages import empty_on_huge_pages
 
 
 def unavailable_reason(device, dtype) -> str | None:
@@ -50,16 +58,51 @@ def linear_onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+class PanelArena:
+    """One region on huge pages that holds the panels of the given weight
+    shapes ([out_features, in_features] each), handed out in any order by
+    ``take``. Each weight's panels start on a 64-byte cache line."""
+
+    ALIGN = 16  # floats
+
+    def __init__(self, shapes: list[tuple[int, int]], cpu_ops) -> None:
+        self.panel_width = cpu_ops.panel_width
+        sizes = [self._aligned(math.prod(self.panels_shape(n, k))) for n, k in shapes]
+        self.buffer = empty_on_huge_pages(sum(sizes), torch.float32)
+        self.used = 0
+
+    def _aligned(self, numel: int) -> int:
+        return -(-numel // self.ALIGN) * self.ALIGN
+
+    def panels_shape(self, out_features: int, in_features: int) -> tuple[int, int, int]:
+        return (-(-out_features // self.panel_width), in_features, self.panel_width)
+
+    def take(self, out_features: int, in_features: int) -> torch.Tensor:
+        """The next unused stretch, shaped as one [N, K] weight's panels."""
+        shape = self.panels_shape(out_features, in_features)
+        numel = math.prod(shape)
+        if self.used + numel > self.buffer.numel():
+            raise ValueError(f"the panel arena has {self.buffer.numel() - self.used} floats left, "
+                             f"a [{out_features}, {in_features}] weight needs {numel}")
+        out = self.buffer[self.used:self.used + numel].view(shape)
+        self.used += self._aligned(numel)
+        return out
+
+
 class PackedWeight:
     """One weight in the one layout its matmuls read: the native kernels'
-    panels when ``cpu_ops`` (the built module) is given, else oneDNN's."""
+    panels when ``cpu_ops`` (the built module) is given, in ``arena`` when one
+    is given, else oneDNN's."""
 
-    def __init__(self, weight: torch.Tensor, cpu_ops=None) -> None:
+    def __init__(self, weight: torch.Tensor, cpu_ops=None, arena: PanelArena | None = None) -> None:
         self.out_features, self.in_features = weight.shape
         # What this weight is in the checkpoint, whatever layout it is held in.
         self.checkpoint_bytes = weight.numel() * weight.element_size()
         self.cpu_ops = cpu_ops
-        self.panels = cpu_ops.pack_panels(weight.detach()) if cpu_ops is not None else None
+        self.panels = None
+        if cpu_ops is not None:
+            out = arena.take(*weight.shape) if arena is not None else None
+            self.panels = cpu_ops.pack_panels(weight.detach(), out)
         self.onednn = pack_onednn(weight) if cpu_ops is None else None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

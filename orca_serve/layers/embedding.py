@@ -68,9 +68,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
         self.tied = True
 
-    def pack_weight(self, cpu_ops=None) -> None:
+    def pack_weight(self, cpu_ops=None, arena: packed_gemm.PanelArena | None = None) -> None:
         """Use a prepacked copy (``packed_gemm``); a tied weight stays for the embedding lookup."""
-        self.packed_weight = packed_gemm.PackedWeight(self.weight, cpu_ops)
+        self.packed_weight = packed_gemm.PackedWeight(self.weight, cpu_ops, arena)
         if not self.tied:
             self.register_parameter("weight", None)
 

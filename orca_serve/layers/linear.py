@@ -56,8 +56,8 @@ class PackableLinear(nn.Module):
 
     packed_weight: packed_gemm.PackedWeight | None = None
 
-    def pack_weight(self, cpu_ops=None) -> None:
-        self.packed_weight = packed_gemm.PackedWeight(self.weight, cpu_ops)
+    def pack_weight(self, cpu_ops=None, arena: packed_gemm.PanelArena | None = None) -> None:
+        self.packed_weight = packed_gemm.PackedWeight(self.weight, cpu_ops, arena)
         self.register_parameter("weight", None)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
