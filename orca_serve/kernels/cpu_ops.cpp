@@ -865,8 +865,8 @@ void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Ten
 //   of rows by every weight of the model, and the weights (540 MB for SmolLM2
 //   in float32) come from DRAM each step. All rows of x sweep a whole panel
 //   while it is in L1/L2, 6 rows x 16 features of accumulators in registers
-//   (the classic AVX2 6x16 tile), and the next panel is prefetched in parts
-//   spread over that sweep. With 30 layers' weights cycling as in a real step,
+//   (the classic AVX2 6x16 tile), and, when more than one tile sweeps it, the
+//   next panel is prefetched in parts spread over that sweep. With 30 layers' weights cycling as in a real step,
 //   oneDNN's prepacked matmul ran at 8-110 GFLOP/s from 1 to 96 rows on this
 //   project's 2-core machine; this runs 1.2-1.7x faster there.
 // - Prefill-sized batches: the same tiles over K slices that stay in L1 and
@@ -982,9 +982,16 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
 // 0.85-0.99x at 16 and 0.92x at 18. The likely reason: such a panel (K x 16
 // floats, 36-96 KB for SmolLM2) does not fit in L1 (32 KB), so lines
 // prefetched into L1 for the next panel evict the current one's, which the
-// later tiles then read from L2 after all. With one tile (up to 6 rows)
-// every line is read once and L1 is the right place (4 rows: 1.11-1.14x the
-// time into L2); from 4 tiles up the two measured within noise (0.94-1.04x).
+// later tiles then read from L2 after all. From 4 tiles up the two measured
+// within noise (0.94-1.04x).
+//
+// With one tile (up to 6 rows) every line is read once, in order, and the
+// hardware prefetchers stream it better than our hints do, once the panels
+// sit on 2 MiB pages (PanelArena): with no software prefetch there, the 30
+// layers' matmuls and the LM head took 0.91-0.95x the time at 1-6 rows
+// (two sittings, medians of 21 alternated rounds), where at 7-16 rows going
+// without took 1.13-1.28x. A plain two-thread read of 512 MB measured the
+// same way: 33.8 GB/s without hints, 25.7-31.1 GB/s with.
 constexpr int64_t kL2PrefetchMaxTiles = 3;
 
 template <bool Packed>
@@ -993,10 +1000,11 @@ void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0,
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   const int64_t share = (kc + tiles - 1) / tiles;  // next panel's lines (one per k) each tile prefetches
   const bool pf_to_l2 = !Packed && tiles >= 2 && tiles <= kL2PrefetchMaxTiles;
+  const bool prefetch = Packed || tiles >= 2;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
     const float* b = pp + (p * K + k0) * kPanel;
-    const float* next = p + 1 < p1 ? b + K * kPanel : nullptr;
+    const float* next = prefetch && p + 1 < p1 ? b + K * kPanel : nullptr;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t m = t * kTileRows, r = std::min(kTileRows, rows - m);
       const int64_t lo = std::min(kc, t * share), lines = next ? std::min(kc, lo + share) - lo : 0;
