@@ -162,6 +162,7 @@ def test_packed_weights_fill_one_arena_on_huge_pages_as_they_are_packed(tiny_mod
     assert len({p.untyped_storage().data_ptr() for p in panels}) == 1
 
     ops = load()
+    assert packed_gemm.PanelArena([], ops).buffer.numel() == 0  # a stage with nothing to pack
     arena = packed_gemm.PanelArena([(1024, 1024)] * 3, ops)  # 12 MiB
     linux = sys.platform.startswith("linux")
     if linux:

@@ -866,9 +866,10 @@ void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Ten
 //   in float32) come from DRAM each step. All rows of x sweep a whole panel
 //   while it is in L1/L2, 6 rows x 16 features of accumulators in registers
 //   (the classic AVX2 6x16 tile), and, when more than one tile sweeps it, the
-//   next panel is prefetched in parts spread over that sweep. With 30 layers' weights cycling as in a real step,
-//   oneDNN's prepacked matmul ran at 8-110 GFLOP/s from 1 to 96 rows on this
-//   project's 2-core machine; this runs 1.2-1.7x faster there.
+//   next panel is prefetched in parts spread over that sweep. With 30 layers'
+//   weights cycling as in a real step, oneDNN's prepacked matmul ran at
+//   8-110 GFLOP/s from 1 to 96 rows on this project's 2-core machine; this
+//   runs 1.2-1.7x faster there.
 // - Prefill-sized batches: the same tiles over K slices that stay in L1 and
 //   a copy of x's row block in tile order that stays in L2 (see
 //   panel_sweep_blocks). On the 128-request trace its prefill iterations took

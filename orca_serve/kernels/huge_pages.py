@@ -36,9 +36,10 @@ HUGE_PAGE = 2 << 20
 def _mapping(numel: int, dtype: torch.dtype) -> torch.Tensor | None:
     """A flat tensor over a new anonymous mapping advised for huge pages, or
     None where there is no such advice. Anonymous memory reads as zeros; a
-    page is faulted in (and takes RSS) when first touched."""
+    page is faulted in (and takes RSS) when first touched. Nothing to map for
+    no elements (torch.frombuffer refuses a count of 0)."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if not sys.platform.startswith("linux") or advice is None:
+    if not sys.platform.startswith("linux") or advice is None or numel == 0:
         return None
     region = mmap.mmap(-1, numel * dtype.itemsize + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(advice)

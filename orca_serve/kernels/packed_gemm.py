@@ -59,9 +59,10 @@ def linear_onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 class PanelArena:
-    """One region on huge pages that holds the panels of the given weight
-    shapes ([out_features, in_features] each), handed out in any order by
-    ``take``. Each weight's panels start on a 64-byte cache line."""
+    """One region (on huge pages where the OS gives them) that holds the
+    panels of the given weight shapes ([out_features, in_features] each),
+    handed out by ``take`` one after another, each weight's panels on a
+    64-byte cache line."""
 
     ALIGN = 16  # floats
 
