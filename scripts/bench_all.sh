@@ -47,13 +47,15 @@ vllm_server() {
 http_bench() { $B bench --backend openai --base-url "http://127.0.0.1:$PORT" --tokenizer "$MODEL_DIR" --no-progress --quiet "$@"; }
 # The 128-request trace, all sent at t=0. Args: file prefix, label, run.
 trace_run() { http_bench --workload orca --num-requests "$N" --label "$2" --out "$OUT/$1-http-$3.json"; }
-# One user, then four, at a time: 256-token prompts, 128 output tokens.
-# Args as trace_run.
+# A few users at a time: 256-token prompts, 128 output tokens. LOWC lists
+# concurrency:requests pairs (default one user for 8 requests, then four
+# for 16, then sixteen for 32). Args as trace_run.
+LOWC=${LOWC:-1:8 4:16 16:32}
 lowc_run() {
-  http_bench --workload random --input-len 256 --output-len 128 --num-requests 8 --max-concurrency 1 \
-    --label "$2" --out "$OUT/$1-lowc-c1-$3.json"
-  http_bench --workload random --input-len 256 --output-len 128 --num-requests 16 --max-concurrency 4 \
-    --label "$2" --out "$OUT/$1-lowc-c4-$3.json"
+  for level in $LOWC; do
+    http_bench --workload random --input-len 256 --output-len 128 --num-requests "${level#*:}" \
+      --max-concurrency "${level%%:*}" --label "$2" --out "$OUT/$1-lowc-c${level%%:*}-$3.json"
+  done
 }
 have_vllm() { [ -x .venv-vllm/bin/python ]; }
 for i in $(seq 1 "$REPEATS"); do
@@ -70,11 +72,12 @@ fi
 
 if want lowc && have_vllm; then
 for i in $(seq 1 "$REPEATS"); do
-  step "low concurrency (1, then 4 at a time) over HTTP, orca-serve then vLLM, run $i/$REPEATS"
+  step "low concurrency ($LOWC: users at a time:requests) over HTTP, orca-serve then vLLM, run $i/$REPEATS"
   ours_server lowc_run ours orca-serve "$i"
   vllm_server lowc_run vllm vllm "$i"
 done
-for c in 1 4; do
+for level in $LOWC; do
+  c=${level%%:*}
   $B bench compare --median "$OUT"/ours-lowc-c$c-*.json "$OUT"/vllm-lowc-c$c-*.json --baseline vllm \
     --out "$OUT/vs-vllm-lowc-c$c.json"
 done
