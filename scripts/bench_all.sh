@@ -53,8 +53,9 @@ trace_run() { http_bench --workload orca --num-requests "$N" --label "$2" --out 
 LOWC=${LOWC:-1:8 4:16 16:32}
 lowc_run() {
   for level in $LOWC; do
-    http_bench --workload random --input-len 256 --output-len 128 --num-requests "${level#*:}" \
-      --max-concurrency "${level%%:*}" --label "$2" --out "$OUT/$1-lowc-c${level%%:*}-$3.json"
+    local users=${level%%:*} requests=${level#*:}
+    http_bench --workload random --input-len 256 --output-len 128 --num-requests "$requests" \
+      --max-concurrency "$users" --label "$2" --out "$OUT/$1-lowc-c$users-$3.json"
   done
 }
 have_vllm() { [ -x .venv-vllm/bin/python ]; }
@@ -77,9 +78,9 @@ for i in $(seq 1 "$REPEATS"); do
   vllm_server lowc_run vllm vllm "$i"
 done
 for level in $LOWC; do
-  c=${level%%:*}
-  $B bench compare --median "$OUT"/ours-lowc-c$c-*.json "$OUT"/vllm-lowc-c$c-*.json --baseline vllm \
-    --out "$OUT/vs-vllm-lowc-c$c.json"
+  users=${level%%:*}
+  $B bench compare --median "$OUT"/ours-lowc-c$users-*.json "$OUT"/vllm-lowc-c$users-*.json --baseline vllm \
+    --out "$OUT/vs-vllm-lowc-c$users.json"
 done
 fi
 

@@ -24,8 +24,9 @@
 // decodes than threads cuts each decode's context into parts for the idle
 // threads and merges their softmax sums after (as flash-decoding does).
 // Prompt rows are register-tiled for head sizes that are multiples of 16,
-// with the scores built transposed (keys x queries) so K is read in place: six prompts of
-// 224-512 tokens took 0.80-0.82x the time of the previous tiling, which
+// with the scores built transposed (keys x queries) so K is read in place:
+// six prompts of 224-512 tokens took 0.80-0.82x the time of the previous
+// tiling, which
 // copied every 16-key tile of K into [D][16] for every task (itself
 // 1.25-1.45x the per-row loop). P.V then runs over L1-sized chunks of keys,
 // with the softmax max kept by the score tiles and the exponentials taken
@@ -1109,8 +1110,11 @@ at::Tensor pack_panels(const at::Tensor& weight, const c10::optional<at::Tensor>
         for (int64_t k = 0; k < K; ++k) col[k * kPanel] = row[k];
       }
       // The last panel's missing features read as zeros, whatever out held.
-      for (int64_t k = 0; cols < kPanel && k < K; ++k)
-        std::fill(dst + (p * K + k) * kPanel + cols, dst + (p * K + k + 1) * kPanel, 0.f);
+      if (cols < kPanel)
+        for (int64_t k = 0; k < K; ++k) {
+          float* row = dst + (p * K + k) * kPanel;
+          std::fill(row + cols, row + kPanel, 0.f);
+        }
     }
   });
   return panels;
