@@ -33,6 +33,26 @@ def ops():
     return module
 
 
+def test_build_name_follows_every_source_and_header(tmp_path):
+    """A changed header must give a new build: torch's own versioning hashes
+    only the .cpp files it compiles, so the build's name hashes them all."""
+    import shutil
+    sources = tmp_path / "csrc"
+    shutil.copytree(kernels._SOURCES, sources)
+    assert {p.suffix for p in sources.iterdir()} == {".cpp", ".h"}
+    base = kernels.build_name(sources, ["2.13.0", "-O3"])
+    assert base == kernels.build_name(sources, ["2.13.0", "-O3"])
+    assert base != kernels.build_name(sources, ["2.13.0", "-O2"])
+    header = sources / "attention_common.h"
+    original = header.read_text()
+    header.write_text(original + "\n// a comment\n")
+    assert kernels.build_name(sources, ["2.13.0", "-O3"]) != base
+    header.write_text(original)
+    assert kernels.build_name(sources, ["2.13.0", "-O3"]) == base
+    (sources / "extra.h").write_text("#pragma once\n")
+    assert kernels.build_name(sources, ["2.13.0", "-O3"]) != base
+
+
 def make_case(seed, n, kv_heads, group, head_dim, block_size, max_len, num_blocks=1300, rows=None, lens=None):
     """A batch of n requests over a scattered pool. ``rows[i]``: query rows of
     request i (default 1: decodes); they are the last rows of its context.

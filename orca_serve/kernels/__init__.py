@@ -1,16 +1,17 @@
 """Native CPU kernels, compiled on first use and cached.
 
-``load()`` builds ``cpu_ops.cpp`` with torch's C++ extension tooling into
+``load()`` builds the sources in ``csrc/`` (``cpu_ops.cpp`` binds them into
+one module) with torch's C++ extension tooling into
 ``~/.cache/orca-serve/kernels`` (``ORCA_SERVE_KERNEL_CACHE`` overrides) and
 returns the module, or None when it cannot be built (no compiler, no ninja,
 a failed build); the reason is kept in ``load_error()`` so callers can log it
 or, when the kernels were demanded, raise it. The build is keyed by the
-source, the flags and this CPU's vector extensions, so a cache shared by
-different machines never hands one a binary it cannot run.
+sources and headers, the flags and this CPU's vector extensions, so a cache
+shared by different machines never hands one a binary it cannot run, and a
+changed header is never served by an old build.
 
-Rebuilding after a source change happens automatically (torch hashes the
-sources). Concurrent builds from several worker processes are serialized by
-torch's lock file in the build directory.
+Concurrent builds from several worker processes are serialized by torch's
+lock file in the build directory.
 
 ``packed_gemm`` is the other CPU fast path: matmuls against weights prepacked
 once, as panels for this module's ``panel_linear`` when it built, else in
@@ -28,7 +29,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_SOURCES = Path(__file__).with_name("csrc")
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -62,6 +63,18 @@ def load_error() -> str | None:
     return _state.get("error")
 
 
+def build_name(sources: Path, settings: list[str]) -> str:
+    """The module's name, and its build directory's: a digest of ``settings``
+    (torch version, flags) and of every source and header in ``sources``.
+    torch's own versioning hashes the .cpp files it is given, not the headers
+    they include, so without this a changed header could be served by a
+    build made before the change."""
+    digest = hashlib.sha256(" ".join(settings).encode())
+    for path in sorted(sources.glob("*.cpp")) + sorted(sources.glob("*.h")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"orca_cpu_ops_{digest.hexdigest()[:12]}"
+
+
 def _build():
     try:
         import torch
@@ -73,8 +86,7 @@ def _build():
     # libgomp.so.1 torch already loaded, so there is one thread pool, not two.
     # -fno-trapping-math lets the exp/select loops vectorize (no FP exceptions are used).
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *arch]
-    key = hashlib.sha256(" ".join([torch.__version__, *flags]).encode()).hexdigest()[:12]
-    name = f"orca_cpu_ops_{key}"
+    name = build_name(_SOURCES, [torch.__version__, *flags])
     build_dir = cache_dir() / name
     # torch drives the build with ninja; the pip-installed one sits next to this
     # interpreter, which is not on PATH when the venv is not activated.
@@ -82,10 +94,11 @@ def _build():
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
-                                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+        module = cpp_extension.load(name=name, sources=[str(p) for p in sorted(_SOURCES.glob("*.cpp"))],
+                                    extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                    build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler / ninja, or a failed build
-        return None, f"building {_SOURCE.name} failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
+        return None, f"building the kernels in {_SOURCES} failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
     finally:
         os.environ["PATH"] = path
     logger.debug("CPU kernels loaded from %s", build_dir)

@@ -1,0 +1,64 @@
+// What the CPU kernels' sources share: the ops the module exports (bound in
+// cpu_ops.cpp, which also gives the overview), the panel width that the
+// matmuls and Python's PanelArena agree on, and two helpers used by more
+// than one source.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+// paged_attention.cpp
+bool supports_head_dim(int64_t head_dim);
+void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_table, const at::Tensor& query_start, const at::Tensor& seq_lens,
+                     double scale);
+
+// elementwise.cpp
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
+void add_rms_norm(at::Tensor out, at::Tensor sum, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                  double eps);
+void silu_and_mul(at::Tensor out, const at::Tensor& x);
+void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slot_mapping);
+void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
+                      int64_t num_rot_heads, int64_t head_dim);
+
+// panel_gemm.cpp
+constexpr int64_t kPanel = 16;  // output features per panel
+at::Tensor pack_panels(const at::Tensor& weight, const c10::optional<at::Tensor>& out);
+void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias);
+
+// exp(x) for x <= 0 (softmax after subtracting the max), written so the
+// compiler vectorizes the loop that calls it: range reduction to 2^n * e^r with
+// |r| <= ln2/2 and a degree-6 polynomial (relative error ~2e-7, float32 level).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+  float p = 1.3888888888888889e-3f;
+  p = p * r + 8.3333333333333332e-3f;
+  p = p * r + 4.1666666666666664e-2f;
+  p = p * r + 1.6666666666666666e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1,
+              name, " must be a 2-D float32 CPU tensor with contiguous rows");
+}

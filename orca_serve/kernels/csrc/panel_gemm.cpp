@@ -1,0 +1,294 @@
+// pack_panels, panel_linear: out = x W^T (+ bias), every matmul of the layers.
+//
+// W is repacked once into panels of 16 output features, [ceil(N / 16)][K][16],
+// so one panel is one sequential stream. The threads take the work in units
+// (runs of panels, and for prefill-sized batches one row block each) one at
+// a time (parallel_units). Two loop nests read that one layout:
+//
+// - Decode-sized batches (under kBlockedMinRows rows): a step multiplies tens
+//   of rows by every weight of the model, and the weights (540 MB for SmolLM2
+//   in float32) come from DRAM each step. All rows of x sweep a whole panel
+//   while it is in L1/L2, 6 rows x 16 features of accumulators in registers
+//   (the classic AVX2 6x16 tile), and, when more than one tile sweeps it, the
+//   next panel is prefetched in parts spread over that sweep. With 30 layers'
+//   weights cycling as in a real step, oneDNN's prepacked matmul ran at
+//   8-110 GFLOP/s from 1 to 96 rows on this project's 2-core machine; this
+//   runs 1.2-1.7x faster there.
+// - Prefill-sized batches: the same tiles over K slices that stay in L1 and
+//   a copy of x's row block in tile order that stays in L2 (see
+//   panel_sweep_blocks). On the 128-request trace its prefill iterations took
+//   60-65 s against 67-72 s with oneDNN's prepacked GEMM (two A/B sittings of
+//   two runs each), so the layers keep no other copy of their weights.
+#include "cpu_ops.h"
+
+namespace {
+
+constexpr int64_t kTileRows = 6;   // rows of x per register tile
+
+// Prefill-sized batches: classic cache blocking. K is cut into slices of
+// kDepth so a panel's slice (kDepth x 16 floats, 16 KB) stays in L1 while every
+// tile of a row block runs over it; the row block's x slice is copied once into
+// tile order ([tile][k][row], kBlockRows x kDepth floats, 192 KB) so each tile
+// reads one sequential stream from L2. Slices after the first add to out.
+constexpr int64_t kDepth = 256;
+constexpr int64_t kBlockRows = 192;
+// Below this many rows the weights stream from DRAM once, whole panels at a
+// time; slicing K would break that stream for little reuse.
+constexpr int64_t kBlockedMinRows = 128;
+// The fewest panels one unit of work runs (see panel_run_length).
+constexpr int64_t kMinRunPanels = 4;
+
+// One register tile: out[0..MR)[0..ncols) = a . b over kc (+ bias), or += when
+// accumulate. b is a panel (or a slice of one), [kc][16]. a holds MR rows of x:
+// in place (row i at a + i * lda) or, Packed, interleaved by pack_rows
+// (a[k * MR + i]). Prefetches pf_lines cache lines (16 floats each) from pf
+// along the way, spread over the k loop, into L1 or, pf_to_l2, into L2.
+template <int MR, bool Packed>
+void panel_tile(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t kc,
+                float* __restrict out, int64_t ldo, int64_t ncols, bool accumulate, const float* __restrict bias,
+                const float* pf, int64_t pf_lines, bool pf_to_l2) {
+  alignas(32) float t[MR][kPanel];
+#ifdef __AVX2__
+  // k runs in steps of kStep with a share of the prefetches each. Packed
+  // (prefill) tiles take 16: with 8 and no unrolling, the trace's prefill
+  // iterations took 72-73 s instead of 60-65 s.
+  constexpr int64_t kStep = Packed ? 16 : 8;
+  const int64_t steps = std::max<int64_t>(1, (kc + kStep - 1) / kStep);
+  const int64_t per_step = (pf_lines + steps - 1) / steps;
+  __m256 c0[MR], c1[MR];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+    c0[i] = _mm256_setzero_ps();
+    c1[i] = _mm256_setzero_ps();
+  }
+  for (int64_t k0 = 0; k0 < kc; k0 += kStep) {
+    for (int64_t q = 0; q < per_step && pf_lines > 0; ++q, --pf_lines, pf += kPanel) {
+      if (pf_to_l2)
+        _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
+      else
+        _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
+    }
+    const int64_t k1 = std::min(kc, k0 + kStep);
+    _Pragma("GCC unroll 4") for (int64_t k = k0; k < k1; ++k) {
+      const __m256 b0 = _mm256_load_ps(b + k * kPanel), b1 = _mm256_load_ps(b + k * kPanel + 8);
+      _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+        const __m256 av = _mm256_broadcast_ss(Packed ? a + k * MR + i : a + i * lda + k);
+        c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+        c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+    _mm256_store_ps(t[i], c0[i]);
+    _mm256_store_ps(t[i] + 8, c1[i]);
+  }
+#else
+  (void)pf;
+  (void)pf_lines;
+  (void)pf_to_l2;
+  for (int i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < kPanel; ++j) t[i][j] = 0.f;
+  for (int64_t k = 0; k < kc; ++k)
+    for (int i = 0; i < MR; ++i) {
+      const float av = Packed ? a[k * MR + i] : a[i * lda + k];
+#pragma omp simd
+      for (int64_t j = 0; j < kPanel; ++j) t[i][j] += av * b[k * kPanel + j];
+    }
+#endif
+  for (int i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < ncols; ++j)
+      out[i * ldo + j] = t[i][j] + (accumulate ? out[i * ldo + j] : (bias ? bias[j] : 0.f));
+}
+
+using PanelTileFn = decltype(&panel_tile<1, false>);
+template <bool Packed>
+constexpr PanelTileFn kPanelTiles[kTileRows + 1] = {
+    nullptr, &panel_tile<1, Packed>, &panel_tile<2, Packed>, &panel_tile<3, Packed>,
+    &panel_tile<4, Packed>, &panel_tile<5, Packed>, &panel_tile<6, Packed>};
+
+// x rows [0, rows) x columns [k0, k0 + kc) -> dst, tile by tile: tile t holds
+// its r = min(6, rows - 6t) rows interleaved, k-major ([kc][r]).
+void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0, int64_t kc, float* __restrict dst) {
+  for (int64_t m = 0; m < rows; m += kTileRows) {
+    const int64_t r = std::min(kTileRows, rows - m);
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t i = 0; i < r; ++i) dst[k * r + i] = x[(m + i) * ldx + k0 + k];
+    dst += r * kc;
+  }
+}
+
+// One run of tiles: `rows` rows of op (the caller's row block, rows ldo
+// apart), panels [p0, p1), K columns [k0, k0 + kc). a is that block's x in
+// place (at column k0, rows ldx apart) or, Packed, its slice in tile order
+// (pack_rows). Each tile prefetches its share of the next panel's lines of
+// this slice.
+//
+// Where those lines go: into L2 when 2 or 3 tiles sweep a decode-sized
+// panel. Side by side on Zen 4 (30 layers' GEMMs cycling, medians) that took
+// 0.75-0.81x the time of L1 prefetches at 8 rows, 0.80-0.87x at 12,
+// 0.85-0.99x at 16 and 0.92x at 18. The likely reason: such a panel (K x 16
+// floats, 36-96 KB for SmolLM2) does not fit in L1 (32 KB), so lines
+// prefetched into L1 for the next panel evict the current one's, which the
+// later tiles then read from L2 after all. From 4 tiles up the two measured
+// within noise (0.94-1.04x).
+//
+// With one tile (up to 6 rows) every line is read once, in order, and the
+// hardware prefetchers stream it better than our hints do, once the panels
+// sit on 2 MiB pages (PanelArena): with no software prefetch there, the 30
+// layers' matmuls and the LM head took 0.91-0.95x the time at 1-6 rows
+// (two sittings, medians of 21 alternated rounds), where at 7-16 rows going
+// without took 1.13-1.28x. A plain two-thread read of 512 MB measured the
+// same way: 33.8 GB/s without hints, 25.7-31.1 GB/s with.
+constexpr int64_t kL2PrefetchMaxTiles = 3;
+
+template <bool Packed>
+void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0, int64_t kc, const float* pp,
+               int64_t p0, int64_t p1, float* op, int64_t ldo, int64_t N, const float* bp) {
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  const int64_t share = (kc + tiles - 1) / tiles;  // next panel's lines (one per k) each tile prefetches
+  const bool pf_to_l2 = !Packed && tiles >= 2 && tiles <= kL2PrefetchMaxTiles;
+  const bool prefetch = Packed || tiles >= 2;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
+    const float* b = pp + (p * K + k0) * kPanel;
+    const float* next = prefetch && p + 1 < p1 ? b + K * kPanel : nullptr;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m = t * kTileRows, r = std::min(kTileRows, rows - m);
+      const int64_t lo = std::min(kc, t * share), lines = next ? std::min(kc, lo + share) - lo : 0;
+      kPanelTiles<Packed>[r](Packed ? a + m * kc : a + m * ldx, ldx, b, kc, op + m * ldo + n0, ldo, ncols, k0 > 0,
+                             bp ? bp + n0 : nullptr, next ? next + lo * kPanel : nullptr, lines, pf_to_l2);
+    }
+  }
+}
+
+// Hands out units [0, units) to the threads one at a time, as paged_attention
+// hands out its tasks (OpenMP's dynamic schedule): a thread
+// the OS or a neighbour on the host preempts for a while takes fewer of them
+// instead of holding the others at the end of the matmul, as a fixed split
+// made it do. On this project's 2-core machine, whose speed moves with its
+// neighbours' load, SmolLM2's layer GEMMs took 0.92x the time at 110 rows and
+// 0.95x at 2048 side by side with the fixed split (0.94x at 2048 with a
+// 2 ms-in-20 ms busy loop beside them, 0.98x in a quiet minute).
+template <typename F>
+void parallel_units(int64_t units, const F& body) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t u = 0; u < units; ++u) body(u);
+}
+
+// Panels per unit of work, cutting a matmul's P panels into runs so that
+// `blocks` row blocks x runs give each thread several units, no run shorter
+// than kMinRunPanels unless the matmul has fewer panels than that.
+int64_t panel_run_length(int64_t P, int64_t blocks) {
+  const int64_t want = (8 * at::get_num_threads() + blocks - 1) / blocks;
+  const int64_t runs = std::max<int64_t>(1, std::min(want, P / kMinRunPanels));
+  return (P + runs - 1) / runs;
+}
+
+// Decode-sized batches: out [M, N] = x [M, K] . W^T (+ bias), x read in place,
+// runs of whole panels, each panel streamed once.
+void panel_sweep_rows(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
+                      int64_t ldo, int64_t N, const float* bp) {
+  const int64_t run = panel_run_length(P, 1);
+  parallel_units((P + run - 1) / run, [&](int64_t u) {
+    panel_run<false>(xp, ldx, M, K, 0, K, pp, u * run, std::min(P, (u + 1) * run), op, ldo, N, bp);
+  });
+}
+
+// Prefill-sized batches: x is packed once, every (row block, K slice) in tile
+// order, by all threads together; then the work goes out in units of one row
+// block x a run of panels, each over every K slice. Both phases hand out
+// their units with parallel_units. The pack buffer is kept per calling
+// thread and grows to the largest x seen.
+void panel_sweep_blocks(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
+                        int64_t ldo, int64_t N, const float* bp) {
+  const int64_t blocks = (M + kBlockRows - 1) / kBlockRows, slices = std::max<int64_t>(1, (K + kDepth - 1) / kDepth);
+  thread_local std::vector<float> packed;
+  if (packed.size() < static_cast<size_t>(M * K)) packed.resize(M * K);
+  float* pk = packed.data();
+  // Block b's slice starting at k0 sits at b * kBlockRows * K + k0 * rows.
+  parallel_units(blocks * slices, [&](int64_t u) {
+    const int64_t m0 = (u / slices) * kBlockRows, k0 = (u % slices) * kDepth;
+    const int64_t rows = std::min(kBlockRows, M - m0);
+    pack_rows(xp + m0 * ldx, ldx, rows, k0, std::min(kDepth, K - k0), pk + m0 * K + k0 * rows);
+  });
+  const int64_t run = panel_run_length(P, blocks);
+  parallel_units(blocks * ((P + run - 1) / run), [&](int64_t u) {
+    const int64_t b = u % blocks, p0 = (u / blocks) * run, p1 = std::min(P, p0 + run);
+    const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, M - m0);
+    // k0 == 0 runs even when K == 0, so out still gets the bias (or zeros).
+    for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kDepth)
+      panel_run<true>(pk + m0 * K + k0 * rows, ldx, rows, K, k0, std::min(kDepth, K - k0), pp, p0, p1, op + m0 * ldo,
+                      ldo, N, bp);
+  });
+}
+
+}  // namespace
+
+// weight [N, K] -> panels [ceil(N / 16), K, 16], the last one zero-padded.
+// Into `out` when given (a slice of the runner's weight arena, which holds
+// every layer's panels on 2 MiB pages), else into a new tensor.
+at::Tensor pack_panels(const at::Tensor& weight, const c10::optional<at::Tensor>& out) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() && weight.dim() == 2,
+              "weight must be a 2-D float32 CPU tensor");
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel;
+  at::Tensor panels;
+  if (out.has_value()) {
+    panels = *out;
+    TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.device().is_cpu() && panels.is_contiguous() &&
+                    panels.sizes() == at::IntArrayRef({P, K, kPanel}),
+                "out must be a contiguous float32 CPU tensor of shape [", P, ", ", K, ", ", kPanel,
+                "] for a [", N, ", ", K, "] weight, got ", panels.sizes());
+    TORCH_CHECK(reinterpret_cast<std::uintptr_t>(panels.data_ptr<float>()) % 32 == 0,
+                "out must be 32-byte aligned (panel_linear's aligned loads)");
+  } else {
+    panels = at::empty({P, K, kPanel}, w.options());
+  }
+  const float* src = w.data_ptr<float>();
+  float* dst = panels.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t cols = std::min(kPanel, N - p * kPanel);
+      for (int64_t j = 0; j < cols; ++j) {
+        const float* row = src + (p * kPanel + j) * K;
+        float* col = dst + p * K * kPanel + j;
+        for (int64_t k = 0; k < K; ++k) col[k * kPanel] = row[k];
+      }
+      // The last panel's missing features read as zeros, whatever out held.
+      if (cols < kPanel)
+        for (int64_t k = 0; k < K; ++k) {
+          float* row = dst + (p * K + k) * kPanel;
+          std::fill(row + cols, row + kPanel, 0.f);
+        }
+    }
+  });
+  return panels;
+}
+
+// out [M, N] = x [M, K] . W^T (+ bias [N]), W given as pack_panels(W).
+void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias) {
+  check_rows(x, "x");
+  check_rows(out, "out");
+  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.is_contiguous() && panels.dim() == 3 &&
+                  panels.size(2) == kPanel,
+              "panels must be a contiguous float32 [P, K, 16] tensor from pack_panels");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = panels.size(0);
+  TORCH_CHECK(panels.size(1) == K, "x has ", K, " features but the weight takes ", panels.size(1));
+  TORCH_CHECK(out.size(0) == M && N > (P - 1) * kPanel && N <= P * kPanel,
+              "out must be [", M, ", N] with N within the panels' ", P * kPanel, " features");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "bias must be a contiguous float32 vector of the output size");
+    bp = bias->data_ptr<float>();
+  }
+  const float* pp = panels.data_ptr<float>();
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(pp) % 32 == 0, "panels must be 32-byte aligned (as pack_panels returns them)");
+  if (M == 0) return;
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldo = out.stride(0);
+  if (M >= kBlockedMinRows)
+    panel_sweep_blocks(xp, ldx, M, K, pp, P, op, ldo, N, bp);
+  else
+    panel_sweep_rows(xp, ldx, M, K, pp, P, op, ldo, N, bp);
+}
