@@ -111,8 +111,8 @@ def test_runner_rejects_inconsistent_messages(tiny_model_dir):
         runner.swap_out([(0, 1)])
 
 
-def _mapping_kib(ptr: int, field: str = "AnonHugePages") -> int | None:
-    """A field (KiB) of the mapping holding address ``ptr``, from /proc/self/smaps."""
+def _huge_page_kib(ptr: int) -> int | None:
+    """AnonHugePages of the mapping holding address ``ptr`` (from /proc/self/smaps)."""
     inside = False
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -120,7 +120,7 @@ def _mapping_kib(ptr: int, field: str = "AnonHugePages") -> int | None:
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(x, 16) for x in head.split("-"))
                 inside = lo <= ptr < hi
-            elif inside and head == field + ":":
+            elif inside and head == "AnonHugePages:":
                 return int(line.split()[1])
     return None
 
@@ -160,7 +160,7 @@ def test_kv_pool_is_zeroed_on_huge_pages():
     assert not pool.any()
     if _huge_pages_on():
         # At least the 2 MiB-aligned interior (all but the edges) is on huge pages.
-        assert _mapping_kib(pool.data_ptr()) >= 8 * 1024
+        assert _huge_page_kib(pool.data_ptr()) >= 8 * 1024
 
 
 def test_packed_weights_fill_one_arena_on_huge_pages_as_they_are_packed(tiny_model_dir):
@@ -192,4 +192,4 @@ def test_packed_weights_fill_one_arena_on_huge_pages_as_they_are_packed(tiny_mod
     if linux:
         assert _resident_kib(arena.buffer.data_ptr(), nbytes) >= 12 * 1024
     if _huge_pages_on():
-        assert _mapping_kib(arena.buffer.data_ptr()) >= 10 * 1024
+        assert _huge_page_kib(arena.buffer.data_ptr()) >= 10 * 1024
