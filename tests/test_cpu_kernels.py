@@ -20,7 +20,7 @@ from orca_serve.engine.llm_engine import LLMEngine
 from orca_serve.kernels import packed_gemm
 from orca_serve.layers.activation import SiluAndMul
 from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from orca_serve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from orca_serve.layers.linear import GateUpSiluAndMul, MergedColumnParallelLinear, RowParallelLinear
 from orca_serve.layers.norm import RMSNorm
 from orca_serve.layers.rotary import RotaryEmbedding
 from orca_serve.sampling_params import SamplingParams
@@ -435,6 +435,68 @@ def test_panel_linear_rejects_bad_inputs(ops):
     shifted.copy_(panels)
     with pytest.raises(RuntimeError, match="32-byte aligned"):
         ops.panel_linear(out, x, shifted, None)
+
+
+@pytest.mark.parametrize("intermediate", [48, 160])
+def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops, intermediate):
+    """The gated matmul gives, bit for bit, what the plain one followed by
+    silu_and_mul gives: each gate/up product is summed the same way, only
+    where it lands differs. Rows cover one tile, a partial tile, the
+    streaming loop's largest size and the K-blocked loop (with a partial row
+    block); K = 300 leaves a partial K slice; 160 features make 20 panels,
+    which the threads' runs must split into whole gate/up pairs."""
+    g = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(2 * intermediate, 300, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
+    plain = ops.pack_panels(w)
+    gated = ops.pack_panels(packed_gemm.interleave_gate_up(w, ops.panel_width))
+    for rows in (1, 5, 7, 64, 127, 128, 300):
+        x = torch.randn(rows, 300, generator=g) * 3
+        for b in (None, bias):
+            product = torch.empty(rows, 2 * intermediate)
+            ops.panel_linear(product, x, plain, b)
+            expected = torch.empty(rows, intermediate)
+            ops.silu_and_mul(expected, product)
+            got = torch.full((rows, intermediate), float("nan"))
+            gated_bias = None if b is None else packed_gemm.interleave_gate_up(b, ops.panel_width)
+            ops.panel_linear_silu_mul(got, x, gated, gated_bias)
+            assert torch.equal(got, expected), (rows, b is not None)
+
+
+def test_panel_linear_silu_mul_rejects_bad_inputs(ops):
+    panels = ops.pack_panels(torch.randn(64, 24))  # 4 panels: 2 gate/up pairs, 32 output features
+    x = torch.randn(3, 24)
+    with pytest.raises(RuntimeError, match=r"out must be \[3, 32\]: half the features of 4 panels"):
+        ops.panel_linear_silu_mul(torch.empty(3, 64), x, panels, None)
+    with pytest.raises(RuntimeError, match=r"half the features of 3 panels, an even number"):
+        ops.panel_linear_silu_mul(torch.empty(3, 24), x, ops.pack_panels(torch.randn(48, 24)), None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.panel_linear_silu_mul(torch.empty(3, 32), x, panels, torch.randn(32))
+    with pytest.raises(RuntimeError, match="x has 20 features but the weight takes 24"):
+        ops.panel_linear_silu_mul(torch.empty(3, 32), torch.randn(3, 20), panels, None)
+    with pytest.raises(ValueError, match="gate/up of 40 rows cannot be interleaved 16 at a time"):
+        packed_gemm.interleave_gate_up(torch.randn(40, 24), 16)
+
+
+@pytest.mark.parametrize("intermediate,fused", [(48, True), (40, False)])
+@pytest.mark.parametrize("with_panels", [True, False])
+def test_gate_up_layer_fuses_silu_and_mul_where_the_panels_pair_up(ops, intermediate, fused, with_panels):
+    """silu(gate) * up from the layer, fused into its matmul when packed into
+    panels with whole gate/up pairs, else the matmul then SiluAndMul; the
+    same values either way, with and without a bias, and in every layout."""
+    torch.manual_seed(0)
+    layers = [GateUpSiluAndMul(24, intermediate, bias=b) for b in (False, True)]
+    for layer in layers:
+        for param in layer.parameters():
+            param.data.normal_()
+    x = torch.randn(200, 24)
+    inputs = [x, x[:9], x[::2]]  # the K-blocked loop, the streaming one, a strided view
+    expected = [[layer(t) for t in inputs] for layer in layers]
+    assert expected[0][0].shape == (200, intermediate)
+    for layer, want in zip(layers, expected):
+        layer.pack_weight(ops if with_panels else None)
+        assert layer.fused == (fused and with_panels) and layer.weight is None
+        for t, e in zip(inputs, want):
+            torch.testing.assert_close(layer(t), e, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("out_features,in_features", [(37, 24), (48, 600), (5, 3)])

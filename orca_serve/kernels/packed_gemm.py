@@ -109,13 +109,33 @@ class PackedWeight:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.panels is None:
             return linear_onednn(x, self.onednn, bias)
+        return self._native(self.cpu_ops.panel_linear, x, bias, self.out_features)
+
+    def matmul_silu_and_mul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """silu(gate) * up of a merged gate/up weight packed as
+        ``interleave_gate_up(W)`` (bias interleaved the same way), in one
+        native call (``cpu_ops.panel_linear_silu_mul``)."""
+        return self._native(self.cpu_ops.panel_linear_silu_mul, x, bias, self.out_features // 2)
+
+    def _native(self, op, x: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        out = x2.new_empty(rows, self.out_features)
-        self.cpu_ops.panel_linear(out, x2, self.panels, bias)
-        return out.view(*x.shape[:-1], self.out_features)
+        out = x2.new_empty(rows, out_features)
+        op(out, x2, self.panels, bias)
+        return out.view(*x.shape[:-1], out_features)
+
+
+def interleave_gate_up(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[gate; up] (a merged weight's rows, or its bias) -> their rows
+    alternating ``width`` at a time: gate 0..w-1, up 0..w-1, gate w..2w-1, ...
+    Packed into panels of ``width`` features, each gate panel is followed by
+    the up panel of the same features, as ``panel_linear_silu_mul`` reads them."""
+    half = t.shape[0] // 2
+    if t.shape[0] % 2 or half % width:
+        raise ValueError(f"gate/up of {t.shape[0]} rows cannot be interleaved {width} at a time")
+    return t.reshape(2, half // width, width, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor | None, packed: PackedWeight | None,

@@ -19,6 +19,7 @@ from torch import nn
 
 from orca_serve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from orca_serve.kernels import packed_gemm
+from orca_serve.layers.activation import SiluAndMul
 from orca_serve.layers.weight_slice import WeightSlice, materialize
 
 Loaded = torch.Tensor | WeightSlice
@@ -102,6 +103,44 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // tp
         shard = _check_narrow(loaded, 0, self.tp_rank * size, size, f"merged shard {shard_id}")
         default_weight_loader(param.data.narrow(0, offset, size), shard)
+
+
+class GateUpSiluAndMul(MergedColumnParallelLinear):
+    """SwiGLU's gate and up projections in one matmul, returning silu(gate) * up
+    (this rank's share of the intermediate features).
+
+    Packed for the native kernels, the two are held interleaved 16 features
+    at a time (``packed_gemm.interleave_gate_up``), so the matmul applies
+    silu(gate) * up to each unit of its work while the product is in cache
+    (``panel_linear_silu_mul``) instead of writing the [tokens, 2 x
+    intermediate] product out and reading it back. Otherwise it is the
+    matmul, then ``SiluAndMul``. Both give the same floats."""
+
+    def __init__(self, in_features: int, intermediate_size: int, bias: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, [intermediate_size] * 2, bias=bias, dtype=dtype)
+        self.act = SiluAndMul()
+        self.fused = False  # set by pack_weight when the native matmul applies silu(gate) * up
+        self.gated_bias: torch.Tensor | None = None  # the bias interleaved, for that matmul
+
+    def pack_weight(self, cpu_ops=None, arena: packed_gemm.PanelArena | None = None) -> None:
+        width = cpu_ops.panel_width if cpu_ops is not None else None
+        if width is None or (self.out_per_rank // 2) % width:
+            # oneDNN's layout, or an intermediate size the panels cannot pair
+            # up: the plain matmul, then SiluAndMul.
+            super().pack_weight(cpu_ops, arena)
+            return
+        weight = packed_gemm.interleave_gate_up(self.weight.detach(), width)
+        self.packed_weight = packed_gemm.PackedWeight(weight, cpu_ops, arena)
+        if self.bias is not None:
+            self.gated_bias = packed_gemm.interleave_gate_up(self.bias.detach(), width)
+        self.register_parameter("weight", None)
+        self.fused = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.packed_weight.matmul_silu_and_mul(x, self.gated_bias)
+        return self.act(self.matmul(x, self.bias))
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from orca_serve.distributed.parallel_state import is_first_stage, is_last_stage
-from orca_serve.layers.activation import SiluAndMul, get_act_fn
+from orca_serve.layers.activation import get_act_fn
 from orca_serve.layers.attention import Attention, AttentionMetadata
 from orca_serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from orca_serve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from orca_serve.layers.linear import GateUpSiluAndMul, QKVParallelLinear, RowParallelLinear
 from orca_serve.layers.norm import RMSNorm
 from orca_serve.layers.rotary import get_rope
 from orca_serve.models.stages import PPMissingLayer, make_layers, sampled_only_layer
@@ -63,13 +63,12 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         if get_act_fn(config.hidden_act) is not torch.nn.functional.silu:
             raise ValueError(f"Llama MLP needs hidden_act silu, got {config.hidden_act!r}")
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
-                                                       bias=bias, dtype=dtype)
+        # silu(gate) * up comes out of the gate/up layer itself (fused into its matmul on CPU).
+        self.gate_up_proj = GateUpSiluAndMul(config.hidden_size, config.intermediate_size, bias=bias, dtype=dtype)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, dtype=dtype)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -36,7 +36,8 @@
 //
 // pack_panels, panel_linear: the layers' matmuls against weights repacked once
 // into 16-feature panels, for decode-sized and prefill-sized batches (see
-// panel_gemm.cpp).
+// panel_gemm.cpp); panel_linear_silu_mul, SwiGLU's gate/up matmul with
+// silu(gate) * up applied to each unit of work's product while it is in cache.
 //
 // The sources: paged_attention.cpp (with attention_common.h,
 // attention_prompt.h, attention_decode.h), elementwise.cpp, panel_gemm.cpp;
@@ -59,5 +60,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("out") = py::none(), release());
   m.attr("panel_width") = kPanel;
   m.def("panel_linear", &panel_linear, "x W^T (+ bias) against a pack_panels weight", release());
+  m.def("panel_linear_silu_mul", &panel_linear_silu_mul,
+        "silu(x W_gate^T) * (x W_up^T) (+ biases) against pack_panels(interleave_gate_up(W))", release());
   m.def("supports_head_dim", &supports_head_dim, "whether a head_dim has a compiled kernel");
 }

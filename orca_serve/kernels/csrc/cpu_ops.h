@@ -1,6 +1,6 @@
 // What the CPU kernels' sources share: the ops the module exports (bound in
 // cpu_ops.cpp, which also gives the overview), the panel width that the
-// matmuls and Python's PanelArena agree on, and two helpers used by more
+// matmuls and Python's PanelArena agree on, and the helpers used by more
 // than one source.
 #pragma once
 
@@ -37,6 +37,8 @@ void rotary_embedding(at::Tensor qkv, const at::Tensor& positions, const at::Ten
 constexpr int64_t kPanel = 16;  // output features per panel
 at::Tensor pack_panels(const at::Tensor& weight, const c10::optional<at::Tensor>& out);
 void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias);
+void panel_linear_silu_mul(at::Tensor out, const at::Tensor& x, const at::Tensor& panels,
+                           const c10::optional<at::Tensor>& bias);
 
 // exp(x) for x <= 0 (softmax after subtracting the max), written so the
 // compiler vectorizes the loop that calls it: range reduction to 2^n * e^r with
@@ -56,6 +58,13 @@ inline float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// silu(g) * u, the sigmoid taken from exp(-|g|) <= 1 so that it never
+// overflows for large |g| (vectorizes like exp_nonpositive).
+inline float silu_times(float g, float u) {
+  const float e = exp_nonpositive(-std::fabs(g));
+  return g * ((g >= 0.f ? 1.f : e) / (1.f + e)) * u;
 }
 
 inline void check_rows(const at::Tensor& t, const char* name) {

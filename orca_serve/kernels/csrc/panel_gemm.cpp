@@ -1,4 +1,5 @@
-// pack_panels, panel_linear: out = x W^T (+ bias), every matmul of the layers.
+// pack_panels, panel_linear: out = x W^T (+ bias), every matmul of the layers;
+// panel_linear_silu_mul: the same for SwiGLU's gate/up, returning silu(gate) * up.
 //
 // W is repacked once into panels of 16 output features, [ceil(N / 16)][K][16],
 // so one panel is one sequential stream. The threads take the work in units
@@ -117,7 +118,8 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
 }
 
 // One run of tiles: `rows` rows of op (the caller's row block, rows ldo
-// apart), panels [p0, p1), K columns [k0, k0 + kc). a is that block's x in
+// apart; op's column 0 is output feature n_base), panels [p0, p1), K
+// columns [k0, k0 + kc). a is that block's x in
 // place (at column k0, rows ldx apart) or, Packed, its slice in tile order
 // (pack_rows). Each tile prefetches its share of the next panel's lines of
 // this slice.
@@ -142,7 +144,7 @@ constexpr int64_t kL2PrefetchMaxTiles = 3;
 
 template <bool Packed>
 void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0, int64_t kc, const float* pp,
-               int64_t p0, int64_t p1, float* op, int64_t ldo, int64_t N, const float* bp) {
+               int64_t p0, int64_t p1, float* op, int64_t ldo, int64_t n_base, int64_t N, const float* bp) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   const int64_t share = (kc + tiles - 1) / tiles;  // next panel's lines (one per k) each tile prefetches
   const bool pf_to_l2 = !Packed && tiles >= 2 && tiles <= kL2PrefetchMaxTiles;
@@ -154,8 +156,8 @@ void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0,
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t m = t * kTileRows, r = std::min(kTileRows, rows - m);
       const int64_t lo = std::min(kc, t * share), lines = next ? std::min(kc, lo + share) - lo : 0;
-      kPanelTiles<Packed>[r](Packed ? a + m * kc : a + m * ldx, ldx, b, kc, op + m * ldo + n0, ldo, ncols, k0 > 0,
-                             bp ? bp + n0 : nullptr, next ? next + lo * kPanel : nullptr, lines, pf_to_l2);
+      kPanelTiles<Packed>[r](Packed ? a + m * kc : a + m * ldx, ldx, b, kc, op + m * ldo + n0 - n_base, ldo, ncols,
+                             k0 > 0, bp ? bp + n0 : nullptr, next ? next + lo * kPanel : nullptr, lines, pf_to_l2);
     }
   }
 }
@@ -176,20 +178,57 @@ void parallel_units(int64_t units, const F& body) {
 
 // Panels per unit of work, cutting a matmul's P panels into runs so that
 // `blocks` row blocks x runs give each thread several units, no run shorter
-// than kMinRunPanels unless the matmul has fewer panels than that.
-int64_t panel_run_length(int64_t P, int64_t blocks) {
+// than kMinRunPanels unless the matmul has fewer panels than that. Gated
+// (SiLU-and-mul) runs are whole gate/up panel pairs.
+int64_t panel_run_length(int64_t P, int64_t blocks, bool gated) {
   const int64_t want = (8 * at::get_num_threads() + blocks - 1) / blocks;
   const int64_t runs = std::max<int64_t>(1, std::min(want, P / kMinRunPanels));
-  return (P + runs - 1) / runs;
+  const int64_t run = (P + runs - 1) / runs;
+  return gated ? run + (run & 1) : run;
+}
+
+// Gated matmuls (panel_linear_silu_mul): the panels alternate gate and up,
+// panel 2j holding gate features [16j, 16j + 16) and panel 2j + 1 the same up
+// features, so a unit's run holds whole pairs. Its tiles write into a slab
+// of the calling thread's, [rows][run's features], which silu_mul_slab then
+// turns into out's [rows][run's features / 2] while it is in cache: the
+// [M, 2 * I] product is never written out whole, and no second pass reads it
+// back (on the 128-request trace, SmolLM2's separate silu_and_mul took
+// ~0.9 s of ~60).
+float* unit_slab(int64_t floats) {
+  thread_local std::vector<float> slab;
+  if (slab.size() < static_cast<size_t>(floats)) slab.resize(floats);
+  return slab.data();
+}
+
+void silu_mul_slab(const float* __restrict slab, int64_t rows, int64_t panels, float* __restrict out, int64_t ldo) {
+  const int64_t width = panels * kPanel;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < panels / 2; ++j) {
+      const float* gate = slab + r * width + 2 * j * kPanel;
+      const float* up = gate + kPanel;
+      float* o = out + r * ldo + j * kPanel;
+#pragma omp simd
+      for (int64_t c = 0; c < kPanel; ++c) o[c] = silu_times(gate[c], up[c]);
+    }
 }
 
 // Decode-sized batches: out [M, N] = x [M, K] . W^T (+ bias), x read in place,
-// runs of whole panels, each panel streamed once.
+// runs of whole panels, each panel streamed once. Gated: out [M, N / 2].
+template <bool Gated>
 void panel_sweep_rows(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
                       int64_t ldo, int64_t N, const float* bp) {
-  const int64_t run = panel_run_length(P, 1);
+  const int64_t run = panel_run_length(P, 1, Gated);
   parallel_units((P + run - 1) / run, [&](int64_t u) {
-    panel_run<false>(xp, ldx, M, K, 0, K, pp, u * run, std::min(P, (u + 1) * run), op, ldo, N, bp);
+    const int64_t p0 = u * run, p1 = std::min(P, p0 + run);
+    if (!Gated) {
+      panel_run<false>(xp, ldx, M, K, 0, K, pp, p0, p1, op, ldo, 0, N, bp);
+      return;
+    }
+    const int64_t width = (p1 - p0) * kPanel;
+    float* slab = unit_slab(M * width);
+    panel_run<false>(xp, ldx, M, K, 0, K, pp, p0, p1, slab, width, p0 * kPanel, N, bp);
+    silu_mul_slab(slab, M, p1 - p0, op + p0 / 2 * kPanel, ldo);
   });
 }
 
@@ -197,7 +236,8 @@ void panel_sweep_rows(const float* xp, int64_t ldx, int64_t M, int64_t K, const 
 // order, by all threads together; then the work goes out in units of one row
 // block x a run of panels, each over every K slice. Both phases hand out
 // their units with parallel_units. The pack buffer is kept per calling
-// thread and grows to the largest x seen.
+// thread and grows to the largest x seen. Gated: out [M, N / 2].
+template <bool Gated>
 void panel_sweep_blocks(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
                         int64_t ldo, int64_t N, const float* bp) {
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows, slices = std::max<int64_t>(1, (K + kDepth - 1) / kDepth);
@@ -210,15 +250,65 @@ void panel_sweep_blocks(const float* xp, int64_t ldx, int64_t M, int64_t K, cons
     const int64_t rows = std::min(kBlockRows, M - m0);
     pack_rows(xp + m0 * ldx, ldx, rows, k0, std::min(kDepth, K - k0), pk + m0 * K + k0 * rows);
   });
-  const int64_t run = panel_run_length(P, blocks);
+  const int64_t run = panel_run_length(P, blocks, Gated);
   parallel_units(blocks * ((P + run - 1) / run), [&](int64_t u) {
     const int64_t b = u % blocks, p0 = (u / blocks) * run, p1 = std::min(P, p0 + run);
     const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, M - m0);
+    const int64_t width = (p1 - p0) * kPanel;
+    float* dst = Gated ? unit_slab(rows * width) : op + m0 * ldo;
+    const int64_t ldd = Gated ? width : ldo, n_base = Gated ? p0 * kPanel : 0;
     // k0 == 0 runs even when K == 0, so out still gets the bias (or zeros).
     for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kDepth)
-      panel_run<true>(pk + m0 * K + k0 * rows, ldx, rows, K, k0, std::min(kDepth, K - k0), pp, p0, p1, op + m0 * ldo,
-                      ldo, N, bp);
+      panel_run<true>(pk + m0 * K + k0 * rows, ldx, rows, K, k0, std::min(kDepth, K - k0), pp, p0, p1, dst, ldd,
+                      n_base, N, bp);
+    if (Gated) silu_mul_slab(dst, rows, p1 - p0, op + m0 * ldo + p0 / 2 * kPanel, ldo);
   });
+}
+
+// What panel_linear and panel_linear_silu_mul check and read of their
+// arguments. N is the number of the panels' features that out's width
+// stands for: all of its columns, or, gated, twice as many.
+struct PanelArgs {
+  const float *xp, *pp, *bp;
+  float* op;
+  int64_t M, K, N, P, ldx, ldo;
+};
+
+PanelArgs panel_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& panels,
+                     const c10::optional<at::Tensor>& bias, bool gated) {
+  check_rows(x, "x");
+  check_rows(out, "out");
+  const int64_t N = gated ? 2 * out.size(1) : out.size(1);
+  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.is_contiguous() && panels.dim() == 3 &&
+                  panels.size(2) == kPanel,
+              "panels must be a contiguous float32 [P, K, 16] tensor from pack_panels");
+  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
+  TORCH_CHECK(panels.size(1) == K, "x has ", K, " features but the weight takes ", panels.size(1));
+  if (gated) {
+    TORCH_CHECK(out.size(0) == M && P % 2 == 0 && N == P * kPanel, "out must be [", M, ", ", P * kPanel / 2,
+                "]: half the features of ", P, " panels, an even number (gate/up pairs)");
+  } else {
+    TORCH_CHECK(out.size(0) == M && N > (P - 1) * kPanel && N <= P * kPanel,
+                "out must be [", M, ", N] with N within the panels' ", P * kPanel, " features");
+  }
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "bias must be a contiguous float32 vector of the output size");
+    bp = bias->data_ptr<float>();
+  }
+  const float* pp = panels.data_ptr<float>();
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(pp) % 32 == 0, "panels must be 32-byte aligned (as pack_panels returns them)");
+  return {x.data_ptr<float>(), pp, bp, out.data_ptr<float>(), M, K, N, P, x.stride(0), out.stride(0)};
+}
+
+template <bool Gated>
+void panel_sweep(const PanelArgs& a) {
+  if (a.M == 0) return;
+  if (a.M >= kBlockedMinRows)
+    panel_sweep_blocks<Gated>(a.xp, a.ldx, a.M, a.K, a.pp, a.P, a.op, a.ldo, a.N, a.bp);
+  else
+    panel_sweep_rows<Gated>(a.xp, a.ldx, a.M, a.K, a.pp, a.P, a.op, a.ldo, a.N, a.bp);
 }
 
 }  // namespace
@@ -266,29 +356,15 @@ at::Tensor pack_panels(const at::Tensor& weight, const c10::optional<at::Tensor>
 
 // out [M, N] = x [M, K] . W^T (+ bias [N]), W given as pack_panels(W).
 void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias) {
-  check_rows(x, "x");
-  check_rows(out, "out");
-  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.is_contiguous() && panels.dim() == 3 &&
-                  panels.size(2) == kPanel,
-              "panels must be a contiguous float32 [P, K, 16] tensor from pack_panels");
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = panels.size(0);
-  TORCH_CHECK(panels.size(1) == K, "x has ", K, " features but the weight takes ", panels.size(1));
-  TORCH_CHECK(out.size(0) == M && N > (P - 1) * kPanel && N <= P * kPanel,
-              "out must be [", M, ", N] with N within the panels' ", P * kPanel, " features");
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "bias must be a contiguous float32 vector of the output size");
-    bp = bias->data_ptr<float>();
-  }
-  const float* pp = panels.data_ptr<float>();
-  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(pp) % 32 == 0, "panels must be 32-byte aligned (as pack_panels returns them)");
-  if (M == 0) return;
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldo = out.stride(0);
-  if (M >= kBlockedMinRows)
-    panel_sweep_blocks(xp, ldx, M, K, pp, P, op, ldo, N, bp);
-  else
-    panel_sweep_rows(xp, ldx, M, K, pp, P, op, ldo, N, bp);
+  panel_sweep<false>(panel_args(out, x, panels, bias, false));
+}
+
+// out [M, I] = silu(x W_gate^T + b_gate) * (x W_up^T + b_up), the merged
+// [W_gate; W_up] given as pack_panels of its rows interleaved 16 by 16
+// (gate 0-15, up 0-15, gate 16-31, ...; packed_gemm.interleave_gate_up),
+// and the bias, when given, interleaved the same way. I must be a multiple
+// of 16. Each gate/up product is the one panel_linear computes, bit for bit.
+void panel_linear_silu_mul(at::Tensor out, const at::Tensor& x, const at::Tensor& panels,
+                           const c10::optional<at::Tensor>& bias) {
+  panel_sweep<true>(panel_args(out, x, panels, bias, true));
 }
