@@ -465,9 +465,11 @@ def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops, intermedia
 def test_panel_linear_silu_mul_rejects_bad_inputs(ops):
     panels = ops.pack_panels(torch.randn(64, 24))  # 4 panels: 2 gate/up pairs, 32 output features
     x = torch.randn(3, 24)
-    with pytest.raises(RuntimeError, match=r"out must be \[3, 32\]: half the features of 4 panels"):
+    with pytest.raises(RuntimeError, match=r"out must be \[3, 32\]: half the 64 features of the panels"):
         ops.panel_linear_silu_mul(torch.empty(3, 64), x, panels, None)
-    with pytest.raises(RuntimeError, match=r"half the features of 3 panels, an even number"):
+    with pytest.raises(RuntimeError, match=r"out must be \[3, 32\]"):
+        ops.panel_linear_silu_mul(torch.empty(4, 32), x, panels, None)
+    with pytest.raises(RuntimeError, match=r"gate/up pairs of panels, an even number; got 3 panels"):
         ops.panel_linear_silu_mul(torch.empty(3, 24), x, ops.pack_panels(torch.randn(48, 24)), None)
     with pytest.raises(RuntimeError, match="bias must be"):
         ops.panel_linear_silu_mul(torch.empty(3, 32), x, panels, torch.randn(32))

@@ -113,8 +113,10 @@ class GateUpSiluAndMul(MergedColumnParallelLinear):
     at a time (``packed_gemm.interleave_gate_up``), so the matmul applies
     silu(gate) * up to each unit of its work while the product is in cache
     (``panel_linear_silu_mul``) instead of writing the [tokens, 2 x
-    intermediate] product out and reading it back. Otherwise it is the
-    matmul, then ``SiluAndMul``. Both give the same floats."""
+    intermediate] product out and reading it back: bit for bit what the
+    panel matmul and then the native ``silu_and_mul`` give. Otherwise
+    (oneDNN's layout, another device or dtype, or an intermediate size per
+    rank that is not a multiple of 16) it is the matmul, then ``SiluAndMul``."""
 
     def __init__(self, in_features: int, intermediate_size: int, bias: bool = False,
                  dtype: torch.dtype | None = None) -> None:

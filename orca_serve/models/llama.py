@@ -63,7 +63,8 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         if get_act_fn(config.hidden_act) is not torch.nn.functional.silu:
             raise ValueError(f"Llama MLP needs hidden_act silu, got {config.hidden_act!r}")
-        # silu(gate) * up comes out of the gate/up layer itself (fused into its matmul on CPU).
+        # silu(gate) * up comes out of the gate/up layer itself (fused into its matmul by the
+        # native CPU kernels).
         self.gate_up_proj = GateUpSiluAndMul(config.hidden_size, config.intermediate_size, bias=bias, dtype=dtype)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, dtype=dtype)
 

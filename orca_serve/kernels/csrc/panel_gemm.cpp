@@ -285,8 +285,9 @@ PanelArgs panel_args(const at::Tensor& out, const at::Tensor& x, const at::Tenso
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
   TORCH_CHECK(panels.size(1) == K, "x has ", K, " features but the weight takes ", panels.size(1));
   if (gated) {
-    TORCH_CHECK(out.size(0) == M && P % 2 == 0 && N == P * kPanel, "out must be [", M, ", ", P * kPanel / 2,
-                "]: half the features of ", P, " panels, an even number (gate/up pairs)");
+    TORCH_CHECK(P % 2 == 0, "a gated matmul takes gate/up pairs of panels, an even number; got ", P, " panels");
+    TORCH_CHECK(out.size(0) == M && N == P * kPanel, "out must be [", M, ", ", P * kPanel / 2, "]: half the ",
+                P * kPanel, " features of the panels");
   } else {
     TORCH_CHECK(out.size(0) == M && N > (P - 1) * kPanel && N <= P * kPanel,
                 "out must be [", M, ", N] with N within the panels' ", P * kPanel, " features");
