@@ -437,29 +437,36 @@ def test_panel_linear_rejects_bad_inputs(ops):
         ops.panel_linear(out, x, shifted, None)
 
 
-@pytest.mark.parametrize("intermediate", [48, 160])
+@pytest.mark.parametrize("intermediate", [48, 112, 160])
 def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops, intermediate):
     """The gated matmul gives, bit for bit, what the plain one followed by
     silu_and_mul gives: each gate/up product is summed the same way, only
     where it lands differs. Rows cover one tile, a partial tile, the
     streaming loop's largest size and the K-blocked loop (with a partial row
-    block); K = 300 leaves a partial K slice; 160 features make 20 panels,
-    which the threads' runs must split into whole gate/up pairs."""
+    block); K = 300 leaves a partial K slice. The threads' runs of panels
+    must hold whole gate/up pairs: 112 features make 14 panels, which would
+    otherwise be cut into runs of 5."""
     g = torch.Generator().manual_seed(3)
     w, bias = torch.randn(2 * intermediate, 300, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
     plain = ops.pack_panels(w)
     gated = ops.pack_panels(packed_gemm.interleave_gate_up(w, ops.panel_width))
-    for rows in (1, 5, 7, 64, 127, 128, 300):
-        x = torch.randn(rows, 300, generator=g) * 3
-        for b in (None, bias):
-            product = torch.empty(rows, 2 * intermediate)
-            ops.panel_linear(product, x, plain, b)
-            expected = torch.empty(rows, intermediate)
-            ops.silu_and_mul(expected, product)
-            got = torch.full((rows, intermediate), float("nan"))
-            gated_bias = None if b is None else packed_gemm.interleave_gate_up(b, ops.panel_width)
-            ops.panel_linear_silu_mul(got, x, gated, gated_bias)
-            assert torch.equal(got, expected), (rows, b is not None)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            for rows in (1, 5, 7, 64, 127, 128, 300):
+                x = torch.randn(rows, 300, generator=g) * 3
+                for b in (None, bias):
+                    product = torch.empty(rows, 2 * intermediate)
+                    ops.panel_linear(product, x, plain, b)
+                    expected = torch.empty(rows, intermediate)
+                    ops.silu_and_mul(expected, product)
+                    got = torch.full((rows, intermediate), float("nan"))
+                    gated_bias = None if b is None else packed_gemm.interleave_gate_up(b, ops.panel_width)
+                    ops.panel_linear_silu_mul(got, x, gated, gated_bias)
+                    assert torch.equal(got, expected), (n_threads, rows, b is not None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_panel_linear_silu_mul_rejects_bad_inputs(ops):
