@@ -9,6 +9,8 @@ linear layers with prepacked weights (oneDNN's layout, and the panels of the
 native small-batch matmul) must give what ``F.linear`` gives;
 and the engine must produce the same greedy tokens with and without them.
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,17 @@ def ops():
     module = kernels.load()
     assert module is not None, f"native CPU kernels failed to build: {kernels.load_error()}"
     return module
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads (the kernels' OpenMP team) at n, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_build_name_follows_every_source_and_header(tmp_path):
@@ -163,16 +176,12 @@ def test_a_lone_decode_cut_into_parts_matches_sdpa(ops, block_size):
         kc[table[i, pos // block_size], pos % block_size] = q[i].mean(1) * 60
     scale = 0.125
     expected = reference(q, kc, vc, table, qs, lens, scale)
-    threads = torch.get_num_threads()
-    try:
-        for n in (2, 3):
-            torch.set_num_threads(n)
+    for n in (2, 3):
+        with torch_threads(n):
             for i in range(len(lens)):  # one decode: fewer tasks than threads
                 alone = run_kernel(ops, q[i:i + 1], kc, vc, table[i:i + 1], torch.tensor([0, 1]), lens[i:i + 1], scale)
                 assert torch.isfinite(alone).all()
                 torch.testing.assert_close(alone, expected[i:i + 1], rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_large_scores_do_not_overflow(ops):
@@ -383,16 +392,12 @@ def test_panel_linear_is_the_same_whatever_thread_runs_what(ops):
         ops.panel_linear(out, x, panels, bias)
         return out
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         expected = [run(c) for c in cases]
-        torch.set_num_threads(2)
+    with torch_threads(2):
         for _ in range(3):
             for case, want in zip(cases, expected):
                 assert torch.equal(run(case), want)
-    finally:
-        torch.set_num_threads(threads)
     got, errors = {}, []
 
     def caller(i):
@@ -450,10 +455,8 @@ def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops, intermedia
     w, bias = torch.randn(2 * intermediate, 300, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
     plain = ops.pack_panels(w)
     gated = ops.pack_panels(packed_gemm.interleave_gate_up(w, ops.panel_width))
-    threads = torch.get_num_threads()
-    try:
-        for n_threads in (1, 2, 3):
-            torch.set_num_threads(n_threads)
+    for n_threads in (1, 2, 3):
+        with torch_threads(n_threads):
             for rows in (1, 5, 7, 64, 127, 128, 300):
                 x = torch.randn(rows, 300, generator=g) * 3
                 for b in (None, bias):
@@ -465,8 +468,6 @@ def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops, intermedia
                     gated_bias = None if b is None else packed_gemm.interleave_gate_up(b, ops.panel_width)
                     ops.panel_linear_silu_mul(got, x, gated, gated_bias)
                     assert torch.equal(got, expected), (n_threads, rows, b is not None)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_panel_linear_silu_mul_rejects_bad_inputs(ops):

@@ -213,22 +213,42 @@ void silu_mul_slab(const float* __restrict slab, int64_t rows, int64_t panels, f
     }
 }
 
+// What panel_linear and panel_linear_silu_mul check and read of their
+// arguments (panel_args, below). N is the number of the panels' features
+// that out's width stands for: all of its columns, or, gated, twice as many.
+struct PanelArgs {
+  const float *xp, *pp, *bp;
+  float* op;
+  int64_t M, K, N, P, ldx, ldo;
+};
+
+// One unit of work: out's rows [m0, m0 + rows) x panels [p0, p1), over K in
+// slices of `depth`. x_at(k0) is x's rows at column k0 as panel_run<Packed>
+// reads them. Gated, the tiles write into the thread's slab, and the unit
+// ends by turning it into silu(gate) * up in out.
+template <bool Packed, bool Gated, typename XAt>
+void panel_unit(const PanelArgs& a, const XAt& x_at, int64_t m0, int64_t rows, int64_t p0, int64_t p1,
+                int64_t depth) {
+  const int64_t width = (p1 - p0) * kPanel;
+  float* dst = Gated ? unit_slab(rows * width) : a.op + m0 * a.ldo;
+  const int64_t ldd = Gated ? width : a.ldo, n_base = Gated ? p0 * kPanel : 0;
+  // k0 == 0 runs even when K == 0, so out still gets the bias (or zeros).
+  for (int64_t k0 = 0; k0 == 0 || k0 < a.K; k0 += depth)
+    panel_run<Packed>(x_at(k0), a.ldx, rows, a.K, k0, std::min(depth, a.K - k0), a.pp, p0, p1, dst, ldd, n_base, a.N,
+                      a.bp);
+  if (Gated) silu_mul_slab(dst, rows, p1 - p0, a.op + m0 * a.ldo + p0 / 2 * kPanel, a.ldo);
+}
+
 // Decode-sized batches: out [M, N] = x [M, K] . W^T (+ bias), x read in place,
-// runs of whole panels, each panel streamed once. Gated: out [M, N / 2].
+// runs of whole panels, each panel streamed once (K in one slice). Gated:
+// out [M, N / 2].
 template <bool Gated>
-void panel_sweep_rows(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
-                      int64_t ldo, int64_t N, const float* bp) {
-  const int64_t run = panel_run_length(P, 1, Gated);
-  parallel_units((P + run - 1) / run, [&](int64_t u) {
-    const int64_t p0 = u * run, p1 = std::min(P, p0 + run);
-    if (!Gated) {
-      panel_run<false>(xp, ldx, M, K, 0, K, pp, p0, p1, op, ldo, 0, N, bp);
-      return;
-    }
-    const int64_t width = (p1 - p0) * kPanel;
-    float* slab = unit_slab(M * width);
-    panel_run<false>(xp, ldx, M, K, 0, K, pp, p0, p1, slab, width, p0 * kPanel, N, bp);
-    silu_mul_slab(slab, M, p1 - p0, op + p0 / 2 * kPanel, ldo);
+void panel_sweep_rows(const PanelArgs& a) {
+  const int64_t run = panel_run_length(a.P, 1, Gated);
+  parallel_units((a.P + run - 1) / run, [&](int64_t u) {
+    const int64_t p0 = u * run;
+    panel_unit<false, Gated>(a, [&](int64_t) { return a.xp; }, 0, a.M, p0, std::min(a.P, p0 + run),
+                             std::max<int64_t>(a.K, 1));
   });
 }
 
@@ -238,8 +258,8 @@ void panel_sweep_rows(const float* xp, int64_t ldx, int64_t M, int64_t K, const 
 // their units with parallel_units. The pack buffer is kept per calling
 // thread and grows to the largest x seen. Gated: out [M, N / 2].
 template <bool Gated>
-void panel_sweep_blocks(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* pp, int64_t P, float* op,
-                        int64_t ldo, int64_t N, const float* bp) {
+void panel_sweep_blocks(const PanelArgs& a) {
+  const int64_t M = a.M, K = a.K;
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows, slices = std::max<int64_t>(1, (K + kDepth - 1) / kDepth);
   thread_local std::vector<float> packed;
   if (packed.size() < static_cast<size_t>(M * K)) packed.resize(M * K);
@@ -248,31 +268,15 @@ void panel_sweep_blocks(const float* xp, int64_t ldx, int64_t M, int64_t K, cons
   parallel_units(blocks * slices, [&](int64_t u) {
     const int64_t m0 = (u / slices) * kBlockRows, k0 = (u % slices) * kDepth;
     const int64_t rows = std::min(kBlockRows, M - m0);
-    pack_rows(xp + m0 * ldx, ldx, rows, k0, std::min(kDepth, K - k0), pk + m0 * K + k0 * rows);
+    pack_rows(a.xp + m0 * a.ldx, a.ldx, rows, k0, std::min(kDepth, K - k0), pk + m0 * K + k0 * rows);
   });
-  const int64_t run = panel_run_length(P, blocks, Gated);
-  parallel_units(blocks * ((P + run - 1) / run), [&](int64_t u) {
-    const int64_t b = u % blocks, p0 = (u / blocks) * run, p1 = std::min(P, p0 + run);
-    const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, M - m0);
-    const int64_t width = (p1 - p0) * kPanel;
-    float* dst = Gated ? unit_slab(rows * width) : op + m0 * ldo;
-    const int64_t ldd = Gated ? width : ldo, n_base = Gated ? p0 * kPanel : 0;
-    // k0 == 0 runs even when K == 0, so out still gets the bias (or zeros).
-    for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kDepth)
-      panel_run<true>(pk + m0 * K + k0 * rows, ldx, rows, K, k0, std::min(kDepth, K - k0), pp, p0, p1, dst, ldd,
-                      n_base, N, bp);
-    if (Gated) silu_mul_slab(dst, rows, p1 - p0, op + m0 * ldo + p0 / 2 * kPanel, ldo);
+  const int64_t run = panel_run_length(a.P, blocks, Gated);
+  parallel_units(blocks * ((a.P + run - 1) / run), [&](int64_t u) {
+    const int64_t m0 = (u % blocks) * kBlockRows, rows = std::min(kBlockRows, M - m0), p0 = (u / blocks) * run;
+    panel_unit<true, Gated>(a, [&](int64_t k0) { return pk + m0 * K + k0 * rows; }, m0, rows, p0,
+                            std::min(a.P, p0 + run), kDepth);
   });
 }
-
-// What panel_linear and panel_linear_silu_mul check and read of their
-// arguments. N is the number of the panels' features that out's width
-// stands for: all of its columns, or, gated, twice as many.
-struct PanelArgs {
-  const float *xp, *pp, *bp;
-  float* op;
-  int64_t M, K, N, P, ldx, ldo;
-};
 
 PanelArgs panel_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& panels,
                      const c10::optional<at::Tensor>& bias, bool gated) {
@@ -307,9 +311,9 @@ template <bool Gated>
 void panel_sweep(const PanelArgs& a) {
   if (a.M == 0) return;
   if (a.M >= kBlockedMinRows)
-    panel_sweep_blocks<Gated>(a.xp, a.ldx, a.M, a.K, a.pp, a.P, a.op, a.ldo, a.N, a.bp);
+    panel_sweep_blocks<Gated>(a);
   else
-    panel_sweep_rows<Gated>(a.xp, a.ldx, a.M, a.K, a.pp, a.P, a.op, a.ldo, a.N, a.bp);
+    panel_sweep_rows<Gated>(a);
 }
 
 }  // namespace
