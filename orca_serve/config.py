@@ -13,6 +13,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority", "slo", "fair", "request-level")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 PARALLEL_MODES = ("manual", "auto")
 CPU_KERNEL_MODES = ("auto", "on", "off")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _positive(name: str, value, allow_none: bool = False) -> None:
@@ -40,9 +41,14 @@ class ModelConfig:
     # "auto" uses them when they build and apply (CPU, float32), "on" demands
     # them (an error says why not), "off" keeps the pure PyTorch path.
     cpu_kernels: str = "auto"
+    # Where the model runs: "auto" takes a CUDA GPU when torch sees one (each
+    # worker of a tensor/pipeline-parallel group its node-local rank's GPU),
+    # else the CPU; "cuda" demands a GPU (an error at start-up says why not).
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
         _choice("cpu_kernels", self.cpu_kernels, CPU_KERNEL_MODES)
         _choice("load_format", self.load_format, ("auto", "dummy"))
         _positive("max_model_len", self.max_model_len, allow_none=True)

@@ -68,6 +68,32 @@ def test_greedy_matches_hf_with_staggered_arrivals(tiny_model_dir, kind, mode, n
     assert stats.num_kv_blocks_free == num_blocks
 
 
+# CI has no GPU: there the CPU case runs alone. On a GPU machine (scripts/gpu_check.sh)
+# the same test runs the engine on CUDA against HF on the CPU.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_matches_hf_on_each_device(tiny_model_dir, kind, device):
+    """The PyTorch path (the one a GPU takes: no native CPU kernels) on the
+    device asked for, in float32, against HF on the CPU."""
+    path = tiny_model_dir(kind)
+    prompts = make_prompts(10, 384, seed=21)
+    max_tokens = [16] * len(prompts)
+    engine = LLMEngine(EngineConfig.from_kwargs(
+        model=path, device=device, cpu_kernels="off", num_kv_blocks=120, block_size=4,
+        max_num_batched_tokens=48, max_num_seqs=6, enable_prefix_caching=False))
+    runner = engine.executor.runner
+    assert runner.kv_cache.device.type == device
+    assert {p.device.type for p in runner.model.parameters()} == {device}
+    outs = run_staggered(engine, prompts, max_tokens)
+    hf = load_hf(path)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert o.token_ids == hf_generate(hf, p, max_tokens[i]), f"prompt {i} ({len(p)} tokens) differs"
+    assert engine.stats().num_kv_blocks_free == 120
+
+
 def test_one_users_long_decodes_match_hf(tiny_model_dir):
     """One request alone, its context tens of KV blocks long: with fewer
     attention tasks than threads the native kernel cuts each decode's context

@@ -182,3 +182,32 @@ def test_bad_gguf_and_bad_dummy_config(tmp_path, monkeypatch):
         load_hf_config(ModelConfig(load_format="dummy", dummy_config="gpt-9"))
     with pytest.raises(ValueError, match="unsupported model_type"):
         load_hf_config(ModelConfig(load_format="dummy", dummy_config={"model_type": "bert"}))
+
+
+def test_device_auto_takes_the_local_ranks_gpu_and_cuda_without_one_is_a_clear_error(monkeypatch):
+    from orca_serve.models.loader import resolve_device, torch_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(ModelConfig()) == torch.device("cpu")
+    assert resolve_device(ModelConfig(device="cpu"), local_rank=3) == torch.device("cpu")
+    assert torch_dtype(ModelConfig(dtype="auto")) == torch.float32
+    with pytest.raises(ValueError, match="device='cuda' but torch .* sees no CUDA GPU"):
+        resolve_device(ModelConfig(device="cuda"))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(ModelConfig()) == torch.device("cuda", 0)
+    assert resolve_device(ModelConfig(device="cuda"), local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device(ModelConfig(device="cpu"), local_rank=1) == torch.device("cpu")
+    with pytest.raises(ValueError, match="rank 2 of this node needs GPU 2, but torch sees 2 GPU"):
+        resolve_device(ModelConfig(), local_rank=2)
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda; got 'tpu'"):
+        ModelConfig(device="tpu")
+
+
+def test_engine_asked_for_cuda_without_a_gpu_fails_at_start_and_says_why(tiny_model_dir, monkeypatch):
+    from orca_serve.engine.llm_engine import LLMEngine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda' but torch .* sees no CUDA GPU.*--device cpu or auto"):
+        LLMEngine(EngineConfig.from_kwargs(model=tiny_model_dir("llama"), device="cuda", num_kv_blocks=8))

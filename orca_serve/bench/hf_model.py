@@ -19,14 +19,16 @@ def hf_dir(model: str | None) -> str:
 
 
 def load_hf_model(model: str | None, dtype: str = "float32", load_format: str = "auto",
-                  dummy_config: str | None = None, seed: int = 0):
-    """(transformers model in eval mode, tokenizer or None)."""
+                  dummy_config: str | None = None, seed: int = 0, device: str = "auto"):
+    """(transformers model in eval mode on the engine's device for the same
+    ``device`` setting, tokenizer or None)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from orca_serve.models import loader
 
-    mc = ModelConfig(model=model, dtype=dtype, load_format=load_format, dummy_config=dummy_config, seed=seed)
+    mc = ModelConfig(model=model, dtype=dtype, load_format=load_format, dummy_config=dummy_config, seed=seed,
+                     device=device)
     config = loader.load_hf_config(mc)
     torch_dtype = loader.torch_dtype(mc, config)
     if load_format == "dummy":
@@ -34,7 +36,7 @@ def load_hf_model(model: str | None, dtype: str = "float32", load_format: str = 
         hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
         hf = AutoModelForCausalLM.from_pretrained(loader.resolve_model_path(mc), dtype=torch_dtype)
-    return hf.eval(), loader.load_tokenizer(mc)
+    return hf.to(loader.resolve_device(mc)).eval(), loader.load_tokenizer(mc)
 
 
 def load_tokenizer(model: str | None):

@@ -51,7 +51,7 @@ def make_backend(args, policy: str | None):
     from orca_serve.bench.backends.hf import HFContinuousBackend, HFStaticBackend
 
     common = dict(model=args.model, dtype=args.dtype or "float32", load_format=args.load_format or "auto",
-                  dummy_config=args.dummy_config)
+                  dummy_config=args.dummy_config, device=args.device or "auto")
     if args.backend == "hf-static":
         return HFStaticBackend(batch_sizes=_ints(args.hf_batch_sizes), **common)
     if args.backend == "hf-cb":

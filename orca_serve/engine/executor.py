@@ -41,9 +41,11 @@ class Executor:
 
 class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig, num_kv_blocks: int, num_cpu_blocks: int = 0) -> None:
+        from orca_serve.models.loader import resolve_device
         from orca_serve.worker.model_runner import ModelRunner
 
-        self.runner = ModelRunner(config, num_kv_blocks, num_cpu_blocks=num_cpu_blocks)
+        self.runner = ModelRunner(config, num_kv_blocks, num_cpu_blocks=num_cpu_blocks,
+                                  device=resolve_device(config.model))
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(so)

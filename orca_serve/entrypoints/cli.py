@@ -18,7 +18,7 @@ from orca_serve.config import CacheConfig, EngineConfig, ModelConfig, ParallelCo
 _CHOICES = {"kv_allocation": config.KV_ALLOCATION_MODES, "preemption_mode": config.PREEMPTION_MODES,
             "scheduling_policy": config.SCHEDULING_POLICIES, "slo_admission": ("reject", "best-effort"),
             "load_format": ("auto", "dummy"), "dtype": config.DTYPES, "parallel": config.PARALLEL_MODES,
-            "cpu_kernels": config.CPU_KERNEL_MODES}
+            "cpu_kernels": config.CPU_KERNEL_MODES, "device": config.DEVICES}
 _SKIP = {"dummy_config"}  # set through --dummy-config below (a name, not a dict)
 # Flags whose name alone misleads: the request-level baseline's batch knobs do
 # not cap the iteration-level policies (those admit up to --max-num-seqs).
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
-    from orca_serve.entrypoints.openai.server import add_server_args
+    from orca_serve.entrypoints.openai.args import add_server_args
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_server_args(srv)

@@ -89,11 +89,29 @@ def load_hf_config(model_config: ModelConfig):
     return config
 
 
+def resolve_device(model_config: ModelConfig, local_rank: int = 0) -> torch.device:
+    """The device a rank's model runs on (``ModelConfig.device``): a worker
+    takes the GPU of its node-local rank, the in-process engine GPU 0."""
+    wanted = model_config.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device='cuda' but torch {torch.__version__} sees no CUDA GPU "
+                         f"(built for CUDA: {torch.version.cuda or 'no'}); use --device cpu or auto")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"rank {local_rank} of this node needs GPU {local_rank}, but torch sees "
+                         f"{torch.cuda.device_count()} GPU(s); lower --tensor-parallel-size or "
+                         f"--pipeline-parallel-size")
+    return torch.device("cuda", local_rank)
+
+
 def torch_dtype(model_config: ModelConfig, hf_config=None) -> torch.dtype:
     if model_config.dtype != "auto":
         return _DTYPES[model_config.dtype]
     # Half precision only pays off on accelerators; CPU matmuls are fastest in float32.
-    if torch.cuda.is_available() and hf_config is not None:
+    if resolve_device(model_config).type == "cuda" and hf_config is not None:
         stored = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", "")).removeprefix("torch.")
         return _DTYPES.get(stored, torch.float32)
     return torch.float32

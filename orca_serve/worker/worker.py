@@ -33,8 +33,9 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     config = init["config"]
     p = config.parallel
-    cuda = torch.cuda.is_available()
-    if not cuda:
+    from orca_serve.models.loader import resolve_device
+
+    if config.model.device == "cpu" or not torch.cuda.is_available():
         # Share this node's cores among its ranks instead of oversubscribing them.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // local_world_size))
@@ -44,7 +45,8 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
         os._exit(1)  # the driver went away during start-up
     code = 0
     try:
-        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        device = resolve_device(config.model, local_rank)
+        cuda = device.type == "cuda"
         if cuda:
             torch.cuda.set_device(device)
         host, port = init["store"]

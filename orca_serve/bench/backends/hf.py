@@ -27,8 +27,8 @@ from orca_serve.bench.workloads import RequestSpec
 
 class _HFBase:
     def __init__(self, model: str | None, dtype: str = "float32", load_format: str = "auto",
-                 dummy_config: str | None = None) -> None:
-        self.model, self.tokenizer = load_hf_model(model, dtype, load_format, dummy_config)
+                 dummy_config: str | None = None, device: str = "auto") -> None:
+        self.model, self.tokenizer = load_hf_model(model, dtype, load_format, dummy_config, device=device)
         cfg = self.model.config
         self.model_name = getattr(cfg, "_name_or_path", None) or cfg.model_type
         self.max_model_len = getattr(cfg, "max_position_embeddings", None)
@@ -99,6 +99,7 @@ class HFStaticBackend(_HFBase):
         max_new = max(s.output_len for s in batch)
         # EOS is ignored only if every request in the batch asks for it (a batch shares one config).
         min_new = max_new if all(s.ignore_eos for s in batch) else 0
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         try:
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
                                       min_new_tokens=min_new, do_sample=False, pad_token_id=self.pad_id)

@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 
 from orca_serve.config import EngineConfig
 from orca_serve.engine.async_engine import AsyncLLMEngine
+from orca_serve.entrypoints.openai.args import DEFAULT_MAX_BODY_BYTES, add_server_args
 from orca_serve.entrypoints.openai.handlers import ServingContext, create_chat_completion, create_completion
 from orca_serve.entrypoints.openai.metrics import ServerMetrics
 from orca_serve.entrypoints.openai.protocol import (
@@ -44,7 +45,6 @@ from orca_serve.entrypoints.openai.serving import TokenText
 
 logger = logging.getLogger("orca_serve.server")
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 # A server never queues without bound: past this many waiting requests new ones
 # get 503 + Retry-After (unless --max-waiting-requests says otherwise).
 DEFAULT_MAX_WAITING_REQUESTS = 1024
@@ -211,18 +211,6 @@ def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int =
         server.run()
     finally:
         engine.shutdown(timeout=shutdown_timeout_s)
-
-
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    """The server's own flags (engine flags come from cli.add_engine_args)."""
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--request-log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="level of the one-line-per-finished-request log")
-    parser.add_argument("--shutdown-timeout-s", type=float, default=10.0)
 
 
 def main(argv: list[str] | None = None) -> int:
