@@ -68,16 +68,18 @@ def test_greedy_matches_hf_with_staggered_arrivals(tiny_model_dir, kind, mode, n
     assert stats.num_kv_blocks_free == num_blocks
 
 
-# CI has no GPU: there the CPU case runs alone. On a GPU machine (scripts/gpu_check.sh)
+# CI has no GPU: there the CPU cases run alone. On a GPU machine (scripts/gpu_check.sh)
 # the same test runs the engine on CUDA against HF on the CPU.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+DEVICE_LAYOUTS = [("cpu", "grouped"), ("cpu", "batched"), *([("cuda", "batched")] if torch.cuda.is_available() else [])]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_greedy_matches_hf_on_each_device(tiny_model_dir, kind, device):
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
+def test_greedy_matches_hf_on_each_device(tiny_model_dir, kind, device, layout):
     """The PyTorch path (the one a GPU takes: no native CPU kernels) on the
-    device asked for, in float32, against HF on the CPU."""
+    device asked for, in float32, against HF on the CPU. Its attention layout
+    is the device's own (a GPU's is batched: all decodes in one SDPA, all
+    prefill chunks padded into another); the CPU runs both."""
     path = tiny_model_dir(kind)
     prompts = make_prompts(10, 384, seed=21)
     max_tokens = [16] * len(prompts)
@@ -87,6 +89,8 @@ def test_greedy_matches_hf_on_each_device(tiny_model_dir, kind, device):
     runner = engine.executor.runner
     assert runner.kv_cache.device.type == device
     assert {p.device.type for p in runner.model.parameters()} == {device}
+    assert runner.batched_attention == (device == "cuda")
+    runner.batched_attention = layout == "batched"
     outs = run_staggered(engine, prompts, max_tokens)
     hf = load_hf(path)
     for i, (p, o) in enumerate(zip(prompts, outs)):

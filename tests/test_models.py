@@ -25,19 +25,20 @@ def bind_cache(model, num_blocks: int = 32) -> None:
 
 
 @torch.inference_mode()
-def run_chunks(model, prompt: list[int], chunks: list[int]) -> torch.Tensor:
+def run_chunks(model, prompt: list[int], chunks: list[int], batched: bool = False) -> torch.Tensor:
     """Feed ``prompt`` in chunks through the paged cache; logits of every position."""
     state = RequestState("r", prompt, len(prompt), list(range(32)), 0, SamplingParams())
     rows = []
     for n in chunks:
-        inputs = prepare_inputs([(state, n)], BLOCK, torch.device("cpu"))
+        inputs = prepare_inputs([(state, n)], BLOCK, torch.device("cpu"), batched_attention=batched)
         rows.append(model.compute_logits(model(inputs.input_ids, inputs.positions, inputs.attn_metadata)))
         state.num_computed_tokens += n
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["grouped", "batched"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_logits_match_hf(tiny_model_dir, kind):
+def test_logits_match_hf(tiny_model_dir, kind, batched):
     path = tiny_model_dir(kind)
     model, _ = load_model(ModelConfig(model=path))
     bind_cache(model)
@@ -47,16 +48,17 @@ def test_logits_match_hf(tiny_model_dir, kind):
     # Whole prompt at once, then the same prompt in chunks (a decode-sized one
     # included), which reads earlier context back from the paged cache.
     for chunks in ([45], [13, 1, 20, 11]):
-        ours = run_chunks(model, prompt, chunks)
+        ours = run_chunks(model, prompt, chunks, batched)
         assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (chunks, (ours - ref).abs().max())
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["pytorch-attention", "native-attention"])
+@pytest.mark.parametrize("layout", ["pytorch-grouped", "pytorch-batched", "native"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_last_layer_runs_on_sampled_rows_only(tiny_model_dir, kind, native):
+def test_last_layer_runs_on_sampled_rows_only(tiny_model_dir, kind, layout):
     """With ``sampled_rows_only`` the model returns just the sampled rows, equal
     to those rows of the full forward, and writes the same K/V for every row."""
+    native, batched = layout == "native", layout == "pytorch-batched"
     model, _ = load_model(ModelConfig(model=tiny_model_dir(kind)))
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     if native:
@@ -82,7 +84,7 @@ def test_last_layer_runs_on_sampled_rows_only(tiny_model_dir, kind, native):
                 for layer, kv in zip(layers, cache):
                     layer.kv_cache = kv
                 inputs = prepare_inputs(scheduled, BLOCK, torch.device("cpu"), native_attention=native,
-                                        sampled_rows_only=mode == "sampled")
+                                        sampled_rows_only=mode == "sampled", batched_attention=batched)
                 assert [s.req_id for s in inputs.sampling_states] == sampled
                 hidden = model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
                 out[mode] = hidden[inputs.logits_indices] if mode == "full" else hidden

@@ -18,6 +18,10 @@ One forward does two things:
    a decode needs no causal mask beyond its context length. Prefill chunks
    (query length > 1) attend causally to their own context one by one; their
    gather indices and masks are built once per iteration, not per layer.
+   On a GPU, where each kernel launch costs more than padded arithmetic, the
+   runner asks for the batched layout instead: every decode in one group, and
+   every prefill chunk padded into one ``PrefillBatch``, so a layer's attention
+   is two SDPA calls however many requests the batch holds.
 
 The model's last layer calls it with ``sampled_only``: every row's K/V is
 written, but only the rows that sample come back (the native kernel attends
@@ -66,6 +70,30 @@ class DecodeGroup:
 
 
 @dataclass
+class PrefillBatch:
+    """Every prefill chunk of the batch, padded to P chunks x ``max_query`` query
+    rows x ``max_context`` keys for one SDPA (the batched layout).
+
+    Chunk p's query rows are taken from q by ``query_index`` [P * max_query]
+    and its keys (context and chunk) from the cache by ``kv_slots``
+    [P * max_context]; padding points at a real row or slot. ``mask`` [P, 1,
+    max_query, max_context] lets query i of a chunk starting at position s see
+    keys 0..s+i; a padding row sees key 0 only, so no row is fully masked (that
+    would be NaN). ``valid`` [prefill rows] picks the real rows back out of the
+    padded output, in batch order, starting at batch row ``start``.
+    """
+
+    start: int
+    num_chunks: int
+    max_query: int
+    max_context: int
+    query_index: torch.Tensor
+    kv_slots: torch.Tensor
+    mask: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
 class AttentionMetadata:
     """Per-iteration inputs of every attention layer (same for all layers)."""
 
@@ -80,6 +108,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor | None = None
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill_batch: PrefillBatch | None = None  # the batched layout's prefills (then ``prefills`` is empty)
     # The rows whose final hidden state is used: the last row of each request
     # that samples, in sampling order. A layer called with ``sampled_only``
     # (the model's last) still writes every row's K/V but returns only these
@@ -149,6 +178,8 @@ class Attention(nn.Module):
                 vs = v_cache.view(-1, hkv, d).index_select(0, chunk.kv_slots)
                 out[s:e] = self._prefill(q[s:e], ks, vs, chunk.mask)
         out = out.view(n_tok, self.num_heads * d)
+        if meta.prefill_batch is not None:
+            out[meta.prefill_batch.start:] = self._prefill_batch(q, k_cache, v_cache, meta.prefill_batch)
         # The PyTorch path attends every row and keeps the sampled ones: the
         # saving that matters, the projections and MLP after it, still holds.
         return out.index_select(0, meta.sample_rows) if sampled_only else out
@@ -163,6 +194,19 @@ class Attention(nn.Module):
         ks = ks.view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         vs = vs.view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return F.scaled_dot_product_attention(q, ks, vs, attn_mask=group.mask, scale=self.scale)
+
+    def _prefill_batch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       batch: PrefillBatch) -> torch.Tensor:
+        # q [T, Hkv, G, d] -> [P, H, Q, d]; the keys [P, Hkv, L, d], repeated per query head.
+        p, n_q, n_k, d = batch.num_chunks, batch.max_query, batch.max_context, self.head_dim
+        qp = q.reshape(-1, self.num_heads * d).index_select(0, batch.query_index)
+        qp = qp.view(p, n_q, self.num_heads, d).transpose(1, 2)
+        kv = [c.view(-1, self.num_kv_heads, d).index_select(0, batch.kv_slots).view(p, n_k, self.num_kv_heads, d)
+              .transpose(1, 2) for c in (k_cache, v_cache)]
+        if self.group > 1:
+            kv = [t.repeat_interleave(self.group, 1) for t in kv]
+        o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=batch.mask, scale=self.scale)
+        return o.transpose(1, 2).reshape(p * n_q, self.num_heads * d).index_select(0, batch.valid)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PrefillBatch, PrefillChunk
 from orca_serve.sampling_params import SamplingParams
 
 
@@ -44,7 +44,7 @@ class ModelInputs:
 
 def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
                    device: torch.device, native_attention: bool = False,
-                   sampled_rows_only: bool = False) -> ModelInputs:
+                   sampled_rows_only: bool = False, batched_attention: bool = False) -> ModelInputs:
     """Build one iteration's inputs from (request, number of tokens to compute) pairs.
 
     ``native_attention``: describe the batch for the native kernel (block
@@ -52,7 +52,9 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
     decode length groups and prefill chunks for the PyTorch path.
     ``sampled_rows_only``: fill ``sample_rows`` (and, for the native kernel,
     their query offsets) so the model's last layer runs on the sampled rows
-    alone and returns just those, in ``sampling_states`` order."""
+    alone and returns just those, in ``sampling_states`` order.
+    ``batched_attention``: the PyTorch path's layout for a GPU, all decodes in
+    one group and all prefill chunks in one padded ``PrefillBatch``."""
     # Decodes first; for the PyTorch path longest context first, so length groups
     # are contiguous (the native kernel takes any order).
     decodes = [(r, n) for r, n in scheduled if n == 1]
@@ -86,7 +88,7 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
         meta.query_start_loc = to_dev(offsets)
         meta.seq_lens = to_dev(ends)
     else:
-        for g_start, g_end in _length_groups(ends[:n_dec]):
+        for g_start, g_end in _length_groups(ends[:n_dec], max_groups=1 if batched_attention else 8):
             ctx = ends[g_start:g_end]
             n_blocks = int(-(-ctx[0] // block_size))  # the group's longest context comes first
             ids = np.ascontiguousarray(block_table[g_start:g_end, :n_blocks]).reshape(-1)
@@ -95,9 +97,13 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
                 mask = to_dev((np.arange(n_blocks * block_size)[None, :] < ctx[:, None])[:, None, None, :])
             meta.decode_groups.append(DecodeGroup(start=g_start, end=g_end, num_blocks=n_blocks,
                                                   block_ids=to_dev(ids), mask=mask))
-        for i in range(n_dec, len(order)):
-            meta.prefills.append(_prefill_chunk(block_table[i], int(starts[i]), int(ends[i]),
-                                                int(offsets[i]), block_size, to_dev))
+        if batched_attention and n_dec < len(order):
+            meta.prefill_batch = _prefill_batch(block_table[n_dec:], starts[n_dec:], ends[n_dec:],
+                                                int(offsets[n_dec]), block_size, to_dev)
+        elif not batched_attention:
+            for i in range(n_dec, len(order)):
+                meta.prefills.append(_prefill_chunk(block_table[i], int(starts[i]), int(ends[i]),
+                                                    int(offsets[i]), block_size, to_dev))
 
     sampling = [i for i, (r, _) in enumerate(order) if ends[i] == len(r.token_ids)]
     logits_indices = to_dev(offsets[1:][sampling] - 1)
@@ -148,3 +154,24 @@ def _prefill_chunk(row: np.ndarray, start: int, end: int, offset: int, block_siz
     # Query i sits at absolute position start + i and sees every key up to it.
     chunk.mask = to_dev(pos[None, :] <= np.arange(start, end)[:, None])
     return chunk
+
+
+def _prefill_batch(table: np.ndarray, starts: np.ndarray, ends: np.ndarray, first_row: int, block_size: int,
+                   to_dev) -> PrefillBatch:
+    """The prefill chunks [starts, ends) of rows ``table``, padded for one SDPA (see PrefillBatch)."""
+    lens = ends - starts
+    n_q, n_k = int(lens.max()), int(ends.max())
+    qi, ki = np.arange(n_q), np.arange(n_k)
+    row_starts = first_row + np.concatenate(([0], np.cumsum(lens)[:-1]))
+    real_q = qi[None, :] < lens[:, None]  # [P, Q]
+    query_index = np.where(real_q, row_starts[:, None] + qi[None, :], first_row)
+    real_k = ki[None, :] < ends[:, None]  # [P, L]
+    slots = table[:, ki // block_size] * block_size + ki % block_size  # [P, L]
+    kv_slots = np.where(real_k, slots, slots[:, :1])
+    # Query i of chunk p sits at position starts[p] + i; padding rows see key 0 only.
+    sees = ki[None, None, :] <= (starts[:, None] + qi[None, :])[:, :, None]
+    mask = np.where(real_q[:, :, None], sees, ki[None, None, :] == 0)
+    valid = np.flatnonzero(real_q.reshape(-1))
+    return PrefillBatch(start=first_row, num_chunks=len(lens), max_query=n_q, max_context=n_k,
+                        query_index=to_dev(query_index.reshape(-1)), kv_slots=to_dev(kv_slots.reshape(-1)),
+                        mask=to_dev(mask[:, None]), valid=to_dev(valid))

@@ -60,6 +60,10 @@ class ModelRunner:
         cpu_ops = cpu_ops_for(mode, self.device, self.dtype)
         attention_kernel = paged_attention_kernel(mode, cpu_ops, layers[0].head_dim)
         self.uses_attention_kernel = attention_kernel is not None
+        # The PyTorch attention path's layout: on a GPU a few padded SDPA calls
+        # per layer (launches are what cost there), on a CPU length groups and
+        # one call per prefill chunk (padding is what costs there).
+        self.batched_attention = self.device.type == "cuda"
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
             layer.attention_kernel = attention_kernel
@@ -117,7 +121,7 @@ class ModelRunner:
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
         # On the last stage the model returns only the rows it samples (see LlamaModel).
         inputs = prepare_inputs(scheduled, self.block_size, self.device, native_attention=self.uses_attention_kernel,
-                                sampled_rows_only=self.last_stage)
+                                sampled_rows_only=self.last_stage, batched_attention=self.batched_attention)
         prev = None
         if not self.first_stage:
             t0 = time.perf_counter()
