@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The checks and figures that need a CUDA GPU, which CI does not have. Run it
+# from the repository root on a machine with one GPU, torch built for CUDA and
+# transformers installed (the HTTP server's packages are not needed):
+#
+#   OUT=gpu-results scripts/gpu_check.sh
+#
+# 1. Correctness: the engine-level greedy-parity tests, with the engine on the
+#    GPU (device "auto" takes it) in float32 and HF on the CPU: continuous
+#    batching with staggered arrivals, both KV allocation modes, recompute and
+#    swap preemption (pinned CPU pool), prefix caching, priority preemption.
+# 2. Figures: a dummy-weight GPT-3 1.3B in bfloat16 on the orca trace (128
+#    requests at t=0), ours against HF transformers' static batches on the same
+#    GPU, and the GPU's GEMM/bandwidth roofline for the model with our fraction.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}
+PY=${PYTHON:-python3}
+MODEL=${MODEL:-"--load-format dummy --dummy-config gpt3-1.3b --dtype bfloat16"}
+REQUESTS=${REQUESTS:-128}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu dry-runs the script where there is no GPU
+KV_GB=${KV_GB:-40}  # the KV pool: the whole trace in flight at once, no preemption
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+status=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'transformers', transformers.__version__, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
+
+echo "== 1. greedy parity with the engine on the GPU"
+# Left out: the SmolLM2 test (its GGUF package is not on a GPU image) and the
+# one that demands the native CPU kernels.
+$PY -m pytest -p no:cacheprovider tests/test_engine_correctness.py \
+    -k "not smollm2 and not one_users" 2>&1 | tee "$OUT/pytest.log" || status=1
+
+echo "== 2. GPT-3 1.3B (dummy weights, bfloat16): ours, HF static batches, the roofline"
+# shellcheck disable=SC2086
+$PY -m orca_serve.bench $MODEL --device "$DEVICE" --kv-cache-memory-gb "$KV_GB" --num-requests "$REQUESTS" \
+    --no-progress --out "$OUT/ours.json" 2>&1 | tee "$OUT/bench.log" || status=1
+# shellcheck disable=SC2086
+$PY -m orca_serve.bench $MODEL --device "$DEVICE" --backend hf-static --hf-batch-sizes 32,128 \
+    --num-requests "$REQUESTS" --no-progress --out "$OUT/hf-static.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
+$PY -m orca_serve.bench compare "$OUT/ours.json" "$OUT/hf-static.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
+# shellcheck disable=SC2086
+$PY -m orca_serve.bench roofline $MODEL --device "$DEVICE" --rounds 2 --round-gap 1 --result "$OUT/ours.json" \
+    --out "$OUT/roofline.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
+exit $status
