@@ -76,7 +76,7 @@ class PrefillBatch:
 
     Chunk p's query rows are taken from q by ``query_index`` [P * max_query]
     and its keys (context and chunk) from the cache by ``kv_slots``
-    [P * max_context]; padding points at a real row or slot. ``mask`` [P, 1,
+    [P * max_context]; padding points at a real row or cache slot. ``mask`` [P, 1,
     max_query, max_context] lets query i of a chunk starting at position s see
     keys 0..s+i; a padding row sees key 0 only, so no row is fully masked (that
     would be NaN). ``valid`` [prefill rows] picks the real rows back out of the

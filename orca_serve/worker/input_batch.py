@@ -165,9 +165,9 @@ def _prefill_batch(table: np.ndarray, starts: np.ndarray, ends: np.ndarray, firs
     row_starts = first_row + np.concatenate(([0], np.cumsum(lens)[:-1]))
     real_q = qi[None, :] < lens[:, None]  # [P, Q]
     query_index = np.where(real_q, row_starts[:, None] + qi[None, :], first_row)
-    real_k = ki[None, :] < ends[:, None]  # [P, L]
-    slots = table[:, ki // block_size] * block_size + ki % block_size  # [P, L]
-    kv_slots = np.where(real_k, slots, slots[:, :1])
+    # Keys past a chunk's end read the table's zero padding, block 0: real
+    # memory, and masked out.
+    kv_slots = table[:, ki // block_size] * block_size + ki % block_size  # [P, L]
     # Query i of chunk p sits at position starts[p] + i; padding rows see key 0 only.
     sees = ki[None, None, :] <= (starts[:, None] + qi[None, :])[:, :, None]
     mask = np.where(real_q[:, :, None], sees, ki[None, None, :] == 0)
