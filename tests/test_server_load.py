@@ -59,7 +59,7 @@ def test_200_concurrent_requests(server):
     for i in range(N_REQUESTS):
         prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
         cancel = i < N_CANCELLED
-        body = {"prompt": prompt, "max_tokens": 120 if cancel else rng.randint(4, 24), "ignore_eos": True,
+        body = {"prompt": prompt, "max_tokens": 160 if cancel else rng.randint(4, 24), "ignore_eos": True,
                 "temperature": rng.choice([0.0, 1.0]), "seed": i}
         jobs.append((body, i < N_STREAMING, cancel))
     rng.shuffle(jobs)
@@ -88,8 +88,14 @@ def test_200_concurrent_requests(server):
         return metric(after, name, label) - metric(before, name, label)
 
     finished = "orca_serve_requests_finished_total"
-    assert delta(finished, 'finish_reason="abort"') == N_CANCELLED
-    assert delta(finished, 'finish_reason="length"') == N_REQUESTS - N_CANCELLED
+    # A cancelled request ends as "abort" when the server sees the disconnect
+    # first, else as "length": on two busy cores the event loop can lag the
+    # engine by their 160 tokens (seen once in CI: 5 of 20 aborted). Either way
+    # it finishes once and frees its blocks (above); test_server.py checks
+    # that a lone disconnect aborts.
+    aborted = delta(finished, 'finish_reason="abort"')
+    assert 1 <= aborted <= N_CANCELLED
+    assert aborted + delta(finished, 'finish_reason="length"') == N_REQUESTS
     assert delta("orca_serve_e2e_request_latency_seconds_count") == N_REQUESTS
     # Iteration-level batching: many requests shared iterations.
     assert delta("orca_serve_iteration_batch_size_sum") / delta("orca_serve_iteration_batch_size_count") > 10
