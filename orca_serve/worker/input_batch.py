@@ -168,10 +168,12 @@ def _prefill_batch(table: np.ndarray, starts: np.ndarray, ends: np.ndarray, firs
     # Keys past a chunk's end read the table's zero padding, block 0: real
     # memory, and masked out.
     kv_slots = table[:, ki // block_size] * block_size + ki % block_size  # [P, L]
-    # Query i of chunk p sits at position starts[p] + i; padding rows see key 0 only.
-    sees = ki[None, None, :] <= (starts[:, None] + qi[None, :])[:, :, None]
-    mask = np.where(real_q[:, :, None], sees, ki[None, None, :] == 0)
-    valid = np.flatnonzero(real_q.reshape(-1))
+    # Query i of chunk p sits at position starts[p] + i and sees the keys up to
+    # it; a padding row is put at position 0, so it sees key 0 alone. The
+    # [P, Q, L] mask itself is built where it is used: on a GPU it would cost
+    # milliseconds of numpy and a large copy per iteration.
+    position = to_dev(np.where(real_q, starts[:, None] + qi[None, :], 0))
+    mask = torch.arange(n_k, device=position.device) <= position[:, :, None]
     return PrefillBatch(start=first_row, num_chunks=len(lens), max_query=n_q, max_context=n_k,
                         query_index=to_dev(query_index.reshape(-1)), kv_slots=to_dev(kv_slots.reshape(-1)),
-                        mask=to_dev(mask[:, None]), valid=to_dev(valid))
+                        mask=mask[:, None], valid=to_dev(np.flatnonzero(real_q.reshape(-1))))
