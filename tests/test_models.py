@@ -153,3 +153,29 @@ def test_dummy_from_config_dict():
     assert hf.architectures == ["LlamaForCausalLM"]
     bind_cache(model)
     assert run_chunks(model, [1, 2, 3], [3]).shape == (3, 100)
+
+
+def test_batched_layout_pads_prefills_only_where_padding_is_cheap():
+    """Chunks of similar size share one padded SDPA; one long prompt beside
+    short ones keeps an SDPA per chunk rather than padding them all to it."""
+    def meta(lengths, batched=True):
+        states = [RequestState(str(i), list(range(n)), n, list(range(8 * i, 8 * i + 8)), 0, SamplingParams())
+                  for i, n in enumerate(lengths)]
+        decode = RequestState("d", [1, 2, 3], 2, [40, 41], 2, SamplingParams())
+        return prepare_inputs([(decode, 1)] + [(s, len(s.token_ids)) for s in states], BLOCK,
+                              torch.device("cpu"), batched_attention=batched).attn_metadata
+
+    similar = meta([20, 17, 12])
+    assert similar.prefills == [] and len(similar.decode_groups) == 1
+    batch = similar.prefill_batch
+    assert (batch.start, batch.num_chunks, batch.max_query, batch.max_context) == (1, 3, 20, 20)
+    assert batch.mask.shape == (3, 1, 20, 20) and batch.valid.tolist() == (
+        list(range(20)) + list(range(20, 37)) + list(range(40, 52)))
+    # Chunk 1 (17 rows): query 5 sees keys 0-5; its padding rows see key 0 alone.
+    assert batch.mask[1, 0, 5].tolist() == [True] * 6 + [False] * 14
+    assert batch.mask[1, 0, 17].tolist() == [True] + [False] * 19
+    lopsided = meta([30, 2, 3])
+    assert lopsided.prefill_batch is None
+    assert [(c.start, c.end) for c in lopsided.prefills] == [(1, 31), (31, 33), (33, 36)]
+    grouped = meta([20, 17, 12], batched=False)
+    assert grouped.prefill_batch is None and len(grouped.prefills) == 3

@@ -54,7 +54,8 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
     their query offsets) so the model's last layer runs on the sampled rows
     alone and returns just those, in ``sampling_states`` order.
     ``batched_attention``: the PyTorch path's layout for a GPU, all decodes in
-    one group and all prefill chunks in one padded ``PrefillBatch``."""
+    one group and all prefill chunks in one padded ``PrefillBatch`` (one SDPA
+    per chunk instead where padding would more than double the work)."""
     # Decodes first; for the PyTorch path longest context first, so length groups
     # are contiguous (the native kernel takes any order).
     decodes = [(r, n) for r, n in scheduled if n == 1]
@@ -97,10 +98,10 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
                 mask = to_dev((np.arange(n_blocks * block_size)[None, :] < ctx[:, None])[:, None, None, :])
             meta.decode_groups.append(DecodeGroup(start=g_start, end=g_end, num_blocks=n_blocks,
                                                   block_ids=to_dev(ids), mask=mask))
-        if batched_attention and n_dec < len(order):
+        if batched_attention and n_dec < len(order) and _pads_little(counts[n_dec:], ends[n_dec:]):
             meta.prefill_batch = _prefill_batch(block_table[n_dec:], starts[n_dec:], ends[n_dec:],
                                                 int(offsets[n_dec]), block_size, to_dev)
-        elif not batched_attention:
+        else:
             for i in range(n_dec, len(order)):
                 meta.prefills.append(_prefill_chunk(block_table[i], int(starts[i]), int(ends[i]),
                                                     int(offsets[i]), block_size, to_dev))
@@ -154,6 +155,14 @@ def _prefill_chunk(row: np.ndarray, start: int, end: int, offset: int, block_siz
     # Query i sits at absolute position start + i and sees every key up to it.
     chunk.mask = to_dev(pos[None, :] <= np.arange(start, end)[:, None])
     return chunk
+
+
+def _pads_little(lens: np.ndarray, ends: np.ndarray, slack: float = 2.0) -> bool:
+    """Whether padding every prefill chunk to the longest at most doubles both
+    the query rows and the keys gathered. One long prompt beside a few short
+    ones would not: padded, the short ones would attend (and gather) as much as
+    the long one, which with long contexts is gigabytes per layer."""
+    return all(len(a) * int(a.max()) <= slack * int(a.sum()) for a in (lens, ends))
 
 
 def _prefill_batch(table: np.ndarray, starts: np.ndarray, ends: np.ndarray, first_row: int, block_size: int,
