@@ -177,5 +177,16 @@ def test_batched_layout_pads_prefills_only_where_padding_is_cheap():
     lopsided = meta([30, 2, 3])
     assert lopsided.prefill_batch is None
     assert [(c.start, c.end) for c in lopsided.prefills] == [(1, 31), (31, 33), (33, 36)]
+    # Decodes: one group while padding at most doubles what they gather. A
+    # 40-token context pads a 4-token one (80 gathered for 44) but not a
+    # 3-token one too (120 for 47): that starts a group of its own.
+    def decode_groups(contexts):
+        states = [RequestState(str(i), list(range(n)), n - 1, list(range(12 * i, 12 * i + 12)), n - 1,
+                               SamplingParams()) for i, n in enumerate(contexts)]
+        meta = prepare_inputs([(s, 1) for s in states], BLOCK, torch.device("cpu"), batched_attention=True)
+        return [(g.start, g.end) for g in meta.attn_metadata.decode_groups]
+
+    assert decode_groups([20, 17, 12, 9]) == [(0, 4)]
+    assert decode_groups([40, 4, 3]) == [(0, 2), (2, 3)]
     grouped = meta([20, 17, 12], batched=False)
     assert grouped.prefill_batch is None and len(grouped.prefills) == 3

@@ -19,10 +19,11 @@ One forward does two things:
    (query length > 1) attend causally to their own context one by one; their
    gather indices and masks are built once per iteration, not per layer.
    On a GPU, where each kernel launch costs more than padded arithmetic, the
-   runner asks for the batched layout instead: every decode in one group, and
-   every prefill chunk padded into one ``PrefillBatch``, so a layer's attention
-   is two SDPA calls however many requests the batch holds (prefill chunks of
-   very unequal sizes keep a call each: padded, they would cost far more).
+   runner asks for the batched layout instead: decodes in one group unless
+   padding would more than double what they gather, and every prefill chunk
+   padded into one ``PrefillBatch``, so a layer's attention is usually two
+   SDPA calls however many requests the batch holds (prefill chunks of very
+   unequal sizes keep a call each: padded, they would cost far more).
 
 The model's last layer calls it with ``sampled_only``: every row's K/V is
 written, but only the rows that sample come back (the native kernel attends

@@ -53,9 +53,10 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
     ``sampled_rows_only``: fill ``sample_rows`` (and, for the native kernel,
     their query offsets) so the model's last layer runs on the sampled rows
     alone and returns just those, in ``sampling_states`` order.
-    ``batched_attention``: the PyTorch path's layout for a GPU, all decodes in
-    one group and all prefill chunks in one padded ``PrefillBatch`` (one SDPA
-    per chunk instead where padding would more than double the work)."""
+    ``batched_attention``: the PyTorch path's layout for a GPU, decodes in as
+    few groups as padding each to at most twice its context allows (usually
+    one) and all prefill chunks in one padded ``PrefillBatch`` (one SDPA per
+    chunk instead where padding would more than double the work)."""
     # Decodes first; for the PyTorch path longest context first, so length groups
     # are contiguous (the native kernel takes any order).
     decodes = [(r, n) for r, n in scheduled if n == 1]
@@ -89,7 +90,10 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
         meta.query_start_loc = to_dev(offsets)
         meta.seq_lens = to_dev(ends)
     else:
-        for g_start, g_end in _length_groups(ends[:n_dec], max_groups=1 if batched_attention else 8):
+        # The batched layout lets decodes pad up to twice their context (one
+        # group for most batches) but not beyond: one long context among many
+        # short ones would otherwise make every decode gather as much as it.
+        for g_start, g_end in _length_groups(ends[:n_dec], slack=2.0 if batched_attention else 1.25):
             ctx = ends[g_start:g_end]
             n_blocks = int(-(-ctx[0] // block_size))  # the group's longest context comes first
             ids = np.ascontiguousarray(block_table[g_start:g_end, :n_blocks]).reshape(-1)
