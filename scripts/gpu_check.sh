@@ -12,6 +12,8 @@
 # 2. Figures: a dummy-weight GPT-3 1.3B in bfloat16 on the orca trace (128
 #    requests at t=0), ours against HF transformers' static batches on the same
 #    GPU, and the GPU's GEMM/bandwidth roofline for the model with our fraction.
+# 3. Where an iteration's time goes: scripts/profile_steps.py (wall time per
+#    step against device kernel time, ops dispatched per decode step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -45,4 +47,7 @@ $PY -m orca_serve.bench compare "$OUT/ours.json" "$OUT/hf-static.json" 2>&1 | te
 # shellcheck disable=SC2086
 $PY -m orca_serve.bench roofline $MODEL --device "$DEVICE" --rounds 2 --round-gap 1 --result "$OUT/ours.json" \
     --out "$OUT/roofline.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
+echo "== 3. one iteration's time: wall against kernels"
+$PY scripts/profile_steps.py --dummy-config "${PROFILE_MODEL:-gpt3-1.3b}" --dtype bfloat16 --device "$DEVICE" \
+    2>&1 | tee "$OUT/profile.txt" || status=1
 exit $status
