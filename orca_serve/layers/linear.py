@@ -58,7 +58,11 @@ class PackableLinear(nn.Module):
     packed_weight: packed_gemm.PackedWeight | None = None
 
     def pack_weight(self, cpu_ops=None, arena: packed_gemm.PanelArena | None = None) -> None:
-        self.packed_weight = packed_gemm.PackedWeight(self.weight, cpu_ops, arena)
+        self._pack(self.weight, cpu_ops, arena)
+
+    def _pack(self, weight: torch.Tensor, cpu_ops, arena: packed_gemm.PanelArena | None) -> None:
+        """Hold ``weight`` (this layer's, in the layout its matmul reads) packed; release the dense one."""
+        self.packed_weight = packed_gemm.PackedWeight(weight, cpu_ops, arena)
         self.register_parameter("weight", None)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -132,11 +136,9 @@ class GateUpSiluAndMul(MergedColumnParallelLinear):
             # up: the plain matmul, then SiluAndMul.
             super().pack_weight(cpu_ops, arena)
             return
-        weight = packed_gemm.interleave_gate_up(self.weight.detach(), width)
-        self.packed_weight = packed_gemm.PackedWeight(weight, cpu_ops, arena)
+        self._pack(packed_gemm.interleave_gate_up(self.weight.detach(), width), cpu_ops, arena)
         if self.bias is not None:
             self.gated_bias = packed_gemm.interleave_gate_up(self.bias.detach(), width)
-        self.register_parameter("weight", None)
         self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

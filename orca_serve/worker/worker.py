@@ -29,26 +29,25 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
 
     from orca_serve.distributed.control import connect
     from orca_serve.distributed.parallel_state import destroy_worker_distributed, init_worker_distributed
+    from orca_serve.models.loader import resolve_device
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     config = init["config"]
     p = config.parallel
-    from orca_serve.models.loader import resolve_device
-
-    if config.model.device == "cpu" or not torch.cuda.is_available():
-        # Share this node's cores among its ranks instead of oversubscribing them.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // local_world_size))
     try:
         conn = connect(init["control"], init["authkey"], rank, os.getpid())
     except (EOFError, ConnectionError):
         os._exit(1)  # the driver went away during start-up
     code = 0
     try:
-        device = resolve_device(config.model, local_rank)
+        device = resolve_device(config.model, local_rank)  # an error here reaches the driver
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.set_device(device)
+        else:
+            # Share this node's cores among its ranks instead of oversubscribing them.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // local_world_size))
         host, port = init["store"]
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=p.worker_timeout_s))
         init_worker_distributed(rank, p.tensor_parallel_size, p.pipeline_parallel_size,
