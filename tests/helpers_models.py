@@ -8,6 +8,7 @@ separated and greedy ties from float noise are implausible.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -45,6 +46,17 @@ def save_tiny_model(path, kind: str, seed: int = 0) -> str:
                     p.normal_(0, 0.5)
     model.save_pretrained(str(path))
     return str(path)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads (the native kernels' OpenMP team) at n, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_hf(path) -> torch.nn.Module:

@@ -9,13 +9,12 @@ linear layers with prepacked weights (oneDNN's layout, and the panels of the
 native small-batch matmul) must give what ``F.linear`` gives;
 and the engine must produce the same greedy tokens with and without them.
 """
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_models import torch_threads
 from orca_serve import kernels
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
@@ -33,17 +32,6 @@ def ops():
     module = kernels.load()
     assert module is not None, f"native CPU kernels failed to build: {kernels.load_error()}"
     return module
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch's intra-op threads (the kernels' OpenMP team) at n, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_build_name_follows_every_source_and_header(tmp_path):

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from helpers_models import torch_threads
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
 from test_engine_correctness import make_prompts, run_staggered
@@ -21,10 +22,8 @@ NUM_BLOCKS = 26  # small enough to force preemption
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The driver-side reference shares 2 cores with the workers: no thread oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def make_engine(path, tp=1, pp=1, **kw):

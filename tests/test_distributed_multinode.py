@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from helpers_models import torch_threads
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
 from test_engine_correctness import make_prompts, run_staggered
@@ -24,13 +25,9 @@ def test_two_launches_on_loopback_match_single_process(tiny_model_dir):
     prompts = make_prompts(6, 384, seed=11, hi=40)
     max_tokens = [8] * len(prompts)
     common = dict(model=path, num_kv_blocks=100, block_size=4, max_num_batched_tokens=48)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         single = LLMEngine(EngineConfig.from_kwargs(**common))
         expected = [o.token_ids for o in run_staggered(single, prompts, max_tokens)]
-    finally:
-        torch.set_num_threads(threads)
 
     port = free_port()
     node1 = subprocess.Popen([sys.executable, "-m", "orca_serve.entrypoints.cli", "worker", "--nnodes", "2",

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from helpers_models import load_hf
+from helpers_models import load_hf, torch_threads
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
 from orca_serve.sampling_params import SamplingParams
@@ -104,9 +104,7 @@ def test_one_users_long_decodes_match_hf(tiny_model_dir):
     into parts, run on both threads and merged. The tokens must still be HF's."""
     path = tiny_model_dir("llama")
     prompt = make_prompts(1, 384, seed=3, lo=150, hi=150)[0]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         engine = LLMEngine(EngineConfig.from_kwargs(model=path, block_size=4, num_kv_blocks=100,
                                                     enable_prefix_caching=False, cpu_kernels="on"))
         runner = engine.executor.runner
@@ -124,8 +122,6 @@ def test_one_users_long_decodes_match_hf(tiny_model_dir):
         done = []
         while engine.has_unfinished_requests():
             done += [o for o in engine.step() if o.finished]
-    finally:
-        torch.set_num_threads(threads)
     # The case under test happened: one query row over 150-173 tokens (38-44
     # blocks of 4): the 23 decodes, and the prompt's last layer, which runs
     # only the sampled row.
