@@ -9,7 +9,6 @@ start on a small machine, so each layout starts one engine.
 import random
 
 import pytest
-import torch
 
 from helpers_models import torch_threads
 from orca_serve.config import EngineConfig

@@ -6,8 +6,6 @@ import socket
 import subprocess
 import sys
 
-import torch
-
 from helpers_models import torch_threads
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
