@@ -45,6 +45,9 @@ class ModelConfig:
     # worker of a tensor/pipeline-parallel group its node-local rank's GPU),
     # else the CPU; "cuda" demands a GPU (an error at start-up says why not).
     device: str = "auto"
+    # Decode iterations replayed from captured CUDA graphs (worker/decode_graphs.py);
+    # needs the model on a GPU, one rank (no tensor/pipeline parallelism).
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
@@ -158,6 +161,13 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.cuda_graphs and self.model.device == "cpu":
+            raise ValueError("cuda_graphs needs the model on a CUDA GPU, but device is 'cpu'")
+        if self.model.cuda_graphs and self.parallel.world_size > 1:
+            raise ValueError(f"cuda_graphs runs on one rank only; tensor x pipeline parallel size is "
+                             f"{self.parallel.world_size}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

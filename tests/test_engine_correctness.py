@@ -98,6 +98,49 @@ def test_greedy_matches_hf_on_each_device(tiny_model_dir, kind, device, layout):
     assert engine.stats().num_kv_blocks_free == 120
 
 
+GRAPH_DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("device", GRAPH_DEVICES)
+def test_decode_graphs_match_hf(tiny_model_dir, kind, device):
+    """Decode-only iterations through the decode graphs' static path: each
+    batch padded up to its bucket (padding rows writing to the scratch block),
+    every context padded up to its bucket's blocks and masked. On CUDA the
+    graphs are captured and replayed; CI, with no GPU, runs the same static
+    path eagerly. Mixed iterations stay eager, so the two paths alternate on
+    the same requests."""
+    path = tiny_model_dir(kind)
+    prompts = make_prompts(9, 384, seed=31, lo=3, hi=40)
+    rng = random.Random(5)
+    max_tokens = [rng.randint(10, 40) for _ in prompts]
+    engine = LLMEngine(EngineConfig.from_kwargs(
+        model=path, device=device, cpu_kernels="off", cuda_graphs=device == "cuda", num_kv_blocks=160,
+        block_size=4, max_num_batched_tokens=48, max_num_seqs=7, enable_prefix_caching=False))
+    runner = engine.executor.runner
+    if device == "cpu":
+        runner.use_decode_graphs(capture=False)
+    graphs = runner.decode_graphs
+    assert runner.kv_cache.shape[2] == 161 and graphs.scratch_block == 160
+    served = []
+    logits = graphs.logits
+
+    def recording(token_ids, positions, block_tables, bucket):
+        served.append((len(token_ids), int(positions.max()) + 1, bucket))
+        return logits(token_ids, positions, block_tables, bucket)
+    graphs.logits = recording
+    outs = run_staggered(engine, prompts, max_tokens, every=3, first=3)
+    hf = load_hf(path)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert o.token_ids == hf_generate(hf, p, max_tokens[i]), f"prompt {i} ({len(p)} tokens) differs"
+    assert engine.stats().num_kv_blocks_free == 160
+    # The static path served steps, with padded rows and padded blocks among them.
+    assert graphs.num_steps == len(served) >= 20
+    assert any(n < b for n, _, (b, _) in served), served
+    assert any(-(-longest // 4) < m for _, longest, (_, m) in served), served
+    assert graphs.disabled_reason is None
+    assert len(graphs.graphs) == (len({bucket for *_, bucket in served}) if device == "cuda" else 0)
+
 def test_one_users_long_decodes_match_hf(tiny_model_dir):
     """One request alone, its context tens of KV blocks long: with fewer
     attention tasks than threads the native kernel cuts each decode's context

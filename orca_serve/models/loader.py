@@ -183,6 +183,11 @@ def model_eos_token_ids(model_config: ModelConfig, hf_config) -> tuple[int, ...]
     return _eos_token_ids(resolve_model_path(model_config), hf_config, None)
 
 
+def context_length(hf_config) -> int:
+    """The model's own context length (positions it was built for)."""
+    return hf_config.n_positions if hasattr(hf_config, "n_embd") else hf_config.max_position_embeddings
+
+
 def get_model_facts(model_config: ModelConfig, tokenizer=None) -> ModelFacts:
     """Shapes and limits of the model (no weights are read; the model is built on
     the meta device only to count parameters)."""
@@ -196,7 +201,7 @@ def get_model_facts(model_config: ModelConfig, tokenizer=None) -> ModelFacts:
     gpt2 = hasattr(config, "n_embd")
     hidden = config.n_embd if gpt2 else config.hidden_size
     heads = config.n_head if gpt2 else config.num_attention_heads
-    context = config.n_positions if gpt2 else config.max_position_embeddings
+    context = context_length(config)
     if model_config.max_model_len is not None and model_config.max_model_len > context:
         raise ValueError(f"max_model_len {model_config.max_model_len} exceeds the model's context length {context}")
     return ModelFacts(

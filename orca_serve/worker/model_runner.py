@@ -1,8 +1,9 @@
 """The model runner: SchedulerOutput -> tensors -> model -> sampler -> ModelRunnerOutput.
 
-It owns the model, the KV pool (one ``[2, num_blocks, block_size, kv_heads,
-head_dim]`` view per layer, sliced from one allocation) and an optional CPU
-pool for swap-mode preemption. It mirrors each request's tokens and block
+It owns the model, the KV pool (one ``[2, num_blocks + 1, block_size,
+kv_heads, head_dim]`` view per layer, sliced from one allocation; the last
+block is scratch space no request is given, see ``decode_graphs``) and an
+optional CPU pool for swap-mode preemption. It mirrors each request's tokens and block
 table from the scheduler's messages: full data once, then diffs. It never
 appends the tokens it samples itself; they come back as ``new_token_ids`` of
 the next ``CachedRequestData``, so the scheduler stays the one source of truth.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
@@ -27,8 +29,9 @@ from orca_serve.kernels import cpu_ops_for, packed_gemm, packed_gemm_for, paged_
 from orca_serve.kernels.huge_pages import release_free_heap, zeros_on_huge_pages
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
-from orca_serve.models.loader import load_model, model_eos_token_ids
+from orca_serve.models.loader import context_length, load_model, model_eos_token_ids
 from orca_serve.models.weights import LoadStats
+from orca_serve.worker.decode_graphs import DecodeGraphs
 from orca_serve.worker.input_batch import RequestState, prepare_inputs
 
 
@@ -50,7 +53,9 @@ class ModelRunner:
         self.last_recv_wait_s = 0.0  # time the last batch waited for the previous stage
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        shape = (len(layers), 2, num_kv_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
+        self.num_kv_blocks = num_kv_blocks
+        # One block more than the scheduler hands out: the decode graphs' padding rows write there.
+        shape = (len(layers), 2, num_kv_blocks + 1, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
         # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
         # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
         self.kv_cache = zeros_on_huge_pages(shape, self.dtype, self.device)
@@ -85,6 +90,11 @@ class ModelRunner:
                     # so far: SmolLM2's runner peaked at 3.22 GB RSS this way,
                     # 3.45 GB without (3.26 GB before the arena).
                     release_free_heap()
+        self.decode_graphs = None
+        if engine_config.model.cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graphs needs the model on a CUDA GPU; it is on {self.device}")
+            self.use_decode_graphs(capture=True)
         cpu_shape = shape[:2] + (num_cpu_blocks,) + shape[3:]
         self.cpu_kv_cache = torch.zeros(cpu_shape, dtype=self.dtype, device="cpu",
                                         pin_memory=self.device.type == "cuda" and num_cpu_blocks > 0)
@@ -92,6 +102,15 @@ class ModelRunner:
         # For min_tokens: EOS must not be sampled before a request's minimum length.
         self.eos_token_ids = model_eos_token_ids(engine_config.model, self.hf_config)
         self.requests: dict[str, RequestState] = {}
+
+    def use_decode_graphs(self, capture: bool) -> None:
+        """Serve decode-only iterations through ``DecodeGraphs``: captured on a
+        GPU; ``capture=False`` runs the same static path eagerly (tests on CPU)."""
+        if self.uses_attention_kernel:
+            raise ValueError("decode graphs take the PyTorch attention path; the native CPU kernel is on")
+        max_context = self.config.model.max_model_len or context_length(self.hf_config)
+        self.decode_graphs = DecodeGraphs(self.model, self.num_kv_blocks, self.block_size,
+                                          self.config.scheduler.max_num_seqs, max_context, self.device, capture)
 
     @property
     def param_bytes(self) -> int:
@@ -119,6 +138,10 @@ class ModelRunner:
         if unknown:
             raise RuntimeError(f"scheduled request(s) the worker was never sent: {sorted(unknown)}")
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
+        if self.decode_graphs is not None:
+            graphed = self._decode_from_graph(scheduled)
+            if graphed is not None:
+                return self._sample(*graphed)
         # On the last stage the model returns only the rows it samples (see LlamaModel).
         inputs = prepare_inputs(scheduled, self.block_size, self.device, native_attention=self.uses_attention_kernel,
                                 sampled_rows_only=self.last_stage, batched_attention=self.batched_attention)
@@ -138,6 +161,23 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         if not self.samples:
             return None
+        return self._sample(logits, states)
+
+    def _decode_from_graph(self, scheduled: list[tuple[RequestState, int]]):
+        """(logits, requests) of a decode-only iteration the graphs serve, else None.
+        A decode here is one token at the end of its request's tokens, so it samples."""
+        if any(n != 1 or r.num_computed_tokens + 1 != len(r.token_ids) for r, n in scheduled):
+            return None
+        states = [r for r, _ in scheduled]
+        positions = np.fromiter((r.num_computed_tokens for r in states), dtype=np.int64, count=len(states))
+        bucket = self.decode_graphs.bucket(positions + 1)
+        if bucket is None:
+            return None
+        tokens = np.fromiter((r.token_ids[-1] for r in states), dtype=np.int64, count=len(states))
+        logits = self.decode_graphs.logits(tokens, positions, [r.block_ids for r in states], bucket)
+        return None if logits is None else (logits, states)
+
+    def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> ModelRunnerOutput:
         md = SamplingMetadata.build([s.sampling_params for s in states],
                                     [s.num_output_tokens for s in states], self.vocab_size, self.device,
                                     eos_token_ids=self.eos_token_ids)
