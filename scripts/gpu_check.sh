@@ -9,11 +9,14 @@
 #    GPU (device "auto" takes it) in float32 and HF on the CPU: continuous
 #    batching with staggered arrivals, both KV allocation modes, recompute and
 #    swap preemption (pinned CPU pool), prefix caching, priority preemption.
+#    The decode graphs' parity test captures and replays real CUDA graphs here.
 # 2. Figures: a dummy-weight GPT-3 1.3B in bfloat16 on the orca trace (128
-#    requests at t=0), ours against HF transformers' static batches on the same
-#    GPU, and the GPU's GEMM/bandwidth roofline for the model with our fraction.
+#    requests at t=0), ours eager and ours with --cuda-graphs against HF
+#    transformers' static batches on the same GPU, and the GPU's GEMM/bandwidth
+#    roofline for the model with our fraction.
 # 3. Where an iteration's time goes: scripts/profile_steps.py (wall time per
-#    step against device kernel time, ops dispatched per decode step).
+#    step against device kernel time, ops dispatched per decode step), eager
+#    and with decode graphs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -44,10 +47,22 @@ $PY -m orca_serve.bench $MODEL --device "$DEVICE" --kv-cache-memory-gb "$KV_GB" 
 $PY -m orca_serve.bench $MODEL --device "$DEVICE" --backend hf-static --hf-batch-sizes 32,128 \
     --num-requests "$REQUESTS" --no-progress --out "$OUT/hf-static.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
 $PY -m orca_serve.bench compare "$OUT/ours.json" "$OUT/hf-static.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
+if [ "$DEVICE" = cuda ]; then  # CUDA graphs need a GPU: a DEVICE=cpu dry run skips them
+    # shellcheck disable=SC2086
+    $PY -m orca_serve.bench $MODEL --device "$DEVICE" --kv-cache-memory-gb "$KV_GB" --num-requests "$REQUESTS" \
+        --cuda-graphs --label graphs --no-progress --out "$OUT/ours-graphs.json" 2>&1 | tee -a "$OUT/bench.log" \
+        || status=1
+    for peer in hf-static ours; do
+        $PY -m orca_serve.bench compare "$OUT/ours-graphs.json" "$OUT/$peer.json" 2>&1 | tee -a "$OUT/bench.log" \
+            || status=1
+    done
+fi
 # shellcheck disable=SC2086
 $PY -m orca_serve.bench roofline $MODEL --device "$DEVICE" --rounds 2 --round-gap 1 --result "$OUT/ours.json" \
     --out "$OUT/roofline.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
 echo "== 3. one iteration's time: wall against kernels"
-$PY scripts/profile_steps.py --dummy-config "${PROFILE_MODEL:-gpt3-1.3b}" --dtype bfloat16 --device "$DEVICE" \
-    2>&1 | tee "$OUT/profile.txt" || status=1
+for graphs in --no-cuda-graphs $([ "$DEVICE" = cuda ] && echo --cuda-graphs); do
+    $PY scripts/profile_steps.py --dummy-config "${PROFILE_MODEL:-gpt3-1.3b}" --dtype bfloat16 --device "$DEVICE" \
+        $graphs 2>&1 | tee -a "$OUT/profile.txt" || status=1
+done
 exit $status

@@ -31,11 +31,14 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--decode-steps", type=int, default=20, help="timed decode steps after the prompts")
     p.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode steps from captured CUDA graphs (the first decode step captures)")
     args = p.parse_args()
 
     engine = LLMEngine(EngineConfig.from_kwargs(load_format="dummy", dummy_config=args.dummy_config,
                                                 dtype=args.dtype, device=args.device,
-                                                kv_cache_memory_gb=args.kv_cache_memory_gb))
+                                                kv_cache_memory_gb=args.kv_cache_memory_gb,
+                                                cuda_graphs=args.cuda_graphs))
     device = engine.executor.runner.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = random.Random(0)
@@ -55,7 +58,9 @@ def main() -> None:
                                               for r in engine.scheduler.running):
         prefill.append(timed_step())
     decode = [timed_step() for _ in range(args.decode_steps)]
-    print(f"{args.dummy_config} {args.dtype} on {device}, {args.requests} requests of {args.prompt_len} tokens")
+    graphs = "with decode graphs" if args.cuda_graphs else "eager"
+    print(f"{args.dummy_config} {args.dtype} on {device} ({graphs}), {args.requests} requests of "
+          f"{args.prompt_len} tokens")
     print(f"prefill steps: {len(prefill)}, ms: {', '.join(f'{t:.1f}' for t in prefill)}")
     print(f"decode steps of {args.requests}: median {statistics.median(decode):.2f} ms "
           f"(min {min(decode):.2f}, max {max(decode):.2f})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from orca_serve.bench import workloads as wl
@@ -203,3 +204,22 @@ def test_null_executor_drives_requests_to_completion(tiny_model_dir):
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert [done[str(i)].token_ids for i in range(5)] == [[7] * (3 + i) for i in range(5)]
     assert engine.stats().num_kv_blocks_free == 64
+
+
+def test_engine_backend_reports_decode_graph_counters(tiny_model_dir):
+    """With decode graphs (their static path run eagerly here, as CI has no
+    GPU) the engine backend's stats say how many steps they served in this run."""
+    from orca_serve.bench.backends.engine import EngineBackend
+
+    backend = EngineBackend(dict(model=tiny_model_dir("llama"), cpu_kernels="off", num_kv_blocks=64,
+                                 block_size=4, enable_prefix_caching=False))
+    assert "decode_graph_steps" not in backend.run([], []).extra
+    backend.engine.executor.runner.use_decode_graphs(capture=False)
+    specs = wl.generate("orca", 4, np.arange(3, 300), seed=1,
+                        params=wl.WorkloadParams(input_len=(4, 12), output_len=(6, 10)))
+    for _ in range(2):  # counted per run, not since start-up
+        extra = backend.run(specs, [0.0] * len(specs)).extra
+        assert 0 < extra["decode_graph_steps"] < extra["num_iterations"]
+        assert extra["graph_capture_s"] == 0.0 and extra["decode_graphs_captured"] == 0
+        assert extra["decode_graphs_off"] is None
+    backend.close()

@@ -44,7 +44,7 @@ class EngineBackend:
     def run(self, specs: list[RequestSpec], arrivals: list[float], max_concurrency: int | None = None,
             progress=lambda: None) -> BackendRun:
         eng, run_id = self.engine, next(_run_ids)
-        before = eng.stats()
+        before, graphs_before = eng.stats(), _graph_counts(eng)
         results, index_of, samples = {}, {}, []
         finished = 0
         t0 = time.perf_counter()
@@ -90,7 +90,12 @@ class EngineBackend:
                     progress()
         end = time.perf_counter()
         out = fail_unfinished(results, specs, "never finished", end)
-        return BackendRun(out, t0, end, _engine_extra(samples, before, eng.stats()))
+        extra = _engine_extra(samples, before, eng.stats())
+        if graphs_before is not None:
+            steps, capture_s, captured, off = _graph_counts(eng)
+            extra.update(decode_graph_steps=steps - graphs_before[0], graph_capture_s=capture_s - graphs_before[1],
+                         decode_graphs_captured=captured, decode_graphs_off=off)
+        return BackendRun(out, t0, end, extra)
 
 
 def _prompt(spec: RequestSpec):
@@ -105,6 +110,15 @@ def _sample(st) -> tuple:
     used = 1.0 - st.num_kv_blocks_free / st.num_kv_blocks_total if st.num_kv_blocks_total else 0.0
     return (used, st.num_running, st.num_waiting, st.last_num_batched_tokens, st.last_num_reqs,
             st.last_iteration_seconds)
+
+
+def _graph_counts(eng) -> tuple | None:
+    """The in-process runner's decode-graph counters (None: no decode graphs):
+    steps served, seconds capturing, graphs held, why they were switched off."""
+    graphs = getattr(getattr(eng.executor, "runner", None), "decode_graphs", None)
+    if graphs is None:
+        return None
+    return graphs.num_steps, graphs.capture_s, len(graphs.graphs), graphs.disabled_reason
 
 
 def _engine_extra(samples: list[tuple], before, after) -> dict:
