@@ -48,11 +48,17 @@ class ModelConfig:
     # Decode iterations replayed from captured CUDA graphs (worker/decode_graphs.py);
     # needs the model on a GPU, one rank (no tensor/pipeline parallelism).
     cuda_graphs: bool = False
+    # Decode attention on a GPU by the Triton paged kernel (kernels/triton_decode.py),
+    # which reads K/V in place instead of gathering them for SDPA: "auto" uses it when
+    # Triton imports and the kernel passes its start-up check, "on" demands it, "off"
+    # keeps the gather.
+    triton_decode: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("cpu_kernels", self.cpu_kernels, CPU_KERNEL_MODES)
+        _choice("triton_decode", self.triton_decode, CPU_KERNEL_MODES)
         _choice("load_format", self.load_format, ("auto", "dummy"))
         _positive("max_model_len", self.max_model_len, allow_none=True)
 
@@ -163,8 +169,9 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
-        if self.model.cuda_graphs and self.model.device == "cpu":
-            raise ValueError("cuda_graphs needs the model on a CUDA GPU, but device is 'cpu'")
+        for name in ("cuda_graphs", "triton_decode"):
+            if getattr(self.model, name) in (True, "on") and self.model.device == "cpu":
+                raise ValueError(f"{name} needs the model on a CUDA GPU, but device is 'cpu'")
         if self.model.cuda_graphs and self.parallel.world_size > 1:
             raise ValueError(f"cuda_graphs runs on one rank only; tensor x pipeline parallel size is "
                              f"{self.parallel.world_size}")

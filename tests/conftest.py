@@ -4,6 +4,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Without a GPU the Triton paged decode kernel runs on the CPU through Triton's
+# interpreter, which must be chosen before the kernel module is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ---------------------------------------------------------------------------
 # Worker side (models, loader, model runner). Builders live in helpers_models.py.

@@ -10,9 +10,9 @@ from orca_serve.config import EngineConfig
 from orca_serve.worker.decode_graphs import GATHER_SLACK, DecodeGraphs, bucket_sizes
 
 
-def graphs(max_batch=256, max_context=2048, block_size=16):
+def graphs(max_batch=256, max_context=2048, block_size=16, paged=False):
     return DecodeGraphs(model=None, kv_blocks=100, block_size=block_size, max_batch=max_batch,
-                        max_context=max_context, device=torch.device("cpu"), capture=False)
+                        max_context=max_context, device=torch.device("cpu"), capture=False, paged=paged)
 
 
 def test_bucket_sizes():
@@ -43,6 +43,15 @@ def test_bucket_refuses_what_a_graph_cannot_or_should_not_serve():
     assert g.bucket(np.array([16])) is None
 
 
+def test_with_the_paged_kernel_only_the_batch_is_bucketed():
+    """The kernel reads each context up to its length, so one table width
+    serves every batch and no mix of lengths is refused."""
+    g = graphs(max_batch=8, max_context=256, paged=True)
+    assert g.bucket(np.array([70, 60, 50, 40, 65])) == (8, 16)
+    assert g.bucket(np.array([256, 16, 16, 16, 16, 16, 16, 16])) == (8, 16)
+    assert g.bucket(np.array([257])) is None and g.bucket(np.full(9, 10)) is None
+
+
 def test_capture_failure_switches_graphs_off_and_the_step_runs_eagerly(monkeypatch):
     g = graphs(max_batch=4, max_context=64)
     g.capture = True
@@ -52,9 +61,13 @@ def test_capture_failure_switches_graphs_off_and_the_step_runs_eagerly(monkeypat
     assert g.bucket(np.array([4])) is None and g.num_steps == 0
 
 
-def test_cuda_graphs_settings_that_cannot_work_are_refused():
+def test_gpu_settings_that_cannot_work_are_refused():
     with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA GPU, but device is 'cpu'"):
         EngineConfig.from_kwargs(cuda_graphs=True, device="cpu")
+    with pytest.raises(ValueError, match="triton_decode needs the model on a CUDA GPU, but device is 'cpu'"):
+        EngineConfig.from_kwargs(triton_decode="on", device="cpu")
+    with pytest.raises(ValueError, match="triton_decode must be one of auto, on, off"):
+        EngineConfig.from_kwargs(triton_decode="yes")
     with pytest.raises(ValueError, match="cuda_graphs runs on one rank only; tensor x pipeline parallel size is 2"):
         EngineConfig.from_kwargs(cuda_graphs=True, tensor_parallel_size=2)
 

@@ -103,23 +103,33 @@ GRAPH_DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("device", GRAPH_DEVICES)
-def test_decode_graphs_match_hf(tiny_model_dir, kind, device):
+@pytest.mark.parametrize("decode_attention", ["gather", "paged"])
+def test_decode_graphs_match_hf(tiny_model_dir, kind, device, decode_attention):
     """Decode-only iterations through the decode graphs' static path: each
     batch padded up to its bucket (padding rows writing to the scratch block),
-    every context padded up to its bucket's blocks and masked. On CUDA the
-    graphs are captured and replayed; CI, with no GPU, runs the same static
-    path eagerly. Mixed iterations stay eager, so the two paths alternate on
-    the same requests."""
+    every context padded up to its bucket's blocks and masked ("gather"), or
+    read in place up to its length by the Triton paged decode kernel
+    ("paged"; on the CPU through Triton's interpreter). On CUDA the graphs are
+    captured and replayed; CI, with no GPU, runs the same static path eagerly.
+    Mixed iterations stay eager, so the two paths alternate on the same
+    requests."""
     path = tiny_model_dir(kind)
     prompts = make_prompts(9, 384, seed=31, lo=3, hi=40)
     rng = random.Random(5)
     max_tokens = [rng.randint(10, 40) for _ in prompts]
+    paged = decode_attention == "paged"
     engine = LLMEngine(EngineConfig.from_kwargs(
         model=path, device=device, cpu_kernels="off", cuda_graphs=device == "cuda", num_kv_blocks=160,
-        block_size=4, max_num_batched_tokens=48, max_num_seqs=7, enable_prefix_caching=False))
+        block_size=4, max_num_batched_tokens=48, max_num_seqs=7, enable_prefix_caching=False,
+        triton_decode="on" if paged and device == "cuda" else "off"))
     runner = engine.executor.runner
     if device == "cpu":
+        if paged:
+            from orca_serve.kernels.triton_decode import paged_decode_attention
+
+            runner.bind_decode_kernel(paged_decode_attention)
         runner.use_decode_graphs(capture=False)
+    assert runner.paged_decodes == paged and runner.decode_graphs.paged == paged
     graphs = runner.decode_graphs
     assert runner.kv_cache.shape[2] == 161 and graphs.scratch_block == 160
     served = []
@@ -138,6 +148,8 @@ def test_decode_graphs_match_hf(tiny_model_dir, kind, device):
     assert graphs.num_steps == len(served) >= 20
     assert any(n < b for n, _, (b, _) in served), served
     assert any(-(-longest // 4) < m for _, longest, (_, m) in served), served
+    if paged:  # one table width for every bucket: max_position_embeddings (llama 512, gpt2 256) / 4
+        assert {m for *_, (_, m) in served} == {(512 if kind == "llama" else 256) // 4}
     assert graphs.disabled_reason is None
     assert len(graphs.graphs) == (len({bucket for *_, bucket in served}) if device == "cuda" else 0)
 

@@ -18,7 +18,8 @@ from orca_serve.config import CacheConfig, EngineConfig, ModelConfig, ParallelCo
 _CHOICES = {"kv_allocation": config.KV_ALLOCATION_MODES, "preemption_mode": config.PREEMPTION_MODES,
             "scheduling_policy": config.SCHEDULING_POLICIES, "slo_admission": ("reject", "best-effort"),
             "load_format": ("auto", "dummy"), "dtype": config.DTYPES, "parallel": config.PARALLEL_MODES,
-            "cpu_kernels": config.CPU_KERNEL_MODES, "device": config.DEVICES}
+            "cpu_kernels": config.CPU_KERNEL_MODES, "triton_decode": config.CPU_KERNEL_MODES,
+            "device": config.DEVICES}
 _SKIP = {"dummy_config"}  # set through --dummy-config below (a name, not a dict)
 # Flags whose name alone misleads: the request-level baseline's batch knobs do
 # not cap the iteration-level policies (those admit up to --max-num-seqs).

@@ -13,6 +13,9 @@ changed header is never served by an old build.
 Concurrent builds from several worker processes are serialized by torch's
 lock file in the build directory.
 
+``gpu_decode_kernel`` picks the GPU's one kernel, Triton paged decode
+attention (``triton_decode.py``), by ``ModelConfig.triton_decode``.
+
 ``packed_gemm`` is the other CPU fast path: matmuls against weights prepacked
 once, as panels for this module's ``panel_linear`` when it built, else in
 oneDNN's layout (no build needed). ``ModelConfig.cpu_kernels`` decides both
@@ -160,6 +163,30 @@ def paged_attention_kernel(mode: str, module, head_dim: int):
         _not_used(mode, f"head_dim {head_dim} has no compiled kernel")
         return None
     return module.paged_attention
+
+
+def gpu_decode_kernel(mode: str, device, dtype, num_kv_heads: int, group: int, head_dim: int, block_size: int):
+    """``triton_decode.paged_decode_attention`` for a model on a CUDA device,
+    once it has compiled for these shapes and matched the PyTorch reference;
+    None when ``mode`` is "off", the device is not CUDA, Triton is missing or
+    the check fails (logged; under mode "on" a ValueError saying why)."""
+    if mode == "off":
+        return None
+    if device.type != "cuda":
+        reason = f"the model is on {device}, not a CUDA GPU"
+    else:
+        try:
+            from orca_serve.kernels import triton_decode
+
+            triton_decode.self_check(device, dtype, num_kv_heads, group, head_dim, block_size)
+            return triton_decode.paged_decode_attention
+        except Exception as exc:  # noqa: BLE001 - no Triton, a compile error, a wrong result: say which
+            reason = f"{type(exc).__name__}: {exc}"
+    if mode == "on":
+        raise ValueError(f"triton_decode='on' but the Triton paged decode kernel cannot be used: {reason}")
+    if device.type == "cuda":
+        logger.warning("Triton paged decode kernel not used (%s); decodes gather their K/V for SDPA", reason)
+    return None
 
 
 def _not_used(mode: str, reason: str | None) -> None:

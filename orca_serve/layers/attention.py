@@ -24,6 +24,10 @@ One forward does two things:
    padded into one ``PrefillBatch``, so a layer's attention is usually two
    SDPA calls however many requests the batch holds (prefill chunks of very
    unequal sizes keep a call each: padded, they would cost far more).
+   Where the runner bound a paged decode kernel (a GPU with Triton, see
+   ``kernels/triton_decode.py``), the decodes skip the gather: one kernel
+   call reads each one's K/V in place through its block table
+   (``PagedDecodes``).
 
 The model's last layer calls it with ``sampled_only``: every row's K/V is
 written, but only the rows that sample come back (the native kernel attends
@@ -72,6 +76,16 @@ class DecodeGroup:
 
 
 @dataclass
+class PagedDecodes:
+    """The batch's decode rows [0, n), attended by the paged decode kernel in
+    place in the pool: each request's block table [n, max_blocks] and context
+    length after this step [n]."""
+
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+@dataclass
 class PrefillBatch:
     """Every prefill chunk of the batch, padded to P chunks x ``max_query`` query
     rows x ``max_context`` keys for one SDPA (the batched layout).
@@ -109,6 +123,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     decode_groups: list[DecodeGroup] = field(default_factory=list)
+    paged_decodes: PagedDecodes | None = None  # instead of decode_groups, with a paged decode kernel
     prefills: list[PrefillChunk] = field(default_factory=list)
     prefill_batch: PrefillBatch | None = None  # the batched layout's prefills (then ``prefills`` is empty)
     # The rows whose final hidden state is used: the last row of each request
@@ -140,6 +155,8 @@ class Attention(nn.Module):
         # The native paged attention kernel, bound by the runner with the cache when it can be used.
         self.attention_kernel = None
         self.cpu_ops = None  # native kernels (the K/V write), bound by the model runner when they apply
+        # The paged decode kernel (kernels/triton_decode.py), bound by the runner on a GPU.
+        self.decode_kernel = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, sampled_only: bool = False) -> torch.Tensor:
@@ -168,6 +185,9 @@ class Attention(nn.Module):
         if meta.block_table is not None:
             self.attention_kernel(out, q, k_cache, v_cache, meta.block_table, query_start, meta.seq_lens, self.scale)
             return out.view(n_tok, self.num_heads * d)
+        if meta.paged_decodes is not None:
+            n_dec, pd = meta.num_decode_tokens, meta.paged_decodes
+            self.decode_kernel(q[:n_dec], k_cache, v_cache, pd.block_table, pd.seq_lens, self.scale, out=out[:n_dec])
         for group in meta.decode_groups:
             out[group.start:group.end] = self._decode(q[group.start:group.end], k_cache, v_cache, group)
         for chunk in meta.prefills:

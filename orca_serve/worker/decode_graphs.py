@@ -6,7 +6,10 @@ costing microseconds of host time while the GPU waits. A captured graph
 replays the whole step, embedding to logits, as one launch.
 
 A graph has fixed shapes, so one is captured per bucket (B, M): up to B
-decode requests whose contexts fit in M KV blocks, attended as one padded
+decode requests whose contexts fit in M KV blocks. With the paged decode
+kernel (``paged=True``, a GPU with Triton) the kernel reads each context in
+place up to its length, so M is always the longest context's blocks and
+only B varies; without it the bucket's decodes are gathered as one padded
 decode group (see ``layers.attention.DecodeGroup``). Every graph reads its
 inputs from the same static buffers: a step copies its tokens, positions,
 cache slots, context lengths and block table in, pads the rest, replays its
@@ -21,10 +24,11 @@ Graphs are captured on a bucket's first use, all in one private memory pool:
 they never run at the same time and no graph's output is read after another
 replays, which is what sharing a pool needs. Iterations a graph cannot serve
 run eagerly: any prefill row, a row that does not sample, a batch or a
-context beyond the largest bucket, or padding that would gather more than
-``GATHER_SLACK`` times the blocks the batch really reads (a graph saves
-launches, not the bytes its gather moves, and one long context would make
-every row gather as much as it). If a capture fails, graphs are switched off
+context beyond the largest bucket, or (gathering, without the paged kernel)
+padding that would gather more than ``GATHER_SLACK`` times the blocks the
+batch really reads (a graph saves launches, not the bytes its gather moves,
+and one long context would make every row gather as much as it). If a
+capture fails, graphs are switched off
 with a warning and every later step runs eagerly.
 
 Without capture (``capture=False``, the CPU) the same static path runs
@@ -39,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-from orca_serve.layers.attention import AttentionMetadata, DecodeGroup
+from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PagedDecodes
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +76,17 @@ class DecodeGraphs:
     ``model``: the runner's model; ``kv_blocks``: the blocks the scheduler
     hands out (the pool holds one more, the scratch block); ``max_batch``:
     the most decodes a graph takes (the scheduler's max_num_seqs);
-    ``max_context``: the longest context (max_model_len)."""
+    ``max_context``: the longest context (max_model_len); ``paged``: the
+    attention layers have a paged decode kernel bound."""
 
     def __init__(self, model: torch.nn.Module, kv_blocks: int, block_size: int, max_batch: int,
-                 max_context: int, device: torch.device, capture: bool) -> None:
+                 max_context: int, device: torch.device, capture: bool, paged: bool = False) -> None:
         self.model, self.block_size, self.device, self.capture = model, block_size, device, capture
+        self.paged = paged
         self.scratch_block = kv_blocks
         self.batch_sizes = bucket_sizes(max_batch, half_steps_from=8)
-        self.block_counts = bucket_sizes(-(-max_context // block_size))
+        max_blocks = -(-max_context // block_size)
+        self.block_counts = [max_blocks] if paged else bucket_sizes(max_blocks)
         max_b, max_m = self.batch_sizes[-1], self.block_counts[-1]
         # Rows: token ids, positions, cache slots, context lengths; each graph reads [:, :B].
         self.rows = torch.zeros(4, max_b, dtype=torch.int64, device=device)
@@ -101,7 +108,7 @@ class DecodeGraphs:
         blocks = -(-np.asarray(context_lens) // self.block_size)
         b = smallest_fit(self.batch_sizes, len(blocks))
         m = smallest_fit(self.block_counts, int(blocks.max()))
-        if b is None or m is None or b * m > GATHER_SLACK * int(blocks.sum()):
+        if b is None or m is None or (not self.paged and b * m > GATHER_SLACK * int(blocks.sum())):
             return None
         return b, m
 
@@ -140,9 +147,13 @@ class DecodeGraphs:
         # Everything shaped by (b, m) only, reading the static buffers through
         # views, so a replay sees each step's values.
         seq_lens = self.rows[3, :b]
-        mask = (self.key_positions[:m * self.block_size][None, :] < seq_lens[:, None])[:, None, None, :]
-        group = DecodeGroup(start=0, end=b, num_blocks=m, block_ids=self.block_table[:b, :m].reshape(-1), mask=mask)
-        meta = AttentionMetadata(slot_mapping=self.rows[2, :b], num_decode_tokens=b, decode_groups=[group])
+        meta = AttentionMetadata(slot_mapping=self.rows[2, :b], num_decode_tokens=b)
+        if self.paged:
+            meta.paged_decodes = PagedDecodes(block_table=self.block_table[:b], seq_lens=seq_lens)
+        else:
+            mask = (self.key_positions[:m * self.block_size][None, :] < seq_lens[:, None])[:, None, None, :]
+            meta.decode_groups.append(DecodeGroup(start=0, end=b, num_blocks=m, mask=mask,
+                                                  block_ids=self.block_table[:b, :m].reshape(-1)))
         hidden = self.model(self.rows[0, :b], self.rows[1, :b], meta)
         return self.model.compute_logits(hidden)
 

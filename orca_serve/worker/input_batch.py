@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PrefillBatch, PrefillChunk
+from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillBatch, PrefillChunk
 from orca_serve.sampling_params import SamplingParams
 
 
@@ -44,7 +44,8 @@ class ModelInputs:
 
 def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
                    device: torch.device, native_attention: bool = False,
-                   sampled_rows_only: bool = False, batched_attention: bool = False) -> ModelInputs:
+                   sampled_rows_only: bool = False, batched_attention: bool = False,
+                   paged_decodes: bool = False) -> ModelInputs:
     """Build one iteration's inputs from (request, number of tokens to compute) pairs.
 
     ``native_attention``: describe the batch for the native kernel (block
@@ -56,7 +57,10 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
     ``batched_attention``: the PyTorch path's layout for a GPU, decodes in as
     few groups as padding each to at most twice its context allows (usually
     one) and all prefill chunks in one padded ``PrefillBatch`` (one SDPA per
-    chunk instead where padding would more than double the work)."""
+    chunk instead where padding would more than double the work).
+    ``paged_decodes``: the PyTorch path's decodes go to a paged decode kernel
+    (their block tables and context lengths, ``PagedDecodes``), not in
+    gathered length groups."""
     # Decodes first; for the PyTorch path longest context first, so length groups
     # are contiguous (the native kernel takes any order).
     decodes = [(r, n) for r, n in scheduled if n == 1]
@@ -93,7 +97,10 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
         # The batched layout lets decodes pad up to twice their context (one
         # group for most batches) but not beyond: one long context among many
         # short ones would otherwise make every decode gather as much as it.
-        for g_start, g_end in _length_groups(ends[:n_dec], slack=2.0 if batched_attention else 1.25):
+        if paged_decodes and n_dec:
+            meta.paged_decodes = PagedDecodes(block_table=to_dev(block_table[:n_dec]), seq_lens=to_dev(ends[:n_dec]))
+        for g_start, g_end in ([] if paged_decodes else
+                               _length_groups(ends[:n_dec], slack=2.0 if batched_attention else 1.25)):
             ctx = ends[g_start:g_end]
             n_blocks = int(-(-ctx[0] // block_size))  # the group's longest context comes first
             ids = np.ascontiguousarray(block_table[g_start:g_end, :n_blocks]).reshape(-1)

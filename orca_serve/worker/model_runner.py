@@ -25,7 +25,7 @@ from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, pp_recv_prev,
                                                    pp_send_next)
-from orca_serve.kernels import cpu_ops_for, packed_gemm, packed_gemm_for, paged_attention_kernel
+from orca_serve.kernels import cpu_ops_for, gpu_decode_kernel, packed_gemm, packed_gemm_for, paged_attention_kernel
 from orca_serve.kernels.huge_pages import release_free_heap, zeros_on_huge_pages
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
@@ -72,6 +72,9 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
             layer.attention_kernel = attention_kernel
+        a = layers[0]
+        self.bind_decode_kernel(gpu_decode_kernel(engine_config.model.triton_decode, self.device, self.dtype,
+                                                  a.num_kv_heads, a.group, a.head_dim, self.block_size))
         for module in self.model.modules():
             if hasattr(module, "cpu_ops"):
                 module.cpu_ops = cpu_ops
@@ -103,6 +106,16 @@ class ModelRunner:
         self.eos_token_ids = model_eos_token_ids(engine_config.model, self.hf_config)
         self.requests: dict[str, RequestState] = {}
 
+    def bind_decode_kernel(self, kernel) -> None:
+        """Attend the PyTorch path's decodes with ``kernel`` (the signature of
+        ``triton_decode.paged_decode_attention``) in place in the pool, or
+        gather them for SDPA when None. Tests bind the Triton kernel on the CPU,
+        run by Triton's interpreter."""
+        self.paged_decodes = kernel is not None
+        for module in self.model.modules():
+            if isinstance(module, Attention):
+                module.decode_kernel = kernel
+
     def use_decode_graphs(self, capture: bool) -> None:
         """Serve decode-only iterations through ``DecodeGraphs``: captured on a
         GPU; ``capture=False`` runs the same static path eagerly (tests on CPU)."""
@@ -110,7 +123,8 @@ class ModelRunner:
             raise ValueError("decode graphs take the PyTorch attention path; the native CPU kernel is on")
         max_context = self.config.model.max_model_len or context_length(self.hf_config)
         self.decode_graphs = DecodeGraphs(self.model, self.num_kv_blocks, self.block_size,
-                                          self.config.scheduler.max_num_seqs, max_context, self.device, capture)
+                                          self.config.scheduler.max_num_seqs, max_context, self.device, capture,
+                                          paged=self.paged_decodes)
 
     @property
     def param_bytes(self) -> int:
@@ -144,7 +158,8 @@ class ModelRunner:
                 return self._sample(*graphed)
         # On the last stage the model returns only the rows it samples (see LlamaModel).
         inputs = prepare_inputs(scheduled, self.block_size, self.device, native_attention=self.uses_attention_kernel,
-                                sampled_rows_only=self.last_stage, batched_attention=self.batched_attention)
+                                sampled_rows_only=self.last_stage, batched_attention=self.batched_attention,
+                                paged_decodes=self.paged_decodes)
         prev = None
         if not self.first_stage:
             t0 = time.perf_counter()
