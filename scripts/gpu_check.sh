@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The checks and figures that need a CUDA GPU, which CI does not have. Run it
-# from the repository root on a machine with one GPU, torch built for CUDA and
-# transformers installed (the HTTP server's packages are not needed):
+# from the repository root on a machine with one GPU, torch built for CUDA
+# (with its Triton) and transformers installed (the HTTP server's packages are
+# not needed):
 #
 #   OUT=gpu-results scripts/gpu_check.sh
 #
 # 1. Correctness: the engine-level greedy-parity tests, with the engine on the
 #    GPU (device "auto" takes it) in float32 and HF on the CPU: continuous
 #    batching with staggered arrivals, both KV allocation modes, recompute and
-#    swap preemption (pinned CPU pool), prefix caching, priority preemption.
-#    The decode graphs' parity test captures and replays real CUDA graphs here.
+#    swap preemption (pinned CPU pool), prefix caching, priority preemption;
+#    the decode graphs captured and replayed, with and without the Triton paged
+#    decode kernel; that kernel compiled, against its reference in float32,
+#    float16 and bfloat16.
 # 2. Figures: a dummy-weight GPT-3 1.3B in bfloat16 on the orca trace (128
-#    requests at t=0), ours eager and ours with --cuda-graphs against HF
-#    transformers' static batches on the same GPU, and the GPU's GEMM/bandwidth
-#    roofline for the model with our fraction.
+#    requests at t=0): ours with the Triton decode kernel (the default), ours
+#    with it and --cuda-graphs, ours gathering K/V for SDPA (--triton-decode
+#    off, the layout of the first GPU run), HF transformers' static batches on
+#    the same GPU; the GPU's GEMM/bandwidth roofline with our fraction.
 # 3. Where an iteration's time goes: scripts/profile_steps.py (wall time per
 #    step against device kernel time, ops dispatched per decode step), eager
 #    and with decode graphs.
@@ -36,27 +40,28 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 echo "== 1. greedy parity with the engine on the GPU"
 # Left out: the SmolLM2 test (its GGUF package is not on a GPU image) and the
 # one that demands the native CPU kernels.
-$PY -m pytest -p no:cacheprovider tests/test_engine_correctness.py \
-    -k "not smollm2 and not one_users" 2>&1 | tee "$OUT/pytest.log" || status=1
+$PY -m pytest -p no:cacheprovider tests/test_engine_correctness.py tests/test_triton_decode.py \
+    tests/test_decode_graphs.py -k "not smollm2 and not one_users" 2>&1 | tee "$OUT/pytest.log" || status=1
 
 echo "== 2. GPT-3 1.3B (dummy weights, bfloat16): ours, HF static batches, the roofline"
-# shellcheck disable=SC2086
-$PY -m orca_serve.bench $MODEL --device "$DEVICE" --kv-cache-memory-gb "$KV_GB" --num-requests "$REQUESTS" \
-    --no-progress --out "$OUT/ours.json" 2>&1 | tee "$OUT/bench.log" || status=1
-# shellcheck disable=SC2086
-$PY -m orca_serve.bench $MODEL --device "$DEVICE" --backend hf-static --hf-batch-sizes 32,128 \
-    --num-requests "$REQUESTS" --no-progress --out "$OUT/hf-static.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
-$PY -m orca_serve.bench compare "$OUT/ours.json" "$OUT/hf-static.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
-if [ "$DEVICE" = cuda ]; then  # CUDA graphs need a GPU: a DEVICE=cpu dry run skips them
+bench() {  # bench NAME FLAGS...: one run of the trace, saved as $OUT/NAME.json
+    local name=$1
+    shift
     # shellcheck disable=SC2086
-    $PY -m orca_serve.bench $MODEL --device "$DEVICE" --kv-cache-memory-gb "$KV_GB" --num-requests "$REQUESTS" \
-        --cuda-graphs --label graphs --no-progress --out "$OUT/ours-graphs.json" 2>&1 | tee -a "$OUT/bench.log" \
+    $PY -m orca_serve.bench $MODEL --device "$DEVICE" --num-requests "$REQUESTS" --no-progress --label "$name" \
+        --out "$OUT/$name.json" "$@" 2>&1 | tee -a "$OUT/bench.log" || status=1
+}
+: > "$OUT/bench.log"
+bench ours --kv-cache-memory-gb "$KV_GB"
+# CUDA graphs need a GPU: a DEVICE=cpu dry run skips them.
+[ "$DEVICE" = cuda ] && bench ours-graphs --kv-cache-memory-gb "$KV_GB" --cuda-graphs
+bench hf-static --backend hf-static --hf-batch-sizes 32,128
+bench ours-gather --kv-cache-memory-gb "$KV_GB" --triton-decode off
+for name in ours ours-graphs ours-gather; do
+    [ -f "$OUT/$name.json" ] || continue
+    $PY -m orca_serve.bench compare "$OUT/$name.json" "$OUT/hf-static.json" 2>&1 | tee -a "$OUT/bench.log" \
         || status=1
-    for peer in hf-static ours; do
-        $PY -m orca_serve.bench compare "$OUT/ours-graphs.json" "$OUT/$peer.json" 2>&1 | tee -a "$OUT/bench.log" \
-            || status=1
-    done
-fi
+done
 # shellcheck disable=SC2086
 $PY -m orca_serve.bench roofline $MODEL --device "$DEVICE" --rounds 2 --round-gap 1 --result "$OUT/ours.json" \
     --out "$OUT/roofline.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
