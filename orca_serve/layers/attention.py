@@ -179,7 +179,8 @@ class Attention(nn.Module):
         if sampled_only and meta.block_table is not None:
             # Each request that samples keeps one query row, the last of its
             # context: the kernel takes it as a decode row.
-            q, query_start, n_tok = q.index_select(0, meta.sample_rows), meta.sample_query_start_loc, len(meta.sample_rows)
+            q, n_tok = q.index_select(0, meta.sample_rows), len(meta.sample_rows)
+            query_start = meta.sample_query_start_loc
         out = torch.empty(n_tok, hkv, self.group, d, dtype=q.dtype, device=q.device)
         q = q.view(n_tok, hkv, self.group, d)
         if meta.block_table is not None:
@@ -223,23 +224,24 @@ class Attention(nn.Module):
         p, n_q, n_k, d = batch.num_chunks, batch.max_query, batch.max_context, self.head_dim
         qp = q.reshape(-1, self.num_heads * d).index_select(0, batch.query_index)
         qp = qp.view(p, n_q, self.num_heads, d).transpose(1, 2)
-        kv = [c.view(-1, self.num_kv_heads, d).index_select(0, batch.kv_slots).view(p, n_k, self.num_kv_heads, d)
-              .transpose(1, 2) for c in (k_cache, v_cache)]
-        if self.group > 1:
-            kv = [t.repeat_interleave(self.group, 1) for t in kv]
+        kv = [self._per_query_head(c.view(-1, self.num_kv_heads, d).index_select(0, batch.kv_slots)
+                                   .view(p, n_k, self.num_kv_heads, d).transpose(1, 2), 1)
+              for c in (k_cache, v_cache)]
         o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=batch.mask, scale=self.scale)
         return o.transpose(1, 2).reshape(p * n_q, self.num_heads * d).index_select(0, batch.valid)
+
+    def _per_query_head(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        # K or V with each KV head (along ``axis``) repeated for its query heads:
+        # SDPA's enable_gqa sends CPU to the slow math kernel, while the repeat
+        # costs O(L * d) only.
+        return t if self.group == 1 else t.repeat_interleave(self.group, axis)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
         # q [Q, Hkv, G, d] -> [H, Q, d]; k, v [L, Hkv, d] -> [Hkv, L, d].
         n_q = q.shape[0]
         qh = q.reshape(n_q, self.num_heads, self.head_dim).transpose(0, 1)
-        k, v = k.transpose(0, 1), v.transpose(0, 1)
-        if self.group > 1:
-            # Repeat each KV head for its query heads: SDPA's enable_gqa sends CPU
-            # to the slow math kernel, while the repeat costs O(L * d) only.
-            k, v = k.repeat_interleave(self.group, 0), v.repeat_interleave(self.group, 0)
+        k, v = self._per_query_head(k.transpose(0, 1), 0), self._per_query_head(v.transpose(0, 1), 0)
         # 4-D inputs: with 3-D ones SDPA on CPU takes the slow math kernel, not flash.
         o = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask,
                                            is_causal=mask is None, scale=self.scale)[0]
