@@ -28,8 +28,8 @@ context beyond the largest bucket, or (gathering, without the paged kernel)
 padding that would gather more than ``GATHER_SLACK`` times the blocks the
 batch really reads (a graph saves launches, not the bytes its gather moves,
 and one long context would make every row gather as much as it). If a
-capture fails, graphs are switched off
-with a warning and every later step runs eagerly.
+capture fails, graphs are switched off with a warning and every later step
+runs eagerly.
 
 Without capture (``capture=False``, the CPU) the same static path runs
 eagerly: that is how tests check its padding against transformers where no
