@@ -86,3 +86,32 @@ def test_full_prompt_hit_leaves_one_token_to_compute():
     kv.allocate_slots(a, 8)
     b = make_req("b", 8)
     assert len(kv.get_computed_blocks(b)) == 1
+
+
+def test_every_full_block_is_cached_as_chunks_and_decodes_fill_it():
+    """Blocks enter the prefix cache as they fill, whether a prompt chunk or
+    a decoded token fills them; each step looks only at the blocks filled
+    since the last. After a preemption (free) the request's new blocks are
+    cached again from the first."""
+    kv = KVCacheManager(6, block_size=4)  # the request's 21 tokens fill the pool
+    req = make_req("a", 10, max_tokens=12)
+
+    def cached_blocks():
+        return sum(kv.pool.blocks[i].block_hash is not None for i in kv.block_ids("a"))
+
+    for chunk, expect in ((3, 0), (6, 2)):  # a 10-token prompt in chunks: 3 tokens, then 7
+        kv.allocate_slots(req, chunk if expect == 0 else 7)
+        req.num_computed_tokens += chunk if expect == 0 else 7
+        assert cached_blocks() == expect
+    for step in range(1, 12):  # decodes: token 10 + step fills block (10 + step) // 4
+        req.append_token(100 + step)
+        kv.allocate_slots(req, 1)
+        req.num_computed_tokens += 1
+        assert cached_blocks() == (10 + step) // 4, step
+    kv.free(req)
+    req.num_computed_tokens = 0
+    other = make_req("b", 24, base=500)  # takes all 6 blocks: evicts every cached block of "a"
+    kv.allocate_slots(other, 24)
+    kv.forget(other)
+    kv.allocate_slots(req, req.num_tokens)
+    assert cached_blocks() == req.num_tokens // 4

@@ -27,6 +27,10 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[KVBlock]] = {}
         # Hashes of a request's full blocks, computed incrementally as tokens arrive.
         self.req_hashes: dict[str, list[bytes]] = {}
+        # How many of a request's leading blocks are already in the prefix cache,
+        # so each step looks only at the blocks that filled since (a decode
+        # fills one every block_size steps).
+        self.req_num_cached: dict[str, int] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -105,14 +109,19 @@ class KVCacheManager:
             return
         # Only blocks whose tokens are all known and will be computed by the end of this step.
         num_full = min(num_tokens, request.num_tokens) // self.block_size
+        start = self.req_num_cached.get(request.request_id, 0)
+        if num_full <= start:
+            return
         hashes = self._block_hashes(request)
-        for i in range(num_full):
+        for i in range(start, num_full):
             if held[i].block_hash is None:
                 self.pool.cache_block(held[i], hashes[i])
+        self.req_num_cached[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
         """Release every block of the request (tail first, so prefixes live longest)."""
         blocks = self.req_blocks.pop(request.request_id, None)
+        self.req_num_cached.pop(request.request_id, None)
         if blocks:
             self.pool.free(list(reversed(blocks)))
 
