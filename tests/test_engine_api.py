@@ -106,6 +106,31 @@ def test_incremental_detokenizer_multibyte(default_model_dir):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_direct_decoder_gives_the_tokenizers_text(default_model_dir):
+    """The detokenizer calls the Rust decoder directly; its text must be
+    transformers' ``decode``, special tokens and stray bytes included."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from orca_serve.engine.detokenizer import decoder_for
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    assert not tok.clean_up_tokenization_spaces
+    decode = decoder_for(tok)
+    rng = random.Random(0)
+    special = list(tok.all_special_ids)
+    for _ in range(200):
+        ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tok))
+               for _ in range(rng.randint(1, 12))]
+        for skip in (False, True):
+            assert decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip), ids
+    # A tokenizer that asks for the clean-up keeps transformers' decode.
+    tok.clean_up_tokenization_spaces = True
+    ids = tok("a , b .", add_special_tokens=False).input_ids
+    assert decoder_for(tok)(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+
+
 def test_stop_string_is_cut_and_never_streamed(default_model_dir):
     from transformers import AutoTokenizer
 
