@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from orca_serve.kernels import gpu_decode_kernel
-from orca_serve.kernels.triton_decode import TILE, paged_decode_attention, reference_decode_attention, self_check
+from orca_serve.kernels.triton_decode import (_SM_COUNT, MAX_SPLITS, MIN_SPLIT_POSITIONS, TILE, num_splits_for,
+                                              paged_decode_attention, reference_decode_attention, self_check)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, *([torch.bfloat16] if DEVICE.type == "cuda" else [])]
@@ -24,6 +25,7 @@ def make_case(num_kv_heads, group, head_dim, block_size, lens, dtype, blocks=40,
     return q, k_cache, v_cache, table, torch.tensor(lens, device=DEVICE)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_kv_heads,group,head_dim,block_size", [
     (2, 2, 64, 4),    # the tiny test models' GQA, block size 4 (a tile spans 8 blocks)
@@ -31,16 +33,32 @@ def make_case(num_kv_heads, group, head_dim, block_size, lens, dtype, blocks=40,
     (1, 3, 80, 32),   # a group and a head size that are not powers of two
     (3, 4, 64, 64),   # a block wider than a tile
 ])
-def test_kernel_matches_the_reference(dtype, num_kv_heads, group, head_dim, block_size):
+def test_kernel_matches_the_reference(dtype, num_kv_heads, group, head_dim, block_size, num_splits):
+    """Split or not: with 16 splits of the table's width most parts of the
+    short contexts are empty, which the merge must weigh as nothing."""
     # Lengths: one token, inside one tile, exactly one and two tiles, ragged past several.
     lens = [1, 7, TILE, 2 * TILE, 3 * TILE + 5, 100]
     q, k_cache, v_cache, table, seq_lens = make_case(num_kv_heads, group, head_dim, block_size, lens, dtype)
     scale = head_dim ** -0.5
-    got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, scale)
+    got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, scale, num_splits=num_splits)
     want = reference_decode_attention(q, k_cache, v_cache, table, seq_lens, scale)
     assert got.shape == q.shape and got.dtype == dtype
     err = (got.double() - want).abs().max().item()
     assert err <= TOLERANCE[dtype], err
+
+
+def test_contexts_are_split_only_when_requests_alone_cannot_fill_the_gpu():
+    gpu = torch.device("cuda", 0)
+    _SM_COUNT[gpu] = 132  # an H100/H200: 264 programs make two waves
+    try:
+        assert num_splits_for(128 * 16, 2048, gpu) == 1  # the 128-request trace, 16 KV heads
+        assert num_splits_for(16, 2048, gpu) == MAX_SPLITS  # one user of GPT-3 1.3B
+        assert num_splits_for(16, 300, gpu) == 3  # ... whose table holds 300 positions: parts of >= 128
+        assert num_splits_for(100, 4096, gpu) == 3
+    finally:
+        del _SM_COUNT[gpu]
+    assert num_splits_for(1, 4096, torch.device("cpu")) == 1
+    assert MIN_SPLIT_POSITIONS == 128
 
 
 def test_kernel_reads_only_each_requests_context():
@@ -53,6 +71,7 @@ def test_kernel_reads_only_each_requests_context():
     table = torch.tensor([[3, 17, 25, 0], [8, 30, 2, 11]], device=DEVICE)
     seq_lens = torch.tensor([5, 9], device=DEVICE)
     before = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125)
+    split = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, num_splits=4)
     for block in set(range(k_cache.shape[0])) - {3, 17, 8, 30, 2}:
         k_cache[block] = float("nan")
         v_cache[block] = float("nan")
@@ -61,6 +80,7 @@ def test_kernel_reads_only_each_requests_context():
         v_cache[block, 1:] = float("nan")
     after = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125)
     assert torch.equal(before, after)
+    assert torch.equal(split, paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, num_splits=4))
 
 
 def test_kernel_fills_out_and_takes_an_empty_batch():
