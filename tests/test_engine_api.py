@@ -125,10 +125,18 @@ def test_direct_decoder_gives_the_tokenizers_text(default_model_dir):
                for _ in range(rng.randint(1, 12))]
         for skip in (False, True):
             assert decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip), ids
-    # A tokenizer that asks for the clean-up keeps transformers' decode.
-    tok.clean_up_tokenization_spaces = True
+    # A tokenizer that asks for the clean-up, or whose class decodes its own
+    # way, keeps its decode.
     ids = tok("a , b .", add_special_tokens=False).input_ids
-    assert decoder_for(tok)(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+
+    class Shouting(type(tok)):
+        def decode(self, token_ids, **kwargs):
+            return super().decode(token_ids, **kwargs).upper()
+    shouting = Shouting.from_pretrained(default_model_dir)
+    assert decoder_for(shouting)(ids, skip_special_tokens=True) == "A , B ."
+    tok.clean_up_tokenization_spaces = True
+    tok.decode = lambda token_ids, skip_special_tokens: "decode() was called"
+    assert decoder_for(tok)(ids, skip_special_tokens=True) == "decode() was called"
 
 
 def test_stop_string_is_cut_and_never_streamed(default_model_dir):

@@ -23,10 +23,16 @@ _PROMPT_CONTEXT = 6  # prompt tokens kept as left context for the first outputs
 def decoder_for(tokenizer):
     """``decode(ids, skip_special_tokens)`` giving ``tokenizer.decode``'s text:
     the Rust decoder of a fast tokenizer when transformers would add nothing
-    to it (no ``clean_up_tokenization_spaces``), else ``tokenizer.decode``."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+    to it (its class keeps the base ``decode``, and no
+    ``clean_up_tokenization_spaces``), else ``tokenizer.decode``."""
+    from transformers import PreTrainedTokenizerFast
+
+    cls = type(tokenizer)
+    plain = (isinstance(tokenizer, PreTrainedTokenizerFast) and cls.decode is PreTrainedTokenizerFast.decode
+             and cls._decode is PreTrainedTokenizerFast._decode)
+    if not plain or getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return lambda ids, skip_special_tokens: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    backend = tokenizer.backend_tokenizer
     return lambda ids, skip_special_tokens: backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
