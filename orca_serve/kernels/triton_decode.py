@@ -93,29 +93,33 @@ def _paged_decode_kernel(out_ptr, part_ptr, stats_ptr, q_ptr, k_ptr, v_ptr, tabl
 @triton.jit
 def _merge_splits(out_ptr, part_ptr, stats_ptr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr):
     """One (request, KV head): the splits' partial softmax sums rescaled to
-    their common max and added."""
+    their common max and added, one split at a time (a [G, D] tile live)."""
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_PAD)
     heads = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, DIM_PAD)
-    cell_ok = (splits < NUM_SPLITS)[:, None] & (heads < GROUP)[None, :]  # [S, G]
-    part_rows = ((req * NUM_KV_HEADS + kv_head) * NUM_SPLITS + splits[:, None]) * GROUP + heads[None, :]
+    head_ok = heads < GROUP
+    row_ok = head_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    first_part = (req * NUM_KV_HEADS + kv_head) * NUM_SPLITS * GROUP + heads  # split 0's rows
     # An empty split (past its request's context) has max -inf and sum 0: weight 0.
-    m = tl.load(stats_ptr + part_rows * 2, mask=cell_ok, other=float("-inf"))
-    l_s = tl.load(stats_ptr + part_rows * 2 + 1, mask=cell_ok, other=0.0)
-    m_max = tl.max(m, 0)
+    m_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    for split in range(NUM_SPLITS):
+        m = tl.load(stats_ptr + (first_part + split * GROUP) * 2, mask=head_ok, other=float("-inf"))
+        m_max = tl.maximum(m_max, m)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # padding rows: no split has data
-    w = tl.exp(m - m_max[None, :])  # [S, G]
-    denominator = tl.sum(w * l_s, 0)
+    denominator = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
+    for split in range(NUM_SPLITS):
+        part_rows = first_part + split * GROUP
+        m = tl.load(stats_ptr + part_rows * 2, mask=head_ok, other=float("-inf"))
+        w = tl.exp(m - m_max)
+        denominator += w * tl.load(stats_ptr + part_rows * 2 + 1, mask=head_ok, other=0.0)
+        acc += w[:, None] * tl.load(part_ptr + part_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_ok, other=0.0)
     denominator = tl.where(denominator == 0.0, 1.0, denominator)  # padding rows only (not stored)
-    acc_ok = cell_ok[:, :, None] & (dims < HEAD_DIM)[None, None, :]
-    acc = tl.load(part_ptr + part_rows[:, :, None] * HEAD_DIM + dims[None, None, :], mask=acc_ok, other=0.0)
-    out = tl.sum(w[:, :, None] * acc, 0) / denominator[:, None]  # [G, D]
     rows = (req * NUM_KV_HEADS + kv_head) * GROUP + heads
-    row_ok = (heads < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
+    out = acc / denominator[:, None]
     tl.store(out_ptr + rows[:, None] * HEAD_DIM + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -172,8 +176,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out, part, stats, q, k_cache, v_cache, block_table, seq_lens, scale, block_table.stride(0), split_len,
         BLOCK_SIZE=block_size, TILE_SIZE=TILE, NUM_SPLITS=num_splits, PRECISION=precision, **shapes)
     if num_splits > 1:
-        _merge_splits[(n, num_kv_heads)](out, part, stats, NUM_SPLITS=num_splits,
-                                         SPLITS_PAD=triton.next_power_of_2(num_splits), **shapes)
+        _merge_splits[(n, num_kv_heads)](out, part, stats, NUM_SPLITS=num_splits, **shapes)
     return out
 
 
