@@ -158,8 +158,6 @@ def test_decode_graphs_match_hf(tiny_model_dir, kind, device, decode_attention):
     assert graphs.num_steps == len(served) >= 20
     assert any(n < b for n, _, (b, _) in served), served
     assert any(-(-longest // 4) < m for _, longest, (_, m) in served), served
-    if paged:  # one table width for every bucket: max_position_embeddings (llama 512, gpt2 256) / 4
-        assert {m for *_, (_, m) in served} == {(512 if kind == "llama" else 256) // 4}
     assert graphs.disabled_reason is None
     assert len(graphs.graphs) == (len({bucket for *_, bucket in served}) if device == "cuda" else 0)
 

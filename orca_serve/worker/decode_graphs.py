@@ -6,11 +6,13 @@ costing microseconds of host time while the GPU waits. A captured graph
 replays the whole step, embedding to logits, as one launch.
 
 A graph has fixed shapes, so one is captured per bucket (B, M): up to B
-decode requests whose contexts fit in M KV blocks. With the paged decode
-kernel (``paged=True``, a GPU with Triton) the kernel reads each context in
-place up to its length, so M is always the longest context's blocks and
-only B varies; without it the bucket's decodes are gathered as one padded
-decode group (see ``layers.attention.DecodeGroup``). Every graph reads its
+decode requests whose contexts fit in M KV blocks (M a power of two).
+With the paged decode kernel (``paged=True``, a GPU with Triton) the kernel
+reads each context in place up to its length, and M only bounds the block
+table a step copies in (one table as wide as max_model_len would be
+megabytes a step for a long-context model); without it the bucket's decodes
+are gathered as one padded decode group (see
+``layers.attention.DecodeGroup``). Every graph reads its
 inputs from the same static buffers: a step copies its tokens, positions,
 cache slots, context lengths and block table in, pads the rest, replays its
 bucket's graph and reads the first rows of its logits.
@@ -86,7 +88,7 @@ class DecodeGraphs:
         self.scratch_block = kv_blocks
         self.batch_sizes = bucket_sizes(max_batch, half_steps_from=8)
         max_blocks = -(-max_context // block_size)
-        self.block_counts = [max_blocks] if paged else bucket_sizes(max_blocks)
+        self.block_counts = bucket_sizes(max_blocks)
         max_b, max_m = self.batch_sizes[-1], self.block_counts[-1]
         # Rows: token ids, positions, cache slots, context lengths; each graph reads [:, :B].
         self.rows = torch.zeros(4, max_b, dtype=torch.int64, device=device)
@@ -149,7 +151,7 @@ class DecodeGraphs:
         seq_lens = self.rows[3, :b]
         meta = AttentionMetadata(slot_mapping=self.rows[2, :b], num_decode_tokens=b)
         if self.paged:
-            meta.paged_decodes = PagedDecodes(block_table=self.block_table[:b], seq_lens=seq_lens)
+            meta.paged_decodes = PagedDecodes(block_table=self.block_table[:b, :m], seq_lens=seq_lens)
         else:
             mask = (self.key_positions[:m * self.block_size][None, :] < seq_lens[:, None])[:, None, None, :]
             meta.decode_groups.append(DecodeGroup(start=0, end=b, num_blocks=m, mask=mask,
