@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from orca_serve.config import EngineConfig
+from orca_serve.sampling_params import SamplingParams
 from orca_serve.worker.decode_graphs import GATHER_SLACK, DecodeGraphs, bucket_sizes
+from orca_serve.worker.input_batch import RequestState
 
 
 def graphs(max_batch=256, max_context=2048, block_size=16, paged=False):
@@ -56,7 +58,9 @@ def test_capture_failure_switches_graphs_off_and_the_step_runs_eagerly(monkeypat
     g = graphs(max_batch=4, max_context=64)
     g.capture = True
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (_ for _ in ()).throw(RuntimeError("no CUDA")))
-    assert g.logits(np.array([5]), np.array([3]), [[7]], (1, 1)) is None
+    request = RequestState(req_id="r", token_ids=[1, 2, 3, 5], num_prompt_tokens=3, block_ids=[7],
+                           num_computed_tokens=3, sampling_params=SamplingParams())
+    assert g.logits(np.array([5]), np.array([3]), [request], (1, 1)) is None
     assert "capturing bucket (1, 1) failed: RuntimeError: no CUDA" in g.disabled_reason
     assert g.bucket(np.array([4])) is None and g.num_steps == 0
 

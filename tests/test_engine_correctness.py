@@ -145,9 +145,9 @@ def test_decode_graphs_match_hf(tiny_model_dir, kind, device, decode_attention):
     served = []
     logits = graphs.logits
 
-    def recording(token_ids, positions, block_tables, bucket):
+    def recording(token_ids, positions, requests, bucket):
         served.append((len(token_ids), int(positions.max()) + 1, bucket))
-        return logits(token_ids, positions, block_tables, bucket)
+        return logits(token_ids, positions, requests, bucket)
     graphs.logits = recording
     outs = run_staggered(engine, prompts, max_tokens, every=3, first=3)
     hf = load_hf(path)

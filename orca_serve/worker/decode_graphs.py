@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PagedDecodes
+from orca_serve.worker.input_batch import RequestState, cache_slots, request_block_table
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +115,10 @@ class DecodeGraphs:
             return None
         return b, m
 
-    def logits(self, token_ids: np.ndarray, positions: np.ndarray, block_tables: list[list[int]],
+    def logits(self, token_ids: np.ndarray, positions: np.ndarray, requests: list[RequestState],
                bucket: tuple[int, int]) -> torch.Tensor | None:
-        """Logits [n, vocab] of n decodes: each request's next token, its
-        position (= its context length before this step) and its block table.
+        """Logits [n, vocab] of n decodes of ``requests``: each one's next
+        token and its position (= its context length before this step).
         None when capturing the bucket's graph failed (the step runs eagerly)."""
         b, m = bucket
         n = len(token_ids)
@@ -130,11 +131,8 @@ class DecodeGraphs:
         rows[3, :] = 1
         rows[0, :n], rows[1, :n], rows[3, :n] = token_ids, positions, positions + 1
         table = np.full((b, m), self.scratch_block, dtype=np.int64)
-        for i, blocks in enumerate(block_tables):
-            k = min(len(blocks), m)
-            table[i, :k] = blocks[:k]
-        pos = rows[1, :n]
-        rows[2, :n] = table[np.arange(n), pos // self.block_size] * self.block_size + pos % self.block_size
+        table[:n] = request_block_table(requests, positions + 1, self.block_size, width=m, pad=self.scratch_block)
+        rows[2, :n] = cache_slots(table, np.arange(n), positions, self.block_size)
         self.rows[:, :b].copy_(torch.from_numpy(rows))
         self.block_table[:b, :m].copy_(torch.from_numpy(table))
         self.num_steps += 1

@@ -83,9 +83,8 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
         input_ids[o:p] = r.token_ids[s:e]
         positions[o:p] = np.arange(s, e)
 
-    block_table = _block_table(order, ends, block_size)
-    req_of_token = np.repeat(np.arange(len(order)), counts)
-    slots = block_table[req_of_token, positions // block_size] * block_size + positions % block_size
+    block_table = request_block_table([r for r, _ in order], ends, block_size)
+    slots = cache_slots(block_table, np.repeat(np.arange(len(order)), counts), positions, block_size)
 
     to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     meta = AttentionMetadata(slot_mapping=to_dev(slots), num_decode_tokens=n_dec)
@@ -94,21 +93,23 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
         meta.query_start_loc = to_dev(offsets)
         meta.seq_lens = to_dev(ends)
     else:
-        # The batched layout lets decodes pad up to twice their context (one
-        # group for most batches) but not beyond: one long context among many
-        # short ones would otherwise make every decode gather as much as it.
-        if paged_decodes and n_dec:
-            meta.paged_decodes = PagedDecodes(block_table=to_dev(block_table[:n_dec]), seq_lens=to_dev(ends[:n_dec]))
-        for g_start, g_end in ([] if paged_decodes else
-                               _length_groups(ends[:n_dec], slack=2.0 if batched_attention else 1.25)):
-            ctx = ends[g_start:g_end]
-            n_blocks = int(-(-ctx[0] // block_size))  # the group's longest context comes first
-            ids = np.ascontiguousarray(block_table[g_start:g_end, :n_blocks]).reshape(-1)
-            mask = None
-            if ctx[-1] != n_blocks * block_size:
-                mask = to_dev((np.arange(n_blocks * block_size)[None, :] < ctx[:, None])[:, None, None, :])
-            meta.decode_groups.append(DecodeGroup(start=g_start, end=g_end, num_blocks=n_blocks,
-                                                  block_ids=to_dev(ids), mask=mask))
+        if paged_decodes:
+            if n_dec:
+                meta.paged_decodes = PagedDecodes(block_table=to_dev(block_table[:n_dec]),
+                                                  seq_lens=to_dev(ends[:n_dec]))
+        else:
+            # The batched layout lets decodes pad up to twice their context (one
+            # group for most batches) but not beyond: one long context among many
+            # short ones would otherwise make every decode gather as much as it.
+            for g_start, g_end in _length_groups(ends[:n_dec], slack=2.0 if batched_attention else 1.25):
+                ctx = ends[g_start:g_end]
+                n_blocks = int(-(-ctx[0] // block_size))  # the group's longest context comes first
+                ids = np.ascontiguousarray(block_table[g_start:g_end, :n_blocks]).reshape(-1)
+                mask = None
+                if ctx[-1] != n_blocks * block_size:
+                    mask = to_dev((np.arange(n_blocks * block_size)[None, :] < ctx[:, None])[:, None, None, :])
+                meta.decode_groups.append(DecodeGroup(start=g_start, end=g_end, num_blocks=n_blocks,
+                                                      block_ids=to_dev(ids), mask=mask))
         if batched_attention and n_dec < len(order) and _pads_little(counts[n_dec:], ends[n_dec:]):
             meta.prefill_batch = _prefill_batch(block_table[n_dec:], starts[n_dec:], ends[n_dec:],
                                                 int(offsets[n_dec]), block_size, to_dev)
@@ -144,17 +145,24 @@ def _length_groups(ctx: np.ndarray, max_groups: int = 8, slack: float = 1.25) ->
     return groups
 
 
-def _block_table(order: list[tuple[RequestState, int]], ends: np.ndarray, block_size: int) -> np.ndarray:
-    """[num_reqs, max_blocks] block ids covering each request's tokens (0-padded)."""
+def request_block_table(requests: list[RequestState], ends: np.ndarray, block_size: int,
+                        width: int | None = None, pad: int = 0) -> np.ndarray:
+    """[requests, width] ids of the blocks holding each request's first
+    ``ends[i]`` tokens, the rest ``pad`` (width: the most blocks any needs)."""
     needed = -(-ends // block_size)
-    table = np.zeros((len(order), int(needed.max())), dtype=np.int64)
-    for i, (r, _) in enumerate(order):
+    table = np.full((len(requests), int(needed.max()) if width is None else width), pad, dtype=np.int64)
+    for i, r in enumerate(requests):
         k = int(needed[i])
         if len(r.block_ids) < k:
             raise RuntimeError(f"request {r.req_id}: {len(r.block_ids)} KV blocks cannot hold "
                                f"{int(ends[i])} tokens at block size {block_size}")
         table[i, :k] = r.block_ids[:k]
     return table
+
+
+def cache_slots(table: np.ndarray, rows: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """Cache slot of each token: position ``positions[t]`` of request ``rows[t]`` of ``table``."""
+    return table[rows, positions // block_size] * block_size + positions % block_size
 
 
 def _prefill_chunk(row: np.ndarray, start: int, end: int, offset: int, block_size: int, to_dev) -> PrefillChunk:

@@ -189,7 +189,7 @@ class ModelRunner:
         if bucket is None:
             return None
         tokens = np.fromiter((r.token_ids[-1] for r in states), dtype=np.int64, count=len(states))
-        logits = self.decode_graphs.logits(tokens, positions, [r.block_ids for r in states], bucket)
+        logits = self.decode_graphs.logits(tokens, positions, states, bucket)
         return None if logits is None else (logits, states)
 
     def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> ModelRunnerOutput:
