@@ -183,9 +183,13 @@ def model_eos_token_ids(model_config: ModelConfig, hf_config) -> tuple[int, ...]
     return _eos_token_ids(resolve_model_path(model_config), hf_config, None)
 
 
-def context_length(hf_config) -> int:
-    """The model's own context length (positions it was built for)."""
-    return hf_config.n_positions if hasattr(hf_config, "n_embd") else hf_config.max_position_embeddings
+def max_model_len(model_config: ModelConfig, hf_config) -> int:
+    """The context length the engine serves: ``max_model_len`` when set (it
+    may not exceed the positions the model was built for), else those."""
+    context = hf_config.n_positions if hasattr(hf_config, "n_embd") else hf_config.max_position_embeddings
+    if model_config.max_model_len is not None and model_config.max_model_len > context:
+        raise ValueError(f"max_model_len {model_config.max_model_len} exceeds the model's context length {context}")
+    return model_config.max_model_len or context
 
 
 def get_model_facts(model_config: ModelConfig, tokenizer=None) -> ModelFacts:
@@ -201,12 +205,9 @@ def get_model_facts(model_config: ModelConfig, tokenizer=None) -> ModelFacts:
     gpt2 = hasattr(config, "n_embd")
     hidden = config.n_embd if gpt2 else config.hidden_size
     heads = config.n_head if gpt2 else config.num_attention_heads
-    context = context_length(config)
-    if model_config.max_model_len is not None and model_config.max_model_len > context:
-        raise ValueError(f"max_model_len {model_config.max_model_len} exceeds the model's context length {context}")
     return ModelFacts(
         architecture=cls.__name__, vocab_size=config.vocab_size,
-        max_model_len=model_config.max_model_len or context,
+        max_model_len=max_model_len(model_config, config),
         eos_token_ids=_eos_token_ids(path, config, tokenizer),
         num_layers=config.n_layer if gpt2 else config.num_hidden_layers,
         num_heads=heads,

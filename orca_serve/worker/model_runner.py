@@ -29,7 +29,7 @@ from orca_serve.kernels import cpu_ops_for, gpu_decode_kernel, packed_gemm, pack
 from orca_serve.kernels.huge_pages import release_free_heap, zeros_on_huge_pages
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
-from orca_serve.models.loader import context_length, load_model, model_eos_token_ids
+from orca_serve.models.loader import load_model, max_model_len, model_eos_token_ids
 from orca_serve.models.weights import LoadStats
 from orca_serve.worker.decode_graphs import DecodeGraphs
 from orca_serve.worker.input_batch import RequestState, prepare_inputs
@@ -121,9 +121,9 @@ class ModelRunner:
         GPU; ``capture=False`` runs the same static path eagerly (tests on CPU)."""
         if self.uses_attention_kernel:
             raise ValueError("decode graphs take the PyTorch attention path; the native CPU kernel is on")
-        max_context = self.config.model.max_model_len or context_length(self.hf_config)
         self.decode_graphs = DecodeGraphs(self.model, self.num_kv_blocks, self.block_size,
-                                          self.config.scheduler.max_num_seqs, max_context, self.device, capture,
+                                          self.config.scheduler.max_num_seqs,
+                                          max_model_len(self.config.model, self.hf_config), self.device, capture,
                                           paged=self.paged_decodes)
 
     @property
