@@ -17,6 +17,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from orca_serve.bench.overhead import run_prompts_in
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
 from orca_serve.sampling_params import SamplingParams
@@ -53,10 +54,7 @@ def main() -> None:
         sync()
         return (time.perf_counter() - t0) * 1e3
 
-    prefill = []
-    while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                              for r in engine.scheduler.running):
-        prefill.append(timed_step())
+    prefill = run_prompts_in(engine, timed_step)
     decode = [timed_step() for _ in range(args.decode_steps)]
     graphs = "with decode graphs" if args.cuda_graphs else "eager"
     print(f"{args.dummy_config} {args.dtype} on {device} ({graphs}), {args.requests} requests of "

@@ -44,15 +44,24 @@ class NullExecutor(Executor):
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
 
+def run_prompts_in(engine, step=None) -> list:
+    """Step ``engine`` (or call ``step``) until every request is past its
+    prompt, so what follows are pure decode iterations; returns what each step returned."""
+    step = step or engine.step
+    out = []
+    while engine.scheduler.num_waiting or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+        out.append(step())
+    return out
+
+
 def _decode_step_times(engine, num_requests: int, prompt_len: int, steps: int, seed: int) -> list[float]:
     rng = random.Random(seed)
     vocab = engine.vocab_size
     for i in range(num_requests):
         prompt = [rng.randrange(10, vocab) for _ in range(prompt_len)]
         engine.add_request(f"o{i}", prompt, SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True))
-    while engine.scheduler.num_waiting or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
-        engine.step()  # prefill everyone first: we time pure decode iterations
+    run_prompts_in(engine)  # prefill everyone first: we time pure decode iterations
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
