@@ -211,3 +211,13 @@ def test_engine_asked_for_cuda_without_a_gpu_fails_at_start_and_says_why(tiny_mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device='cuda' but torch .* sees no CUDA GPU.*--device cpu or auto"):
         LLMEngine(EngineConfig.from_kwargs(model=tiny_model_dir("llama"), device="cuda", num_kv_blocks=8))
+
+
+def test_max_model_len_past_the_models_positions_is_refused(tiny_model_dir):
+    from orca_serve.models.loader import get_model_facts, load_hf_config, max_model_len
+
+    path = tiny_model_dir("llama")  # built for 512 positions
+    assert get_model_facts(ModelConfig(model=path)).max_model_len == 512
+    assert max_model_len(ModelConfig(model=path, max_model_len=100), load_hf_config(ModelConfig(model=path))) == 100
+    with pytest.raises(ValueError, match="max_model_len 1024 exceeds the model's context length 512"):
+        get_model_facts(ModelConfig(model=path, max_model_len=1024))
