@@ -14,6 +14,9 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 PARALLEL_MODES = ("manual", "auto")
 CPU_KERNEL_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
+# The KV pool's budget per device where none is given and the device's free
+# memory does not size it (a CPU: see worker/kv_sizing.py).
+DEFAULT_KV_CACHE_MEMORY_GB = 2.0
 
 
 def _positive(name: str, value, allow_none: bool = False) -> None:
@@ -66,11 +69,16 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    # Exact pool size in blocks; None: size from kv_cache_memory_gb.
+    # Exact pool size in blocks; None: sized from kv_cache_memory_gb, or on a GPU
+    # from gpu_memory_utilization (worker/kv_sizing.py).
     num_kv_blocks: int | None = None
     # KV memory per device: with tensor/pipeline parallelism each rank holds its
     # layers' and heads' share of every block, so the same budget buys more blocks.
-    kv_cache_memory_gb: float = 2.0
+    # None: on a GPU what gpu_memory_utilization leaves, on a CPU 2 GiB.
+    kv_cache_memory_gb: float | None = None
+    # On a GPU with no fixed pool: the share of the device's memory this engine
+    # may fill (weights, activations and the KV pool together).
+    gpu_memory_utilization: float = 0.9
     kv_allocation: str = "paged"
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"
@@ -79,8 +87,10 @@ class CacheConfig:
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
         _positive("num_kv_blocks", self.num_kv_blocks, allow_none=True)
-        if not self.kv_cache_memory_gb > 0:
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not self.swap_space_gb >= 0:
             raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
         _choice("kv_allocation", self.kv_allocation, KV_ALLOCATION_MODES)

@@ -28,7 +28,8 @@ PY=${PYTHON:-python3}
 MODEL=${MODEL:-"--load-format dummy --dummy-config gpt3-1.3b --dtype bfloat16"}
 REQUESTS=${REQUESTS:-128}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu dry-runs the script where there is no GPU
-KV_GB=${KV_GB:-40}  # the KV pool: the whole trace in flight at once, no preemption
+# The KV pool per GPU; unset: what --gpu-memory-utilization (0.9) leaves after a profile run.
+KV=${KV_GB:+--kv-cache-memory-gb $KV_GB}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 status=0
@@ -41,7 +42,7 @@ echo "== 1. greedy parity with the engine on the GPU"
 # Left out: the SmolLM2 test (its GGUF package is not on a GPU image) and the
 # one that demands the native CPU kernels.
 $PY -m pytest -p no:cacheprovider tests/test_engine_correctness.py tests/test_triton_decode.py \
-    tests/test_decode_graphs.py -k "not smollm2 and not one_users" 2>&1 | tee "$OUT/pytest.log" || status=1
+    tests/test_decode_graphs.py tests/test_kv_sizing.py -k "not smollm2 and not one_users" 2>&1 | tee "$OUT/pytest.log" || status=1
 
 echo "== 2. GPT-3 1.3B (dummy weights, bfloat16): ours, HF static batches, the roofline"
 bench() {  # bench NAME FLAGS...: one run of the trace, saved as $OUT/NAME.json
@@ -52,11 +53,14 @@ bench() {  # bench NAME FLAGS...: one run of the trace, saved as $OUT/NAME.json
         --out "$OUT/$name.json" "$@" 2>&1 | tee -a "$OUT/bench.log" || status=1
 }
 : > "$OUT/bench.log"
-bench ours --kv-cache-memory-gb "$KV_GB"
+# shellcheck disable=SC2086
+bench ours $KV
 # CUDA graphs need a GPU: a DEVICE=cpu dry run skips them.
-[ "$DEVICE" = cuda ] && bench ours-graphs --kv-cache-memory-gb "$KV_GB" --cuda-graphs
+# shellcheck disable=SC2086
+[ "$DEVICE" = cuda ] && bench ours-graphs $KV --cuda-graphs
 bench hf-static --backend hf-static --hf-batch-sizes 32,128
-bench ours-gather --kv-cache-memory-gb "$KV_GB" --triton-decode off
+# shellcheck disable=SC2086
+bench ours-gather $KV --triton-decode off
 for name in ours ours-graphs ours-gather; do
     [ -f "$OUT/$name.json" ] || continue
     $PY -m orca_serve.bench compare "$OUT/$name.json" "$OUT/hf-static.json" 2>&1 | tee -a "$OUT/bench.log" \

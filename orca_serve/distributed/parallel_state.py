@@ -124,6 +124,16 @@ def stage_layer_range(num_layers: int) -> tuple[int, int]:
     return pp_layer_range(num_layers, _state.pp_rank, _state.pp_size)
 
 
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest ``value`` any worker rank holds (a collective: every rank
+    calls it); the value itself outside a worker group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the TP group, in place; returns ``x`` untouched at tp=1."""
     if _state.tp_size == 1:

@@ -40,20 +40,22 @@ class Executor:
 
 
 class UniprocExecutor(Executor):
-    def __init__(self, config: EngineConfig, num_kv_blocks: int, num_cpu_blocks: int = 0) -> None:
+    def __init__(self, config: EngineConfig, num_cpu_blocks: int = 0) -> None:
         from orca_serve.models.loader import resolve_device
         from orca_serve.worker.model_runner import ModelRunner
 
-        self.runner = ModelRunner(config, num_kv_blocks, num_cpu_blocks=num_cpu_blocks,
-                                  device=resolve_device(config.model))
+        self.runner = ModelRunner(config, num_cpu_blocks=num_cpu_blocks, device=resolve_device(config.model))
+        self.num_kv_blocks = self.runner.num_kv_blocks
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(so)
 
 
-def make_executor(config: EngineConfig, num_kv_blocks: int, num_cpu_blocks: int = 0) -> Executor:
+def make_executor(config: EngineConfig, num_cpu_blocks: int = 0) -> Executor:
+    """The executor for ``config``'s T x P ranks; its ``num_kv_blocks`` is the
+    pool size the rank(s) chose (``worker/kv_sizing.py``)."""
     if config.parallel.world_size > 1:
         from orca_serve.distributed.executor import DistributedExecutor
 
-        return DistributedExecutor(config, num_kv_blocks, num_cpu_blocks=num_cpu_blocks)
-    return UniprocExecutor(config, num_kv_blocks, num_cpu_blocks=num_cpu_blocks)
+        return DistributedExecutor(config, num_cpu_blocks=num_cpu_blocks)
+    return UniprocExecutor(config, num_cpu_blocks=num_cpu_blocks)

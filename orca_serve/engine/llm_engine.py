@@ -55,12 +55,13 @@ class LLMEngine:
         # Per rank: each holds its layers' and KV heads' share of every block.
         block_bytes = kv_block_bytes(facts, cache.block_size, config.model.dtype,
                                      par.tensor_parallel_size, par.pipeline_parallel_size)
-        num_blocks = cache.num_kv_blocks or max(1, int(cache.kv_cache_memory_gb * 2**30) // block_bytes)
         num_cpu_blocks = int(cache.swap_space_gb * 2**30) // block_bytes if cache.preemption_mode == "swap" else 0
+        self._depth = par.inflight_batches
+        # The ranks size the pool: fixed by the config, or on a GPU from what a profile run leaves.
+        self.executor = make_executor(config, num_cpu_blocks=num_cpu_blocks)
+        num_blocks = self.executor.num_kv_blocks
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB per rank)", num_blocks, cache.block_size,
                     num_blocks * block_bytes / 2**20)
-        self._depth = par.inflight_batches
-        self.executor = make_executor(config, num_blocks, num_cpu_blocks=num_cpu_blocks)
         self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len,
                                    num_cpu_blocks=num_cpu_blocks, max_inflight_batches=self._depth)
         self._detok: dict[str, IncrementalDetokenizer] = {}

@@ -24,7 +24,11 @@ _SKIP = {"dummy_config"}  # set through --dummy-config below (a name, not a dict
 # Flags whose name alone misleads: the request-level baseline's batch knobs do
 # not cap the iteration-level policies (those admit up to --max-num-seqs).
 _HELP = {"max_batch_size": "request-level policy only: requests per batch (other policies: see --max-num-seqs)",
-         "max_queue_delay_s": "request-level policy only: longest wait for a batch to fill"}
+         "max_queue_delay_s": "request-level policy only: longest wait for a batch to fill",
+         "kv_cache_memory_gb": "KV pool per device, GiB (unset: on a GPU what --gpu-memory-utilization leaves "
+                               "after the weights and a profile run of the largest batch, on a CPU 2)",
+         "gpu_memory_utilization": "on a GPU without --kv-cache-memory-gb or --num-kv-blocks: the share of "
+                                   "the device that weights, activations and the KV pool may fill"}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

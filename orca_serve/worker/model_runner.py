@@ -16,6 +16,7 @@ output, the other ranks return None.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -23,22 +24,27 @@ import torch
 
 from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
-from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, pp_recv_prev,
-                                                   pp_send_next)
+from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, min_over_ranks,
+                                                   pp_recv_prev, pp_send_next)
 from orca_serve.kernels import cpu_ops_for, gpu_decode_kernel, packed_gemm, packed_gemm_for, paged_attention_kernel
 from orca_serve.kernels.huge_pages import release_free_heap, zeros_on_huge_pages
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, max_model_len, model_eos_token_ids
 from orca_serve.models.weights import LoadStats
+from orca_serve.worker import kv_sizing
 from orca_serve.worker.decode_graphs import DecodeGraphs
 from orca_serve.worker.input_batch import RequestState, prepare_inputs
 
+logger = logging.getLogger(__name__)
+
 
 class ModelRunner:
-    def __init__(self, engine_config: EngineConfig, num_kv_blocks: int, num_cpu_blocks: int = 0,
+    def __init__(self, engine_config: EngineConfig, num_kv_blocks: int | None = None, num_cpu_blocks: int = 0,
                  device: torch.device | str = "cpu") -> None:
-        if num_kv_blocks < 1:
+        """``num_kv_blocks`` overrides the pool size the cache config gives
+        (``kv_sizing``: fixed, or on a GPU sized by a profile run)."""
+        if num_kv_blocks is not None and num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
         self.config = engine_config
         self.device = torch.device(device)
@@ -53,12 +59,10 @@ class ModelRunner:
         self.last_recv_wait_s = 0.0  # time the last batch waited for the previous stage
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.num_kv_blocks = num_kv_blocks
-        # One block more than the scheduler hands out: the decode graphs' padding rows write there.
-        shape = (len(layers), 2, num_kv_blocks + 1, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
-        # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
-        # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
-        self.kv_cache = zeros_on_huge_pages(shape, self.dtype, self.device)
+        self._attention_layers = layers
+        # One block of every layer's K and V on this rank.
+        self.kv_block_bytes = (len(layers) * 2 * self.block_size * layers[0].num_kv_heads * layers[0].head_dim
+                               * self.dtype.itemsize)
         # Native kernels: attention layers take the paged attention op, and the
         # norms, activations and RoPE that have a native version the module.
         mode = engine_config.model.cpu_kernels
@@ -69,8 +73,7 @@ class ModelRunner:
         # per layer (launches are what cost there), on a CPU length groups and
         # one call per prefill chunk (padding is what costs there).
         self.batched_attention = self.device.type == "cuda"
-        for i, layer in enumerate(layers):
-            layer.kv_cache = self.kv_cache[i]
+        for layer in layers:
             layer.attention_kernel = attention_kernel
         a = layers[0]
         self.bind_decode_kernel(gpu_decode_kernel(engine_config.model.triton_decode, self.device, self.dtype,
@@ -94,17 +97,65 @@ class ModelRunner:
                     # 3.45 GB without (3.26 GB before the arena).
                     release_free_heap()
         self.decode_graphs = None
-        if engine_config.model.cuda_graphs:
-            if self.device.type != "cuda":
-                raise ValueError(f"cuda_graphs needs the model on a CUDA GPU; it is on {self.device}")
-            self.use_decode_graphs(capture=True)
-        cpu_shape = shape[:2] + (num_cpu_blocks,) + shape[3:]
-        self.cpu_kv_cache = torch.zeros(cpu_shape, dtype=self.dtype, device="cpu",
-                                        pin_memory=self.device.type == "cuda" and num_cpu_blocks > 0)
+        if engine_config.model.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs the model on a CUDA GPU; it is on {self.device}")
         self.sampler = Sampler(seed=engine_config.model.seed, device=self.device)
         # For min_tokens: EOS must not be sampled before a request's minimum length.
         self.eos_token_ids = model_eos_token_ids(engine_config.model, self.hf_config)
         self.requests: dict[str, RequestState] = {}
+
+        memory = kv_sizing.device_memory(self.device)
+        if num_kv_blocks is None:
+            num_kv_blocks = kv_sizing.fixed_kv_blocks(engine_config.cache, self.kv_block_bytes, memory is not None)
+        if num_kv_blocks is None:
+            num_kv_blocks = self._kv_blocks_from_memory(memory)
+        self._allocate_kv_pool(num_kv_blocks)
+        if engine_config.model.cuda_graphs:
+            self.use_decode_graphs(capture=True)
+        cpu_shape = self.kv_cache.shape[:2] + (num_cpu_blocks,) + self.kv_cache.shape[3:]
+        self.cpu_kv_cache = torch.zeros(cpu_shape, dtype=self.dtype, device="cpu",
+                                        pin_memory=self.device.type == "cuda" and num_cpu_blocks > 0)
+
+    def _release_kv_pool(self) -> None:
+        self.kv_cache = None
+        for layer in self._attention_layers:
+            layer.kv_cache = None
+
+    def _allocate_kv_pool(self, num_blocks: int) -> None:
+        self.num_kv_blocks = num_blocks
+        layers = self._attention_layers
+        # One block more than the scheduler hands out: the decode graphs' padding rows write there.
+        shape = (len(layers), 2, num_blocks + 1, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
+        self._release_kv_pool()  # the old pool (the profile run's) goes before the new one is taken
+        # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
+        # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
+        self.kv_cache = zeros_on_huge_pages(shape, self.dtype, self.device)
+        for i, layer in enumerate(layers):
+            layer.kv_cache = self.kv_cache[i]
+
+    def _kv_blocks_from_memory(self, memory) -> int:
+        """Run the largest batches once in a small pool, then size the pool from
+        what they left of the device (``kv_sizing``); every rank takes the
+        smallest size any rank found."""
+        batches, blocks = kv_sizing.profile_batches(self.config.scheduler,
+                                                    max_model_len(self.config.model, self.hf_config),
+                                                    self.block_size, self.vocab_size)
+        memory.reset_peak()
+        self._allocate_kv_pool(blocks)
+        for so in batches:
+            self.execute_model(so)
+            self.requests.clear()
+        snap = memory.snapshot()
+        profile_pool_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        self._release_kv_pool()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        blocks, how = kv_sizing.blocks_from_profile(snap, self.config.cache.gpu_memory_utilization,
+                                                    self.kv_block_bytes, profile_pool_bytes)
+        agreed = min_over_ranks(blocks, self.device)
+        logger.info("KV pool from device memory: %s%s", how,
+                    f"; {agreed} blocks, the smallest over the ranks" if agreed != blocks else "")
+        return agreed
 
     def bind_decode_kernel(self, kernel) -> None:
         """Attend the PyTorch path's decodes with ``kernel`` (the signature of

@@ -55,7 +55,8 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
         runner = _build_runner(config, init, device)
         conn.send(("ready", rank, dict(pid=os.getpid(), param_bytes=runner.param_bytes,
                                        bytes_read=runner.load_stats.bytes_read,
-                                       num_layers=len(runner.kv_cache), kv_cache_bytes=_nbytes(runner.kv_cache))))
+                                       num_layers=len(runner.kv_cache), kv_cache_bytes=_nbytes(runner.kv_cache),
+                                       num_kv_blocks=runner.num_kv_blocks)))
         _serve(conn, runner, rank)
     except (EOFError, ConnectionError):
         code = 1  # the driver is gone: nothing to report to
@@ -80,7 +81,7 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
 def _build_runner(config, init: dict, device):
     from orca_serve.worker.model_runner import ModelRunner
 
-    return ModelRunner(config, init["num_kv_blocks"], num_cpu_blocks=init["num_cpu_blocks"], device=device)
+    return ModelRunner(config, num_cpu_blocks=init["num_cpu_blocks"], device=device)
 
 
 def _nbytes(t) -> int:
