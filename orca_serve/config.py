@@ -111,6 +111,12 @@ class SchedulerConfig:
     slo_admission: str = "best-effort"
     default_ttft_slo_s: float | None = None
     default_tpot_slo_s: float | None = None
+    # Schedule and prepare iteration i+1 while iteration i runs on the device,
+    # the sampled tokens passed on there (scheduler.py). Pays on a GPU, where
+    # the host's work per iteration can then hide behind the device's; on a
+    # CPU the model runs in the engine's thread, so every token comes one
+    # iteration later. One rank only.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
@@ -182,6 +188,9 @@ class EngineConfig:
         for name in ("cuda_graphs", "triton_decode"):
             if getattr(self.model, name) in (True, "on") and self.model.device == "cpu":
                 raise ValueError(f"{name} needs the model on a CUDA GPU, but device is 'cpu'")
+        if self.scheduler.async_scheduling and self.parallel.world_size > 1:
+            raise ValueError(f"async_scheduling runs on one rank only; tensor x pipeline parallel size is "
+                             f"{self.parallel.world_size}")
         if self.model.cuda_graphs and self.parallel.world_size > 1:
             raise ValueError(f"cuda_graphs runs on one rank only; tensor x pipeline parallel size is "
                              f"{self.parallel.world_size}")

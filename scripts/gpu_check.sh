@@ -15,7 +15,7 @@
 #    float16 and bfloat16.
 # 2. Figures: a dummy-weight GPT-3 1.3B in bfloat16 on the orca trace (128
 #    requests at t=0): ours with the Triton decode kernel (the default), ours
-#    with it and --cuda-graphs, ours gathering K/V for SDPA (--triton-decode
+#    with it and --cuda-graphs, with both and --async-scheduling, ours gathering K/V for SDPA (--triton-decode
 #    off, the layout of the first GPU run), HF transformers' static batches on
 #    the same GPU; the GPU's GEMM/bandwidth roofline with our fraction.
 # 3. Where an iteration's time goes: scripts/profile_steps.py (wall time per
@@ -42,7 +42,8 @@ echo "== 1. greedy parity with the engine on the GPU"
 # Left out: the SmolLM2 test (its GGUF package is not on a GPU image) and the
 # one that demands the native CPU kernels.
 $PY -m pytest -p no:cacheprovider tests/test_engine_correctness.py tests/test_triton_decode.py \
-    tests/test_decode_graphs.py tests/test_kv_sizing.py -k "not smollm2 and not one_users" 2>&1 | tee "$OUT/pytest.log" || status=1
+    tests/test_decode_graphs.py tests/test_kv_sizing.py tests/test_async_scheduling.py \
+    -k "not smollm2 and not one_users" 2>&1 | tee "$OUT/pytest.log" || status=1
 
 echo "== 2. GPT-3 1.3B (dummy weights, bfloat16): ours, HF static batches, the roofline"
 bench() {  # bench NAME FLAGS...: one run of the trace, saved as $OUT/NAME.json
@@ -58,10 +59,13 @@ bench ours $KV
 # CUDA graphs need a GPU: a DEVICE=cpu dry run skips them.
 # shellcheck disable=SC2086
 [ "$DEVICE" = cuda ] && bench ours-graphs $KV --cuda-graphs
+# ... and the next iteration scheduled and launched while one runs.
+# shellcheck disable=SC2086
+[ "$DEVICE" = cuda ] && bench ours-async-graphs $KV --cuda-graphs --async-scheduling
 bench hf-static --backend hf-static --hf-batch-sizes 32,128
 # shellcheck disable=SC2086
 bench ours-gather $KV --triton-decode off
-for name in ours ours-graphs ours-gather; do
+for name in ours ours-graphs ours-async-graphs ours-gather; do
     [ -f "$OUT/$name.json" ] || continue
     $PY -m orca_serve.bench compare "$OUT/$name.json" "$OUT/hf-static.json" 2>&1 | tee -a "$OUT/bench.log" \
         || status=1

@@ -145,9 +145,9 @@ def test_decode_graphs_match_hf(tiny_model_dir, kind, device, decode_attention):
     served = []
     logits = graphs.logits
 
-    def recording(token_ids, positions, requests, bucket):
+    def recording(token_ids, positions, requests, bucket, **kw):
         served.append((len(token_ids), int(positions.max()) + 1, bucket))
-        return logits(token_ids, positions, requests, bucket)
+        return logits(token_ids, positions, requests, bucket, **kw)
     graphs.logits = recording
     outs = run_staggered(engine, prompts, max_tokens, every=3, first=3)
     hf = load_hf(path)

@@ -40,15 +40,15 @@ def _post(url: str, body: dict, timeout: float = 30) -> httpx.Response:
 
 
 def test_engine_failure_fails_only_that_request(server):
-    runner = server.engine.engine.executor
-    original = runner.execute_model
+    runner = server.engine.engine.executor.runner
+    original = runner.execute_model_async
 
     def failing(so):
         if any(r.prompt_token_ids[:len(POISON)] == POISON for r in so.scheduled_new_reqs):
             raise RuntimeError("injected fault")
         return original(so)
 
-    runner.execute_model = failing
+    runner.execute_model_async = failing
     try:
         r = _post(server.url, {"prompt": POISON, "max_tokens": 4})
         assert r.status_code == 500, r.text
@@ -60,7 +60,7 @@ def test_engine_failure_fails_only_that_request(server):
         ok = _post(server.url, {"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
     finally:
-        runner.execute_model = original
+        runner.execute_model_async = original
     assert httpx.get(server.url + "/health").status_code == 200
 
 
@@ -116,14 +116,17 @@ def test_idle_engine_thread_sleeps(server):
 
 
 def test_http_is_not_stalled_by_a_slow_iteration(server):
-    runner = server.engine.engine.executor
-    original = runner.execute_model
+    runner = server.engine.engine.executor.runner
+    original = runner.execute_model_async
+
+    slowed = []
 
     def slow(so):
+        slowed.append(so.iteration)
         time.sleep(2.0)
         return original(so)
 
-    runner.execute_model = slow
+    runner.execute_model_async = slow
     try:
         t = threading.Thread(target=_post, args=(server.url, {"prompt": "Hello", "max_tokens": 3}))
         t.start()
@@ -135,8 +138,9 @@ def test_http_is_not_stalled_by_a_slow_iteration(server):
         # the margin absorbs this shared machine's noise.
         assert time.monotonic() - start < 1.0
         t.join()
+        assert slowed  # the iterations did run through the slow path
     finally:
-        runner.execute_model = original
+        runner.execute_model_async = original
 
 
 def test_dead_engine_fails_in_flight_and_reports_unhealthy(model_dir):

@@ -50,6 +50,17 @@ class UniprocExecutor(Executor):
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(so)
 
+    def submit(self, so: SchedulerOutput):
+        # Launched, not waited for: the engine schedules the next batch (async
+        # scheduling) or collects at once.
+        try:
+            return ("ok", self.runner.execute_model_async(so))
+        except Exception as exc:  # surfaced by collect, where the engine handles failures
+            return ("error", exc)
+
+    def collect(self, handle) -> ModelRunnerOutput:
+        return super().collect(handle).result()
+
 
 def make_executor(config: EngineConfig, num_cpu_blocks: int = 0) -> Executor:
     """The executor for ``config``'s T x P ranks; its ``num_kv_blocks`` is the

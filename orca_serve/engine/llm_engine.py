@@ -56,14 +56,15 @@ class LLMEngine:
         block_bytes = kv_block_bytes(facts, cache.block_size, config.model.dtype,
                                      par.tensor_parallel_size, par.pipeline_parallel_size)
         num_cpu_blocks = int(cache.swap_space_gb * 2**30) // block_bytes if cache.preemption_mode == "swap" else 0
-        self._depth = par.inflight_batches
+        # Async scheduling keeps the next batch queued behind the running one.
+        self._depth = 2 if config.scheduler.async_scheduling else par.inflight_batches
         # The ranks size the pool: fixed by the config, or on a GPU from what a profile run leaves.
         self.executor = make_executor(config, num_cpu_blocks=num_cpu_blocks)
         num_blocks = self.executor.num_kv_blocks
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB per rank)", num_blocks, cache.block_size,
                     num_blocks * block_bytes / 2**20)
         self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len,
-                                   num_cpu_blocks=num_cpu_blocks, max_inflight_batches=self._depth)
+                                   num_cpu_blocks=num_cpu_blocks, max_inflight_batches=par.inflight_batches)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
         self._held: dict[str, RequestOutput] = {}  # request-level baseline: outputs until the batch ends
@@ -71,6 +72,7 @@ class LLMEngine:
         self._last = (0, 0, 0.0)
         self._num_finished = 0
         self._pipeline: deque = deque()  # (SchedulerOutput, submit time, executor handle)
+        self._collected_at = 0.0  # when the last batch's tokens came back
         self._num_slo_met = 0
         self._dead: str | None = None  # why the executor (a worker) failed; the engine is then unusable
 
@@ -144,7 +146,9 @@ class LLMEngine:
         With P pipeline stages up to P batches are in flight: a new batch is
         submitted while older ones are still in the pipeline, and the oldest
         is collected (and its tokens applied) once the pipeline is full or
-        nothing new can be scheduled.
+        nothing new can be scheduled. Async scheduling keeps two batches
+        queued on one device the same way: batch i+1 is scheduled and
+        launched, then batch i collected.
         """
         t0 = time.perf_counter()
         so = self.scheduler.schedule()
@@ -174,7 +178,12 @@ class LLMEngine:
                 req.error = f"{type(exc).__name__}: {exc}"
             self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
             return failed
-        self.scheduler.observe_iteration(so.total_num_scheduled_tokens, time.perf_counter() - t_submit)
+        now = time.perf_counter()
+        # With async scheduling a batch waits on the device behind the one
+        # before it, so its own time starts when that one's tokens came back.
+        start = max(t_submit, self._collected_at) if self.config.scheduler.async_scheduling else t_submit
+        self._collected_at = now
+        self.scheduler.observe_iteration(so.total_num_scheduled_tokens, now - start)
         advanced = self.scheduler.update(so, out)
         self._attach_logprobs(advanced, out)
         return advanced

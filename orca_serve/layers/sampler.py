@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from orca_serve.batch import Logprobs
+from orca_serve.layers.device import to_device
 from orca_serve.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -50,18 +51,19 @@ class SamplingMetadata:
     @classmethod
     def build(cls, params: list[SamplingParams], output_positions: list[int], vocab_size: int,
               device: torch.device | str = "cpu", eos_token_ids=()) -> "SamplingMetadata":
+        device = torch.device(device)
         temps = [0.0 if p.greedy else float(p.temperature) for p in params]
         sampling = [p for p in params if not p.greedy]
         top_k = top_p = None
         if any(0 < p.top_k < vocab_size for p in sampling):
-            top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params],
-                                 dtype=torch.int64, device=device)
+            top_k = to_device(torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params],
+                                           dtype=torch.int64), device)
         if any(p.top_p < 1.0 for p in sampling):
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+            top_p = to_device(torch.tensor([p.top_p for p in params], dtype=torch.float32), device)
         suppressed = [(i, sorted(set(eos_token_ids) | set(p.stop_token_ids)))
                       for i, p in enumerate(params) if output_positions[i] < p.min_tokens]
         return cls(params=params, output_positions=output_positions,
-                   temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+                   temperature=to_device(torch.tensor(temps, dtype=torch.float32), device),
                    all_greedy=not sampling, top_k=top_k, top_p=top_p,
                    suppressed=[(i, ids) for i, ids in suppressed if ids])
 
@@ -80,6 +82,13 @@ class Sampler:
         self._row_generator = torch.Generator(device=device)
 
     def __call__(self, raw_logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        return self.outputs(*self.sample(raw_logits, md), md)
+
+    def sample(self, raw_logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, tuple | None]:
+        """(sampled token ids, the logprob tensors of the rows that asked for
+        them) on the logits' device, without waiting for it: ``outputs`` reads
+        them back. Nothing returned refers to ``raw_logits``, which a CUDA
+        graph's next replay may overwrite before then."""
         raw_logits = raw_logits.float()
         logits = raw_logits
         if md.suppressed:
@@ -90,8 +99,18 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, md)
+        return tokens, self._logprobs(raw_logits, tokens, md)
+
+    def outputs(self, tokens: torch.Tensor, logprobs: tuple | None, md: SamplingMetadata) -> SamplerOutput:
         token_list = tokens.tolist()
-        return SamplerOutput(token_list, self._logprobs(raw_logits, token_list, md))
+        result: list[Logprobs | None] = [None] * len(token_list)
+        if logprobs is not None:
+            rows, picked, top_vals, top_ids = logprobs
+            picked, top_vals, top_ids = picked.tolist(), top_vals.tolist(), top_ids.tolist()
+            for j, i in enumerate(rows):
+                n = md.params[i].logprobs
+                result[i] = Logprobs(picked[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
+        return SamplerOutput(token_list, result)
 
     def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         greedy = md.temperature == 0
@@ -116,27 +135,24 @@ class Sampler:
                 self._row_generator.manual_seed(seed_for_position(p.seed, md.output_positions[i]))
                 noise[i].exponential_(generator=self._row_generator)
         if shared:
-            rows = torch.tensor(shared, device=probs.device)
+            rows = to_device(torch.tensor(shared), probs.device)
             drawn = torch.empty(len(shared), probs.shape[1], device=probs.device)
             noise[rows] = drawn.exponential_(generator=self.generator)
         # Exp(1) can underflow to 0; a tiny floor keeps p / E finite.
         return noise.clamp_(min=1e-20)
 
-    def _logprobs(self, logits: torch.Tensor, tokens: list[int],
-                  md: SamplingMetadata) -> list[Logprobs | None]:
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, md: SamplingMetadata) -> tuple | None:
+        """(rows, sampled token's logprob [R], top logprobs [R, n], their ids) for
+        the rows that asked, on the device; None when none did."""
         rows = [i for i, p in enumerate(md.params) if p.logprobs is not None]
-        result: list[Logprobs | None] = [None] * len(tokens)
         if not rows:
-            return result
-        lp = torch.log_softmax(logits[rows], dim=-1)
-        picked = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device)).squeeze(1).tolist()
+            return None
+        index = to_device(torch.tensor(rows, dtype=torch.int64), logits.device)
+        lp = torch.log_softmax(logits.index_select(0, index), dim=-1)
+        picked = lp.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1)
         max_n = max(md.params[i].logprobs for i in rows)
         top_vals, top_ids = lp.topk(max_n, dim=-1) if max_n else (lp[:, :0], lp[:, :0].long())
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        for j, i in enumerate(rows):
-            n = md.params[i].logprobs
-            result[i] = Logprobs(picked[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
-        return result
+        return rows, picked, top_vals, top_ids
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,

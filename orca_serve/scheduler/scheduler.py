@@ -6,12 +6,22 @@ and ``num_tokens``; each iteration spends a token budget
 (``max_num_batched_tokens``, ``max_num_seqs``) to close those gaps: running
 decodes first, then running chunked prefills, then waiting requests in policy
 order. A prompt longer than the budget left is prefilled in chunks.
+
+With ``async_scheduling`` the engine schedules iteration i+1 while iteration
+i runs, so a request may be scheduled again before the token its last batch
+samples is known here: that token is *pending* (``_pending``), counted as
+one the request has, computed next as a decode whose input the worker takes
+from its own copy of batch i's sampled tokens. A request whose pending token
+is its last (``max_tokens``, the model's length) is not scheduled again; one
+that stops on EOS, a stop token or a stop string computes one token too
+many, which is dropped.
 """
 from __future__ import annotations
 
 import bisect
 import itertools
 import time
+from collections import Counter
 from typing import Callable
 
 from orca_serve.batch import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -29,6 +39,7 @@ class Scheduler:
                  num_cpu_blocks: int = 0, max_inflight_batches: int = 1) -> None:
         self.config = config
         self.max_inflight_batches = max_inflight_batches
+        self.async_scheduling = config.async_scheduling
         self.max_model_len = max_model_len
         self.clock = clock
         self.cost_model = IterationCostModel()
@@ -55,9 +66,12 @@ class Scheduler:
         self.static_batch: set[str] = set()
         self.iteration = 0
         self.num_preemptions_total = 0
-        # Requests in a batch that has not come back yet (pipeline parallel keeps
-        # several batches in flight): never scheduled twice, never a victim.
-        self._in_flight: set[str] = set()
+        # Requests in batches that have not come back yet, with how many such
+        # batches (pipeline parallel keeps several in flight, async scheduling
+        # two): never a victim; scheduled again only with async scheduling.
+        self._in_flight: Counter[str] = Counter()
+        # Async scheduling: tokens sampled by batches in flight, not yet applied.
+        self._pending: Counter[str] = Counter()
 
     # ---- queue -------------------------------------------------------
     @property
@@ -161,7 +175,8 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self._release_swap(req)
-        self._in_flight.discard(req.request_id)
+        self._in_flight.pop(req.request_id, None)
+        self._pending.pop(req.request_id, None)
         req.status = status
         req.metrics.finished_time = self.clock()
         self.kv.forget(req)
@@ -210,14 +225,17 @@ class Scheduler:
         self._preempt_for_urgent_waiting()
         # Running requests: decodes first (they must never starve), then chunked
         # prefills; oldest (smallest victim key) first so victims are found at the tail.
-        order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1,
-                                                    self.policy.victim_key(r)))
+        order = sorted(self.running, key=lambda r: (self._to_compute(r) > 1, self.policy.victim_key(r)))
         for req in order:
             if budget <= 0 or len(scheduled) >= seats:
                 break
-            if req.status != RequestStatus.RUNNING or req.request_id in self._in_flight:
-                continue  # preempted earlier in this loop, or its last batch is still out
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if req.request_id in self._in_flight and not self.async_scheduling:
+                continue  # its last batch is still out
+            n = min(self._to_compute(req), budget)
+            if n <= 0:
+                continue  # async: its pending token is its last
             blocks = self._allocate_or_preempt(req, n, scheduled)
             if blocks is None:
                 continue
@@ -226,6 +244,15 @@ class Scheduler:
             budget -= n
         self._admit_waiting(budget, scheduled, new_blocks, seats)
         return self._build_output(scheduled, new_blocks)
+
+    def _to_compute(self, req: Request) -> int:
+        """Tokens of ``req`` not yet scheduled: its pending token (async) counts
+        as one it has, unless that token is its last."""
+        pending = self._pending[req.request_id] if self._pending else 0
+        if pending and (req.num_output_tokens + pending >= req.sampling_params.max_tokens
+                        or req.num_tokens + pending >= self.max_model_len):
+            return 0
+        return req.num_tokens + pending - req.num_computed_tokens
 
     def _batch_seats(self) -> int:
         """Most requests one batch may take. With several batches in flight (one
@@ -342,7 +369,9 @@ class Scheduler:
             self._worker_tokens[rid] = req.num_tokens
             req.num_computed_tokens += n
             self.policy.on_scheduled(req, n)
-            self._in_flight.add(rid)
+            self._in_flight[rid] += 1
+            if self.async_scheduling and req.num_computed_tokens == req.num_tokens + self._pending[rid]:
+                self._pending[rid] += 1  # this batch samples its next token
         finished, self._finished_for_worker = self._finished_for_worker, set()
         swap_out, self._swap_out = self._swap_out, []
         swap_in, self._swap_in = self._swap_in, []
@@ -357,12 +386,18 @@ class Scheduler:
         Returns the requests that got a token (finished ones included)."""
         now = self.clock()
         advanced = []
-        self._in_flight.difference_update(so.num_scheduled_tokens)
+        self._in_flight.subtract(so.num_scheduled_tokens.keys())
         for rid in so.num_scheduled_tokens:
+            if self._in_flight[rid] <= 0:
+                del self._in_flight[rid]
             req = self.requests.get(rid)
             token = out.sampled_token_ids.get(rid)
             if req is None or token is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted meanwhile, or a chunk of a prefill that samples nothing
+            if self._pending[rid] > 0:
+                self._pending[rid] -= 1
+                if not self._pending[rid]:
+                    del self._pending[rid]
             req.append_token(token)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now

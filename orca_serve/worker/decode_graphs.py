@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 
 from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PagedDecodes
+from orca_serve.layers.device import copy_from_host
 from orca_serve.worker.input_batch import RequestState, cache_slots, request_block_table
 
 logger = logging.getLogger(__name__)
@@ -116,10 +118,12 @@ class DecodeGraphs:
         return b, m
 
     def logits(self, token_ids: np.ndarray, positions: np.ndarray, requests: list[RequestState],
-               bucket: tuple[int, int]) -> torch.Tensor | None:
+               bucket: tuple[int, int], fill: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """Logits [n, vocab] of n decodes of ``requests``: each one's next
         token and its position (= its context length before this step).
-        None when capturing the bucket's graph failed (the step runs eagerly)."""
+        ``fill`` gets the static token ids once this step's are in, to write
+        those that are still on the device (async scheduling). None when
+        capturing the bucket's graph failed (the step runs eagerly)."""
         b, m = bucket
         n = len(token_ids)
         if self.capture and bucket not in self.graphs:
@@ -133,8 +137,10 @@ class DecodeGraphs:
         table = np.full((b, m), self.scratch_block, dtype=np.int64)
         table[:n] = request_block_table(requests, positions + 1, self.block_size, width=m, pad=self.scratch_block)
         rows[2, :n] = cache_slots(table, np.arange(n), positions, self.block_size)
-        self.rows[:, :b].copy_(torch.from_numpy(rows))
-        self.block_table[:b, :m].copy_(torch.from_numpy(table))
+        copy_from_host(self.rows[:, :b], rows)
+        copy_from_host(self.block_table[:b, :m], table)
+        if fill is not None:
+            fill(self.rows[0])
         self.num_steps += 1
         if self.capture:
             graph, out = self.graphs[bucket]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillBatch, PrefillChunk
+from orca_serve.layers.device import to_device
 from orca_serve.sampling_params import SamplingParams
 
 
@@ -27,6 +28,9 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling_params: SamplingParams
+    # Async scheduling: the last of token_ids stands for a token the previous
+    # batch sampled, still on the device (its value here is a placeholder).
+    pending: bool = False
 
     @property
     def num_output_tokens(self) -> int:
@@ -39,6 +43,7 @@ class ModelInputs:
     positions: torch.Tensor  # [T]
     attn_metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [S] row of the last token of each sampling request
+    logits_rows: np.ndarray  # the same rows, on the host
     sampling_states: list[RequestState]  # the S requests that sample, in logits order
 
 
@@ -86,7 +91,7 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
     block_table = request_block_table([r for r, _ in order], ends, block_size)
     slots = cache_slots(block_table, np.repeat(np.arange(len(order)), counts), positions, block_size)
 
-    to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    to_dev = lambda a: to_device(a, device)  # noqa: E731
     meta = AttentionMetadata(slot_mapping=to_dev(slots), num_decode_tokens=n_dec)
     if native_attention:
         meta.block_table = to_dev(block_table)
@@ -119,7 +124,8 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
                                                     int(offsets[i]), block_size, to_dev))
 
     sampling = [i for i, (r, _) in enumerate(order) if ends[i] == len(r.token_ids)]
-    logits_indices = to_dev(offsets[1:][sampling] - 1)
+    logits_rows = offsets[1:][sampling] - 1
+    logits_indices = to_dev(logits_rows)
     if sampled_rows_only:
         meta.sample_rows = logits_indices
         if native_attention:
@@ -128,7 +134,7 @@ def prepare_inputs(scheduled: list[tuple[RequestState, int]], block_size: int,
             meta.sample_query_start_loc = to_dev(np.concatenate(([0], np.cumsum(samples))))
     return ModelInputs(
         input_ids=to_dev(input_ids), positions=to_dev(positions), attn_metadata=meta,
-        logits_indices=logits_indices, sampling_states=[order[i][0] for i in sampling])
+        logits_indices=logits_indices, logits_rows=logits_rows, sampling_states=[order[i][0] for i in sampling])
 
 
 def _length_groups(ctx: np.ndarray, max_groups: int = 8, slack: float = 1.25) -> list[tuple[int, int]]:

@@ -29,6 +29,7 @@ from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, 
 from orca_serve.kernels import cpu_ops_for, gpu_decode_kernel, packed_gemm, packed_gemm_for, paged_attention_kernel
 from orca_serve.kernels.huge_pages import release_free_heap, zeros_on_huge_pages
 from orca_serve.layers.attention import Attention
+from orca_serve.layers.device import to_device
 from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, max_model_len, model_eos_token_ids
 from orca_serve.models.weights import LoadStats
@@ -103,6 +104,9 @@ class ModelRunner:
         # For min_tokens: EOS must not be sampled before a request's minimum length.
         self.eos_token_ids = model_eos_token_ids(engine_config.model, self.hf_config)
         self.requests: dict[str, RequestState] = {}
+        # The last batch's sampled ids on the device and each request's row in
+        # them, for a request scheduled before its token came back (async scheduling).
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
         memory = kv_sizing.device_memory(self.device)
         if num_kv_blocks is None:
@@ -187,22 +191,30 @@ class ModelRunner:
         return (sum(p.numel() * p.element_size() for p in self.model.parameters())
                 + sum(w.checkpoint_bytes for w in packed))
 
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run one iteration; returns the tokens sampled by requests that caught
         up (None on a rank that does not sample)."""
+        return self.execute_model_async(so).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, so: SchedulerOutput) -> "RunnerResult":
+        """Launch one iteration without waiting for the device; ``.result()``
+        waits and returns what ``execute_model`` does. A request scheduled one
+        token past those it was sent (async scheduling) takes that token from
+        the previous batch's sampled ids, on the device."""
         self._update_states(so)
         if so.blocks_to_swap_out:
             self.swap_out(so.blocks_to_swap_out)
         if so.blocks_to_swap_in:
             self.swap_in(so.blocks_to_swap_in)
-        empty = ModelRunnerOutput(sampled_token_ids={}) if self.samples else None
+        empty = Ready(ModelRunnerOutput(sampled_token_ids={}) if self.samples else None)
         if so.total_num_scheduled_tokens == 0:
             return empty
         unknown = so.num_scheduled_tokens.keys() - self.requests.keys()
         if unknown:
             raise RuntimeError(f"scheduled request(s) the worker was never sent: {sorted(unknown)}")
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
+        self._add_pending_tokens(scheduled)
         if self.decode_graphs is not None:
             graphed = self._decode_from_graph(scheduled)
             if graphed is not None:
@@ -211,6 +223,7 @@ class ModelRunner:
         inputs = prepare_inputs(scheduled, self.block_size, self.device, native_attention=self.uses_attention_kernel,
                                 sampled_rows_only=self.last_stage, batched_attention=self.batched_attention,
                                 paged_decodes=self.paged_decodes)
+        self._fill_pending_tokens(inputs.input_ids, inputs.logits_rows, inputs.sampling_states)
         prev = None
         if not self.first_stage:
             t0 = time.perf_counter()
@@ -219,14 +232,15 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata, prev)
         if not self.last_stage:
             pp_send_next(hidden)
-            return None
+            return Ready(None)
         states = inputs.sampling_states
         if not states:
+            self._last_sampled = None
             return empty
         # Every TP rank of the last stage takes part in gathering the logits; one samples.
         logits = self.model.compute_logits(hidden)
         if not self.samples:
-            return None
+            return Ready(None)
         return self._sample(logits, states)
 
     def _decode_from_graph(self, scheduled: list[tuple[RequestState, int]]):
@@ -240,18 +254,47 @@ class ModelRunner:
         if bucket is None:
             return None
         tokens = np.fromiter((r.token_ids[-1] for r in states), dtype=np.int64, count=len(states))
-        logits = self.decode_graphs.logits(tokens, positions, states, bucket)
+        fill = None
+        if any(r.pending for r in states):
+            def fill(ids: torch.Tensor) -> None:  # the static buffer's row i is states[i]
+                self._fill_pending_tokens(ids, np.arange(len(states)), states)
+        logits = self.decode_graphs.logits(tokens, positions, states, bucket, fill=fill)
         return None if logits is None else (logits, states)
 
-    def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> ModelRunnerOutput:
+    def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> "SampledBatch":
         md = SamplingMetadata.build([s.sampling_params for s in states],
                                     [s.num_output_tokens for s in states], self.vocab_size, self.device,
                                     eos_token_ids=self.eos_token_ids)
-        out = self.sampler(logits, md)
-        ids = [s.req_id for s in states]
-        return ModelRunnerOutput(
-            sampled_token_ids=dict(zip(ids, out.token_ids)),
-            logprobs={rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None})
+        tokens, logprobs = self.sampler.sample(logits, md)
+        rows = {s.req_id: i for i, s in enumerate(states)}
+        self._last_sampled = (tokens, rows)
+        return SampledBatch(self.sampler, tokens, logprobs, md, list(rows))
+
+    def _add_pending_tokens(self, scheduled: list[tuple[RequestState, int]]) -> None:
+        """Async scheduling: a request scheduled through the token its previous
+        batch samples gets a placeholder for it, filled on the device."""
+        for state, n in scheduled:
+            missing = state.num_computed_tokens + n - len(state.token_ids)
+            if missing <= 0:
+                continue
+            rows = self._last_sampled[1] if self._last_sampled is not None else {}
+            if missing > 1 or state.pending or state.req_id not in rows:
+                raise RuntimeError(f"request {state.req_id!r} was scheduled {missing} token(s) past those sent, "
+                                   f"but the previous batch sampled {'one' if state.req_id in rows else 'none'}")
+            state.token_ids.append(0)
+            state.pending = True
+
+    def _fill_pending_tokens(self, input_ids: torch.Tensor, rows: np.ndarray, states: list[RequestState]) -> None:
+        """Write the previous batch's sampled ids over the placeholders in
+        ``input_ids``, whose row ``rows[i]`` is ``states[i]``'s last token."""
+        pending = [i for i, s in enumerate(states) if s.pending]
+        if not pending:
+            return
+        tokens, prev_rows = self._last_sampled
+        dst = np.fromiter((rows[i] for i in pending), dtype=np.int64, count=len(pending))
+        src = np.fromiter((prev_rows[states[i].req_id] for i in pending), dtype=np.int64, count=len(pending))
+        values = tokens.index_select(0, to_device(src, tokens.device))
+        input_ids.index_copy_(0, to_device(dst, input_ids.device), values)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
@@ -265,7 +308,10 @@ class ModelRunner:
             state = self.requests.get(cached.req_id)
             if state is None:
                 raise RuntimeError(f"scheduler sent a diff for unknown request {cached.req_id!r}")
-            state.token_ids.extend(cached.new_token_ids)
+            new = cached.new_token_ids
+            if state.pending and new:  # the token that was pending, now known
+                state.token_ids[-1], new, state.pending = new[0], new[1:], False
+            state.token_ids.extend(new)
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
@@ -284,3 +330,31 @@ class ModelRunner:
             raise RuntimeError("swap requested but the runner has no CPU blocks (num_cpu_blocks=0)")
         cpu, dev = zip(*pairs)
         return torch.tensor(cpu, dtype=torch.int64), torch.tensor(dev, dtype=torch.int64)
+
+
+class Ready:
+    """An iteration's result that needs no wait (nothing sampled on this rank)."""
+
+    def __init__(self, output: ModelRunnerOutput | None) -> None:
+        self.output = output
+
+    def result(self) -> ModelRunnerOutput | None:
+        return self.output
+
+
+class SampledBatch:
+    """An iteration launched on the device; ``result()`` waits for its
+    sampled ids (the host's one sync per iteration) and returns them."""
+
+    def __init__(self, sampler: Sampler, tokens: torch.Tensor, logprobs: tuple | None, md: SamplingMetadata,
+                 req_ids: list[str]) -> None:
+        self.sampler, self.tokens, self.logprobs, self.md, self.req_ids = sampler, tokens, logprobs, md, req_ids
+
+    def result(self) -> ModelRunnerOutput:
+        out = self.sampler.outputs(self.tokens, self.logprobs, self.md)
+        return ModelRunnerOutput(
+            sampled_token_ids=dict(zip(self.req_ids, out.token_ids)),
+            logprobs={rid: lp for rid, lp in zip(self.req_ids, out.logprobs) if lp is not None})
+
+
+RunnerResult = Ready | SampledBatch

@@ -1,0 +1,250 @@
+"""Async scheduling (--async-scheduling): iteration i+1 is scheduled and
+launched before iteration i's tokens come back, a request's pending token
+taken from the device. On a CPU the runner finishes each batch before the
+next is scheduled, but every step of the protocol runs (placeholders, the
+device-side fill, stops found one batch late); the outputs must be those of
+the synchronous engine, and greedy ones HF's."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_models import load_hf
+from orca_serve.batch import ModelRunnerOutput
+from orca_serve.config import CacheConfig, EngineConfig, SchedulerConfig
+from orca_serve.engine.llm_engine import LLMEngine
+from orca_serve.request import Request
+from orca_serve.sampling_params import SamplingParams
+from orca_serve.scheduler import Scheduler
+from test_engine_correctness import hf_generate, make_prompts, run_staggered
+
+
+def engine(path: str, asynchronous: bool, **kw) -> LLMEngine:
+    args = dict(model=path, num_kv_blocks=200, block_size=4, max_num_batched_tokens=48, max_num_seqs=8,
+                enable_prefix_caching=False)
+    args.update(kw)
+    return LLMEngine(EngineConfig.from_kwargs(async_scheduling=asynchronous, **args))
+
+
+def run(eng: LLMEngine, prompts, params, abort_at: dict[int, str] | None = None) -> dict[str, object]:
+    """All prompts at once; ``abort_at`` {iteration: request id} aborts mid-run."""
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(str(i), p, sp)
+    outs, it = {}, 0
+    while eng.has_unfinished_requests():
+        if abort_at and it in abort_at:
+            eng.abort_request(abort_at[it])
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o
+        it += 1
+    stats = eng.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total, "KV blocks leaked"
+    assert not eng.scheduler._pending and not eng.scheduler._in_flight
+    return outs
+
+
+@pytest.mark.parametrize("kind,kernels", [("llama", "auto"), ("llama", "off"), ("gpt2", "off"), ("qwen2", "auto")])
+def test_greedy_matches_hf_with_staggered_arrivals(tiny_model_dir, kind, kernels):
+    path = tiny_model_dir(kind)
+    prompts = make_prompts(12, 384, seed=31)
+    max_tokens = [4 + (7 * i) % 19 for i in range(len(prompts))]
+    eng = engine(path, True, cpu_kernels=kernels)
+    outs = run_staggered(eng, prompts, max_tokens)
+    hf = load_hf(path)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert o.token_ids == hf_generate(hf, p, max_tokens[i]), f"prompt {i} differs"
+    assert eng.stats().num_kv_blocks_free == 200
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_decode_graph_path_fills_pending_tokens(tiny_model_dir, device):
+    """Decode graphs (captured on a GPU, their static path run uncaptured on a
+    CPU) take the pending tokens into their static buffer; logprobs are read
+    before the next replay can overwrite the graph's logits."""
+    path = tiny_model_dir("llama")
+    prompts = make_prompts(9, 384, seed=32, lo=10, hi=40)
+    params = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2 if i % 2 else None)
+              for i in range(len(prompts))]
+    outs = {}
+    for asynchronous in (False, True):
+        eng = engine(path, asynchronous, cpu_kernels="off", max_num_seqs=7, device=device,
+                     cuda_graphs=device == "cuda")
+        if device == "cpu":
+            eng.executor.runner.use_decode_graphs(capture=False)
+        outs[asynchronous] = run(eng, prompts, params)
+        assert eng.executor.runner.decode_graphs.num_steps >= 10
+    hf = load_hf(path)
+    for i, p in enumerate(prompts):
+        a, b = outs[False][str(i)], outs[True][str(i)]
+        assert b.token_ids == a.token_ids == hf_generate(hf, p, 16), f"prompt {i}"
+        assert len(b.logprobs) == (16 if i % 2 else 0)
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+            assert [v for _, v in y.top] == pytest.approx([v for _, v in x.top], abs=1e-4)
+
+
+def test_same_outputs_as_the_synchronous_engine(tiny_model_dir):
+    """Stops found one batch late (stop tokens, max_tokens of one),
+    min_tokens, seeded sampling and logprobs: as without async scheduling."""
+    path = tiny_model_dir("llama")
+    prompts = make_prompts(10, 384, seed=33, lo=3, hi=30)
+    probe = run(engine(path, False), prompts, [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)] * 10)
+    # A token each greedy run reaches early, so stopping on it cuts the run short.
+    stop_ids = [probe[str(i)].token_ids[3] for i in range(10)]
+    params = []
+    for i in range(10):
+        kind = i % 5
+        if kind == 0:
+            params.append(SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_ids[i]]))
+        elif kind == 1:
+            params.append(SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2))
+        elif kind == 2:
+            params.append(SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=3))
+        elif kind == 3:
+            params.append(SamplingParams(max_tokens=15, temperature=0.8, top_p=0.9, seed=100 + i, ignore_eos=True,
+                                         logprobs=1))
+        else:
+            params.append(SamplingParams(max_tokens=12, temperature=0, min_tokens=8,
+                                         stop_token_ids=[stop_ids[i]]))
+    sync = run(engine(path, False), prompts, params)
+    asyn = run(engine(path, True), prompts, params)
+    for i in range(10):
+        a, b = sync[str(i)], asyn[str(i)]
+        assert (a.token_ids, a.finish_reason, a.stop_reason) == (b.token_ids, b.finish_reason, b.stop_reason), i
+        assert [(lp.top, round(lp.sampled_logprob, 5)) for lp in a.logprobs] == \
+            [(lp.top, round(lp.sampled_logprob, 5)) for lp in b.logprobs]
+    # The cases under test happened: stop tokens cut runs short, min_tokens held one back.
+    assert sync["0"].finish_reason == "stop" and len(sync["0"].token_ids) < 20
+    assert len(sync["4"].token_ids) >= 8 and len(sync["2"].token_ids) == 1
+    assert len(sync["3"].logprobs) == len(sync["3"].token_ids) == 15
+
+
+def test_smollm2_stop_strings_found_one_batch_late(default_model_dir):
+    """The engine finds a stop string in a token after the next batch took the
+    request in; that batch's token is dropped (SmolLM2: a tokenizer)."""
+    prompts = ["The capital of France is", "List three colors:", "Once upon a time"]
+    greedy = SamplingParams(max_tokens=24, temperature=0)
+    probe = run(engine(None, False, num_kv_blocks=64, block_size=16, max_num_batched_tokens=256), prompts,
+                [greedy] * 3)
+    # A stop string from the middle of each run's text.
+    stops = [probe[str(i)].text[len(probe[str(i)].text) // 2:][:4] for i in range(3)]
+    assert all(len(s) == 4 for s in stops)
+    params = [SamplingParams(max_tokens=24, temperature=0, stop=[s]) for s in stops]
+    outs = [run(engine(None, asynchronous, num_kv_blocks=64, block_size=16, max_num_batched_tokens=256),
+                prompts, params) for asynchronous in (False, True)]
+    for i in range(3):
+        a, b = outs[0][str(i)], outs[1][str(i)]
+        assert a.finish_reason == "stop" and a.stop_reason == stops[i] and stops[i] not in a.text
+        assert (a.token_ids, a.text, a.stop_reason) == (b.token_ids, b.text, b.stop_reason)
+
+
+def test_preemption_and_abort_keep_parity_and_free_blocks(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    prompts = make_prompts(10, 384, seed=34)
+    hf = load_hf(path)
+    greedy = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)] * 10
+    for mode in ("recompute", "swap"):
+        eng = engine(path, True, num_kv_blocks=26, preemption_mode=mode, swap_space_gb=0.01)
+        outs = run(eng, prompts, greedy, abort_at={5: "3"})
+        assert eng.stats().num_preemptions_total > 0
+        assert outs["3"].finish_reason == "abort"
+        for i, p in enumerate(prompts):
+            if i != 3:
+                assert outs[str(i)].token_ids == hf_generate(hf, p, 20), f"{mode}: prompt {i}"
+
+
+def test_prefix_caching(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    system = make_prompts(1, 384, seed=35, lo=40, hi=40)[0]
+    prompts = [system + tail for tail in make_prompts(6, 384, seed=36, lo=2, hi=12)]
+    eng = engine(path, True, block_size=8, enable_prefix_caching=True)
+    outs = run_staggered(eng, prompts, [8] * len(prompts), every=3, first=1)
+    hf = load_hf(path)
+    assert [o.token_ids for o in outs] == [hf_generate(hf, p, 8) for p in prompts]
+    assert all(o.num_cached_tokens == 40 for o in outs[1:])
+
+
+def test_refused_with_several_ranks():
+    with pytest.raises(ValueError, match="async_scheduling runs on one rank only"):
+        EngineConfig.from_kwargs(async_scheduling=True, tensor_parallel_size=2)
+
+
+# ---- the scheduler alone (no torch) ------------------------------------------
+def make_scheduler(max_model_len: int = 64) -> Scheduler:
+    return Scheduler(SchedulerConfig(async_scheduling=True, max_num_batched_tokens=16), CacheConfig(block_size=4),
+                     32, max_model_len)
+
+
+def add(s: Scheduler, rid: str, prompt_len: int, max_tokens: int) -> Request:
+    req = Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    s.add_request(req)
+    return req
+
+
+def test_scheduler_schedules_a_request_again_on_its_pending_token():
+    """In the engine's order: batch i+1 is scheduled, then batch i's tokens applied."""
+    s = make_scheduler()
+    req = add(s, "a", 6, max_tokens=3)
+    b1 = s.schedule()  # the prompt; it samples token 1
+    assert b1.num_scheduled_tokens == {"a": 6}
+    b2 = s.schedule()  # before b1 returns: a decode of the pending token 1
+    assert b2.num_scheduled_tokens == {"a": 1}
+    assert b2.scheduled_cached_reqs[0].new_token_ids == [] and req.num_computed_tokens == 7
+    s.update(b1, ModelRunnerOutput({"a": 11}))
+    b3 = s.schedule()  # token 2 (b2's) is pending and is not the last: its decode
+    assert b3.num_scheduled_tokens == {"a": 1}
+    assert b3.scheduled_cached_reqs[0].new_token_ids == [11]  # the token b2 took from the device
+    s.update(b2, ModelRunnerOutput({"a": 12}))
+    assert s.schedule().is_empty  # b3 samples token 3, the last: nothing more to run
+    s.update(b3, ModelRunnerOutput({"a": 13}))
+    assert req.output_token_ids == [11, 12, 13] and req.finished
+    assert not s._pending and not s._in_flight and s.kv.num_free_blocks == 32
+
+
+def test_scheduler_drops_the_token_of_a_request_that_stopped():
+    s = make_scheduler()
+    req = add(s, "a", 4, max_tokens=10)
+    b1, b2 = s.schedule(), s.schedule()
+    s.finish_requests([req], req.status.FINISHED_STOPPED)  # e.g. a stop string in b1's token
+    assert s.kv.num_free_blocks == 32
+    assert s.update(b1, ModelRunnerOutput({"a": 5})) == []
+    assert s.update(b2, ModelRunnerOutput({"a": 6})) == []
+    assert req.output_token_ids == [] and not s._pending and not s._in_flight
+    assert s.schedule().finished_req_ids == {"a"}  # the worker forgets it
+
+
+def test_scheduler_chunked_prompt_and_model_length():
+    s = make_scheduler(max_model_len=24)
+    req = add(s, "a", 20, max_tokens=4)
+    b1 = s.schedule()
+    assert b1.num_scheduled_tokens == {"a": 16}  # the budget: a chunk that samples nothing
+    b2 = s.schedule()  # the rest of the prompt, while the first chunk runs
+    assert b2.num_scheduled_tokens == {"a": 4}
+    s.update(b1, ModelRunnerOutput({}))
+    b3 = s.schedule()  # the pending token 1 (b2's)
+    assert b3.num_scheduled_tokens == {"a": 1}
+    s.update(b2, ModelRunnerOutput({"a": 7}))
+    b4 = s.schedule()
+    assert b4.num_scheduled_tokens == {"a": 1}
+    s.update(b3, ModelRunnerOutput({"a": 8}))
+    # b4 samples token 3, position 22; a fourth would reach position 23, the
+    # model's last: max_tokens (4) and max_model_len (24) agree it is the last one.
+    b5 = s.schedule()
+    assert b5.num_scheduled_tokens == {"a": 1}
+    s.update(b4, ModelRunnerOutput({"a": 9}))
+    assert s.schedule().is_empty
+    s.update(b5, ModelRunnerOutput({"a": 10}))
+    assert req.finished and req.output_token_ids == [7, 8, 9, 10]
+
+
+def test_scheduler_stops_at_the_model_length_before_max_tokens():
+    s = make_scheduler(max_model_len=10)
+    req = add(s, "a", 8, max_tokens=50)
+    b1 = s.schedule()
+    b2 = s.schedule()  # token 1 (position 8) pending; its decode samples token 2, at the last position
+    assert b2.num_scheduled_tokens == {"a": 1}
+    s.update(b1, ModelRunnerOutput({"a": 5}))
+    assert s.schedule().is_empty  # 8 + 2 tokens fill the model's 10 positions
+    s.update(b2, ModelRunnerOutput({"a": 6}))
+    assert req.finished and req.output_token_ids == [5, 6]
