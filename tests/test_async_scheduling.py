@@ -248,3 +248,11 @@ def test_scheduler_stops_at_the_model_length_before_max_tokens():
     assert s.schedule().is_empty  # 8 + 2 tokens fill the model's 10 positions
     s.update(b2, ModelRunnerOutput({"a": 6}))
     assert req.finished and req.output_token_ids == [5, 6]
+
+
+def test_on_a_cpu_it_says_it_is_meant_for_a_gpu(tiny_model_dir, caplog):
+    with caplog.at_level("WARNING", logger="orca_serve.engine.llm_engine"):
+        engine(tiny_model_dir("llama"), False, device="cpu")
+        assert "async_scheduling" not in caplog.text
+        engine(tiny_model_dir("llama"), True, device="cpu")
+    assert "async_scheduling on a CPU overlaps nothing" in caplog.text
