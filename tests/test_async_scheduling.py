@@ -251,7 +251,7 @@ def test_scheduler_stops_at_the_model_length_before_max_tokens():
 
 
 def test_on_a_cpu_it_says_it_is_meant_for_a_gpu(tiny_model_dir, caplog):
-    with caplog.at_level("WARNING", logger="orca_serve.engine.llm_engine"):
+    with caplog.at_level("WARNING", logger="orca_serve.engine.executor"):
         engine(tiny_model_dir("llama"), False, device="cpu")
         assert "async_scheduling" not in caplog.text
         engine(tiny_model_dir("llama"), True, device="cpu")

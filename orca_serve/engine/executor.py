@@ -7,8 +7,12 @@ The engine only sees ``submit``/``collect``, ``check_health`` and
 """
 from __future__ import annotations
 
+import logging
+
 from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
+
+logger = logging.getLogger(__name__)
 
 
 class Executor:
@@ -46,6 +50,9 @@ class UniprocExecutor(Executor):
 
         self.runner = ModelRunner(config, num_cpu_blocks=num_cpu_blocks, device=resolve_device(config.model))
         self.num_kv_blocks = self.runner.num_kv_blocks
+        if config.scheduler.async_scheduling and self.runner.device.type == "cpu":
+            logger.warning("async_scheduling on a CPU overlaps nothing (the model runs in the engine's thread) "
+                           "and returns each token one iteration later; it is meant for a GPU")
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(so)

@@ -61,10 +61,6 @@ class LLMEngine:
         # The ranks size the pool: fixed by the config, or on a GPU from what a profile run leaves.
         self.executor = make_executor(config, num_cpu_blocks=num_cpu_blocks)
         num_blocks = self.executor.num_kv_blocks
-        runner = getattr(self.executor, "runner", None)
-        if config.scheduler.async_scheduling and runner is not None and runner.device.type == "cpu":
-            logger.warning("async_scheduling on a CPU overlaps nothing (the model runs in the engine's thread) "
-                           "and returns each token one iteration later; it is meant for a GPU")
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB per rank)", num_blocks, cache.block_size,
                     num_blocks * block_bytes / 2**20)
         self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len,

@@ -69,6 +69,16 @@ class SamplingMetadata:
 
 
 @dataclass
+class LogprobTensors:
+    """The logprobs of the rows that asked for them, still on the device."""
+
+    rows: list[int]  # which rows of the batch
+    sampled: torch.Tensor  # [R] the sampled token's logprob
+    top_values: torch.Tensor  # [R, n] the n largest, n the most any row asked for
+    top_ids: torch.Tensor  # [R, n] their token ids
+
+
+@dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[Logprobs | None]  # per row; None where not requested
@@ -84,7 +94,8 @@ class Sampler:
     def __call__(self, raw_logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         return self.outputs(*self.sample(raw_logits, md), md)
 
-    def sample(self, raw_logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, tuple | None]:
+    def sample(self, raw_logits: torch.Tensor,
+               md: SamplingMetadata) -> tuple[torch.Tensor, LogprobTensors | None]:
         """(sampled token ids, the logprob tensors of the rows that asked for
         them) on the logits' device, without waiting for it: ``outputs`` reads
         them back. Nothing returned refers to ``raw_logits``, which a CUDA
@@ -101,13 +112,13 @@ class Sampler:
             tokens = self._sample(logits, md)
         return tokens, self._logprobs(raw_logits, tokens, md)
 
-    def outputs(self, tokens: torch.Tensor, logprobs: tuple | None, md: SamplingMetadata) -> SamplerOutput:
+    def outputs(self, tokens: torch.Tensor, logprobs: LogprobTensors | None, md: SamplingMetadata) -> SamplerOutput:
         token_list = tokens.tolist()
         result: list[Logprobs | None] = [None] * len(token_list)
         if logprobs is not None:
-            rows, picked, top_vals, top_ids = logprobs
-            picked, top_vals, top_ids = picked.tolist(), top_vals.tolist(), top_ids.tolist()
-            for j, i in enumerate(rows):
+            picked = logprobs.sampled.tolist()
+            top_vals, top_ids = logprobs.top_values.tolist(), logprobs.top_ids.tolist()
+            for j, i in enumerate(logprobs.rows):
                 n = md.params[i].logprobs
                 result[i] = Logprobs(picked[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
         return SamplerOutput(token_list, result)
@@ -141,9 +152,7 @@ class Sampler:
         # Exp(1) can underflow to 0; a tiny floor keeps p / E finite.
         return noise.clamp_(min=1e-20)
 
-    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, md: SamplingMetadata) -> tuple | None:
-        """(rows, sampled token's logprob [R], top logprobs [R, n], their ids) for
-        the rows that asked, on the device; None when none did."""
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, md: SamplingMetadata) -> LogprobTensors | None:
         rows = [i for i, p in enumerate(md.params) if p.logprobs is not None]
         if not rows:
             return None
@@ -152,7 +161,7 @@ class Sampler:
         picked = lp.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1)
         max_n = max(md.params[i].logprobs for i in rows)
         top_vals, top_ids = lp.topk(max_n, dim=-1) if max_n else (lp[:, :0], lp[:, :0].long())
-        return rows, picked, top_vals, top_ids
+        return LogprobTensors(rows, picked, top_vals, top_ids)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,

@@ -30,7 +30,7 @@ from orca_serve.kernels import cpu_ops_for, gpu_decode_kernel, packed_gemm, pack
 from orca_serve.kernels.huge_pages import release_free_heap, zeros_on_huge_pages
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.device import to_device
-from orca_serve.layers.sampler import Sampler, SamplingMetadata
+from orca_serve.layers.sampler import LogprobTensors, Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, max_model_len, model_eos_token_ids
 from orca_serve.models.weights import LoadStats
 from orca_serve.worker import kv_sizing
@@ -346,8 +346,8 @@ class SampledBatch:
     """An iteration launched on the device; ``result()`` waits for its
     sampled ids (the host's one sync per iteration) and returns them."""
 
-    def __init__(self, sampler: Sampler, tokens: torch.Tensor, logprobs: tuple | None, md: SamplingMetadata,
-                 req_ids: list[str]) -> None:
+    def __init__(self, sampler: Sampler, tokens: torch.Tensor, logprobs: LogprobTensors | None,
+                 md: SamplingMetadata, req_ids: list[str]) -> None:
         self.sampler, self.tokens, self.logprobs, self.md, self.req_ids = sampler, tokens, logprobs, md, req_ids
 
     def result(self) -> ModelRunnerOutput:
