@@ -158,22 +158,31 @@ def test_dummy_from_config_dict():
 def test_batched_layout_pads_prefills_only_where_padding_is_cheap():
     """Chunks of similar size share one padded SDPA; one long prompt beside
     short ones keeps an SDPA per chunk rather than padding them all to it."""
-    def meta(lengths, batched=True):
-        states = [RequestState(str(i), list(range(n)), n, list(range(8 * i, 8 * i + 8)), 0, SamplingParams())
-                  for i, n in enumerate(lengths)]
+    def meta(lengths, batched=True, computed=(0, 0, 0)):
+        """A decode, then prompts of ``lengths`` tokens, each scheduled from ``computed``."""
+        states = [RequestState(str(i), list(range(n)), n, list(range(8 * i, 8 * i + 8)), c, SamplingParams())
+                  for i, (n, c) in enumerate(zip(lengths, computed))]
         decode = RequestState("d", [1, 2, 3], 2, [40, 41], 2, SamplingParams())
-        return prepare_inputs([(decode, 1)] + [(s, len(s.token_ids)) for s in states], BLOCK,
-                              torch.device("cpu"), batched_attention=batched).attn_metadata
+        return prepare_inputs([(decode, 1)] + [(s, len(s.token_ids) - s.num_computed_tokens) for s in states],
+                              BLOCK, torch.device("cpu"), batched_attention=batched).attn_metadata
 
+    # Fresh prompts: keys are the chunks' own rows (no cache gather), SDPA's causal mask.
     similar = meta([20, 17, 12])
     assert similar.prefills == [] and len(similar.decode_groups) == 1
     batch = similar.prefill_batch
     assert (batch.start, batch.num_chunks, batch.max_query, batch.max_context) == (1, 3, 20, 20)
-    assert batch.mask.shape == (3, 1, 20, 20) and batch.valid.tolist() == (
-        list(range(20)) + list(range(20, 37)) + list(range(40, 52)))
-    # Chunk 1 (17 rows): query 5 sees keys 0-5; its padding rows see key 0 alone.
-    assert batch.mask[1, 0, 5].tolist() == [True] * 6 + [False] * 14
-    assert batch.mask[1, 0, 17].tolist() == [True] + [False] * 19
+    assert batch.kv_slots is None and batch.mask is None
+    assert batch.valid.tolist() == list(range(20)) + list(range(20, 37)) + list(range(40, 52))
+    assert batch.query_index.view(3, 20)[1, :17].tolist() == list(range(21, 38))  # chunk 1's own rows
+    # A chunk with context before it (a prompt's second chunk) reads the cache, masked.
+    later = meta([24, 17, 12], computed=(4, 0, 0)).prefill_batch
+    assert (later.max_query, later.max_context) == (20, 24)
+    assert later.kv_slots.shape == (3 * 24,) and later.mask.shape == (3, 1, 20, 24)
+    # Chunk 0 starts at position 4: its query 5 sees keys 0-9; chunk 1 (17 rows):
+    # query 5 sees keys 0-5, its padding rows key 0 alone.
+    assert later.mask[0, 0, 5].tolist() == [True] * 10 + [False] * 14
+    assert later.mask[1, 0, 5].tolist() == [True] * 6 + [False] * 18
+    assert later.mask[1, 0, 17].tolist() == [True] + [False] * 23
     lopsided = meta([30, 2, 3])
     assert lopsided.prefill_batch is None
     assert [(c.start, c.end) for c in lopsided.prefills] == [(1, 31), (31, 33), (33, 36)]

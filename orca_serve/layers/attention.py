@@ -96,7 +96,10 @@ class PrefillBatch:
     max_query, max_context] lets query i of a chunk starting at position s see
     keys 0..s+i; a padding row sees key 0 only, so no row is fully masked (that
     would be NaN). ``valid`` [prefill rows] picks the real rows back out of the
-    padded output, in batch order, starting at batch row ``start``.
+    padded output, in batch order, starting at batch row ``start``. When every
+    chunk starts a prompt (no context before it), ``kv_slots`` and ``mask`` are
+    None: the keys are the chunks' own new rows, taken by ``query_index``, and
+    SDPA's causal mask is the mask.
     """
 
     start: int
@@ -104,8 +107,8 @@ class PrefillBatch:
     max_query: int
     max_context: int
     query_index: torch.Tensor
-    kv_slots: torch.Tensor
-    mask: torch.Tensor
+    kv_slots: torch.Tensor | None
+    mask: torch.Tensor | None
     valid: torch.Tensor
 
 
@@ -202,7 +205,7 @@ class Attention(nn.Module):
                 out[s:e] = self._prefill(q[s:e], ks, vs, chunk.mask)
         out = out.view(n_tok, self.num_heads * d)
         if meta.prefill_batch is not None:
-            out[meta.prefill_batch.start:] = self._prefill_batch(q, k_cache, v_cache, meta.prefill_batch)
+            out[meta.prefill_batch.start:] = self._prefill_batch(q, k, v, k_cache, v_cache, meta.prefill_batch)
         # The PyTorch path attends every row and keeps the sampled ones: the
         # saving that matters, the projections and MLP after it, still holds.
         return out.index_select(0, meta.sample_rows) if sampled_only else out
@@ -218,16 +221,19 @@ class Attention(nn.Module):
         vs = vs.view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return F.scaled_dot_product_attention(q, ks, vs, attn_mask=group.mask, scale=self.scale)
 
-    def _prefill_batch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       batch: PrefillBatch) -> torch.Tensor:
-        # q [T, Hkv, G, d] -> [P, H, Q, d]; the keys [P, Hkv, L, d], repeated per query head.
+    def _prefill_batch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, batch: PrefillBatch) -> torch.Tensor:
+        # q [T, Hkv, G, d] -> [P, H, Q, d]; the keys [P, Hkv, L, d], repeated per query head:
+        # fresh prompts' from this step's k/v [T, Hkv, d], others' from the cache.
         p, n_q, n_k, d = batch.num_chunks, batch.max_query, batch.max_context, self.head_dim
         qp = q.reshape(-1, self.num_heads * d).index_select(0, batch.query_index)
         qp = qp.view(p, n_q, self.num_heads, d).transpose(1, 2)
-        kv = [self._per_query_head(c.view(-1, self.num_kv_heads, d).index_select(0, batch.kv_slots)
+        sources = ((k, v), batch.query_index) if batch.kv_slots is None else ((k_cache, v_cache), batch.kv_slots)
+        kv = [self._per_query_head(c.reshape(-1, self.num_kv_heads, d).index_select(0, sources[1])
                                    .view(p, n_k, self.num_kv_heads, d).transpose(1, 2), 1)
-              for c in (k_cache, v_cache)]
-        o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=batch.mask, scale=self.scale)
+              for c in sources[0]]
+        o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=batch.mask, is_causal=batch.mask is None,
+                                           scale=self.scale)
         return o.transpose(1, 2).reshape(p * n_q, self.num_heads * d).index_select(0, batch.valid)
 
     def _per_query_head(self, t: torch.Tensor, axis: int) -> torch.Tensor:

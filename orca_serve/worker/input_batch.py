@@ -199,6 +199,14 @@ def _prefill_batch(table: np.ndarray, starts: np.ndarray, ends: np.ndarray, firs
     row_starts = first_row + np.concatenate(([0], np.cumsum(lens)[:-1]))
     real_q = qi[None, :] < lens[:, None]  # [P, Q]
     query_index = np.where(real_q, row_starts[:, None] + qi[None, :], first_row)
+    valid = to_dev(np.flatnonzero(real_q.reshape(-1)))
+    if not starts.any():
+        # Fresh prompts: each chunk's keys are its own rows, in query order, and
+        # query i sees keys 0..i, SDPA's own causal mask (no mask tensor: on a
+        # GPU that is flash attention's kernel). A padding query sees padding
+        # keys, real rows' copies, and its output is dropped.
+        return PrefillBatch(start=first_row, num_chunks=len(lens), max_query=n_q, max_context=n_q,
+                            query_index=to_dev(query_index.reshape(-1)), kv_slots=None, mask=None, valid=valid)
     # Keys past a chunk's end read the table's zero padding, block 0: real
     # memory, and masked out.
     kv_slots = table[:, ki // block_size] * block_size + ki % block_size  # [P, L]
@@ -210,4 +218,4 @@ def _prefill_batch(table: np.ndarray, starts: np.ndarray, ends: np.ndarray, firs
     mask = torch.arange(n_k, device=position.device) <= position[:, :, None]
     return PrefillBatch(start=first_row, num_chunks=len(lens), max_query=n_q, max_context=n_k,
                         query_index=to_dev(query_index.reshape(-1)), kv_slots=to_dev(kv_slots.reshape(-1)),
-                        mask=mask[:, None], valid=to_dev(np.flatnonzero(real_q.reshape(-1))))
+                        mask=mask[:, None], valid=valid)
