@@ -256,3 +256,28 @@ def test_on_a_cpu_it_says_it_is_meant_for_a_gpu(tiny_model_dir, caplog):
         assert "async_scheduling" not in caplog.text
         engine(tiny_model_dir("llama"), True, device="cpu")
     assert "async_scheduling on a CPU overlaps nothing" in caplog.text
+
+
+def test_scheduler_preempts_the_policys_victim_though_it_is_always_in_flight():
+    """A newer request in every batch is always in flight when scheduling runs;
+    it is held out of one batch so that it, not the older request that needs
+    its blocks, is preempted (FCFS: the newest goes)."""
+    s = Scheduler(SchedulerConfig(async_scheduling=True, max_num_batched_tokens=16), CacheConfig(block_size=4),
+                  4, max_model_len=16)  # 4 blocks: room for one request's whole length
+    a, b = add(s, "a", 7, max_tokens=20), add(s, "b", 4, max_tokens=20)
+    b1 = s.schedule()  # both prompts: a 2 blocks, b 1
+    b2 = s.schedule()  # both decodes; b takes the last free block
+    assert b1.num_scheduled_tokens == {"a": 7, "b": 4} and b2.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert s.kv.num_free_blocks == 0
+    s.update(b1, ModelRunnerOutput({"a": 1, "b": 2}))
+    b3 = s.schedule()  # a needs a third block; the victim, b, is in b2: held back, a waits
+    assert b3.is_empty and s.num_preemptions_total == 0
+    s.update(b2, ModelRunnerOutput({"a": 3, "b": 4}))
+    b4 = s.schedule()  # b is out of flight now: preempted, and a gets its block
+    assert b4.num_scheduled_tokens["a"] == 1 and s.num_preemptions_total == 1
+    assert b.metrics.num_preemptions == 1 and a.metrics.num_preemptions == 0
+    # The worker forgets b; b comes back from the queue at once, its full
+    # first block a prefix-cache hit, with the block a did not need.
+    assert b4.finished_req_ids == {"b"}
+    assert [(r.req_id, r.num_computed_tokens) for r in b4.scheduled_new_reqs] == [("b", 4)]
+

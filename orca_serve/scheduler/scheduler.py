@@ -14,7 +14,10 @@ one the request has, computed next as a decode whose input the worker takes
 from its own copy of batch i's sampled tokens. A request whose pending token
 is its last (``max_tokens``, the model's length) is not scheduled again; one
 that stops on EOS, a stop token or a stop string computes one token too
-many, which is dropped.
+many, which is dropped. A request in the batch in flight cannot be
+preempted; when the policy picks one as its victim, it is held out of the
+next batch and preempted at the schedule after (one iteration later than
+without async scheduling).
 """
 from __future__ import annotations
 
@@ -72,6 +75,10 @@ class Scheduler:
         self._in_flight: Counter[str] = Counter()
         # Async scheduling: tokens sampled by batches in flight, not yet applied.
         self._pending: Counter[str] = Counter()
+        # Async scheduling: the policy's preemption victims that are in the batch
+        # in flight, left out of this one so that the next schedule() can preempt
+        # them (else a victim scheduled every iteration would never be free to go).
+        self._held_back: set[str] = set()
 
     # ---- queue -------------------------------------------------------
     @property
@@ -213,6 +220,7 @@ class Scheduler:
     # ---- schedule ----------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
+        self._held_back = set()
         budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model)
         self._reject_late_waiting()
         if self.policy.dynamic_order and self._waiting:
@@ -229,8 +237,8 @@ class Scheduler:
         for req in order:
             if budget <= 0 or len(scheduled) >= seats:
                 break
-            if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if req.status != RequestStatus.RUNNING or req.request_id in self._held_back:
+                continue  # preempted earlier in this loop, or to be preempted next time
             if req.request_id in self._in_flight and not self.async_scheduling:
                 continue  # its last batch is still out
             n = min(self._to_compute(req), budget)
@@ -269,14 +277,28 @@ class Scheduler:
             blocks = self.kv.allocate_slots(req, n)
             if blocks is not None:
                 return blocks
-            candidates = [r for r in self.running
-                          if r.request_id not in scheduled and r.request_id not in self._in_flight]
-            if not candidates:
-                return None  # everyone else is in flight: wait for a batch to return
-            victim = max(candidates, key=self.policy.victim_key)
+            if self.async_scheduling:
+                candidates = [r for r in self.running if r.request_id not in scheduled]
+                victim = max(candidates, key=self.policy.victim_key)
+                if victim.request_id in self._in_flight:
+                    self._hold_back(victim)
+                    return None
+            else:
+                candidates = [r for r in self.running
+                              if r.request_id not in scheduled and r.request_id not in self._in_flight]
+                if not candidates:
+                    return None  # everyone else is in flight: wait for a batch to return
+                victim = max(candidates, key=self.policy.victim_key)
             self._preempt(victim)
             if victim is req:
                 return None
+
+    def _hold_back(self, victim: Request) -> None:
+        """Async scheduling: the victim is in the batch in flight, so it cannot
+        be preempted yet; left out of this batch, it can be next time. (A
+        request that must wait for blocks itself needs no holding back: not
+        scheduled now, it is not in flight next time.)"""
+        self._held_back.add(victim.request_id)
 
     def _preempt_for_urgent_waiting(self) -> None:
         """Let a waiting request evict running ones its policy ranks below it
@@ -285,9 +307,8 @@ class Scheduler:
             return
         head = self._waiting[0][-1]
         while True:
-            victims = [r for r in self.running
-                       if self.policy.may_preempt_for(head, r) and r.request_id not in self._in_flight]
-            if not victims:
+            eligible = [r for r in self.running if self.policy.may_preempt_for(head, r)]
+            if not eligible:
                 return
             no_seat = len(self.running) >= self.config.max_num_seqs
             first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
@@ -296,6 +317,16 @@ class Scheduler:
             # Running requests may each take a block this step as they grow.
             need = self.kv.blocks_needed(first_chunk) + len(self.running)
             if not no_seat and need <= self.kv.num_free_blocks:
+                return
+            if self.async_scheduling:
+                victim = max(eligible, key=self.policy.victim_key)
+                if victim.request_id in self._in_flight:
+                    self._hold_back(victim)
+                    return
+                self._preempt(victim)
+                continue
+            victims = [r for r in eligible if r.request_id not in self._in_flight]
+            if not victims:
                 return
             self._preempt(max(victims, key=self.policy.victim_key))
 
