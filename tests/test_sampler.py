@@ -97,11 +97,11 @@ def test_logprobs_match_log_softmax():
 
 
 def test_min_tokens_masks_eos_and_stop_ids_until_reached():
-    logits = torch.zeros(2, V)
+    logits = torch.zeros(3, V)
     logits[:, 2] = 10.0  # EOS is by far the best token
     logits[:, 7] = 9.0  # then a stop token
-    params = [SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[7], logprobs=1)] * 2
-    md = SamplingMetadata.build(params, [2, 3], V, eos_token_ids=(2,))
+    params = [SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[7], logprobs=1)] * 3
+    md = SamplingMetadata.build(params, [2, 3, 0], V, eos_token_ids=(2,))
     out = Sampler()(logits, md)
-    assert out.token_ids[0] not in (2, 7) and out.token_ids[1] == 2
+    assert out.token_ids[0] not in (2, 7) and out.token_ids[1] == 2 and out.token_ids[2] not in (2, 7)
     assert out.logprobs[0].top[0][0] == 2  # logprobs still describe the raw distribution

@@ -104,8 +104,12 @@ class Sampler:
         logits = raw_logits
         if md.suppressed:
             logits = raw_logits.clone()
-            for row, ids in md.suppressed:
-                logits[row, ids] = float("-inf")
+            # One scatter with index tensors sent ahead: indexing a GPU tensor
+            # with Python lists copies them over and waits for the device.
+            rows = torch.tensor([row for row, ids in md.suppressed for _ in ids], dtype=torch.int64)
+            cols = torch.tensor([i for _, ids in md.suppressed for i in ids], dtype=torch.int64)
+            logits.index_put_((to_device(rows, logits.device), to_device(cols, logits.device)),
+                              logits.new_full((), float("-inf")))
         if md.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
