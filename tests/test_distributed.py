@@ -94,3 +94,26 @@ def check_pipeline_overlap(trace, tp):
     seqs = sorted(stage0)
     overlapped = [s for s in seqs[:-1] if stage0.get(s + 1, (0, 0, float("inf")))[2] < stage1[s][4]]
     assert len(overlapped) >= len(seqs) // 3, (len(overlapped), len(seqs))
+
+
+def test_a_budget_gives_every_stage_the_most_loaded_stages_blocks(tiny_model_dir):
+    """Llama's 3 layers over 2 stages: a KV budget buys stage 1 (one layer)
+    twice the blocks stage 0 (two layers) can hold; every rank takes stage 0's
+    count, which the scheduler hands out."""
+    from orca_serve.models.loader import get_model_facts, kv_block_bytes
+
+    path = tiny_model_dir("llama")
+    expected, _ = reference(path, "llama")
+    engine = LLMEngine(EngineConfig.from_kwargs(
+        model=path, kv_cache_memory_gb=0.001, block_size=4, max_num_batched_tokens=48, max_num_seqs=10,
+        enable_prefix_caching=False, pipeline_parallel_size=2, worker_timeout_s=60))
+    try:
+        facts = get_model_facts(engine.config.model)
+        blocks = int(0.001 * 2**30) // kv_block_bytes(facts, 4, pp_size=2)
+        assert engine.stats().num_kv_blocks_total == blocks
+        per_rank = {r: i["kv_cache_bytes"] for r, i in engine.executor.worker_info.items()}
+        assert per_rank[0] == 2 * per_rank[1]  # same blocks (and scratch block), twice the layers
+        prompts, max_tokens = workload("llama")
+        assert [o.token_ids for o in run_staggered(engine, prompts, max_tokens)] == expected
+    finally:
+        engine.shutdown()

@@ -113,7 +113,9 @@ class ModelRunner:
             num_kv_blocks = kv_sizing.fixed_kv_blocks(engine_config.cache, self.kv_block_bytes, memory is not None)
         if num_kv_blocks is None:
             num_kv_blocks = self._kv_blocks_from_memory(memory)
-        self._allocate_kv_pool(num_kv_blocks)
+        # Every rank takes the smallest size any rank found: a budget buys fewer
+        # blocks on a stage with more layers, and free memory differs by GPU.
+        self._allocate_kv_pool(min_over_ranks(num_kv_blocks, self.device))
         if engine_config.model.cuda_graphs:
             self.use_decode_graphs(capture=True)
         cpu_shape = self.kv_cache.shape[:2] + (num_cpu_blocks,) + self.kv_cache.shape[3:]
@@ -139,8 +141,7 @@ class ModelRunner:
 
     def _kv_blocks_from_memory(self, memory) -> int:
         """Run the largest batches once in a small pool, then size the pool from
-        what they left of the device (``kv_sizing``); every rank takes the
-        smallest size any rank found."""
+        what they left of the device (``kv_sizing``)."""
         batches, blocks = kv_sizing.profile_batches(self.config.scheduler,
                                                     max_model_len(self.config.model, self.hf_config),
                                                     self.block_size, self.vocab_size)
@@ -156,10 +157,8 @@ class ModelRunner:
             torch.cuda.empty_cache()
         blocks, how = kv_sizing.blocks_from_profile(snap, self.config.cache.gpu_memory_utilization,
                                                     self.kv_block_bytes, profile_pool_bytes)
-        agreed = min_over_ranks(blocks, self.device)
-        logger.info("KV pool from device memory: %s%s", how,
-                    f"; {agreed} blocks, the smallest over the ranks" if agreed != blocks else "")
-        return agreed
+        logger.info("KV pool from device memory: %s", how)
+        return blocks
 
     def bind_decode_kernel(self, kernel) -> None:
         """Attend the PyTorch path's decodes with ``kernel`` (the signature of
