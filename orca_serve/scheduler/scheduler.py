@@ -277,28 +277,32 @@ class Scheduler:
             blocks = self.kv.allocate_slots(req, n)
             if blocks is not None:
                 return blocks
-            if self.async_scheduling:
-                candidates = [r for r in self.running if r.request_id not in scheduled]
-                victim = max(candidates, key=self.policy.victim_key)
-                if victim.request_id in self._in_flight:
-                    self._hold_back(victim)
-                    return None
-            else:
-                candidates = [r for r in self.running
-                              if r.request_id not in scheduled and r.request_id not in self._in_flight]
-                if not candidates:
-                    return None  # everyone else is in flight: wait for a batch to return
-                victim = max(candidates, key=self.policy.victim_key)
+            victim = self._victim([r for r in self.running if r.request_id not in scheduled])
+            if victim is None:
+                return None  # wait for a batch to return
             self._preempt(victim)
             if victim is req:
                 return None
 
-    def _hold_back(self, victim: Request) -> None:
-        """Async scheduling: the victim is in the batch in flight, so it cannot
-        be preempted yet; left out of this batch, it can be next time. (A
-        request that must wait for blocks itself needs no holding back: not
-        scheduled now, it is not in flight next time.)"""
-        self._held_back.add(victim.request_id)
+    def _victim(self, candidates: list[Request]) -> Request | None:
+        """The request to preempt now among ``candidates``, or None.
+
+        One in a batch in flight cannot be preempted. Pipeline parallelism
+        takes the policy's choice among the others. With async scheduling
+        nearly every running request is in flight, so the policy's choice
+        stands: if it is in flight it is held out of this batch, to be
+        preempted next time. (A request that must wait for blocks itself needs
+        no holding back: not scheduled now, it is not in flight next time.)
+        """
+        if not self.async_scheduling:
+            candidates = [r for r in candidates if r.request_id not in self._in_flight]
+        if not candidates:
+            return None
+        victim = max(candidates, key=self.policy.victim_key)
+        if victim.request_id in self._in_flight:
+            self._held_back.add(victim.request_id)
+            return None
+        return victim
 
     def _preempt_for_urgent_waiting(self) -> None:
         """Let a waiting request evict running ones its policy ranks below it
@@ -318,17 +322,10 @@ class Scheduler:
             need = self.kv.blocks_needed(first_chunk) + len(self.running)
             if not no_seat and need <= self.kv.num_free_blocks:
                 return
-            if self.async_scheduling:
-                victim = max(eligible, key=self.policy.victim_key)
-                if victim.request_id in self._in_flight:
-                    self._hold_back(victim)
-                    return
-                self._preempt(victim)
-                continue
-            victims = [r for r in eligible if r.request_id not in self._in_flight]
-            if not victims:
+            victim = self._victim(eligible)
+            if victim is None:
                 return
-            self._preempt(max(victims, key=self.policy.victim_key))
+            self._preempt(victim)
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
                        seats: int) -> None:
