@@ -104,8 +104,9 @@ class ModelRunner:
         # For min_tokens: EOS must not be sampled before a request's minimum length.
         self.eos_token_ids = model_eos_token_ids(engine_config.model, self.hf_config)
         self.requests: dict[str, RequestState] = {}
-        # The last batch's sampled ids on the device and each request's row in
-        # them, for a request scheduled before its token came back (async scheduling).
+        # Async scheduling: the last batch's sampled ids on the device and each
+        # request's row in them, for a request scheduled before its token came back.
+        self.async_scheduling = engine_config.scheduler.async_scheduling
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
         memory = kv_sizing.device_memory(self.device)
@@ -213,16 +214,17 @@ class ModelRunner:
         if unknown:
             raise RuntimeError(f"scheduled request(s) the worker was never sent: {sorted(unknown)}")
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
-        self._add_pending_tokens(scheduled)
+        pending = self.async_scheduling and self._add_pending_tokens(scheduled)
         if self.decode_graphs is not None:
-            graphed = self._decode_from_graph(scheduled)
+            graphed = self._decode_from_graph(scheduled, pending)
             if graphed is not None:
                 return self._sample(*graphed)
         # On the last stage the model returns only the rows it samples (see LlamaModel).
         inputs = prepare_inputs(scheduled, self.block_size, self.device, native_attention=self.uses_attention_kernel,
                                 sampled_rows_only=self.last_stage, batched_attention=self.batched_attention,
                                 paged_decodes=self.paged_decodes)
-        self._fill_pending_tokens(inputs.input_ids, inputs.logits_rows, inputs.sampling_states)
+        if pending:
+            self._fill_pending_tokens(inputs.input_ids, inputs.logits_rows, inputs.sampling_states)
         prev = None
         if not self.first_stage:
             t0 = time.perf_counter()
@@ -242,7 +244,7 @@ class ModelRunner:
             return Ready(None)
         return self._sample(logits, states)
 
-    def _decode_from_graph(self, scheduled: list[tuple[RequestState, int]]):
+    def _decode_from_graph(self, scheduled: list[tuple[RequestState, int]], pending: bool):
         """(logits, requests) of a decode-only iteration the graphs serve, else None.
         A decode here is one token at the end of its request's tokens, so it samples."""
         if any(n != 1 or r.num_computed_tokens + 1 != len(r.token_ids) for r, n in scheduled):
@@ -254,7 +256,7 @@ class ModelRunner:
             return None
         tokens = np.fromiter((r.token_ids[-1] for r in states), dtype=np.int64, count=len(states))
         fill = None
-        if any(r.pending for r in states):
+        if pending:
             def fill(ids: torch.Tensor) -> None:  # the static buffer's row i is states[i]
                 self._fill_pending_tokens(ids, np.arange(len(states)), states)
         logits = self.decode_graphs.logits(tokens, positions, states, bucket, fill=fill)
@@ -265,13 +267,16 @@ class ModelRunner:
                                     [s.num_output_tokens for s in states], self.vocab_size, self.device,
                                     eos_token_ids=self.eos_token_ids)
         tokens, logprobs = self.sampler.sample(logits, md)
-        rows = {s.req_id: i for i, s in enumerate(states)}
-        self._last_sampled = (tokens, rows)
-        return SampledBatch(self.sampler, tokens, logprobs, md, list(rows))
+        req_ids = [s.req_id for s in states]
+        if self.async_scheduling:
+            self._last_sampled = (tokens, {rid: i for i, rid in enumerate(req_ids)})
+        return SampledBatch(self.sampler, tokens, logprobs, md, req_ids)
 
-    def _add_pending_tokens(self, scheduled: list[tuple[RequestState, int]]) -> None:
+    def _add_pending_tokens(self, scheduled: list[tuple[RequestState, int]]) -> bool:
         """Async scheduling: a request scheduled through the token its previous
-        batch samples gets a placeholder for it, filled on the device."""
+        batch samples gets a placeholder for it, filled on the device. Whether
+        any did."""
+        added = False
         for state, n in scheduled:
             missing = state.num_computed_tokens + n - len(state.token_ids)
             if missing <= 0:
@@ -281,7 +286,8 @@ class ModelRunner:
                 raise RuntimeError(f"request {state.req_id!r} was scheduled {missing} token(s) past those sent, "
                                    f"but the previous batch sampled {'one' if state.req_id in rows else 'none'}")
             state.token_ids.append(0)
-            state.pending = True
+            state.pending = added = True
+        return added
 
     def _fill_pending_tokens(self, input_ids: torch.Tensor, rows: np.ndarray, states: list[RequestState]) -> None:
         """Write the previous batch's sampled ids over the placeholders in
