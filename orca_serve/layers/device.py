@@ -14,16 +14,15 @@ import torch
 
 
 def to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(data) if isinstance(data, np.ndarray) else data
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return _staged(data, device).to(device, non_blocking=True)
 
 
 def copy_from_host(dst: torch.Tensor, data: np.ndarray) -> None:
     """``dst.copy_(data)``, not waiting for the device when ``dst`` is on a GPU."""
-    src = torch.from_numpy(data)
-    if dst.device.type != "cuda":
-        dst.copy_(src)
-    else:
-        dst.copy_(src.pin_memory(), non_blocking=True)
+    dst.copy_(_staged(data, dst.device), non_blocking=True)
+
+
+def _staged(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    # non_blocking is a no-op for a copy between CPU tensors.
+    t = torch.from_numpy(data) if isinstance(data, np.ndarray) else data
+    return t.pin_memory() if device.type == "cuda" else t
