@@ -5,6 +5,7 @@ see ``entrypoints/cli.py``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 KV_ALLOCATION_MODES = ("paged", "reserve")
@@ -87,14 +88,22 @@ class CacheConfig:
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
         _positive("num_kv_blocks", self.num_kv_blocks, allow_none=True)
-        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
-            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.kv_cache_memory_gb is not None and not 0 < self.kv_cache_memory_gb < math.inf:
+            raise ValueError(f"kv_cache_memory_gb must be a finite number > 0, got {self.kv_cache_memory_gb}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not self.swap_space_gb >= 0:
-            raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
+        if not 0 <= self.swap_space_gb < math.inf:
+            raise ValueError(f"swap_space_gb must be a finite number >= 0, got {self.swap_space_gb}")
         _choice("kv_allocation", self.kv_allocation, KV_ALLOCATION_MODES)
         _choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+
+    def fixed_kv_budget_gb(self, sized_from_memory: bool) -> float | None:
+        """The KV pool's memory per rank when it is a fixed budget: the one
+        given, else the CPU default; None where the pool is sized from the
+        device's free memory instead (a GPU, by ``worker/kv_sizing.py``)."""
+        if self.kv_cache_memory_gb is not None or sized_from_memory:
+            return self.kv_cache_memory_gb
+        return DEFAULT_KV_CACHE_MEMORY_GB
 
 
 @dataclass(frozen=True)

@@ -99,18 +99,22 @@ def check_pipeline_overlap(trace, tp):
 def test_a_budget_gives_every_stage_the_most_loaded_stages_blocks(tiny_model_dir):
     """Llama's 3 layers over 2 stages: a KV budget buys stage 1 (one layer)
     twice the blocks stage 0 (two layers) can hold; every rank takes stage 0's
-    count, which the scheduler hands out."""
-    from orca_serve.models.loader import get_model_facts, kv_block_bytes
+    count, which the scheduler hands out. The host pool for swap-mode
+    preemption follows the same rule."""
+    from orca_serve.models.loader import get_model_facts
 
     path = tiny_model_dir("llama")
     expected, _ = reference(path, "llama")
     engine = LLMEngine(EngineConfig.from_kwargs(
         model=path, kv_cache_memory_gb=0.001, block_size=4, max_num_batched_tokens=48, max_num_seqs=10,
-        enable_prefix_caching=False, pipeline_parallel_size=2, worker_timeout_s=60))
+        enable_prefix_caching=False, pipeline_parallel_size=2, worker_timeout_s=60,
+        preemption_mode="swap", swap_space_gb=0.0005))
     try:
         facts = get_model_facts(engine.config.model)
-        blocks = int(0.001 * 2**30) // kv_block_bytes(facts, 4, pp_size=2)
-        assert engine.stats().num_kv_blocks_total == blocks
+        stage0_block_bytes = 2 * 2 * 4 * facts.num_kv_heads * facts.head_dim * 4  # 2 layers, K and V, float32
+        assert engine.stats().num_kv_blocks_total == int(0.001 * 2**30) // stage0_block_bytes
+        assert len(engine.scheduler._cpu_free) == int(0.0005 * 2**30) // stage0_block_bytes
+        assert {i["num_cpu_blocks"] for i in engine.executor.worker_info.values()} == {len(engine.scheduler._cpu_free)}
         per_rank = {r: i["kv_cache_bytes"] for r, i in engine.executor.worker_info.items()}
         assert per_rank[0] == 2 * per_rank[1]  # same blocks (and scratch block), twice the layers
         prompts, max_tokens = workload("llama")

@@ -1,7 +1,7 @@
 """Distributed execution pieces that need no worker processes: the auto
-parallel plan on made-up device inventories, stage layer ranges, per-rank KV
-sizing, lazy checkpoint slices, batch splitting for in-flight batches, and
-the stage-overlap measure of the in-flight benchmark."""
+parallel plan on made-up device inventories, stage layer ranges, lazy
+checkpoint slices, batch splitting for in-flight batches, and the
+stage-overlap measure of the in-flight benchmark."""
 import pytest
 import torch
 from safetensors import safe_open
@@ -13,7 +13,6 @@ from orca_serve.distributed.bench_inflight import stage_overlap
 from orca_serve.distributed.parallel_state import pp_layer_range
 from orca_serve.distributed.plan import DeviceInfo, plan_parallelism
 from orca_serve.layers.weight_slice import WeightSlice
-from orca_serve.models.loader import ModelFacts, kv_block_bytes
 from orca_serve.request import Request
 from orca_serve.sampling_params import SamplingParams
 from orca_serve.scheduler import Scheduler
@@ -76,15 +75,6 @@ def test_pp_layer_ranges_are_contiguous_and_cover_all_layers():
         assert max(sizes) - min(sizes) <= 1 and sizes[-1] == min(sizes)
     with pytest.raises(ValueError):
         pp_layer_range(2, 0, 3)
-
-
-def test_kv_block_bytes_per_rank():
-    facts = ModelFacts("x", 100, 64, (), num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64,
-                       num_params=0, dtype=torch.float32)
-    whole = kv_block_bytes(facts, 4)
-    assert kv_block_bytes(facts, 4, tp_size=2) == whole // 2
-    assert kv_block_bytes(facts, 4, tp_size=4) == whole // 2  # one replicated KV head per rank
-    assert kv_block_bytes(facts, 4, pp_size=2) == whole * 2 // 3  # the 2-layer stage
 
 
 def test_parallel_config_validation():

@@ -88,7 +88,7 @@ def test_greedy_matches_hf_on_each_device(tiny_model_dir, kind, device, layout):
         model=path, device=device, cpu_kernels="off", num_kv_blocks=120, block_size=4,
         max_num_batched_tokens=48, max_num_seqs=6, enable_prefix_caching=False))
     runner = engine.executor.runner
-    assert runner.kv_cache.device.type == device
+    assert runner.kv_pool.cache.device.type == device
     assert {p.device.type for p in runner.model.parameters()} == {device}
     assert runner.batched_attention == (device == "cuda")
     runner.batched_attention = layout == "batched"
@@ -141,7 +141,7 @@ def test_decode_graphs_match_hf(tiny_model_dir, kind, device, decode_attention):
         runner.use_decode_graphs(capture=False)
     assert runner.paged_decodes == paged and runner.decode_graphs.paged == paged
     graphs = runner.decode_graphs
-    assert runner.kv_cache.shape[2] == 161 and graphs.scratch_block == 160
+    assert runner.kv_pool.cache.shape[2] == 161 and graphs.scratch_block == 160
     served = []
     logits = graphs.logits
 

@@ -12,7 +12,9 @@ from orca_serve.distributed.plan import DeviceInfo, resolve_parallel
 from orca_serve.engine.llm_engine import LLMEngine
 from orca_serve.sampling_params import SamplingParams
 from orca_serve.worker import kv_sizing
-from orca_serve.worker.kv_sizing import MemorySnapshot, blocks_from_profile, fixed_kv_blocks, profile_batches
+from orca_serve.worker.kv_pool import KVPool
+from orca_serve.worker.kv_sizing import (MemorySnapshot, blocks_from_profile, fixed_kv_blocks, profile_batches,
+                                         swap_blocks)
 from orca_serve.worker.model_runner import ModelRunner
 
 GiB = 2**30
@@ -50,12 +52,51 @@ def test_fixed_kv_blocks():
     assert fixed_kv_blocks(CacheConfig(kv_cache_memory_gb=0.0001), MiB, False) == 1
 
 
+def test_swap_blocks():
+    assert swap_blocks(CacheConfig(preemption_mode="swap", swap_space_gb=0.5), MiB) == 512
+    assert swap_blocks(CacheConfig(preemption_mode="swap", swap_space_gb=0), MiB) == 0
+    assert swap_blocks(CacheConfig(preemption_mode="recompute", swap_space_gb=0.5), MiB) == 0
+
+
+class Layer:
+    def __init__(self):
+        self.num_kv_heads, self.head_dim, self.kv_cache = 2, 8, None
+
+
+def test_kv_pool_binds_every_layer_and_swaps_blocks():
+    layers = [Layer() for _ in range(3)]
+    pool = KVPool(layers, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    assert pool.block_bytes == 3 * 2 * 4 * 2 * 8 * 4  # layers, K and V, tokens, heads, dims, float32
+    assert (pool.num_blocks, pool.num_host_blocks, pool.nbytes) == (0, 0, 0)
+    pool.allocate(5)
+    assert pool.cache.shape == (3, 2, 6, 4, 2, 8) and not pool.cache.any()  # and the scratch block
+    assert pool.nbytes == 6 * pool.block_bytes
+    assert all(layer.kv_cache.data_ptr() == pool.cache[i].data_ptr() for i, layer in enumerate(layers))
+    with pytest.raises(RuntimeError, match="no CPU blocks"):
+        pool.swap_out([(0, 1)])
+    pool.allocate_host(2)
+    pool.cache[:, :, 3] = 7.0
+    pool.swap_out([(1, 3)])
+    pool.cache[:, :, 3] = 0.0
+    pool.swap_in([(1, 4)])
+    assert (pool.cache[:, :, 4] == 7.0).all() and not pool.cache[:, :, 3].any()
+    assert not pool.host_cache[:, :, 0].any()
+    with pytest.raises(ValueError, match="at least one block"):
+        pool.allocate(0)
+    pool.release()
+    assert pool.cache is None and all(layer.kv_cache is None for layer in layers)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(gpu_memory_utilization=0), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization"),
     (dict(kv_cache_memory_gb=0), "kv_cache_memory_gb"),
     (dict(kv_cache_memory_gb=-1.0), "kv_cache_memory_gb"),
+    (dict(kv_cache_memory_gb=float("inf")), "kv_cache_memory_gb"),
+    (dict(swap_space_gb=-1.0), "swap_space_gb"),
+    (dict(swap_space_gb=float("inf")), "swap_space_gb"),
+    (dict(swap_space_gb=float("nan")), "swap_space_gb"),
 ])
 def test_bad_cache_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -128,13 +169,14 @@ def test_runner_sizes_its_pool_from_a_profile_run(tiny_model_dir, fake_gpu_memor
                                     runner.vocab_size)
     # The counters were reset, both profile batches ran, and only then were they read.
     assert events == ["reset", ("batch", -1, 1), ("batch", -2, 6), "snapshot"]
-    expected, _ = blocks_from_profile(state["snap"], 0.5, runner.kv_block_bytes, (most + 1) * runner.kv_block_bytes)
+    expected, _ = blocks_from_profile(state["snap"], 0.5, runner.kv_pool.block_bytes,
+                                     (most + 1) * runner.kv_pool.block_bytes)
     assert runner.num_kv_blocks == expected > most
-    assert runner.kv_cache.shape[2] == expected + 1
+    assert runner.kv_pool.cache.shape[2] == expected + 1
     assert not runner.requests  # the profile's requests are forgotten
-    assert not runner.kv_cache.any()  # and the pool the requests get is a fresh one
+    assert not runner.kv_pool.cache.any()  # and the pool the requests get is a fresh one
     layer_pools = [m.kv_cache for m in runner.model.modules() if hasattr(m, "kv_cache")]
-    assert all(p.data_ptr() == runner.kv_cache[i].data_ptr() for i, p in enumerate(layer_pools))
+    assert all(p.data_ptr() == runner.kv_pool.cache[i].data_ptr() for i, p in enumerate(layer_pools))
     # A fixed size skips the profile run.
     events.clear()
     ModelRunner(engine_config(tiny_model_dir("llama"), kv_cache_memory_gb=0.01))
@@ -211,9 +253,9 @@ def test_pool_size_on_the_real_device(tiny_model_dir, device):
         out = generate(engine, [[5, 6, 7, 8, 9]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
         assert out == [hf_greedy(load_hf(path), [5, 6, 7, 8, 9], 8)]
         runner = engine.executor.runner
-        pool_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+        pool_bytes = runner.kv_pool.nbytes
         if device == "cpu":
-            assert runner.num_kv_blocks == 2 * GiB // runner.kv_block_bytes
+            assert runner.num_kv_blocks == 2 * GiB // runner.kv_pool.block_bytes
         else:
             free, total = torch.cuda.mem_get_info()
             used = total - free

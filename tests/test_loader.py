@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from helpers_models import MiniScheduler, hf_greedy
 from orca_serve.config import EngineConfig, ModelConfig
 from orca_serve.models import gguf_loader
-from orca_serve.models.loader import (ModelNotFoundError, get_model_facts, kv_block_bytes, load_hf_config,
-                                      load_model, load_tokenizer, resolve_model_path)
+from orca_serve.models.loader import (ModelNotFoundError, get_model_facts, load_hf_config, load_model, load_tokenizer,
+                                      resolve_model_path)
 
 
 def test_default_gguf_model_converts_and_matches_hf(default_model_dir):
@@ -96,15 +96,12 @@ def test_crash_during_conversion_leaves_no_cache(fake_gguf, monkeypatch):
     assert os.listdir(gguf_loader.cache_root()) == []
 
 
-def test_facts_and_block_bytes_of_a_hf_directory(tiny_model_dir):
+def test_facts_of_a_hf_directory(tiny_model_dir):
     mc = ModelConfig(model=tiny_model_dir("llama"))
     facts = get_model_facts(mc)
     assert (facts.vocab_size, facts.max_model_len, facts.num_layers, facts.num_kv_heads, facts.head_dim) \
         == (384, 512, 3, 2, 16)
     assert facts.eos_token_ids == (2,)
-    assert kv_block_bytes(facts, 16) == 2 * 3 * 16 * 2 * 16 * 4
-    assert kv_block_bytes(facts, 16, "bfloat16") == 2 * 3 * 16 * 2 * 16 * 2
-    assert kv_block_bytes(facts, 16, "auto") == kv_block_bytes(facts, 16)  # auto is float32 on CPU
     assert get_model_facts(ModelConfig(model=mc.model, max_model_len=100)).max_model_len == 100
     with pytest.raises(ValueError, match="exceeds"):
         get_model_facts(ModelConfig(model=mc.model, max_model_len=4096))

@@ -59,7 +59,7 @@ def test_swap_out_and_in_resumes_exactly(tiny_model_dir):
     # Preempt by swapping: the worker forgets "a", its blocks go to CPU and get clobbered.
     runner.execute_model(SchedulerOutput(99, [], [], {}, 0, finished_req_ids={"a"},
                                          blocks_to_swap_out=list(enumerate(old_blocks))))
-    runner.kv_cache[:, :, old_blocks] = 0.0
+    runner.kv_pool.cache[:, :, old_blocks] = 0.0
     new_blocks = [b for b in range(32) if b not in old_blocks][:len(old_blocks)]
     resume = NewRequestData("a", prompt, list(r["out"]), sp, new_blocks, r["computed"])
     n = len(prompt) + len(r["out"]) - r["computed"]
@@ -108,7 +108,7 @@ def test_runner_rejects_inconsistent_messages(tiny_model_dir):
     with pytest.raises(RuntimeError, match="KV blocks"):
         runner.execute_model(SchedulerOutput(0, [short], [], {"a": 9}, 9))
     with pytest.raises(RuntimeError, match="no CPU blocks"):
-        runner.swap_out([(0, 1)])
+        runner.execute_model(SchedulerOutput(1, [], [], {}, 0, blocks_to_swap_out=[(0, 1)]))
 
 
 def _huge_page_kib(ptr: int) -> int | None:

@@ -42,7 +42,7 @@ STARTUP_TIMEOUT_S = 900.0
 
 
 class DistributedExecutor:
-    def __init__(self, config: EngineConfig, num_cpu_blocks: int = 0) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         p = config.parallel
         self.world_size = p.world_size
         self.timeout_s = p.worker_timeout_s
@@ -55,8 +55,7 @@ class DistributedExecutor:
                                    timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
         authkey = secrets.token_bytes(32)
         self.control = ControlServer(p.master_addr, authkey)
-        init = dict(config=config, num_cpu_blocks=num_cpu_blocks,
-                    store=(p.master_addr, self.store.port), control=self.control.address, authkey=authkey)
+        init = dict(config=config, store=(p.master_addr, self.store.port), control=self.control.address, authkey=authkey)
         self.store.set(INIT_KEY, pickle.dumps(init))
         self.procs = spawn_ranks(node_ranks(config, 0), init)
         self._finalizer = weakref.finalize(self, _teardown, self.control, self.procs)
@@ -68,12 +67,13 @@ class DistributedExecutor:
             self._finalizer()
             raise
         self._rank_of = {conn: rank for rank, conn in self.control.conns.items()}
-        # Every rank sized its pool alike (a fixed size, or the smallest any rank's memory allowed).
-        sizes = {info["num_kv_blocks"] for info in self.worker_info.values()}
+        # Every rank sized its pools alike (the smallest any rank's memory or budget allowed).
+        sizes = {(info["num_kv_blocks"], info["num_cpu_blocks"]) for info in self.worker_info.values()}
         if len(sizes) != 1:
             self._finalizer()
-            raise RuntimeError(f"worker ranks disagree on the KV pool size: {sorted(sizes)} blocks")
-        self.num_kv_blocks = sizes.pop()
+            raise RuntimeError(f"worker ranks disagree on the KV pool sizes: {sorted(sizes)} "
+                               f"(device blocks, host blocks)")
+        self.num_kv_blocks, self.num_cpu_blocks = sizes.pop()
         logger.info("%d worker ranks ready (T=%d, P=%d): %s", self.world_size, p.tensor_parallel_size,
                     p.pipeline_parallel_size, {r: i["param_bytes"] for r, i in sorted(self.worker_info.items())})
 

@@ -15,8 +15,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-from orca_serve.config import DEFAULT_KV_CACHE_MEMORY_GB
-
 logger = logging.getLogger(__name__)
 
 # Keep a margin of every device for activations, the allocator and the runtime.
@@ -104,9 +102,7 @@ def resolve_parallel(config, facts, devices: list[DeviceInfo] | None = None):
     devices = devices or local_devices(p.nnodes)
     # Without a KV budget a GPU's pool takes what the weights leave, so the
     # plan only has to leave room for one sequence of the model's full length.
-    budget = cache.kv_cache_memory_gb
-    if budget is None:
-        budget = DEFAULT_KV_CACHE_MEMORY_GB if all(d.name == "cpu" for d in devices) else 0
+    budget = cache.fixed_kv_budget_gb(sized_from_memory=any(d.name != "cpu" for d in devices)) or 0
     kv_tokens = (cache.num_kv_blocks * cache.block_size if cache.num_kv_blocks
                  else max(facts.max_model_len, int(budget * GiB) // per_token))
     t, pp, reason = plan_parallelism(facts.num_params * dtype_bytes, per_token, kv_tokens,

@@ -44,18 +44,16 @@ class Executor:
 
 
 class UniprocExecutor(Executor):
-    def __init__(self, config: EngineConfig, num_cpu_blocks: int = 0) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         from orca_serve.models.loader import resolve_device
         from orca_serve.worker.model_runner import ModelRunner
 
-        self.runner = ModelRunner(config, num_cpu_blocks=num_cpu_blocks, device=resolve_device(config.model))
+        self.runner = ModelRunner(config, device=resolve_device(config.model))
         self.num_kv_blocks = self.runner.num_kv_blocks
+        self.num_cpu_blocks = self.runner.num_cpu_blocks
         if config.scheduler.async_scheduling and self.runner.device.type == "cpu":
             logger.warning("async_scheduling on a CPU overlaps nothing (the model runs in the engine's thread) "
                            "and returns each token one iteration later; it is meant for a GPU")
-
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute_model(so)
 
     def submit(self, so: SchedulerOutput):
         # Launched, not waited for: the engine schedules the next batch (async
@@ -69,11 +67,11 @@ class UniprocExecutor(Executor):
         return super().collect(handle).result()
 
 
-def make_executor(config: EngineConfig, num_cpu_blocks: int = 0) -> Executor:
-    """The executor for ``config``'s T x P ranks; its ``num_kv_blocks`` is the
-    pool size the rank(s) chose (``worker/kv_sizing.py``)."""
+def make_executor(config: EngineConfig) -> Executor:
+    """The executor for ``config``'s T x P ranks; its ``num_kv_blocks`` and
+    ``num_cpu_blocks`` are the pool sizes the rank(s) chose (``worker/kv_sizing.py``)."""
     if config.parallel.world_size > 1:
         from orca_serve.distributed.executor import DistributedExecutor
 
-        return DistributedExecutor(config, num_cpu_blocks=num_cpu_blocks)
-    return UniprocExecutor(config, num_cpu_blocks=num_cpu_blocks)
+        return DistributedExecutor(config)
+    return UniprocExecutor(config)

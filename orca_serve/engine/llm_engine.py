@@ -40,7 +40,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from orca_serve.models.loader import get_model_facts, kv_block_bytes, load_tokenizer
+        from orca_serve.models.loader import get_model_facts, load_tokenizer
 
         self.tokenizer = load_tokenizer(config.model)
         facts = get_model_facts(config.model, tokenizer=self.tokenizer)
@@ -50,21 +50,16 @@ class LLMEngine:
         self.vocab_size = facts.vocab_size
         self.max_model_len = facts.max_model_len
         self.eos_token_ids = tuple(facts.eos_token_ids)
-        cache = config.cache
         par = config.parallel
-        # Per rank: each holds its layers' and KV heads' share of every block.
-        block_bytes = kv_block_bytes(facts, cache.block_size, config.model.dtype,
-                                     par.tensor_parallel_size, par.pipeline_parallel_size)
-        num_cpu_blocks = int(cache.swap_space_gb * 2**30) // block_bytes if cache.preemption_mode == "swap" else 0
         # Async scheduling keeps the next batch queued behind the running one.
         self._depth = 2 if config.scheduler.async_scheduling else par.inflight_batches
-        # The ranks size the pool: fixed by the config, or on a GPU from what a profile run leaves.
-        self.executor = make_executor(config, num_cpu_blocks=num_cpu_blocks)
-        num_blocks = self.executor.num_kv_blocks
-        logger.info("KV pool: %d blocks of %d tokens (%.1f MiB per rank)", num_blocks, cache.block_size,
-                    num_blocks * block_bytes / 2**20)
-        self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len,
-                                   num_cpu_blocks=num_cpu_blocks, max_inflight_batches=par.inflight_batches)
+        # The ranks size both KV pools (worker/kv_sizing.py): the device pool fixed
+        # by the config or, on a GPU, from what a profile run leaves; the host
+        # pool for swap-mode preemption from swap_space_gb.
+        self.executor = make_executor(config)
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.executor.num_kv_blocks, self.max_model_len,
+                                   num_cpu_blocks=self.executor.num_cpu_blocks,
+                                   max_inflight_batches=par.inflight_batches)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
         self._held: dict[str, RequestOutput] = {}  # request-level baseline: outputs until the batch ends

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from orca_serve.config import ModelConfig
-from orca_serve.distributed.parallel_state import pp_layer_range
 from orca_serve.models.gguf_loader import converted_dir
 from orca_serve.models.registry import get_model_class, make_hf_config
 from orca_serve.models.weights import LoadStats, init_dummy_weights, iter_safetensors
@@ -215,20 +214,3 @@ def get_model_facts(model_config: ModelConfig, tokenizer=None) -> ModelFacts:
         head_dim=hidden // heads if gpt2 else (getattr(config, "head_dim", None) or hidden // heads),
         hidden_size=hidden, num_params=num_params, dtype=torch_dtype(model_config, config))
 
-
-def kv_block_bytes(facts: ModelFacts, block_size: int, dtype: torch.dtype | str | None = None,
-                   tp_size: int = 1, pp_size: int = 1) -> int:
-    """Bytes of one KV block (K and V) on the most loaded rank, for sizing the pool.
-
-    At tp=pp=1 that is the whole model's block. A rank holds its stage's
-    layers and its share of the KV heads (one replicated head when there are
-    fewer KV heads than TP ranks); every rank has the same number of blocks.
-    """
-    if dtype is None or dtype == "auto":
-        dtype = facts.dtype
-    elif isinstance(dtype, str):
-        dtype = _DTYPES[dtype]
-    elem = torch.tensor([], dtype=dtype).element_size()
-    layers = max(e - s for s, e in (pp_layer_range(facts.num_layers, r, pp_size) for r in range(pp_size)))
-    kv_heads = max(1, facts.num_kv_heads // tp_size)
-    return 2 * layers * block_size * kv_heads * facts.head_dim * elem

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from orca_serve.batch import NewRequestData, SchedulerOutput
-from orca_serve.config import DEFAULT_KV_CACHE_MEMORY_GB, CacheConfig, SchedulerConfig
+from orca_serve.config import CacheConfig, SchedulerConfig
 from orca_serve.sampling_params import SamplingParams
 
 GiB = 2**30
@@ -72,12 +72,13 @@ def fixed_kv_blocks(cache: CacheConfig, block_bytes: int, sized_from_memory: boo
     """The pool's size when it does not depend on a profile run, else None."""
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
-    budget = cache.kv_cache_memory_gb
-    if budget is None:
-        if sized_from_memory:
-            return None
-        budget = DEFAULT_KV_CACHE_MEMORY_GB
-    return max(1, int(budget * GiB) // block_bytes)
+    budget = cache.fixed_kv_budget_gb(sized_from_memory)
+    return None if budget is None else max(1, int(budget * GiB) // block_bytes)
+
+
+def swap_blocks(cache: CacheConfig, block_bytes: int) -> int:
+    """The host pool's size: ``swap_space_gb`` of blocks under swap-mode preemption, else none."""
+    return int(cache.swap_space_gb * GiB) // block_bytes if cache.preemption_mode == "swap" else 0
 
 
 def blocks_from_profile(snap: MemorySnapshot, utilization: float, block_bytes: int,

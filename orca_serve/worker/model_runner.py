@@ -1,9 +1,8 @@
 """The model runner: SchedulerOutput -> tensors -> model -> sampler -> ModelRunnerOutput.
 
-It owns the model, the KV pool (one ``[2, num_blocks + 1, block_size,
-kv_heads, head_dim]`` view per layer, sliced from one allocation; the last
-block is scratch space no request is given, see ``decode_graphs``) and an
-optional CPU pool for swap-mode preemption. It mirrors each request's tokens and block
+It owns the model and the rank's KV memory (``kv_pool``: the device pool
+every attention layer views, sized by ``kv_sizing``, and the host pool for
+swap-mode preemption). It mirrors each request's tokens and block
 table from the scheduler's messages: full data once, then diffs. It never
 appends the tokens it samples itself; they come back as ``new_token_ids`` of
 the next ``CachedRequestData``, so the scheduler stays the one source of truth.
@@ -27,7 +26,7 @@ from orca_serve.config import EngineConfig
 from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, min_over_ranks,
                                                    pp_recv_prev, pp_send_next)
 from orca_serve.kernels import cpu_ops_for, gpu_decode_kernel, packed_gemm, packed_gemm_for, paged_attention_kernel
-from orca_serve.kernels.huge_pages import release_free_heap, zeros_on_huge_pages
+from orca_serve.kernels.huge_pages import release_free_heap
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.device import to_device
 from orca_serve.layers.sampler import LogprobTensors, Sampler, SamplingMetadata
@@ -36,17 +35,21 @@ from orca_serve.models.weights import LoadStats
 from orca_serve.worker import kv_sizing
 from orca_serve.worker.decode_graphs import DecodeGraphs
 from orca_serve.worker.input_batch import RequestState, prepare_inputs
+from orca_serve.worker.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, engine_config: EngineConfig, num_kv_blocks: int | None = None, num_cpu_blocks: int = 0,
-                 device: torch.device | str = "cpu") -> None:
-        """``num_kv_blocks`` overrides the pool size the cache config gives
-        (``kv_sizing``: fixed, or on a GPU sized by a profile run)."""
+    def __init__(self, engine_config: EngineConfig, num_kv_blocks: int | None = None,
+                 num_cpu_blocks: int | None = None, device: torch.device | str = "cpu") -> None:
+        """``num_kv_blocks`` and ``num_cpu_blocks`` override the pool sizes the
+        cache config gives (``kv_sizing``: fixed, or on a GPU sized by a
+        profile run; the swap pool from ``swap_space_gb``)."""
         if num_kv_blocks is not None and num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+        if num_cpu_blocks is not None and num_cpu_blocks < 0:
+            raise ValueError(f"num_cpu_blocks must be >= 0, got {num_cpu_blocks}")
         self.config = engine_config
         self.device = torch.device(device)
         self.block_size = engine_config.cache.block_size
@@ -60,10 +63,7 @@ class ModelRunner:
         self.last_recv_wait_s = 0.0  # time the last batch waited for the previous stage
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self._attention_layers = layers
-        # One block of every layer's K and V on this rank.
-        self.kv_block_bytes = (len(layers) * 2 * self.block_size * layers[0].num_kv_heads * layers[0].head_dim
-                               * self.dtype.itemsize)
+        self.kv_pool = KVPool(layers, self.block_size, self.dtype, self.device)
         # Native kernels: attention layers take the paged attention op, and the
         # norms, activations and RoPE that have a native version the module.
         mode = engine_config.model.cpu_kernels
@@ -109,36 +109,30 @@ class ModelRunner:
         self.async_scheduling = engine_config.scheduler.async_scheduling
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
+        cache, pool = engine_config.cache, self.kv_pool
         memory = kv_sizing.device_memory(self.device)
         if num_kv_blocks is None:
-            num_kv_blocks = kv_sizing.fixed_kv_blocks(engine_config.cache, self.kv_block_bytes, memory is not None)
+            num_kv_blocks = kv_sizing.fixed_kv_blocks(cache, pool.block_bytes, memory is not None)
         if num_kv_blocks is None:
             num_kv_blocks = self._kv_blocks_from_memory(memory)
+        if num_cpu_blocks is None:
+            num_cpu_blocks = kv_sizing.swap_blocks(cache, pool.block_bytes)
         # Every rank takes the smallest size any rank found: a budget buys fewer
         # blocks on a stage with more layers, and free memory differs by GPU.
-        self._allocate_kv_pool(min_over_ranks(num_kv_blocks, self.device))
+        pool.allocate(min_over_ranks(num_kv_blocks, self.device))
+        pool.allocate_host(min_over_ranks(num_cpu_blocks, self.device))
+        logger.info("KV pool: %d blocks of %d tokens, %.1f MiB on this rank; %d swap blocks on the host",
+                    pool.num_blocks, self.block_size, pool.nbytes / 2**20, pool.num_host_blocks)
         if engine_config.model.cuda_graphs:
             self.use_decode_graphs(capture=True)
-        cpu_shape = self.kv_cache.shape[:2] + (num_cpu_blocks,) + self.kv_cache.shape[3:]
-        self.cpu_kv_cache = torch.zeros(cpu_shape, dtype=self.dtype, device="cpu",
-                                        pin_memory=self.device.type == "cuda" and num_cpu_blocks > 0)
 
-    def _release_kv_pool(self) -> None:
-        self.kv_cache = None
-        for layer in self._attention_layers:
-            layer.kv_cache = None
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_pool.num_blocks
 
-    def _allocate_kv_pool(self, num_blocks: int) -> None:
-        self.num_kv_blocks = num_blocks
-        layers = self._attention_layers
-        # One block more than the scheduler hands out: the decode graphs' padding rows write there.
-        shape = (len(layers), 2, num_blocks + 1, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
-        self._release_kv_pool()  # the old pool (the profile run's) goes before the new one is taken
-        # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
-        # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
-        self.kv_cache = zeros_on_huge_pages(shape, self.dtype, self.device)
-        for i, layer in enumerate(layers):
-            layer.kv_cache = self.kv_cache[i]
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self.kv_pool.num_host_blocks
 
     def _kv_blocks_from_memory(self, memory) -> int:
         """Run the largest batches once in a small pool, then size the pool from
@@ -147,17 +141,17 @@ class ModelRunner:
                                                     max_model_len(self.config.model, self.hf_config),
                                                     self.block_size, self.vocab_size)
         memory.reset_peak()
-        self._allocate_kv_pool(blocks)
+        self.kv_pool.allocate(blocks)
         for so in batches:
             self.execute_model(so)
             self.requests.clear()
         snap = memory.snapshot()
-        profile_pool_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
-        self._release_kv_pool()
+        profile_pool_bytes = self.kv_pool.nbytes
+        self.kv_pool.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         blocks, how = kv_sizing.blocks_from_profile(snap, self.config.cache.gpu_memory_utilization,
-                                                    self.kv_block_bytes, profile_pool_bytes)
+                                                    self.kv_pool.block_bytes, profile_pool_bytes)
         logger.info("KV pool from device memory: %s", how)
         return blocks
 
@@ -204,9 +198,9 @@ class ModelRunner:
         the previous batch's sampled ids, on the device."""
         self._update_states(so)
         if so.blocks_to_swap_out:
-            self.swap_out(so.blocks_to_swap_out)
+            self.kv_pool.swap_out(so.blocks_to_swap_out)
         if so.blocks_to_swap_in:
-            self.swap_in(so.blocks_to_swap_in)
+            self.kv_pool.swap_in(so.blocks_to_swap_in)
         empty = Ready(ModelRunnerOutput(sampled_token_ids={}) if self.samples else None)
         if so.total_num_scheduled_tokens == 0:
             return empty
@@ -319,22 +313,6 @@ class ModelRunner:
             state.token_ids.extend(new)
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
-
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy KV blocks device -> CPU pool, as (cpu_slot, gpu_block) pairs."""
-        cpu, dev = self._split(pairs)
-        self.cpu_kv_cache.index_copy_(2, cpu, self.kv_cache.index_select(2, dev.to(self.device)).cpu())
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy KV blocks CPU pool -> device, as (cpu_slot, gpu_block) pairs."""
-        cpu, dev = self._split(pairs)
-        self.kv_cache.index_copy_(2, dev.to(self.device), self.cpu_kv_cache.index_select(2, cpu).to(self.device))
-
-    def _split(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cpu_kv_cache.shape[2] == 0:
-            raise RuntimeError("swap requested but the runner has no CPU blocks (num_cpu_blocks=0)")
-        cpu, dev = zip(*pairs)
-        return torch.tensor(cpu, dtype=torch.int64), torch.tensor(dev, dtype=torch.int64)
 
 
 class Ready:

@@ -52,11 +52,13 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=p.worker_timeout_s))
         init_worker_distributed(rank, p.tensor_parallel_size, p.pipeline_parallel_size,
                                 dist.PrefixStore("orca/pg", store), "nccl" if cuda else "gloo", p.worker_timeout_s)
-        runner = _build_runner(config, init, device)
+        from orca_serve.worker.model_runner import ModelRunner  # inside the try: a failure reaches the driver
+
+        runner = ModelRunner(config, device=device)
         conn.send(("ready", rank, dict(pid=os.getpid(), param_bytes=runner.param_bytes,
                                        bytes_read=runner.load_stats.bytes_read,
-                                       num_layers=len(runner.kv_cache), kv_cache_bytes=_nbytes(runner.kv_cache),
-                                       num_kv_blocks=runner.num_kv_blocks)))
+                                       num_layers=len(runner.kv_pool.layers), kv_cache_bytes=runner.kv_pool.nbytes,
+                                       num_kv_blocks=runner.num_kv_blocks, num_cpu_blocks=runner.num_cpu_blocks)))
         _serve(conn, runner, rank)
     except (EOFError, ConnectionError):
         code = 1  # the driver is gone: nothing to report to
@@ -76,16 +78,6 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-def _build_runner(config, init: dict, device):
-    from orca_serve.worker.model_runner import ModelRunner
-
-    return ModelRunner(config, num_cpu_blocks=init["num_cpu_blocks"], device=device)
-
-
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
 
 
 def _serve(conn, runner, rank: int) -> None:
