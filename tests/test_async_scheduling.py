@@ -154,6 +154,93 @@ def test_preemption_and_abort_keep_parity_and_free_blocks(tiny_model_dir):
                 assert outs[str(i)].token_ids == hf_generate(hf, p, 20), f"{mode}: prompt {i}"
 
 
+POISON = [7] * 6
+
+
+@pytest.mark.parametrize("where", ["launch", "forward"])
+def test_a_failed_batch_fails_only_its_own_requests(tiny_model_dir, monkeypatch, where):
+    """The batch after a failed one is launched before the failure is known,
+    with tokens the failed batch's requests were to sample: it skips them, and
+    every other request, in it or arriving later, finishes as HF's."""
+    path = tiny_model_dir("llama")
+    eng = engine(path, True)
+    runner = eng.executor.runner
+    if where == "launch":  # a fault before the runner saw the batch, once
+        real_launch, faults = runner.execute_model_async, []
+
+        def launch(so):
+            if "poison" in so.num_scheduled_tokens and not faults:
+                faults.append(so.iteration)
+                raise RuntimeError("injected fault")
+            return real_launch(so)
+
+        monkeypatch.setattr(runner, "execute_model_async", launch)
+    else:  # a fault in the model (say, out of memory) whenever it sees the poison prompt
+        real_forward = runner.model.forward
+
+        def forward(input_ids, *args):
+            ids = input_ids.tolist()
+            if any(ids[i:i + len(POISON)] == POISON for i in range(len(ids))):
+                raise RuntimeError("injected fault")
+            return real_forward(input_ids, *args)
+
+        monkeypatch.setattr(runner.model, "forward", forward)
+    prompts = make_prompts(5, 384, seed=37, lo=5, hi=10)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    # The poison prompt's batch fails alone; the next one holds its pending token.
+    arrivals = {0: [("poison", POISON)], **{it: [(str(it - 1), prompts[it - 1])] for it in range(1, 6)}}
+    outs, it = {}, 0
+    while it < 6 or eng.has_unfinished_requests():
+        for rid, prompt in arrivals.get(it, []):
+            eng.add_request(rid, prompt, greedy)
+        outs.update((o.request_id, o) for o in eng.step() if o.finished)
+        it += 1
+    assert outs.pop("poison").error == "RuntimeError: injected fault"
+    hf = load_hf(path)
+    for rid, o in sorted(outs.items()):
+        assert (o.finish_reason, o.error) == ("length", None), rid
+        assert o.token_ids == hf_generate(hf, prompts[int(rid)], 12), rid
+    assert len(outs) == 5 and eng.stats().num_kv_blocks_free == 200
+    assert not eng.scheduler._pending and not eng.scheduler._in_flight
+
+
+def test_workers_forget_requests_that_stop_while_their_next_batch_is_in_flight(tiny_model_dir):
+    """A request that stops on a token is finished while the batch after it is
+    in flight; the step that collects that batch schedules nothing, yet must
+    still tell the runner to drop the request's state (served one at a time,
+    every request would otherwise stay in the runner for good)."""
+    path = tiny_model_dir("llama")
+    prompts = make_prompts(6, 384, seed=38, lo=5, hi=30)
+    eng = engine(path, True)
+    hf = load_hf(path)
+    for i, p in enumerate(prompts):
+        stop = hf_generate(hf, p, 3)[2]  # the third token, so each request stops early
+        eng.add_request(str(i), p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                                  stop_token_ids=[stop]))
+        outs = []
+        while eng.has_unfinished_requests():
+            outs += [o for o in eng.step() if o.finished]
+        assert outs[0].finish_reason == "stop" and len(outs[0].token_ids) <= 3
+        assert not eng.executor.runner.requests
+
+
+def test_slo_budget_counts_decodes_whose_token_is_pending(tiny_model_dir):
+    """The SLO policy shrinks the token budget to keep a TPOT target but never
+    below the decodes. A decode whose token is still pending is a decode: with
+    it left out, batches alternated between some of the four requests and the
+    last one waited for the others to finish."""
+    eng = engine(tiny_model_dir("llama"), True, scheduling_policy="slo", default_tpot_slo_s=1e-6)
+    for i, p in enumerate(make_prompts(4, 384, seed=39, lo=5, hi=10)):
+        eng.add_request(str(i), p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    finished_at, batch_sizes, it = {}, [], 0
+    while eng.has_unfinished_requests():
+        finished_at.update((o.request_id, it) for o in eng.step() if o.finished)
+        batch_sizes.append(eng.stats().last_num_reqs)
+        it += 1
+    assert max(finished_at.values()) - min(finished_at.values()) <= 1, finished_at
+    assert batch_sizes[:19] == [4] * 19, batch_sizes
+
+
 def test_prefix_caching(tiny_model_dir):
     path = tiny_model_dir("llama")
     system = make_prompts(1, 384, seed=35, lo=40, hi=40)[0]
@@ -212,6 +299,24 @@ def test_scheduler_drops_the_token_of_a_request_that_stopped():
     assert s.update(b2, ModelRunnerOutput({"a": 6})) == []
     assert req.output_token_ids == [] and not s._pending and not s._in_flight
     assert s.schedule().finished_req_ids == {"a"}  # the worker forgets it
+
+
+def test_scheduler_refuses_an_id_whose_batch_is_in_flight():
+    """An aborted request's batch still comes back with its token; a new
+    request of the same id before then would take it."""
+    s = make_scheduler()
+    add(s, "a", 4, max_tokens=10)
+    b1, b2 = s.schedule(), s.schedule()
+    s.abort_request("a")
+    with pytest.raises(ValueError, match="'a' is still in use: a batch .* is in flight"):
+        add(s, "a", 4, max_tokens=10)
+    s.update(b1, ModelRunnerOutput({"a": 5}))
+    with pytest.raises(ValueError, match="in flight"):
+        add(s, "a", 4, max_tokens=10)
+    s.update(b2, ModelRunnerOutput({"a": 6}))
+    again = add(s, "a", 4, max_tokens=10)
+    s.update(s.schedule(), ModelRunnerOutput({"a": 7}))
+    assert again.output_token_ids == [7]
 
 
 def test_scheduler_chunked_prompt_and_model_length():

@@ -61,6 +61,7 @@ class UniprocExecutor(Executor):
         try:
             return ("ok", self.runner.execute_model_async(so))
         except Exception as exc:  # surfaced by collect, where the engine handles failures
+            self.runner.batch_failed(so)
             return ("error", exc)
 
     def collect(self, handle) -> ModelRunnerOutput:

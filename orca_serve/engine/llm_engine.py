@@ -8,6 +8,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from orca_serve.batch import ModelRunnerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.plan import resolve_parallel
 from orca_serve.engine.detokenizer import IncrementalDetokenizer
@@ -147,7 +148,10 @@ class LLMEngine:
         """
         t0 = time.perf_counter()
         so = self.scheduler.schedule()
-        if not so.is_empty or so.blocks_to_swap_out or so.blocks_to_swap_in:
+        # A batch with nothing to compute still goes out when it moves KV blocks
+        # or tells the workers to forget requests (a request that stopped while
+        # its next batch was in flight is finished in an otherwise empty one).
+        if not so.is_empty or so.blocks_to_swap_out or so.blocks_to_swap_in or so.finished_req_ids:
             self._pipeline.append((so, time.perf_counter(), self.executor.submit(so)))
         advanced = []
         if self._pipeline and (len(self._pipeline) >= self._depth or so.is_empty):
@@ -172,13 +176,15 @@ class LLMEngine:
             for req in failed:
                 req.error = f"{type(exc).__name__}: {exc}"
             self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
+            self.scheduler.update(so, ModelRunnerOutput(sampled_token_ids={}))  # the batch is back, with nothing
             return failed
         now = time.perf_counter()
         # With async scheduling a batch waits on the device behind the one
         # before it, so its own time starts when that one's tokens came back.
         start = max(t_submit, self._collected_at) if self.config.scheduler.async_scheduling else t_submit
         self._collected_at = now
-        self.scheduler.observe_iteration(so.total_num_scheduled_tokens, now - start)
+        if not so.is_empty:  # a batch that only moved blocks or finished requests says nothing of model time
+            self.scheduler.observe_iteration(so.total_num_scheduled_tokens, now - start)
         advanced = self.scheduler.update(so, out)
         self._attach_logprobs(advanced, out)
         return advanced

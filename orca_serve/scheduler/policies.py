@@ -9,6 +9,7 @@ answers three questions:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from orca_serve.request import Request
 
@@ -32,8 +33,10 @@ class SchedulingPolicy:
     def may_preempt_for(self, waiting: Request, running: Request) -> bool:
         return False
 
-    def token_budget(self, running: list[Request], default: int, cost_model) -> int:
-        """Tokens this iteration may compute (the SLO policy shrinks it)."""
+    def token_budget(self, running: list[Request], default: int, cost_model,
+                     to_compute: Callable[[Request], int]) -> int:
+        """Tokens this iteration may compute (the SLO policy shrinks it);
+        ``to_compute(req)`` is what ``req`` has left to schedule."""
         return default
 
 
@@ -97,14 +100,16 @@ class SLOPolicy(SchedulingPolicy):
         # Deadline less estimated work; independent of `now`, so the order is stable.
         return (0, self.slack(req, 0.0), req.arrival_time)
 
-    def token_budget(self, running: list[Request], default: int, cost_model) -> int:
+    def token_budget(self, running: list[Request], default: int, cost_model,
+                     to_compute: Callable[[Request], int]) -> int:
         """Adaptive batching: the biggest iteration that still keeps every
         running request's time-per-output-token target. Decodes always fit
-        (starving them would only make every target worse)."""
+        (starving them would only make every target worse), those whose token
+        is still pending under async scheduling included."""
         targets = [r.tpot_slo for r in running if r.tpot_slo is not None]
         if not targets or cost_model.num_observations < 3:
             return default
-        decodes = sum(1 for r in running if r.num_tokens - r.num_computed_tokens == 1)
+        decodes = sum(1 for r in running if to_compute(r) == 1)
         return max(min(default, cost_model.max_tokens_within(min(targets))), decodes, 1)
 
     def victim_key(self, req: Request):

@@ -107,6 +107,9 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.request_id in self._in_flight:  # its tokens would be taken for the new request's
+            raise ValueError(f"request id {req.request_id!r} is still in use: a batch with the finished "
+                             f"request of that id is in flight; use a new id")
         limit = self.config.max_waiting_requests
         if limit is not None and len(self._waiting) >= limit:
             raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
@@ -182,7 +185,8 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self._release_swap(req)
-        self._in_flight.pop(req.request_id, None)
+        # _in_flight keeps its count until the batches come back (update): the id
+        # is not free for a new request before then.
         self._pending.pop(req.request_id, None)
         req.status = status
         req.metrics.finished_time = self.clock()
@@ -221,7 +225,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
         self._held_back = set()
-        budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model)
+        budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
+                                          self._to_compute)
         self._reject_late_waiting()
         if self.policy.dynamic_order and self._waiting:
             now = self.clock()

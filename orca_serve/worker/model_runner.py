@@ -108,6 +108,7 @@ class ModelRunner:
         # request's row in them, for a request scheduled before its token came back.
         self.async_scheduling = engine_config.scheduler.async_scheduling
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
+        self._lost: set[str] = set()  # the requests of a batch that failed to launch (``batch_failed``)
 
         cache, pool = engine_config.cache, self.kv_pool
         memory = kv_sizing.device_memory(self.device)
@@ -196,18 +197,20 @@ class ModelRunner:
         waits and returns what ``execute_model`` does. A request scheduled one
         token past those it was sent (async scheduling) takes that token from
         the previous batch's sampled ids, on the device."""
-        self._update_states(so)
+        lost, self._lost = self._lost, set()
+        self._update_states(so, lost)
         if so.blocks_to_swap_out:
             self.kv_pool.swap_out(so.blocks_to_swap_out)
         if so.blocks_to_swap_in:
             self.kv_pool.swap_in(so.blocks_to_swap_in)
         empty = Ready(ModelRunnerOutput(sampled_token_ids={}) if self.samples else None)
-        if so.total_num_scheduled_tokens == 0:
-            return empty
-        unknown = so.num_scheduled_tokens.keys() - self.requests.keys()
+        unknown = so.num_scheduled_tokens.keys() - self.requests.keys() - lost
         if unknown:
             raise RuntimeError(f"scheduled request(s) the worker was never sent: {sorted(unknown)}")
-        scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items() if n > 0]
+        scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items()
+                     if n > 0 and rid not in lost]
+        if not scheduled:
+            return empty
         pending = self.async_scheduling and self._add_pending_tokens(scheduled)
         if self.decode_graphs is not None:
             graphed = self._decode_from_graph(scheduled, pending)
@@ -237,6 +240,16 @@ class ModelRunner:
         if not self.samples:
             return Ready(None)
         return self._sample(logits, states)
+
+    def batch_failed(self, so: SchedulerOutput) -> None:
+        """``so`` failed to launch. Under async scheduling the next batch was
+        scheduled before the engine hears of it, with tokens its requests were to
+        sample: that batch skips them (the engine fails them once it collects
+        this one) instead of failing as a whole, innocent requests with it."""
+        if self.async_scheduling:
+            self._lost = (set(so.num_scheduled_tokens) | {r.req_id for r in so.scheduled_new_reqs}
+                          | {r.req_id for r in so.scheduled_cached_reqs})
+            self._last_sampled = None
 
     def _decode_from_graph(self, scheduled: list[tuple[RequestState, int]], pending: bool):
         """(logits, requests) of a decode-only iteration the graphs serve, else None.
@@ -295,7 +308,7 @@ class ModelRunner:
         values = tokens.index_select(0, to_device(src, tokens.device))
         input_ids.index_copy_(0, to_device(dst, input_ids.device), values)
 
-    def _update_states(self, so: SchedulerOutput) -> None:
+    def _update_states(self, so: SchedulerOutput, lost: set[str]) -> None:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
         for new in so.scheduled_new_reqs:
@@ -305,6 +318,8 @@ class ModelRunner:
                 num_computed_tokens=new.num_computed_tokens, sampling_params=new.sampling_params)
         for cached in so.scheduled_cached_reqs:
             state = self.requests.get(cached.req_id)
+            if state is None and cached.req_id in lost:
+                continue  # its first batch failed before this worker saw it
             if state is None:
                 raise RuntimeError(f"scheduler sent a diff for unknown request {cached.req_id!r}")
             new = cached.new_token_ids
