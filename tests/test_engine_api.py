@@ -69,6 +69,17 @@ def test_bad_prompts_fail_alone(llm, prompt, match):
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and stats.num_running == 0
 
 
+def test_a_stop_token_outside_the_vocabulary_fails_alone(llm):
+    """With min_tokens the sampler masks the stop tokens' logits; an id past the
+    vocabulary would fail the whole batch there, so the engine refuses it."""
+    bad = SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=[5, 100000])
+    with pytest.raises(ValueError, match="stop_token_ids: token id 100000 is outside the vocabulary"):
+        llm.generate([[1, 2, 3], [4, 5, 6]], [SamplingParams(max_tokens=3), bad])
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=[5]))[0].finished
+    stats = llm.engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and stats.num_running == 0
+
+
 def test_max_tokens_over_context(llm):
     with pytest.raises(ValueError, match="max_tokens"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=600))

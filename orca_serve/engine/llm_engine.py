@@ -108,6 +108,9 @@ class LLMEngine:
             raise ValueError("params must be a SamplingParams")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        for t in params.stop_token_ids:
+            if t >= self.vocab_size:
+                raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
         token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt is empty")
