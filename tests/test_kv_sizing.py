@@ -238,6 +238,10 @@ def test_parallel_plan_leaves_room_for_one_sequence_on_a_gpu():
     # A budget given is planned for as it is: 60 GiB needs two GPUs.
     big = EngineConfig.from_kwargs(parallel="auto", kv_cache_memory_gb=60.0)
     assert resolve_parallel(big, Facts, [DeviceInfo("H100", 80 * GiB)] * 8).parallel.world_size == 2
+    # The share of each GPU is the operator's: 0.3 of 80 GiB (24 GiB) does not hold the weights.
+    low = EngineConfig.from_kwargs(parallel="auto", gpu_memory_utilization=0.3)
+    assert resolve_parallel(config, Facts, [DeviceInfo("H100", 80 * GiB)] * 8).parallel.world_size == 1
+    assert resolve_parallel(low, Facts, [DeviceInfo("H100", 80 * GiB)] * 8).parallel.world_size == 2
 
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

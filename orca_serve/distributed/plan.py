@@ -100,14 +100,17 @@ def resolve_parallel(config, facts, devices: list[DeviceInfo] | None = None):
     per_token = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * dtype_bytes
     cache = config.cache
     devices = devices or local_devices(p.nnodes)
+    gpus = any(d.name != "cpu" for d in devices)
     # Without a KV budget a GPU's pool takes what the weights leave, so the
     # plan only has to leave room for one sequence of the model's full length.
-    budget = cache.fixed_kv_budget_gb(sized_from_memory=any(d.name != "cpu" for d in devices)) or 0
+    budget = cache.fixed_kv_budget_gb(sized_from_memory=gpus) or 0
     kv_tokens = (cache.num_kv_blocks * cache.block_size if cache.num_kv_blocks
                  else max(facts.max_model_len, int(budget * GiB) // per_token))
+    # On GPUs the share the operator allows (the runner sizes the pool within it too).
+    utilization = cache.gpu_memory_utilization if gpus else MEMORY_UTILIZATION
     t, pp, reason = plan_parallelism(facts.num_params * dtype_bytes, per_token, kv_tokens,
-                                     devices, num_heads=facts.num_heads,
-                                     num_kv_heads=facts.num_kv_heads, num_layers=facts.num_layers)
+                                     devices, num_heads=facts.num_heads, num_kv_heads=facts.num_kv_heads,
+                                     num_layers=facts.num_layers, memory_utilization=utilization)
     logger.info(reason)
     chosen = dataclasses.replace(p, tensor_parallel_size=t, pipeline_parallel_size=pp, parallel="manual")
     return dataclasses.replace(config, parallel=chosen)
