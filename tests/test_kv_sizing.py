@@ -104,24 +104,36 @@ def test_bad_cache_config(kwargs, match):
 
 
 @pytest.mark.parametrize("seqs,budget,max_len,block", [(256, 2048, 4096, 16), (3, 100, 30, 4), (1, 64, 512, 16),
-                                                       (200, 50, 1000, 8)])
+                                                       (200, 50, 1000, 8), (4, 64, 2, 4)])
 def test_profile_batches_cover_the_largest_iterations(seqs, budget, max_len, block):
     batches, most = profile_batches(SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=budget),
                                     max_len, block, vocab_size=100)
-    long_batch, short_batch = batches
-    assert [len(r.prompt_token_ids) for r in long_batch.scheduled_new_reqs] == [min(budget, max_len - 1)]
-    lengths = [len(r.prompt_token_ids) for r in short_batch.scheduled_new_reqs]
+    longest = max(1, max_len - 1)
+    fresh, *late, many = batches
+    assert [len(r.prompt_token_ids) for r in fresh.scheduled_new_reqs] == [min(budget, longest)]
+    # A chunk as long as the budget allows at the end of the longest context
+    # (none when the model's length leaves no context before a chunk).
+    assert len(late) == (longest > 1)
+    for so in late:
+        (chunk,) = so.scheduled_new_reqs
+        n = so.num_scheduled_tokens[chunk.req_id]
+        assert (n, chunk.num_computed_tokens, len(chunk.prompt_token_ids)) == (min(budget, longest - 1),
+                                                                              longest - n, longest)
+    lengths = [len(r.prompt_token_ids) for r in many.scheduled_new_reqs]
     assert len(lengths) == min(seqs, budget) and max(lengths) - min(lengths) <= 1
-    assert sum(lengths) == min(budget, len(lengths) * (max_len - 1))
+    assert sum(lengths) == min(budget, len(lengths) * longest)
     for so in batches:
         assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
-        used = [b for r in so.scheduled_new_reqs for b in r.block_ids]
-        assert len(used) == len(set(used)) and max(used) < most
+        written = []  # the blocks this batch's tokens go to: one request's each
         for r in so.scheduled_new_reqs:
+            assert r.num_computed_tokens + so.num_scheduled_tokens[r.req_id] == len(r.prompt_token_ids)
             assert len(r.block_ids) * block >= len(r.prompt_token_ids) > (len(r.block_ids) - 1) * block
+            written += r.block_ids[r.num_computed_tokens // block:]
             assert all(0 <= t < 100 for t in r.prompt_token_ids)
-            assert r.sampling_params.seed is not None and r.sampling_params.temperature > 0
-    assert most == max(sum(len(r.block_ids) for r in so.scheduled_new_reqs) for so in batches)
+            sp = r.sampling_params
+            assert sp.seed is not None and sp.temperature > 0 and sp.logprobs and sp.min_tokens
+        assert len(written) == len(set(written)) and max(written) < most
+    assert most == max(len({b for r in so.scheduled_new_reqs for b in r.block_ids}) for so in batches)
 
 
 class FakeMemory:
@@ -168,7 +180,7 @@ def test_runner_sizes_its_pool_from_a_profile_run(tiny_model_dir, fake_gpu_memor
     batches, most = profile_batches(config.scheduler, runner.hf_config.max_position_embeddings, 4,
                                     runner.vocab_size)
     # The counters were reset, both profile batches ran, and only then were they read.
-    assert events == ["reset", ("batch", -1, 1), ("batch", -2, 6), "snapshot"]
+    assert events == ["reset", ("batch", -1, 1), ("batch", -2, 1), ("batch", -3, 6), "snapshot"]
     expected, _ = blocks_from_profile(state["snap"], 0.5, runner.kv_pool.block_bytes,
                                      (most + 1) * runner.kv_pool.block_bytes)
     assert runner.num_kv_blocks == expected > most
@@ -181,6 +193,27 @@ def test_runner_sizes_its_pool_from_a_profile_run(tiny_model_dir, fake_gpu_memor
     events.clear()
     ModelRunner(engine_config(tiny_model_dir("llama"), kv_cache_memory_gb=0.01))
     assert events == []
+
+
+def test_profile_attends_a_chunk_over_the_longest_context(tiny_model_dir, fake_gpu_memory, monkeypatch):
+    """In the GPU's batched layout a fresh prompt attends its own K/V with no
+    mask; a later chunk gathers its whole context and masks it, the larger
+    transient. The profile must run one (run here on the CPU in that layout)."""
+    import orca_serve.layers.attention as attention
+    import orca_serve.worker.model_runner as model_runner
+
+    calls, sdpa, prepare = [], attention.F.scaled_dot_product_attention, model_runner.prepare_inputs
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((k.shape[-2], attn_mask is not None))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(model_runner, "prepare_inputs",
+                        lambda *a, **kw: prepare(*a, **{**kw, "batched_attention": True}))
+    runner = ModelRunner(engine_config(tiny_model_dir("llama")))
+    longest = runner.hf_config.max_position_embeddings - 1
+    assert (longest, True) in calls and max(keys for keys, _ in calls) == longest
 
 
 def test_engine_on_a_profiled_pool_serves_as_on_a_fixed_one(tiny_model_dir, fake_gpu_memory):

@@ -26,7 +26,7 @@ _SKIP = {"dummy_config"}  # set through --dummy-config below (a name, not a dict
 _HELP = {"max_batch_size": "request-level policy only: requests per batch (other policies: see --max-num-seqs)",
          "max_queue_delay_s": "request-level policy only: longest wait for a batch to fill",
          "kv_cache_memory_gb": "KV pool per device, GiB (unset: on a GPU what --gpu-memory-utilization leaves "
-                               "after the weights and a profile run of the largest batch, on a CPU 2)",
+                               "after the weights and a profile run of the largest batches, on a CPU 2)",
          "gpu_memory_utilization": "on a GPU without --kv-cache-memory-gb or --num-kv-blocks: the share of "
                                    "the device that weights, activations and the KV pool may fill"}
 

@@ -3,7 +3,7 @@
 An operator either fixes the pool (``--num-kv-blocks``, or a budget with
 ``--kv-cache-memory-gb``) or, on a GPU, lets the rank take what is left of
 ``--gpu-memory-utilization`` of the device once the weights are loaded and
-the largest batch the scheduler can form has run once (vLLM's rule: more
+the largest batches the scheduler can form have run once (vLLM's rule: more
 blocks are more requests in the batch, so a GPU should give the pool all the
 memory nothing else needs). On a CPU the pool's default budget stays fixed:
 host memory is shared with everything else on the machine, and what is
@@ -111,31 +111,45 @@ def profile_batches(scheduler: SchedulerConfig, max_model_len: int, block_size: 
                     vocab_size: int) -> tuple[list[SchedulerOutput], int]:
     """(the batches whose peak sizes the pool, the most blocks one of them needs).
 
-    Two shapes bound what an iteration holds at once: one prompt as long as an
-    iteration allows (the padded prefill's attention is quadratic in it), and
-    as many requests as may run, sharing the token budget, every one sampled
-    (logits and the sampler's work grow with the rows). Sampling with top-p and
-    a seed per row takes the sampler's widest path without drawing from the
-    runner's shared generator.
+    Three shapes bound what an iteration holds at once:
+
+    - one fresh prompt as long as an iteration allows: its attention is
+      quadratic in it (on the chunk's own K/V);
+    - one chunk as long as an iteration allows at the end of the longest
+      context (a later chunk of a long prompt, or a prompt after a prefix-cache
+      hit): its attention gathers the whole context and masks it. The
+      context's whole blocks all name one block, so the gather is the full
+      context's while the profile's pool stays small;
+    - as many requests as may run, sharing the token budget, every one
+      sampled: logits and the sampler's work grow with the rows.
+
+    Every row takes the sampler's widest path (top-k and top-p, a minimum
+    length, logprobs) with a seed of its own, so the runner's shared
+    generator is not drawn from.
     """
     budget = scheduler.max_num_batched_tokens
     longest = max(1, max_model_len - 1)  # a prompt leaves room for one output token
     num_short = min(scheduler.max_num_seqs, budget)
     short = [min(longest, budget // num_short + (i < budget % num_short)) for i in range(num_short)]
+    late = min(budget, longest - 1)  # a chunk with at least one token of context
+    shapes = [[(0, min(budget, longest))], *([[(longest - late, late)]] if late > 0 else []),
+              [(0, n) for n in short]]  # (context, chunk) per request
     outputs, most = [], 0
-    for step, lengths in enumerate([[min(budget, longest)], short]):
+    for step, rows in enumerate(shapes):
         new, next_block = [], 0  # each batch runs alone, from the start of the pool
-        for i, n in enumerate(lengths):
-            blocks = list(range(next_block, next_block + -(-n // block_size)))
-            next_block += len(blocks)
-            params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, seed=i)
+        for i, (context, n) in enumerate(rows):
+            shared = context // block_size
+            own = list(range(next_block, next_block + -(-(context + n) // block_size) - shared))
+            next_block += len(own)
+            params = SamplingParams(max_tokens=2, min_tokens=1, temperature=1.0, top_k=vocab_size // 2,
+                                    top_p=0.9, logprobs=20, seed=i)
             new.append(NewRequestData(req_id=f"kv-profile-{step}-{i}",
-                                      prompt_token_ids=[(7 * (i + j)) % vocab_size for j in range(n)],
-                                      output_token_ids=[], sampling_params=params, block_ids=blocks,
-                                      num_computed_tokens=0))
+                                      prompt_token_ids=[(7 * (i + j)) % vocab_size for j in range(context + n)],
+                                      output_token_ids=[], sampling_params=params,
+                                      block_ids=own[:1] * shared + own, num_computed_tokens=context))
         most = max(most, next_block)
         outputs.append(SchedulerOutput(iteration=-1 - step, scheduled_new_reqs=new, scheduled_cached_reqs=[],
-                                       num_scheduled_tokens={r.req_id: len(r.prompt_token_ids) for r in new},
-                                       total_num_scheduled_tokens=sum(lengths),
+                                       num_scheduled_tokens={r.req_id: n for r, (_, n) in zip(new, rows)},
+                                       total_num_scheduled_tokens=sum(n for _, n in rows),
                                        finished_req_ids=set()))
     return outputs, most
