@@ -210,6 +210,47 @@ def test_prefix_caching_same_outputs_and_counts_cached_tokens(tiny_model_dir):
     assert all(o.num_cached_tokens == 40 for o in results[True][1:])
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_failed_batch_leaves_no_unfilled_blocks_in_the_prefix_cache(tiny_model_dir, monkeypatch, asynchronous):
+    """The prefix cache makes a block findable when its batch is scheduled; if
+    that batch fails, the block holds no K/V. A later prompt with the same
+    prefix must compute it, not read it; a request that already took it (a
+    batch in flight behind the failed one, under async scheduling) fails."""
+    path = tiny_model_dir("llama")
+    engine = LLMEngine(EngineConfig.from_kwargs(model=path, num_kv_blocks=200, block_size=4,
+                                                async_scheduling=asynchronous))
+    runner, faults = engine.executor.runner, []
+    forward = runner.model.forward
+
+    def first_forward_fails(*args):
+        if not faults:
+            faults.append(1)
+            raise RuntimeError("injected fault")
+        return forward(*args)
+
+    monkeypatch.setattr(runner.model, "forward", first_forward_fails)
+    prompt = make_prompts(1, 384, seed=40, lo=20, hi=20)[0]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs, it = {}, 0
+    engine.add_request("a", prompt, greedy)
+    while it < 2 or engine.has_unfinished_requests():
+        if it == 1:
+            engine.add_request("b", prompt, greedy)  # same prompt, one iteration later
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+        it += 1
+    expected = hf_generate(load_hf(path), prompt, 6)
+    assert outs["a"].error == "RuntimeError: injected fault"
+    if asynchronous:
+        assert "prefix-cache hit was on blocks a failed batch was to fill" in outs["b"].error
+    else:
+        assert (outs["b"].token_ids, outs["b"].num_cached_tokens) == (expected, 0)
+    engine.add_request("c", prompt, greedy)
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert outs["c"].token_ids == expected
+    assert engine.stats().num_kv_blocks_free == 200
+
+
 def test_swap_and_recompute_preemption_give_same_outputs(tiny_model_dir):
     path = tiny_model_dir("llama")
     prompts = make_prompts(10, 384, seed=9)

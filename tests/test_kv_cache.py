@@ -115,3 +115,20 @@ def test_every_full_block_is_cached_as_chunks_and_decodes_fill_it():
     kv.forget(other)
     kv.allocate_slots(req, req.num_tokens)
     assert cached_blocks() == req.num_tokens // 4
+
+
+def test_uncache_unfilled_takes_only_the_blocks_of_failed_batches():
+    """A failed batch never filled the blocks it made findable: they leave the
+    prefix cache; blocks an earlier batch filled stay."""
+    kv = KVCacheManager(8, block_size=4)
+    a = make_req("a", 12, max_tokens=8)
+    kv.current_batch = 1
+    kv.allocate_slots(a, 4)  # batch 1 fills block 0
+    a.num_computed_tokens = 4
+    kv.current_batch = 2
+    kv.allocate_slots(a, 8)  # batch 2 (to fail) was to fill blocks 1 and 2
+    held = kv.block_ids("a")
+    assert kv.uncache_unfilled([a], since_batch=2) == set(held[1:3])
+    assert [kv.pool.blocks[i].block_hash is not None for i in held] == [True, False, False]
+    assert len(kv.get_computed_blocks(make_req("b", 12))) == 1
+    assert kv.uncache_unfilled([a], since_batch=2) == set()

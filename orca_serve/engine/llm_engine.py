@@ -8,7 +8,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from orca_serve.batch import ModelRunnerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.plan import resolve_parallel
 from orca_serve.engine.detokenizer import IncrementalDetokenizer
@@ -171,15 +170,15 @@ class LLMEngine:
             out = self.executor.collect(handle)
         except Exception as exc:  # the batch fails; the engine and other requests go on
             logger.exception("iteration %d failed", so.iteration)
-            failed = [self.scheduler.requests[r] for r in so.num_scheduled_tokens if r in self.scheduler.requests]
-            if not self._executor_alive():
-                # A lost worker takes every request down: fail them all now, so no client waits.
-                failed = list(self.scheduler.requests.values())
-                self._pipeline.clear()
+            error = f"{type(exc).__name__}: {exc}"
+            if self._executor_alive():
+                return self.scheduler.fail_batch(so, error)
+            # A lost worker takes every request down: fail them all now, so no client waits.
+            failed = list(self.scheduler.requests.values())
+            self._pipeline.clear()
             for req in failed:
-                req.error = f"{type(exc).__name__}: {exc}"
+                req.error = error
             self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
-            self.scheduler.update(so, ModelRunnerOutput(sampled_token_ids={}))  # the batch is back, with nothing
             return failed
         now = time.perf_counter()
         # With async scheduling a batch waits on the device behind the one

@@ -21,6 +21,7 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
+    cached_in: int = -1  # the batch whose run fills the block, from when it is findable by its hash
 
 
 def hash_block_tokens(parent_hash: bytes | None, token_ids) -> bytes:
@@ -88,14 +89,19 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
-    def cache_block(self, block: KVBlock, block_hash: bytes) -> None:
-        """Make a full block findable by its content hash (first writer wins)."""
+    def cache_block(self, block: KVBlock, block_hash: bytes, batch: int = -1) -> None:
+        """Make a full block findable by its content hash (first writer wins);
+        ``batch`` is the one that fills it."""
         if not self.enable_caching or block.block_hash is not None:
             return
         if block_hash in self._cached:
             return  # an identical block is already cached; this one stays private
-        block.block_hash = block_hash
+        block.block_hash, block.cached_in = block_hash, batch
         self._cached[block_hash] = block
+
+    def uncache(self, block: KVBlock) -> None:
+        """Make a block unfindable (its contents are not what its hash says)."""
+        self._evict_hash(block)
 
     def _evict_hash(self, block: KVBlock) -> None:
         if block.block_hash is not None:

@@ -31,6 +31,8 @@ class KVCacheManager:
         # so each step looks only at the blocks that filled since (a decode
         # fills one every block_size steps).
         self.req_num_cached: dict[str, int] = {}
+        # The batch being scheduled: a block cached now is filled when it runs.
+        self.current_batch = 0
 
     @property
     def num_blocks(self) -> int:
@@ -115,8 +117,20 @@ class KVCacheManager:
         hashes = self._block_hashes(request)
         for i in range(start, num_full):
             if held[i].block_hash is None:
-                self.pool.cache_block(held[i], hashes[i])
+                self.pool.cache_block(held[i], hashes[i], self.current_batch)
         self.req_num_cached[request.request_id] = num_full
+
+    def uncache_unfilled(self, requests: list[Request], since_batch: int) -> set[int]:
+        """Take the blocks of ``requests`` that batches from ``since_batch`` on
+        were to fill out of the prefix cache (those batches failed); returns
+        their ids."""
+        unfilled = set()
+        for req in requests:
+            for block in self.req_blocks.get(req.request_id, ()):
+                if block.block_hash is not None and block.cached_in >= since_batch:
+                    self.pool.uncache(block)
+                    unfilled.add(block.block_id)
+        return unfilled
 
     def free(self, request: Request) -> None:
         """Release every block of the request (tail first, so prefixes live longest)."""

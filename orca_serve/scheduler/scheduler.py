@@ -134,6 +134,28 @@ class Scheduler:
         self._finish(req, RequestStatus.FINISHED_ABORTED)
         return req
 
+    def fail_batch(self, so: SchedulerOutput, error: str) -> list[Request]:
+        """Batch ``so`` came back with ``error``: fail its requests and retire it.
+
+        The blocks it (or a batch in flight behind it) was to fill for them
+        leave the prefix cache, and a request that took one of those blocks
+        meanwhile (a prefix hit in a batch in flight) fails too: what it read
+        there is not its prefix's K/V. Returns the failed requests."""
+        failed = [self.requests[rid] for rid in so.num_scheduled_tokens if rid in self.requests]
+        for req in failed:
+            req.error = error
+        hit, unfilled = failed, set()
+        while hit:  # the blocks such a request filled since are no better
+            unfilled |= self.kv.uncache_unfilled(hit, so.iteration)
+            hit = [r for r in self.running
+                   if r not in failed and not unfilled.isdisjoint(self.kv.block_ids(r.request_id))]
+            for req in hit:
+                req.error = f"its prefix-cache hit was on blocks a failed batch was to fill ({error})"
+            failed = failed + hit
+        self.finish_requests(failed, RequestStatus.FINISHED_ERROR)
+        self.update(so, ModelRunnerOutput(sampled_token_ids={}))
+        return failed
+
     def finish_requests(self, reqs: list[Request], status: RequestStatus) -> None:
         """Finish requests the engine decided are done (e.g. a stop string)."""
         for req in reqs:
@@ -224,6 +246,7 @@ class Scheduler:
     # ---- schedule ----------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
+        self.kv.current_batch = self.iteration
         self._held_back = set()
         budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
                                           self._to_compute)
