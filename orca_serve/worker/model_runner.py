@@ -146,6 +146,7 @@ class ModelRunner:
         for so in batches:
             self.execute_model(so)
             self.requests.clear()
+        self._last_sampled = None  # (async scheduling) the profile's rows are no request's
         snap = memory.snapshot()
         profile_pool_bytes = self.kv_pool.nbytes
         self.kv_pool.release()
