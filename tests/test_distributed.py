@@ -113,8 +113,9 @@ def test_a_budget_gives_every_stage_the_most_loaded_stages_blocks(tiny_model_dir
         facts = get_model_facts(engine.config.model)
         stage0_block_bytes = 2 * 2 * 4 * facts.num_kv_heads * facts.head_dim * 4  # 2 layers, K and V, float32
         assert engine.stats().num_kv_blocks_total == int(0.001 * 2**30) // stage0_block_bytes
-        assert len(engine.scheduler._cpu_free) == int(0.0005 * 2**30) // stage0_block_bytes
-        assert {i["num_cpu_blocks"] for i in engine.executor.worker_info.values()} == {len(engine.scheduler._cpu_free)}
+        swap_slots = engine.scheduler.swap.num_free_slots
+        assert swap_slots == int(0.0005 * 2**30) // stage0_block_bytes
+        assert {i["num_cpu_blocks"] for i in engine.executor.worker_info.values()} == {swap_slots}
         per_rank = {r: i["kv_cache_bytes"] for r, i in engine.executor.worker_info.items()}
         assert per_rank[0] == 2 * per_rank[1]  # same blocks (and scratch block), twice the layers
         prompts, max_tokens = workload("llama")

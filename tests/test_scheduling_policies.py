@@ -177,7 +177,7 @@ def _run_pressure(mode, num_cpu_blocks):
         s.add_request(q)
     run_all(s, r)
     check_outputs(reqs)
-    assert s.kv.num_free_blocks == 10 and len(s._cpu_free) == num_cpu_blocks
+    assert s.kv.num_free_blocks == 10 and s.swap.num_free_slots == num_cpu_blocks
     return s
 
 
@@ -213,7 +213,7 @@ def test_priorities_aborts_prefixes_swaps_never_leak(ops, num_blocks, cpu, mode,
                                                  ttft_slo=1.0 if op[3] == 0 else None, user=f"u{op[3] % 2}"),
                        lambda: step(s, r))
     run_all(s, r)
-    assert s.kv.num_free_blocks == num_blocks and len(s._cpu_free) == cpu
+    assert s.kv.num_free_blocks == num_blocks and s.swap.num_free_slots == cpu
     assert all(b.ref_cnt == 0 for b in s.kv.pool.blocks)
     for q in added:
         assert q.finished

@@ -20,6 +20,8 @@ class SchedulingPolicy:
     admits_only_when_idle = False
     # Keys that change as work is served (fair sharing): re-sort before each schedule.
     dynamic_order = False
+    # Requests may be refused on arrival or leave the queue unserved (the SLO policy's reject mode).
+    rejects = False
 
     def on_scheduled(self, req: Request, num_tokens: int) -> None:
         """Called for every request's tokens in each batch (fair sharing counts them)."""
@@ -38,6 +40,16 @@ class SchedulingPolicy:
         """Tokens this iteration may compute (the SLO policy shrinks it);
         ``to_compute(req)`` is what ``req`` has left to schedule."""
         return default
+
+    def admission_error(self, req: Request, work_ahead: Callable[[Request], int], now: float,
+                        budget: int) -> str | None:
+        """Why ``req`` is refused on arrival, or None; ``work_ahead(req)`` is the
+        prompt tokens queued before it, ``budget`` an iteration's tokens."""
+        return None
+
+    def expiry_error(self, req: Request, now: float) -> str | None:
+        """Why a queued request leaves the queue unserved now, or None."""
+        return None
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -83,8 +95,32 @@ class SLOPolicy(SchedulingPolicy):
 
     name = "slo"
 
-    def __init__(self, cost_model=None) -> None:
+    def __init__(self, cost_model=None, reject: bool = False) -> None:
         self.cost_model = cost_model
+        # Reject mode: refuse a request whose TTFT target cannot be met given the
+        # prompt work queued ahead of it, and drop one whose deadline passed in the queue.
+        self.rejects = reject
+
+    def admission_error(self, req: Request, work_ahead: Callable[[Request], int], now: float,
+                        budget: int) -> str | None:
+        if not self.rejects or req.ttft_slo is None or self.cost_model.num_observations < 3:
+            return None  # without measurements there is nothing to base a refusal on
+        ahead = work_ahead(req)
+        work = ahead + req.num_tokens
+        predicted = -(-work // budget) * self.cost_model.predict(min(work, budget))
+        waited = now - req.arrival_time
+        if waited + predicted <= req.ttft_slo:
+            return None
+        return (f"rejected: predicted time to first token {1000 * (waited + predicted):.0f} ms exceeds the "
+                f"request's TTFT target {1000 * req.ttft_slo:.0f} ms ({ahead} prompt tokens queued ahead)")
+
+    def expiry_error(self, req: Request, now: float) -> str | None:
+        # A request past its TTFT deadline would take capacity it can no longer use well.
+        if (self.rejects and req.ttft_slo is not None and req.num_output_tokens == 0
+                and now - req.arrival_time > req.ttft_slo):
+            return (f"rejected: waited {1000 * (now - req.arrival_time):.0f} ms in the queue, past "
+                    f"its TTFT target {1000 * req.ttft_slo:.0f} ms")
+        return None
 
     def slack(self, req: Request, now: float) -> float:
         """Seconds to spare before the TTFT deadline once the prompt's own work is done."""
@@ -160,9 +196,9 @@ class RequestLevelPolicy(FCFSPolicy):
     admits_only_when_idle = True
 
 
-def make_policy(name: str, cost_model=None) -> SchedulingPolicy:
+def make_policy(name: str, cost_model=None, slo_admission: str = "best-effort") -> SchedulingPolicy:
     policies = {"fcfs": FCFSPolicy, "priority": PriorityPolicy, "slo": SLOPolicy, "fair": FairPolicy,
                 "request-level": RequestLevelPolicy}
     if name not in policies:
         raise ValueError(f"unknown scheduling policy {name!r}; choose from {', '.join(policies)}")
-    return SLOPolicy(cost_model) if name == "slo" else policies[name]()
+    return SLOPolicy(cost_model, reject=slo_admission == "reject") if name == "slo" else policies[name]()

@@ -34,6 +34,7 @@ from orca_serve.request import Request, RequestStatus
 from orca_serve.scheduler.cost_model import IterationCostModel
 from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import make_policy
+from orca_serve.scheduler.swap_space import SwapSpace
 
 
 class Scheduler:
@@ -46,14 +47,10 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.clock = clock
         self.cost_model = IterationCostModel()
-        self.policy = make_policy(config.scheduling_policy, self.cost_model)
-        # Swap-mode preemption: a bounded pool of CPU block slots.
+        self.policy = make_policy(config.scheduling_policy, self.cost_model, config.slo_admission)
+        # Swap-mode preemption: a bounded pool of host block slots.
         self.swap_enabled = cache_config.preemption_mode == "swap" and num_cpu_blocks > 0
-        self._cpu_free = list(range(num_cpu_blocks))
-        self._swapped: dict[str, list[int]] = {}  # req_id -> cpu slots holding its blocks, in order
-        self._swap_out: list[tuple[int, int]] = []
-        self._swap_in: list[tuple[int, int]] = []
-        self.num_swaps_total = 0
+        self.swap = SwapSpace(num_cpu_blocks)
         # Requests the scheduler ended itself (SLO rejections); the engine reports them.
         self.rejected: list[Request] = []
         self.kv = KVCacheManager(num_kv_blocks, cache_config.block_size, cache_config.kv_allocation,
@@ -113,7 +110,11 @@ class Scheduler:
         limit = self.config.max_waiting_requests
         if limit is not None and len(self._waiting) >= limit:
             raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
-        self._check_slo_admission(req)
+        if self.policy.rejects:
+            error = self.policy.admission_error(req, self._prompt_work_ahead, self.clock(),
+                                                self.config.max_num_batched_tokens)
+            if error is not None:
+                raise SLORejectedError(error)
         need = self.kv.blocks_needed(min(req.max_total_tokens, self.max_model_len))
         if need > self.kv.num_blocks:
             raise ValueError(
@@ -166,38 +167,22 @@ class Scheduler:
                     self._dequeue(req)
                 self._finish(req, status)
 
-    def _check_slo_admission(self, req: Request) -> None:
-        """SLO policy with reject admission: refuse at once a request whose TTFT
-        target cannot be met given the prompt work queued ahead of it."""
-        if self.policy.name != "slo" or self.config.slo_admission != "reject" or req.ttft_slo is None:
-            return
-        if self.cost_model.num_observations < 3:
-            return  # no measurements yet: nothing to base a refusal on
+    def _prompt_work_ahead(self, req: Request) -> int:
+        """Prompt tokens of the queued requests the policy orders before ``req``."""
         key = self.policy.waiting_key(req, self.clock())
-        ahead = sum(e[-1].num_tokens - e[-1].num_computed_tokens for e in self._waiting if e[0] <= key)
-        budget = self.config.max_num_batched_tokens
-        work = ahead + req.num_tokens
-        iterations = -(-work // budget)
-        predicted = iterations * self.cost_model.predict(min(work, budget))
-        waited = self.clock() - req.arrival_time
-        if waited + predicted > req.ttft_slo:
-            raise SLORejectedError(
-                f"rejected: predicted time to first token {1000 * (waited + predicted):.0f} ms exceeds the "
-                f"request's TTFT target {1000 * req.ttft_slo:.0f} ms ({ahead} prompt tokens queued ahead)")
+        return sum(e[-1].num_tokens - e[-1].num_computed_tokens for e in self._waiting if e[0] <= key)
 
-    def _reject_late_waiting(self) -> None:
-        """Reject mode: a queued request whose TTFT deadline has passed leaves now
-        instead of taking capacity it can no longer use well."""
-        if self.policy.name != "slo" or self.config.slo_admission != "reject":
+    def _drop_expired_waiting(self) -> None:
+        """Queued requests the policy says have waited too long leave, rejected."""
+        if not self.policy.rejects:
             return
         now = self.clock()
         for entry in list(self._waiting):
             req = entry[-1]
-            if (req.ttft_slo is not None and req.num_output_tokens == 0
-                    and now - req.arrival_time > req.ttft_slo):
+            error = self.policy.expiry_error(req, now)
+            if error is not None:
                 self._waiting.remove(entry)
-                req.error = (f"rejected: waited {1000 * (now - req.arrival_time):.0f} ms in the queue, past "
-                             f"its TTFT target {1000 * req.ttft_slo:.0f} ms")
+                req.error = error
                 self._finish(req, RequestStatus.FINISHED_ERROR)
                 self.rejected.append(req)
 
@@ -205,8 +190,12 @@ class Scheduler:
         """The engine reports each iteration's measured time (feeds the cost model)."""
         self.cost_model.observe(num_tokens, seconds)
 
+    @property
+    def num_swaps_total(self) -> int:
+        return self.swap.num_swaps_total
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        self._release_swap(req)
+        self.swap.release(req.request_id)
         # _in_flight keeps its count until the batches come back (update): the id
         # is not free for a new request before then.
         self._pending.pop(req.request_id, None)
@@ -218,22 +207,13 @@ class Scheduler:
         if self._worker_tokens.pop(req.request_id, None) is not None:
             self._finished_for_worker.add(req.request_id)
 
-    def _release_swap(self, req: Request) -> None:
-        self._cpu_free.extend(self._swapped.pop(req.request_id, ()))
-
     def _preempt(self, req: Request) -> None:
         """Preempt a running request: back to the waiting queue with its original
         arrival time (so it keeps its place among equals). Swap mode copies its
         blocks to the CPU pool when there is room; otherwise (recompute) its KV
         is dropped and recomputed when it resumes."""
         self.running.remove(req)
-        gpu_blocks = self.kv.block_ids(req.request_id)
-        if self.swap_enabled and 0 < len(gpu_blocks) <= len(self._cpu_free):
-            slots = [self._cpu_free.pop() for _ in gpu_blocks]
-            self._swap_out.extend(zip(slots, gpu_blocks))
-            self._swapped[req.request_id] = slots
-            self.num_swaps_total += 1
-        else:
+        if not (self.swap_enabled and self.swap.swap_out(req.request_id, self.kv.block_ids(req.request_id))):
             req.num_computed_tokens = 0
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
@@ -250,7 +230,7 @@ class Scheduler:
         self._held_back = set()
         budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
                                           self._to_compute)
-        self._reject_late_waiting()
+        self._drop_expired_waiting()
         if self.policy.dynamic_order and self._waiting:
             now = self.clock()
             self._waiting = sorted((self.policy.waiting_key(e[-1], now), e[1], e[-1]) for e in self._waiting)
@@ -365,7 +345,7 @@ class Scheduler:
             req = self._waiting[0][-1]
             if self.policy.admits_only_when_idle and req.request_id not in self.static_batch:
                 break
-            swapped = req.request_id in self._swapped
+            swapped = self.swap.holds(req.request_id)
             computed = self.kv.get_computed_blocks(req) if not swapped else []
             num_cached = len(computed) * self.kv.block_size
             start = req.num_computed_tokens if swapped else num_cached
@@ -378,9 +358,7 @@ class Scheduler:
             self._waiting.pop(0)
             req.status = RequestStatus.RUNNING
             if swapped:
-                slots = self._swapped.pop(req.request_id)
-                self._swap_in.extend(zip(slots, blocks))
-                self._cpu_free.extend(slots)
+                self.swap.swap_in(req.request_id, blocks)
             else:
                 req.num_computed_tokens = num_cached
             if req.metrics.first_scheduled_time is None:  # first admission: report prefix hits
@@ -429,8 +407,7 @@ class Scheduler:
             if self.async_scheduling and req.num_computed_tokens == req.num_tokens + self._pending[rid]:
                 self._pending[rid] += 1  # this batch samples its next token
         finished, self._finished_for_worker = self._finished_for_worker, set()
-        swap_out, self._swap_out = self._swap_out, []
-        swap_in, self._swap_in = self._swap_in, []
+        swap_out, swap_in = self.swap.take_copies()
         return SchedulerOutput(
             iteration=self.iteration, scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
