@@ -235,6 +235,15 @@ def test_engine_on_a_profiled_pool_serves_as_on_a_fixed_one(tiny_model_dir, fake
     assert outs["profiled"][2] == engine.executor.runner.num_kv_blocks > 64
 
 
+def test_out_of_memory_in_the_profile_run_says_what_to_change(tiny_model_dir, fake_gpu_memory, monkeypatch):
+    def out_of_memory(self, so):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.75 GiB")
+
+    monkeypatch.setattr(ModelRunner, "execute_model", out_of_memory)
+    with pytest.raises(ValueError, match="out of memory in the KV profile run.*2.75 GiB.*--max-model-len"):
+        LLMEngine(engine_config(tiny_model_dir("llama")))
+
+
 def test_engine_refuses_to_start_without_room(tiny_model_dir, fake_gpu_memory):
     state, _ = fake_gpu_memory
     state["snap"] = MemorySnapshot(total=4 * GiB, free=0, reserved=GiB, peak_allocated=3 * GiB)

@@ -143,9 +143,15 @@ class ModelRunner:
                                                     self.block_size, self.vocab_size)
         memory.reset_peak()
         self.kv_pool.allocate(blocks)
-        for so in batches:
-            self.execute_model(so)
-            self.requests.clear()
+        try:
+            for so in batches:
+                self.execute_model(so)
+                self.requests.clear()
+        except torch.OutOfMemoryError as exc:
+            raise ValueError(f"the device ran out of memory in the KV profile run, before the pool was sized: "
+                             f"the largest iteration the scheduler may form does not fit ({exc}); lower "
+                             f"--max-num-batched-tokens, --max-num-seqs or --max-model-len, or split the model "
+                             f"with --tensor-parallel-size / --pipeline-parallel-size") from exc
         self._last_sampled = None  # (async scheduling) the profile's rows are no request's
         snap = memory.snapshot()
         profile_pool_bytes = self.kv_pool.nbytes
