@@ -67,6 +67,7 @@ def test_kv_pool_binds_every_layer_and_swaps_blocks():
     layers = [Layer() for _ in range(3)]
     pool = KVPool(layers, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
     assert pool.block_bytes == 3 * 2 * 4 * 2 * 8 * 4  # layers, K and V, tokens, heads, dims, float32
+    assert KVPool(layers[:2], 4, torch.bfloat16, torch.device("cpu")).block_bytes == 2 * 2 * 4 * 2 * 8 * 2
     assert (pool.num_blocks, pool.num_host_blocks, pool.nbytes) == (0, 0, 0)
     pool.allocate(5)
     assert pool.cache.shape == (3, 2, 6, 4, 2, 8) and not pool.cache.any()  # and the scratch block
