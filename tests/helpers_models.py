@@ -139,3 +139,19 @@ class MiniScheduler:
     def _gap(self, rid: str) -> int:
         r = self.reqs[rid]
         return len(r["prompt"]) + len(r["out"]) - r["computed"]
+
+
+def fail_next_forward(monkeypatch, runner) -> list:
+    """Make ``runner``'s model raise RuntimeError("injected fault") in its next
+    forward (say, out of memory); returns the list each fault is recorded in:
+    clearing it arms the next forward again."""
+    faults, forward = [], runner.model.forward
+
+    def forward_or_fail(*args):
+        if not faults:
+            faults.append(1)
+            raise RuntimeError("injected fault")
+        return forward(*args)
+
+    monkeypatch.setattr(runner.model, "forward", forward_or_fail)
+    return faults

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from helpers_models import load_hf, torch_threads
+from helpers_models import fail_next_forward, load_hf, torch_threads
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
 from orca_serve.sampling_params import SamplingParams
@@ -219,16 +219,7 @@ def test_a_failed_batch_leaves_no_unfilled_blocks_in_the_prefix_cache(tiny_model
     path = tiny_model_dir("llama")
     engine = LLMEngine(EngineConfig.from_kwargs(model=path, num_kv_blocks=200, block_size=4,
                                                 async_scheduling=asynchronous))
-    runner, faults = engine.executor.runner, []
-    forward = runner.model.forward
-
-    def first_forward_fails(*args):
-        if not faults:
-            faults.append(1)
-            raise RuntimeError("injected fault")
-        return forward(*args)
-
-    monkeypatch.setattr(runner.model, "forward", first_forward_fails)
+    faults = fail_next_forward(monkeypatch, engine.executor.runner)
     prompt = make_prompts(1, 384, seed=40, lo=20, hi=20)[0]
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     outs, it = {}, 0
@@ -249,6 +240,19 @@ def test_a_failed_batch_leaves_no_unfilled_blocks_in_the_prefix_cache(tiny_model
         outs.update((o.request_id, o) for o in engine.step() if o.finished)
     assert outs["c"].token_ids == expected
     assert engine.stats().num_kv_blocks_free == 200
+    # A request aborted while its failing batch is in flight (under async scheduling
+    # there always is one): its blocks are free, and must not stay findable.
+    faults.clear()
+    engine.add_request("d", prompt[::-1], greedy)
+    engine.step()
+    engine.abort_request("d")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert faults  # the failure happened
+    engine.add_request("e", prompt[::-1], greedy)
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert outs["e"].token_ids == hf_generate(load_hf(path), prompt[::-1], 6)
 
 
 def test_swap_and_recompute_preemption_give_same_outputs(tiny_model_dir):

@@ -128,7 +128,20 @@ def test_uncache_unfilled_takes_only_the_blocks_of_failed_batches():
     kv.current_batch = 2
     kv.allocate_slots(a, 8)  # batch 2 (to fail) was to fill blocks 1 and 2
     held = kv.block_ids("a")
-    assert kv.uncache_unfilled([a], since_batch=2) == set(held[1:3])
+    kv.batch_done(1)
+    kv.forget(a)  # aborted before its failed batch came back: its blocks are free, still findable
+    assert len(kv.get_computed_blocks(make_req("b", 12))) == 2  # (a full hit leaves one block to compute)
+    assert kv.uncache_unfilled(2, {"a"}) == set(held[1:3])
     assert [kv.pool.blocks[i].block_hash is not None for i in held] == [True, False, False]
     assert len(kv.get_computed_blocks(make_req("b", 12))) == 1
-    assert kv.uncache_unfilled([a], since_batch=2) == set()
+    assert kv.uncache_unfilled(2, {"a"}) == set()
+    # A later batch in flight: only what it cached for the failed batch's requests goes.
+    c, d = make_req("c", 8, base=100), make_req("d", 8, base=200)
+    kv.current_batch = 3
+    kv.allocate_slots(c, 8)
+    kv.allocate_slots(d, 8)
+    assert kv.uncache_unfilled(2, {"c"}) == set(kv.block_ids("c"))
+    assert all(kv.pool.blocks[i].block_hash is not None for i in kv.block_ids("d"))
+    kv.batch_done(2)
+    kv.batch_done(3)
+    assert kv.uncache_unfilled(2, {"d"}) == set()  # batches that came back are forgotten

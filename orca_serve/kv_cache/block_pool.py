@@ -89,15 +89,16 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
-    def cache_block(self, block: KVBlock, block_hash: bytes, batch: int = -1) -> None:
+    def cache_block(self, block: KVBlock, block_hash: bytes, batch: int = -1) -> bool:
         """Make a full block findable by its content hash (first writer wins);
-        ``batch`` is the one that fills it."""
+        ``batch`` is the one that fills it. Whether it became findable."""
         if not self.enable_caching or block.block_hash is not None:
-            return
+            return False
         if block_hash in self._cached:
-            return  # an identical block is already cached; this one stays private
+            return False  # an identical block is already cached; this one stays private
         block.block_hash, block.cached_in = block_hash, batch
         self._cached[block_hash] = block
+        return True
 
     def uncache(self, block: KVBlock) -> None:
         """Make a block unfindable (its contents are not what its hash says)."""

@@ -33,6 +33,9 @@ class KVCacheManager:
         self.req_num_cached: dict[str, int] = {}
         # The batch being scheduled: a block cached now is filled when it runs.
         self.current_batch = 0
+        # Batch -> (request id, block) for each block it made findable, kept
+        # until the batch comes back (``batch_done``): if it fails, those go.
+        self._cached_by_batch: dict[int, list[tuple[str, KVBlock]]] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -116,21 +119,27 @@ class KVCacheManager:
             return
         hashes = self._block_hashes(request)
         for i in range(start, num_full):
-            if held[i].block_hash is None:
-                self.pool.cache_block(held[i], hashes[i], self.current_batch)
+            if held[i].block_hash is None and self.pool.cache_block(held[i], hashes[i], self.current_batch):
+                self._cached_by_batch.setdefault(self.current_batch, []).append((request.request_id, held[i]))
         self.req_num_cached[request.request_id] = num_full
 
-    def uncache_unfilled(self, requests: list[Request], since_batch: int) -> set[int]:
-        """Take the blocks of ``requests`` that batches from ``since_batch`` on
-        were to fill out of the prefix cache (those batches failed); returns
-        their ids."""
+    def uncache_unfilled(self, failed_batch: int, req_ids: set[str]) -> set[int]:
+        """Batch ``failed_batch`` failed: take out of the prefix cache every block
+        it made findable, and those later batches in flight made findable for
+        ``req_ids`` (requests the worker skips there, or that read unfilled
+        blocks), whether or not the requests are still alive. Returns their ids."""
         unfilled = set()
-        for req in requests:
-            for block in self.req_blocks.get(req.request_id, ()):
-                if block.block_hash is not None and block.cached_in >= since_batch:
+        for batch, entries in self._cached_by_batch.items():
+            for rid, block in entries:
+                if ((batch == failed_batch or (batch > failed_batch and rid in req_ids))
+                        and block.cached_in == batch and block.block_hash is not None):
                     self.pool.uncache(block)
                     unfilled.add(block.block_id)
         return unfilled
+
+    def batch_done(self, batch: int) -> None:
+        """Batch ``batch`` came back: the blocks it made findable are filled (or gone)."""
+        self._cached_by_batch.pop(batch, None)
 
     def free(self, request: Request) -> None:
         """Release every block of the request (tail first, so prefixes live longest)."""

@@ -142,17 +142,20 @@ class Scheduler:
         leave the prefix cache, and a request that took one of those blocks
         meanwhile (a prefix hit in a batch in flight) fails too: what it read
         there is not its prefix's K/V. Returns the failed requests."""
-        failed = [self.requests[rid] for rid in so.num_scheduled_tokens if rid in self.requests]
+        ids = set(so.num_scheduled_tokens)  # aborted ones too: their blocks may still be findable
+        failed = [self.requests[rid] for rid in ids if rid in self.requests]
         for req in failed:
             req.error = error
-        hit, unfilled = failed, set()
-        while hit:  # the blocks such a request filled since are no better
-            unfilled |= self.kv.uncache_unfilled(hit, so.iteration)
+        while True:  # a request that read unfilled blocks filled its own with garbage
+            unfilled = self.kv.uncache_unfilled(so.iteration, ids)
             hit = [r for r in self.running
-                   if r not in failed and not unfilled.isdisjoint(self.kv.block_ids(r.request_id))]
+                   if r.request_id not in ids and not unfilled.isdisjoint(self.kv.block_ids(r.request_id))]
+            if not hit:
+                break
             for req in hit:
                 req.error = f"its prefix-cache hit was on blocks a failed batch was to fill ({error})"
-            failed = failed + hit
+                ids.add(req.request_id)
+            failed += hit
         self.finish_requests(failed, RequestStatus.FINISHED_ERROR)
         self.update(so, ModelRunnerOutput(sampled_token_ids={}))
         return failed
@@ -419,6 +422,7 @@ class Scheduler:
         Returns the requests that got a token (finished ones included)."""
         now = self.clock()
         advanced = []
+        self.kv.batch_done(so.iteration)
         self._in_flight.subtract(so.num_scheduled_tokens.keys())
         for rid in so.num_scheduled_tokens:
             if self._in_flight[rid] <= 0:
