@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers_models import load_hf
+from helpers_models import fail_next_forward, load_hf
 from orca_serve.batch import ModelRunnerOutput
 from orca_serve.config import CacheConfig, EngineConfig, SchedulerConfig
 from orca_serve.engine.llm_engine import LLMEngine
@@ -202,6 +202,20 @@ def test_a_failed_batch_fails_only_its_own_requests(tiny_model_dir, monkeypatch,
         assert o.token_ids == hf_generate(hf, prompts[int(rid)], 12), rid
     assert len(outs) == 5 and eng.stats().num_kv_blocks_free == 200
     assert not eng.scheduler._pending and not eng.scheduler._in_flight
+
+
+def test_a_failed_requests_id_serves_again_once_its_batch_is_back(tiny_model_dir, monkeypatch):
+    """The batch after a failed one skips the failed requests; a batch
+    scheduled later (here after an empty schedule: the failed request's only
+    token was its last) may hold a new request with the same id, and runs it."""
+    path = tiny_model_dir("llama")
+    eng = engine(path, True)
+    fail_next_forward(monkeypatch, eng.executor.runner)
+    prompt = make_prompts(1, 384, seed=41, lo=8, hi=8)[0]
+    outs = run(eng, [prompt], [SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)])
+    assert outs["0"].error == "RuntimeError: injected fault"
+    outs = run(eng, [prompt], [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)])
+    assert (outs["0"].error, outs["0"].token_ids) == (None, hf_generate(load_hf(path), prompt, 4))
 
 
 def test_workers_forget_requests_that_stop_while_their_next_batch_is_in_flight(tiny_model_dir):

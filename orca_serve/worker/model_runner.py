@@ -108,7 +108,8 @@ class ModelRunner:
         # request's row in them, for a request scheduled before its token came back.
         self.async_scheduling = engine_config.scheduler.async_scheduling
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
-        self._lost: set[str] = set()  # the requests of a batch that failed to launch (``batch_failed``)
+        # (the batch after one that failed to launch, that one's requests): ``batch_failed``
+        self._lost: tuple[int, set[str]] = (0, set())
 
         cache, pool = engine_config.cache, self.kv_pool
         memory = kv_sizing.device_memory(self.device)
@@ -142,8 +143,8 @@ class ModelRunner:
                                                     max_model_len(self.config.model, self.hf_config),
                                                     self.block_size, self.vocab_size)
         memory.reset_peak()
-        self.kv_pool.allocate(blocks)
         try:
+            self.kv_pool.allocate(blocks)
             for so in batches:
                 self.execute_model(so)
                 self.requests.clear()
@@ -204,7 +205,10 @@ class ModelRunner:
         waits and returns what ``execute_model`` does. A request scheduled one
         token past those it was sent (async scheduling) takes that token from
         the previous batch's sampled ids, on the device."""
-        lost, self._lost = self._lost, set()
+        # Only the very next batch was scheduled before the engine heard of the
+        # failure; one scheduled later may reuse a failed request's id.
+        lost = self._lost[1] if so.iteration == self._lost[0] else set()
+        self._lost = (0, set())
         self._update_states(so, lost)
         if so.blocks_to_swap_out:
             self.kv_pool.swap_out(so.blocks_to_swap_out)
@@ -253,8 +257,10 @@ class ModelRunner:
         scheduled before the engine hears of it, with tokens its requests were to
         sample: that batch skips them (the engine fails them once it collects
         this one) instead of failing as a whole, innocent requests with it."""
+        for rid in so.finished_req_ids:  # in case it failed before they were dropped
+            self.requests.pop(rid, None)
         if self.async_scheduling:
-            self._lost = (set(so.num_scheduled_tokens) | {r.req_id for r in so.scheduled_new_reqs}
+            self._lost = (so.iteration + 1, set(so.num_scheduled_tokens) | {r.req_id for r in so.scheduled_new_reqs}
                           | {r.req_id for r in so.scheduled_cached_reqs})
             self._last_sampled = None
 
