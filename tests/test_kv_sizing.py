@@ -285,6 +285,10 @@ def test_parallel_plan_leaves_room_for_one_sequence_on_a_gpu():
     low = EngineConfig.from_kwargs(parallel="auto", gpu_memory_utilization=0.3)
     assert resolve_parallel(config, Facts, [DeviceInfo("H100", 80 * GiB)] * 8).parallel.world_size == 1
     assert resolve_parallel(low, Facts, [DeviceInfo("H100", 80 * GiB)] * 8).parallel.world_size == 2
+    # A fixed pool does not read the share, so neither does the plan.
+    for fixed in (dict(kv_cache_memory_gb=4.0), dict(num_kv_blocks=1000)):
+        low_fixed = EngineConfig.from_kwargs(parallel="auto", gpu_memory_utilization=0.3, **fixed)
+        assert resolve_parallel(low_fixed, Facts, [DeviceInfo("H100", 80 * GiB)] * 8).parallel.world_size == 1
 
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

@@ -67,7 +67,7 @@ def plan_parallelism(model_bytes: int, kv_bytes_per_token: int, kv_tokens: int, 
         total = memory_utilization * sum(d.memory_bytes for d in devices)
         raise ValueError(f"parallel auto: the model ({model_bytes / GiB:.1f} GiB) plus KV for {kv_tokens} tokens "
                          f"({kv_total / GiB:.1f} GiB) does not fit {len(devices)} device(s) "
-                         f"({total / GiB:.1f} GiB usable in all)")
+                         f"({total / GiB:.1f} GiB usable in all: {memory_utilization:g} of each)")
     p, t, need = min(options)
     world = t * p
     reason = (f"parallel auto: T={t} P={p} on {world} of {len(devices)} devices ({len(nodes)} node(s) x "
@@ -106,8 +106,10 @@ def resolve_parallel(config, facts, devices: list[DeviceInfo] | None = None):
     budget = cache.fixed_kv_budget_gb(sized_from_memory=gpus) or 0
     kv_tokens = (cache.num_kv_blocks * cache.block_size if cache.num_kv_blocks
                  else max(facts.max_model_len, int(budget * GiB) // per_token))
-    # On GPUs the share the operator allows (the runner sizes the pool within it too).
-    utilization = cache.gpu_memory_utilization if gpus else MEMORY_UTILIZATION
+    # A pool sized from GPU memory fills the share the operator allows, so the
+    # weights must fit in it; a fixed pool does not read the share.
+    from_memory = gpus and cache.num_kv_blocks is None and cache.kv_cache_memory_gb is None
+    utilization = cache.gpu_memory_utilization if from_memory else MEMORY_UTILIZATION
     t, pp, reason = plan_parallelism(facts.num_params * dtype_bytes, per_token, kv_tokens,
                                      devices, num_heads=facts.num_heads, num_kv_heads=facts.num_kv_heads,
                                      num_layers=facts.num_layers, memory_utilization=utilization)
