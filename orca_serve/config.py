@@ -97,13 +97,16 @@ class CacheConfig:
         _choice("kv_allocation", self.kv_allocation, KV_ALLOCATION_MODES)
         _choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
 
-    def fixed_kv_budget_gb(self, sized_from_memory: bool) -> float | None:
-        """The KV pool's memory per rank when it is a fixed budget: the one
-        given, else the CPU default; None where the pool is sized from the
-        device's free memory instead (a GPU, by ``worker/kv_sizing.py``)."""
-        if self.kv_cache_memory_gb is not None or sized_from_memory:
-            return self.kv_cache_memory_gb
-        return DEFAULT_KV_CACHE_MEMORY_GB
+    def kv_sized_from_memory(self, on_gpu: bool) -> bool:
+        """Whether the KV pool takes what the GPU's memory leaves
+        (``worker/kv_sizing.py``): on a GPU, with neither a size nor a budget given."""
+        return on_gpu and self.num_kv_blocks is None and self.kv_cache_memory_gb is None
+
+    @property
+    def kv_budget_gb(self) -> float:
+        """The KV pool's memory per rank when it is not sized from a GPU's:
+        the budget given, else the default (the CPU's)."""
+        return DEFAULT_KV_CACHE_MEMORY_GB if self.kv_cache_memory_gb is None else self.kv_cache_memory_gb
 
 
 @dataclass(frozen=True)

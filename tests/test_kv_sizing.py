@@ -47,8 +47,8 @@ def test_blocks_from_profile_without_room_says_what_to_change():
 def test_fixed_kv_blocks():
     assert fixed_kv_blocks(CacheConfig(num_kv_blocks=7, kv_cache_memory_gb=1.0), MiB, True) == 7
     assert fixed_kv_blocks(CacheConfig(kv_cache_memory_gb=1.5), MiB, True) == 1536
-    assert fixed_kv_blocks(CacheConfig(), MiB, sized_from_memory=True) is None
-    assert fixed_kv_blocks(CacheConfig(), MiB, sized_from_memory=False) == 2048  # the CPU's 2 GiB
+    assert fixed_kv_blocks(CacheConfig(), MiB, on_gpu=True) is None
+    assert fixed_kv_blocks(CacheConfig(), MiB, on_gpu=False) == 2048  # the CPU's 2 GiB
     assert fixed_kv_blocks(CacheConfig(kv_cache_memory_gb=0.0001), MiB, False) == 1
 
 

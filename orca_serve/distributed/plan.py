@@ -100,15 +100,14 @@ def resolve_parallel(config, facts, devices: list[DeviceInfo] | None = None):
     per_token = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * dtype_bytes
     cache = config.cache
     devices = devices or local_devices(p.nnodes)
-    gpus = any(d.name != "cpu" for d in devices)
-    # Without a KV budget a GPU's pool takes what the weights leave, so the
-    # plan only has to leave room for one sequence of the model's full length.
-    budget = cache.fixed_kv_budget_gb(sized_from_memory=gpus) or 0
+    # A pool sized from GPU memory takes what the weights leave of the share the
+    # operator allows: the plan leaves room for one sequence of the model's full
+    # length, within that share. A fixed pool is planned as it is, and does not
+    # read the share.
+    from_memory = cache.kv_sized_from_memory(on_gpu=any(d.name != "cpu" for d in devices))
+    budget = 0 if from_memory else cache.kv_budget_gb
     kv_tokens = (cache.num_kv_blocks * cache.block_size if cache.num_kv_blocks
                  else max(facts.max_model_len, int(budget * GiB) // per_token))
-    # A pool sized from GPU memory fills the share the operator allows, so the
-    # weights must fit in it; a fixed pool does not read the share.
-    from_memory = gpus and cache.num_kv_blocks is None and cache.kv_cache_memory_gb is None
     utilization = cache.gpu_memory_utilization if from_memory else MEMORY_UTILIZATION
     t, pp, reason = plan_parallelism(facts.num_params * dtype_bytes, per_token, kv_tokens,
                                      devices, num_heads=facts.num_heads, num_kv_heads=facts.num_kv_heads,

@@ -68,12 +68,13 @@ def device_memory(device: torch.device) -> CudaMemory | None:
     return CudaMemory(device) if device.type == "cuda" else None
 
 
-def fixed_kv_blocks(cache: CacheConfig, block_bytes: int, sized_from_memory: bool) -> int | None:
+def fixed_kv_blocks(cache: CacheConfig, block_bytes: int, on_gpu: bool) -> int | None:
     """The pool's size when it does not depend on a profile run, else None."""
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
-    budget = cache.fixed_kv_budget_gb(sized_from_memory)
-    return None if budget is None else max(1, int(budget * GiB) // block_bytes)
+    if cache.kv_sized_from_memory(on_gpu):
+        return None
+    return max(1, int(cache.kv_budget_gb * GiB) // block_bytes)
 
 
 def swap_blocks(cache: CacheConfig, block_bytes: int) -> int:
