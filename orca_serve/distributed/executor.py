@@ -55,7 +55,8 @@ class DistributedExecutor:
                                    timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
         authkey = secrets.token_bytes(32)
         self.control = ControlServer(p.master_addr, authkey)
-        init = dict(config=config, store=(p.master_addr, self.store.port), control=self.control.address, authkey=authkey)
+        init = dict(config=config, store=(p.master_addr, self.store.port), control=self.control.address,
+                    authkey=authkey)
         self.store.set(INIT_KEY, pickle.dumps(init))
         self.procs = spawn_ranks(node_ranks(config, 0), init)
         self._finalizer = weakref.finalize(self, _teardown, self.control, self.procs)

@@ -228,10 +228,11 @@ class Attention(nn.Module):
         p, n_q, n_k, d = batch.num_chunks, batch.max_query, batch.max_context, self.head_dim
         qp = q.reshape(-1, self.num_heads * d).index_select(0, batch.query_index)
         qp = qp.view(p, n_q, self.num_heads, d).transpose(1, 2)
-        sources = ((k, v), batch.query_index) if batch.kv_slots is None else ((k_cache, v_cache), batch.kv_slots)
-        kv = [self._per_query_head(c.reshape(-1, self.num_kv_heads, d).index_select(0, sources[1])
+        fresh = batch.kv_slots is None
+        rows = batch.query_index if fresh else batch.kv_slots
+        kv = [self._per_query_head(c.reshape(-1, self.num_kv_heads, d).index_select(0, rows)
                                    .view(p, n_k, self.num_kv_heads, d).transpose(1, 2), 1)
-              for c in sources[0]]
+              for c in ((k, v) if fresh else (k_cache, v_cache))]
         o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=batch.mask, is_causal=batch.mask is None,
                                            scale=self.scale)
         return o.transpose(1, 2).reshape(p * n_q, self.num_heads * d).index_select(0, batch.valid)

@@ -48,8 +48,9 @@ class Scheduler:
         self.clock = clock
         self.cost_model = IterationCostModel()
         self.policy = make_policy(config.scheduling_policy, self.cost_model, config.slo_admission)
-        # Swap-mode preemption: a bounded pool of host block slots.
-        self.swap_enabled = cache_config.preemption_mode == "swap" and num_cpu_blocks > 0
+        # Swap-mode preemption: a bounded pool of host block slots (a preemption
+        # the slots cannot hold recomputes instead).
+        self.swap_enabled = cache_config.preemption_mode == "swap"
         self.swap = SwapSpace(num_cpu_blocks)
         # Requests the scheduler ended itself (SLO rejections); the engine reports them.
         self.rejected: list[Request] = []

@@ -39,6 +39,8 @@ from orca_serve.worker.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 
+_NOTHING_LOST: frozenset[str] = frozenset()
+
 
 class ModelRunner:
     def __init__(self, engine_config: EngineConfig, num_kv_blocks: int | None = None,
@@ -109,7 +111,7 @@ class ModelRunner:
         self.async_scheduling = engine_config.scheduler.async_scheduling
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
         # (the batch after one that failed to launch, that one's requests): ``batch_failed``
-        self._lost: tuple[int, set[str]] = (0, set())
+        self._lost: tuple[int, frozenset[str]] = (0, _NOTHING_LOST)
 
         cache, pool = engine_config.cache, self.kv_pool
         memory = kv_sizing.device_memory(self.device)
@@ -207,8 +209,9 @@ class ModelRunner:
         the previous batch's sampled ids, on the device."""
         # Only the very next batch was scheduled before the engine heard of the
         # failure; one scheduled later may reuse a failed request's id.
-        lost = self._lost[1] if so.iteration == self._lost[0] else set()
-        self._lost = (0, set())
+        lost = self._lost[1] if so.iteration == self._lost[0] else _NOTHING_LOST
+        if self._lost[1]:
+            self._lost = (0, _NOTHING_LOST)
         self._update_states(so, lost)
         if so.blocks_to_swap_out:
             self.kv_pool.swap_out(so.blocks_to_swap_out)
@@ -259,9 +262,8 @@ class ModelRunner:
         this one) instead of failing as a whole, innocent requests with it."""
         for rid in so.finished_req_ids:  # in case it failed before they were dropped
             self.requests.pop(rid, None)
-        if self.async_scheduling:
-            self._lost = (so.iteration + 1, set(so.num_scheduled_tokens) | {r.req_id for r in so.scheduled_new_reqs}
-                          | {r.req_id for r in so.scheduled_cached_reqs})
+        if self.async_scheduling:  # (every request of the batch, new or cached, is a scheduled one)
+            self._lost = (so.iteration + 1, frozenset(so.num_scheduled_tokens))
             self._last_sampled = None
 
     def _decode_from_graph(self, scheduled: list[tuple[RequestState, int]], pending: bool):
@@ -321,7 +323,7 @@ class ModelRunner:
         values = tokens.index_select(0, to_device(src, tokens.device))
         input_ids.index_copy_(0, to_device(dst, input_ids.device), values)
 
-    def _update_states(self, so: SchedulerOutput, lost: set[str]) -> None:
+    def _update_states(self, so: SchedulerOutput, lost: frozenset[str]) -> None:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
         for new in so.scheduled_new_reqs:
