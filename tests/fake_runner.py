@@ -25,6 +25,12 @@ class FakeRunner:
         self.gpu_kv: dict[int, list] = {}
         self.cpu_kv: dict[int, list] = {}
 
+    def batch_failed(self, so: SchedulerOutput) -> None:
+        """``so`` failed before it ran (no copies, no tokens): like the real
+        runner, forget the requests it was to drop."""
+        for rid in so.finished_req_ids:
+            self.state.pop(rid, None)
+
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self.iterations += 1
         for rid in so.finished_req_ids:
@@ -32,7 +38,8 @@ class FakeRunner:
         for slot, block in so.blocks_to_swap_out:
             self.cpu_kv[slot] = list(self.gpu_kv.get(block, [None] * self.block_size))
         for slot, block in so.blocks_to_swap_in:
-            self.gpu_kv[block] = list(self.cpu_kv.pop(slot))
+            # A slot no swap-out wrote holds garbage, as on a real host pool.
+            self.gpu_kv[block] = list(self.cpu_kv.pop(slot, [None] * self.block_size))
         for new in so.scheduled_new_reqs:
             assert new.req_id not in self.state, f"{new.req_id} sent as new twice"
             self.state[new.req_id] = {"tokens": list(new.prompt_token_ids) + list(new.output_token_ids),
@@ -71,11 +78,12 @@ def reference_output(prompt: list[int], max_tokens: int, vocab: int = 1000) -> l
     return out
 
 
-def replay_ops(s, ops, make_request, step_fn, check=None) -> list:
+def replay_ops(s, ops, make_request, step_fn, check=None, runner: FakeRunner | None = None) -> list:
     """Apply a property test's random ops to scheduler ``s``: ("add", ...) builds a
     request with ``make_request(op, index)`` (requests the scheduler refuses are
-    skipped), ("abort", i) aborts an added one, ("step", n) runs n iterations.
-    Returns the requests that were added."""
+    skipped), ("abort", i) aborts an added one, ("step", n) runs n iterations,
+    ("fail", _) schedules one that fails before it runs. Returns the requests
+    that were added."""
     added = []
     for op in ops:
         if op[0] == "add":
@@ -87,6 +95,10 @@ def replay_ops(s, ops, make_request, step_fn, check=None) -> list:
             added.append(q)
         elif op[0] == "abort" and added:
             s.abort_request(added[op[1] % len(added)].request_id)
+        elif op[0] == "fail":
+            so = s.schedule()
+            runner.batch_failed(so)
+            s.fail_batch(so, "injected failure")
         else:
             for _ in range(op[1]):
                 step_fn()

@@ -400,3 +400,33 @@ def test_scheduler_preempts_the_policys_victim_though_it_is_always_in_flight():
     assert b4.finished_req_ids == {"b"}
     assert [(r.req_id, r.num_computed_tokens) for r in b4.scheduled_new_reqs] == [("b", 4)]
 
+
+
+@pytest.mark.parametrize("copy_out_fails", [False, True])
+def test_scheduler_swaps_a_request_in_only_once_its_copy_out_is_back(copy_out_fails):
+    """A swap-out's slots hold the K/V once the batch carrying the copy has run:
+    the request is not swapped back in by the batch behind it, and if that
+    batch fails (perhaps before its copies) the request recomputes."""
+    s = Scheduler(SchedulerConfig(async_scheduling=True, max_num_batched_tokens=16),
+                  CacheConfig(block_size=4, preemption_mode="swap", enable_prefix_caching=False),
+                  4, max_model_len=16, num_cpu_blocks=8)
+    a, b = add(s, "a", 7, max_tokens=20), add(s, "b", 4, max_tokens=20)
+    b1, b2 = s.schedule(), s.schedule()
+    s.update(b1, ModelRunnerOutput({"a": 1, "b": 2}))
+    s.schedule()  # a needs a block; the victim b is in b2: held back (as in the test above)
+    s.update(b2, ModelRunnerOutput({"a": 3, "b": 4}))
+    b4 = s.schedule()  # b swapped out
+    assert b4.num_scheduled_tokens == {"a": 1} and len(b4.blocks_to_swap_out) == 2 and s.swap.holds("b")
+    s.abort_request("a")  # blocks for b at once, while b4 is in flight
+    b5 = s.schedule()
+    assert b5.is_empty and not b5.blocks_to_swap_in  # b waits for its copy-out
+    if copy_out_fails:
+        assert s.fail_batch(b4, "boom") == []  # its one request, a, was aborted
+        assert not s.swap.holds("b") and b.num_computed_tokens == 0
+    else:
+        s.update(b4, ModelRunnerOutput({"a": 5}))
+    s.update(b5, ModelRunnerOutput({}))
+    b6 = s.schedule()
+    assert b6.num_scheduled_tokens == {"b": 6 if copy_out_fails else 1}
+    assert len(b6.blocks_to_swap_in) == (0 if copy_out_fails else 2)
+    assert s.swap.num_free_slots == 8

@@ -161,6 +161,7 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 20), st.integers(0, 2)),
     st.tuples(st.just("abort"), st.integers(0, 30)),
     st.tuples(st.just("step"), st.integers(1, 4)),
+    st.tuples(st.just("fail"), st.just(0)),
 ), min_size=1, max_size=60)
 
 
@@ -168,14 +169,14 @@ ops = st.lists(st.one_of(
 @given(ops=ops, num_blocks=st.integers(12, 40), budget=st.integers(4, 64),
        allocation=st.sampled_from(["paged", "reserve"]), caching=st.booleans(),
        policy=st.sampled_from(["fcfs", "priority"]))
-def test_random_add_abort_step_never_leaks(ops, num_blocks, budget, allocation, caching, policy):
+def test_random_add_abort_step_fail_never_leaks(ops, num_blocks, budget, allocation, caching, policy):
     s = make_sched(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=budget, max_num_seqs=8,
                    kv_allocation=allocation, enable_prefix_caching=caching, scheduling_policy=policy)
     r = FakeRunner(4)
     # Shared heads make prefix-cache hits likely.
     added = replay_ops(s, ops, lambda op, n: req(f"q{n}", op[1], max_tokens=op[2], base=1, arrival=float(n),
                                                  priority=op[3]),
-                       lambda: step(s, r), check=_check_invariants)
+                       lambda: step(s, r), check=_check_invariants, runner=r)
     run_all(s, r)
     _check_invariants(s)
     assert s.kv.num_free_blocks == num_blocks

@@ -187,6 +187,31 @@ def test_swap_and_recompute_give_identical_outputs():
     assert rec.num_preemptions_total > 0 and swp.num_swaps_total > 0
 
 
+def test_a_request_swapped_out_by_a_failed_batch_recomputes():
+    """A batch that fails may not have made its swap-out copies: the request it
+    swapped out must not be swapped back in from those slots (the fake runner
+    reads an unwritten slot as garbage, and its KV check would fail)."""
+    s, r = make(num_blocks=10, num_cpu_blocks=40, preemption_mode="swap", caching=False), FakeRunner(4)
+    reqs = [req(f"r{i}", 6, max_tokens=14, base=10 * i, arrival=i) for i in range(5)]
+    for q in reqs:
+        s.add_request(q)
+    while True:
+        before = {q.request_id for q in reqs if s.swap.holds(q.request_id)}
+        so = s.schedule()
+        if so.blocks_to_swap_out:
+            break
+        s.update(so, r.execute_model(so))
+    swapped = [q for q in reqs if s.swap.holds(q.request_id) and q.request_id not in before]
+    r.batch_failed(so)  # it never ran: no copies made
+    failed = s.fail_batch(so, "boom")
+    assert swapped and {q.request_id for q in failed} == set(so.num_scheduled_tokens)
+    assert all(q.num_computed_tokens == 0 and not s.swap.holds(q.request_id) for q in swapped)
+    run_all(s, r)
+    assert all(q.status == RequestStatus.FINISHED_ERROR and q.error == "boom" for q in failed)
+    check_outputs([q for q in reqs if q not in failed])
+    assert s.kv.num_free_blocks == 10 and s.swap.num_free_slots == 40
+
+
 def test_swap_falls_back_to_recompute_when_cpu_pool_full():
     s = _run_pressure("swap", 2)
     assert s.num_preemptions_total > s.num_swaps_total
@@ -197,13 +222,14 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 12), st.integers(0, 3), st.integers(0, 2)),
     st.tuples(st.just("abort"), st.integers(0, 30)),
     st.tuples(st.just("step"), st.integers(1, 5)),
+    st.tuples(st.just("fail"), st.just(0)),
 ), min_size=1, max_size=50)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(10, 30), cpu=st.integers(0, 20),
        mode=st.sampled_from(["recompute", "swap"]), policy=st.sampled_from(["fcfs", "priority", "slo", "fair"]))
-def test_priorities_aborts_prefixes_swaps_never_leak(ops, num_blocks, cpu, mode, policy):
+def test_priorities_aborts_prefixes_swaps_failures_never_leak(ops, num_blocks, cpu, mode, policy):
     s = make(num_blocks=num_blocks, num_cpu_blocks=cpu, preemption_mode=mode, scheduling_policy=policy,
              max_num_batched_tokens=16, max_num_seqs=6)
     r = FakeRunner(4)
@@ -211,7 +237,7 @@ def test_priorities_aborts_prefixes_swaps_never_leak(ops, num_blocks, cpu, mode,
     added = replay_ops(s, ops, lambda op, n: req(f"q{n}", op[1], max_tokens=op[2], base=op[4] * 100,
                                                  arrival=float(n), priority=op[3],
                                                  ttft_slo=1.0 if op[3] == 0 else None, user=f"u{op[3] % 2}"),
-                       lambda: step(s, r))
+                       lambda: step(s, r), runner=r)
     run_all(s, r)
     assert s.kv.num_free_blocks == num_blocks and s.swap.num_free_slots == cpu
     assert all(b.ref_cnt == 0 for b in s.kv.pool.blocks)

@@ -158,6 +158,8 @@ class Scheduler:
                 ids.add(req.request_id)
             failed += hit
         self.finish_requests(failed, RequestStatus.FINISHED_ERROR)
+        for rid in self.swap.batch_failed(so.iteration):
+            self.requests[rid].num_computed_tokens = 0  # its K/V may never have reached the host
         self.update(so, ModelRunnerOutput(sampled_token_ids={}))
         return failed
 
@@ -350,6 +352,8 @@ class Scheduler:
             if self.policy.admits_only_when_idle and req.request_id not in self.static_batch:
                 break
             swapped = self.swap.holds(req.request_id)
+            if swapped and self.swap.in_transit(req.request_id):
+                break  # the batch copying it out is in flight: its slots may not hold its K/V yet
             computed = self.kv.get_computed_blocks(req) if not swapped else []
             num_cached = len(computed) * self.kv.block_size
             start = req.num_computed_tokens if swapped else num_cached
@@ -411,7 +415,7 @@ class Scheduler:
             if self.async_scheduling and req.num_computed_tokens == req.num_tokens + self._pending[rid]:
                 self._pending[rid] += 1  # this batch samples its next token
         finished, self._finished_for_worker = self._finished_for_worker, set()
-        swap_out, swap_in = self.swap.take_copies()
+        swap_out, swap_in = self.swap.take_copies(self.iteration)
         return SchedulerOutput(
             iteration=self.iteration, scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
@@ -424,6 +428,7 @@ class Scheduler:
         now = self.clock()
         advanced = []
         self.kv.batch_done(so.iteration)
+        self.swap.batch_done(so.iteration)
         self._in_flight.subtract(so.num_scheduled_tokens.keys())
         for rid in so.num_scheduled_tokens:
             if self._in_flight[rid] <= 0:
