@@ -148,7 +148,7 @@ def test_request_level_forms_batches_and_admits_nobody_meanwhile():
     so = step(s, r)  # a has waited long enough: batch {a, b}
     assert set(so.num_scheduled_tokens) == {"a", "b"}
     s.add_request(req("c", 3, max_tokens=2, arrival=2.0))
-    while s.static_batch:
+    while s.policy.static_batch:
         so = step(s, r)
         assert "c" not in so.num_scheduled_tokens
     clock.t = 4.0

@@ -246,7 +246,7 @@ class LLMEngine:
                 # Nothing was streamed: the whole completion is this output's delta.
                 o.delta_text, o.delta_token_ids = o.text, list(o.token_ids)
                 self._held[o.request_id] = o
-        if self._held and not self.scheduler.static_batch:
+        if self._held and not self.scheduler.policy.static_batch:
             passthrough.extend(self._held.values())
             self._held = {}
         return passthrough

@@ -5,11 +5,14 @@ answers three questions:
 - ``waiting_key``: sort key of the waiting queue (smallest first);
 - ``victim_key``: among running requests, the largest key is preempted first;
 - ``may_preempt_for``: may a waiting request evict this running one?
+and, for the request-level baseline, ``may_admit``: may the queue's head
+join the running batch now?
 """
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from orca_serve.request import Request
 
@@ -50,6 +53,13 @@ class SchedulingPolicy:
     def expiry_error(self, req: Request, now: float) -> str | None:
         """Why a queued request leaves the queue unserved now, or None."""
         return None
+
+    def may_admit(self, head: Request, waiting: Collection[Request], running: list[Request], now: float) -> bool:
+        """Whether ``head``, first of the ``waiting`` queue, may join the batch now."""
+        return True
+
+    def on_finished(self, req: Request) -> None:
+        """``req`` left the scheduler (finished, aborted or failed)."""
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -195,10 +205,37 @@ class RequestLevelPolicy(FCFSPolicy):
     name = "request-level"
     admits_only_when_idle = True
 
+    def __init__(self, max_batch_size: int = 16, max_queue_delay_s: float = 0.01) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.static_batch: set[str] = set()  # ids of the batch being served, until all of it ends
 
-def make_policy(name: str, cost_model=None, slo_admission: str = "best-effort") -> SchedulingPolicy:
+    def may_admit(self, head: Request, waiting: Collection[Request], running: list[Request], now: float) -> bool:
+        if not self.static_batch and not running:
+            self._form_batch(waiting, now)
+        return head.request_id in self.static_batch
+
+    def _form_batch(self, waiting: Collection[Request], now: float) -> None:
+        """A batch forms only when the last one is done, from up to
+        max_batch_size arrived requests, once the batch is full or the oldest
+        request has waited max_queue_delay_s."""
+        oldest = min(req.arrival_time for req in waiting)
+        if len(waiting) < self.max_batch_size and now - oldest < self.max_queue_delay_s:
+            return
+        self.static_batch = {req.request_id for req in itertools.islice(waiting, self.max_batch_size)}
+
+    def on_finished(self, req: Request) -> None:
+        self.static_batch.discard(req.request_id)
+
+
+def make_policy(name: str, cost_model=None, slo_admission: str = "best-effort", max_batch_size: int = 16,
+                max_queue_delay_s: float = 0.01) -> SchedulingPolicy:
     policies = {"fcfs": FCFSPolicy, "priority": PriorityPolicy, "slo": SLOPolicy, "fair": FairPolicy,
                 "request-level": RequestLevelPolicy}
     if name not in policies:
         raise ValueError(f"unknown scheduling policy {name!r}; choose from {', '.join(policies)}")
-    return SLOPolicy(cost_model, reject=slo_admission == "reject") if name == "slo" else policies[name]()
+    if name == "slo":
+        return SLOPolicy(cost_model, reject=slo_admission == "reject")
+    if name == "request-level":
+        return RequestLevelPolicy(max_batch_size, max_queue_delay_s)
+    return policies[name]()

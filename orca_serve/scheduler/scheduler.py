@@ -21,8 +21,6 @@ without async scheduling).
 """
 from __future__ import annotations
 
-import bisect
-import itertools
 import time
 from collections import Counter
 from typing import Callable
@@ -35,6 +33,7 @@ from orca_serve.scheduler.cost_model import IterationCostModel
 from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import make_policy
 from orca_serve.scheduler.swap_space import SwapSpace
+from orca_serve.scheduler.waiting_queue import WaitingQueue
 
 
 class Scheduler:
@@ -47,7 +46,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.clock = clock
         self.cost_model = IterationCostModel()
-        self.policy = make_policy(config.scheduling_policy, self.cost_model, config.slo_admission)
+        self.policy = make_policy(config.scheduling_policy, self.cost_model, config.slo_admission,
+                                  config.max_batch_size, config.max_queue_delay_s)
         # Swap-mode preemption: a bounded pool of host block slots (a preemption
         # the slots cannot hold recomputes instead).
         self.swap_enabled = cache_config.preemption_mode == "swap"
@@ -58,13 +58,10 @@ class Scheduler:
                                  cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
-        self._waiting: list[tuple] = []  # sorted (policy key, seq, request)
-        self._seq = itertools.count()
+        self._waiting = WaitingQueue(self.policy)
         # Tokens of each request the worker already holds: what is sent next is the diff.
         self._worker_tokens: dict[str, int] = {}
         self._finished_for_worker: set[str] = set()
-        # Request-level baseline: members of the static batch being served.
-        self.static_batch: set[str] = set()
         self.iteration = 0
         self.num_preemptions_total = 0
         # Requests in batches that have not come back yet, with how many such
@@ -88,19 +85,10 @@ class Scheduler:
         return len(self.running)
 
     def waiting_requests(self) -> list[Request]:
-        return [entry[-1] for entry in self._waiting]
+        return list(self._waiting)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self.running)
-
-    def _enqueue(self, req: Request) -> None:
-        bisect.insort(self._waiting, (self.policy.waiting_key(req, self.clock()), next(self._seq), req))
-
-    def _dequeue(self, req: Request) -> None:
-        for i, entry in enumerate(self._waiting):
-            if entry[-1] is req:
-                del self._waiting[i]
-                return
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -112,7 +100,8 @@ class Scheduler:
         if limit is not None and len(self._waiting) >= limit:
             raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
         if self.policy.rejects:
-            error = self.policy.admission_error(req, self._prompt_work_ahead, self.clock(),
+            now = self.clock()
+            error = self.policy.admission_error(req, lambda r: self._waiting.work_ahead(r, now), now,
                                                 self.config.max_num_batched_tokens)
             if error is not None:
                 raise SLORejectedError(error)
@@ -122,7 +111,7 @@ class Scheduler:
                 f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.sampling_params.max_tokens}) "
                 f"needs {need} KV blocks but the pool has only {self.kv.num_blocks}")
         self.requests[req.request_id] = req
-        self._enqueue(req)
+        self._waiting.add(req, self.clock())
 
     def abort_request(self, req_id: str) -> Request | None:
         """Drop a request wherever it is; its blocks are free at once."""
@@ -132,7 +121,7 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         else:
-            self._dequeue(req)
+            self._waiting.remove(req)
         self._finish(req, RequestStatus.FINISHED_ABORTED)
         return req
 
@@ -170,24 +159,18 @@ class Scheduler:
                 if req in self.running:
                     self.running.remove(req)
                 else:
-                    self._dequeue(req)
+                    self._waiting.remove(req)
                 self._finish(req, status)
-
-    def _prompt_work_ahead(self, req: Request) -> int:
-        """Prompt tokens of the queued requests the policy orders before ``req``."""
-        key = self.policy.waiting_key(req, self.clock())
-        return sum(e[-1].num_tokens - e[-1].num_computed_tokens for e in self._waiting if e[0] <= key)
 
     def _drop_expired_waiting(self) -> None:
         """Queued requests the policy says have waited too long leave, rejected."""
         if not self.policy.rejects:
             return
         now = self.clock()
-        for entry in list(self._waiting):
-            req = entry[-1]
+        for req in list(self._waiting):
             error = self.policy.expiry_error(req, now)
             if error is not None:
-                self._waiting.remove(entry)
+                self._waiting.remove(req)
                 req.error = error
                 self._finish(req, RequestStatus.FINISHED_ERROR)
                 self.rejected.append(req)
@@ -209,7 +192,7 @@ class Scheduler:
         req.metrics.finished_time = self.clock()
         self.kv.forget(req)
         self.requests.pop(req.request_id, None)
-        self.static_batch.discard(req.request_id)
+        self.policy.on_finished(req)
         if self._worker_tokens.pop(req.request_id, None) is not None:
             self._finished_for_worker.add(req.request_id)
 
@@ -227,7 +210,7 @@ class Scheduler:
         self.num_preemptions_total += 1
         if self._worker_tokens.pop(req.request_id, None) is not None:
             self._finished_for_worker.add(req.request_id)
-        self._enqueue(req)
+        self._waiting.add(req, self.clock())
 
     # ---- schedule ----------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -237,9 +220,7 @@ class Scheduler:
         budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
                                           self._to_compute)
         self._drop_expired_waiting()
-        if self.policy.dynamic_order and self._waiting:
-            now = self.clock()
-            self._waiting = sorted((self.policy.waiting_key(e[-1], now), e[1], e[-1]) for e in self._waiting)
+        self._waiting.resort(self.clock())
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
         seats = self._batch_seats()
@@ -323,7 +304,7 @@ class Scheduler:
         (priority preemption), when seats or blocks are what stops it."""
         if not self._waiting:
             return
-        head = self._waiting[0][-1]
+        head = self._waiting.head
         while True:
             eligible = [r for r in self.running if self.policy.may_preempt_for(head, r)]
             if not eligible:
@@ -343,13 +324,10 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
                        seats: int) -> None:
-        if self.policy.admits_only_when_idle:
-            if not self._form_static_batch():
-                return
         while (self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(scheduled) < seats):
-            req = self._waiting[0][-1]
-            if self.policy.admits_only_when_idle and req.request_id not in self.static_batch:
+            req = self._waiting.head
+            if not self.policy.may_admit(req, self._waiting, self.running, self.clock()):
                 break
             swapped = self.swap.holds(req.request_id)
             if swapped and self.swap.in_transit(req.request_id):
@@ -363,7 +341,7 @@ class Scheduler:
             blocks = self.kv.allocate_slots(req, n, computed)
             if blocks is None:
                 break  # head-of-line: keep the policy's order
-            self._waiting.pop(0)
+            self._waiting.pop_head()
             req.status = RequestStatus.RUNNING
             if swapped:
                 self.swap.swap_in(req.request_id, blocks)
@@ -377,22 +355,6 @@ class Scheduler:
             scheduled[req.request_id] = n
             new_blocks[req.request_id] = blocks
             budget -= n
-
-    def _form_static_batch(self) -> bool:
-        """Request-level baseline: a batch forms only when the last one is done,
-        from up to max_batch_size arrived requests, once the batch is full or the
-        oldest request has waited max_queue_delay_s."""
-        if self.static_batch:
-            return True
-        if self.running or not self._waiting:
-            return False
-        oldest = min(entry[-1].arrival_time for entry in self._waiting)
-        full = len(self._waiting) >= self.config.max_batch_size
-        if not full and self.clock() - oldest < self.config.max_queue_delay_s:
-            return False
-        members = self._waiting[:self.config.max_batch_size]
-        self.static_batch = {entry[-1].request_id for entry in members}
-        return True
 
     def _build_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
         new_reqs, cached_reqs = [], []

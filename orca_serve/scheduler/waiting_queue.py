@@ -1,0 +1,59 @@
+"""The waiting queue: requests not running (new or preempted), in the
+scheduling policy's order.
+
+Plain Python, like the rest of the scheduler. Entries stay sorted by
+(policy key, arrival sequence), so requests with equal keys keep the order
+they arrived in; a policy whose keys change as work is served (fair sharing)
+has the queue re-sorted before each schedule (``resort``).
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterator
+
+from orca_serve.request import Request
+from orca_serve.scheduler.policies import SchedulingPolicy
+
+
+class WaitingQueue:
+    def __init__(self, policy: SchedulingPolicy) -> None:
+        self.policy = policy
+        self._entries: list[tuple] = []  # sorted (policy key, seq, request)
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Request]:
+        """The requests, head first."""
+        return (entry[-1] for entry in self._entries)
+
+    def add(self, req: Request, now: float) -> None:
+        bisect.insort(self._entries, (self.policy.waiting_key(req, now), next(self._seq), req))
+
+    def remove(self, req: Request) -> None:
+        for i, entry in enumerate(self._entries):
+            if entry[-1] is req:
+                del self._entries[i]
+                return
+
+    @property
+    def head(self) -> Request:
+        return self._entries[0][-1]
+
+    def pop_head(self) -> Request:
+        return self._entries.pop(0)[-1]
+
+    def first(self, n: int) -> list[Request]:
+        return [entry[-1] for entry in self._entries[:n]]
+
+    def resort(self, now: float) -> None:
+        """Re-key every entry when the policy's keys move with time or service."""
+        if self.policy.dynamic_order and self._entries:
+            self._entries = sorted((self.policy.waiting_key(e[-1], now), e[1], e[-1]) for e in self._entries)
+
+    def work_ahead(self, req: Request, now: float) -> int:
+        """Prompt tokens of the queued requests the policy orders at or before ``req``."""
+        key = self.policy.waiting_key(req, now)
+        return sum(e[-1].num_tokens - e[-1].num_computed_tokens for e in self._entries if e[0] <= key)
