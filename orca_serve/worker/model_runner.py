@@ -25,21 +25,20 @@ from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, is_last_stage, min_over_ranks,
                                                    pp_recv_prev, pp_send_next)
-from orca_serve.kernels import cpu_ops_for, gpu_decode_kernel, packed_gemm, packed_gemm_for, paged_attention_kernel
-from orca_serve.kernels.huge_pages import release_free_heap
+from orca_serve.kernels import gpu_decode_kernel
 from orca_serve.layers.attention import Attention
-from orca_serve.layers.device import to_device
-from orca_serve.layers.sampler import LogprobTensors, Sampler, SamplingMetadata
+from orca_serve.layers.sampler import Sampler, SamplingMetadata
 from orca_serve.models.loader import load_model, max_model_len, model_eos_token_ids
 from orca_serve.models.weights import LoadStats
 from orca_serve.worker import kv_sizing
+from orca_serve.worker.async_tokens import NOTHING_LOST, PendingTokens
 from orca_serve.worker.decode_graphs import DecodeGraphs
 from orca_serve.worker.input_batch import RequestState, prepare_inputs
+from orca_serve.worker.kernel_binding import bind_cpu_kernels
 from orca_serve.worker.kv_pool import KVPool
+from orca_serve.worker.runner_result import Ready, RunnerResult, SampledBatch
 
 logger = logging.getLogger(__name__)
-
-_NOTHING_LOST: frozenset[str] = frozenset()
 
 
 class ModelRunner:
@@ -66,39 +65,15 @@ class ModelRunner:
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_pool = KVPool(layers, self.block_size, self.dtype, self.device)
-        # Native kernels: attention layers take the paged attention op, and the
-        # norms, activations and RoPE that have a native version the module.
-        mode = engine_config.model.cpu_kernels
-        cpu_ops = cpu_ops_for(mode, self.device, self.dtype)
-        attention_kernel = paged_attention_kernel(mode, cpu_ops, layers[0].head_dim)
-        self.uses_attention_kernel = attention_kernel is not None
+        self.uses_attention_kernel = bind_cpu_kernels(self.model, layers, engine_config.model.cpu_kernels,
+                                                      self.device, self.dtype)
         # The PyTorch attention path's layout: on a GPU a few padded SDPA calls
         # per layer (launches are what cost there), on a CPU length groups and
         # one call per prefill chunk (padding is what costs there).
         self.batched_attention = self.device.type == "cuda"
-        for layer in layers:
-            layer.attention_kernel = attention_kernel
         a = layers[0]
         self.bind_decode_kernel(gpu_decode_kernel(engine_config.model.triton_decode, self.device, self.dtype,
                                                   a.num_kv_heads, a.group, a.head_dim, self.block_size))
-        for module in self.model.modules():
-            if hasattr(module, "cpu_ops"):
-                module.cpu_ops = cpu_ops
-        if packed_gemm_for(mode, self.device, self.dtype, cpu_ops):
-            packable = [m for m in self.model.modules() if hasattr(m, "pack_weight")]
-            # Shapes only: a list of the weights would keep each dense one alive
-            # after its layer releases it for the packed copy.
-            arena = (packed_gemm.PanelArena([tuple(m.weight.shape) for m in packable], cpu_ops)
-                     if cpu_ops is not None else None)
-            for module in packable:
-                module.pack_weight(cpu_ops, arena)
-                if arena is not None:
-                    # The dense weight just released sits in the allocator's heap,
-                    # which the arena (a mapping of its own) cannot reuse. Handed
-                    # back, the load peaks at the dense weights plus what is packed
-                    # so far: SmolLM2's runner peaked at 3.22 GB RSS this way,
-                    # 3.45 GB without (3.26 GB before the arena).
-                    release_free_heap()
         self.decode_graphs = None
         if engine_config.model.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs the model on a CUDA GPU; it is on {self.device}")
@@ -106,12 +81,8 @@ class ModelRunner:
         # For min_tokens: EOS must not be sampled before a request's minimum length.
         self.eos_token_ids = model_eos_token_ids(engine_config.model, self.hf_config)
         self.requests: dict[str, RequestState] = {}
-        # Async scheduling: the last batch's sampled ids on the device and each
-        # request's row in them, for a request scheduled before its token came back.
-        self.async_scheduling = engine_config.scheduler.async_scheduling
-        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
-        # (the batch after one that failed to launch, that one's requests): ``batch_failed``
-        self._lost: tuple[int, frozenset[str]] = (0, _NOTHING_LOST)
+        # Async scheduling's hand-off of sampled ids to the next batch; None without it.
+        self.async_tokens = PendingTokens() if engine_config.scheduler.async_scheduling else None
 
         cache, pool = engine_config.cache, self.kv_pool
         memory = kv_sizing.device_memory(self.device)
@@ -155,7 +126,8 @@ class ModelRunner:
                              f"the largest iteration the scheduler may form does not fit ({exc}); lower "
                              f"--max-num-batched-tokens, --max-num-seqs or --max-model-len, or split the model "
                              f"with --tensor-parallel-size / --pipeline-parallel-size") from exc
-        self._last_sampled = None  # (async scheduling) the profile's rows are no request's
+        if self.async_tokens is not None:
+            self.async_tokens.forget()  # the profile's rows are no request's
         snap = memory.snapshot()
         profile_pool_bytes = self.kv_pool.nbytes
         self.kv_pool.release()
@@ -202,16 +174,12 @@ class ModelRunner:
         return self.execute_model_async(so).result()
 
     @torch.inference_mode()
-    def execute_model_async(self, so: SchedulerOutput) -> "RunnerResult":
+    def execute_model_async(self, so: SchedulerOutput) -> RunnerResult:
         """Launch one iteration without waiting for the device; ``.result()``
         waits and returns what ``execute_model`` does. A request scheduled one
         token past those it was sent (async scheduling) takes that token from
         the previous batch's sampled ids, on the device."""
-        # Only the very next batch was scheduled before the engine heard of the
-        # failure; one scheduled later may reuse a failed request's id.
-        lost = self._lost[1] if so.iteration == self._lost[0] else _NOTHING_LOST
-        if self._lost[1]:
-            self._lost = (0, _NOTHING_LOST)
+        lost = self.async_tokens.lost(so.iteration) if self.async_tokens is not None else NOTHING_LOST
         self._update_states(so, lost)
         if so.blocks_to_swap_out:
             self.kv_pool.swap_out(so.blocks_to_swap_out)
@@ -225,7 +193,7 @@ class ModelRunner:
                      if n > 0 and rid not in lost]
         if not scheduled:
             return empty
-        pending = self.async_scheduling and self._add_pending_tokens(scheduled)
+        pending = self.async_tokens is not None and self.async_tokens.add_placeholders(scheduled)
         if self.decode_graphs is not None:
             graphed = self._decode_from_graph(scheduled, pending)
             if graphed is not None:
@@ -235,7 +203,7 @@ class ModelRunner:
                                 sampled_rows_only=self.last_stage, batched_attention=self.batched_attention,
                                 paged_decodes=self.paged_decodes)
         if pending:
-            self._fill_pending_tokens(inputs.input_ids, inputs.logits_rows, inputs.sampling_states)
+            self.async_tokens.fill(inputs.input_ids, inputs.logits_rows, inputs.sampling_states)
         prev = None
         if not self.first_stage:
             t0 = time.perf_counter()
@@ -247,7 +215,8 @@ class ModelRunner:
             return Ready(None)
         states = inputs.sampling_states
         if not states:
-            self._last_sampled = None
+            if self.async_tokens is not None:
+                self.async_tokens.forget()
             return empty
         # Every TP rank of the last stage takes part in gathering the logits; one samples.
         logits = self.model.compute_logits(hidden)
@@ -256,15 +225,12 @@ class ModelRunner:
         return self._sample(logits, states)
 
     def batch_failed(self, so: SchedulerOutput) -> None:
-        """``so`` failed to launch. Under async scheduling the next batch was
-        scheduled before the engine hears of it, with tokens its requests were to
-        sample: that batch skips them (the engine fails them once it collects
-        this one) instead of failing as a whole, innocent requests with it."""
+        """``so`` failed to launch: forget the requests it finished; under async
+        scheduling the next batch skips its requests (``PendingTokens.batch_failed``)."""
         for rid in so.finished_req_ids:  # in case it failed before they were dropped
             self.requests.pop(rid, None)
-        if self.async_scheduling:  # (every request of the batch, new or cached, is a scheduled one)
-            self._lost = (so.iteration + 1, frozenset(so.num_scheduled_tokens))
-            self._last_sampled = None
+        if self.async_tokens is not None:
+            self.async_tokens.batch_failed(so)
 
     def _decode_from_graph(self, scheduled: list[tuple[RequestState, int]], pending: bool):
         """(logits, requests) of a decode-only iteration the graphs serve, else None.
@@ -280,48 +246,19 @@ class ModelRunner:
         fill = None
         if pending:
             def fill(ids: torch.Tensor) -> None:  # the static buffer's row i is states[i]
-                self._fill_pending_tokens(ids, np.arange(len(states)), states)
+                self.async_tokens.fill(ids, np.arange(len(states)), states)
         logits = self.decode_graphs.logits(tokens, positions, states, bucket, fill=fill)
         return None if logits is None else (logits, states)
 
-    def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> "SampledBatch":
+    def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> SampledBatch:
         md = SamplingMetadata.build([s.sampling_params for s in states],
                                     [s.num_output_tokens for s in states], self.vocab_size, self.device,
                                     eos_token_ids=self.eos_token_ids)
         tokens, logprobs = self.sampler.sample(logits, md)
         req_ids = [s.req_id for s in states]
-        if self.async_scheduling:
-            self._last_sampled = (tokens, {rid: i for i, rid in enumerate(req_ids)})
+        if self.async_tokens is not None:
+            self.async_tokens.sampled(tokens, req_ids)
         return SampledBatch(self.sampler, tokens, logprobs, md, req_ids)
-
-    def _add_pending_tokens(self, scheduled: list[tuple[RequestState, int]]) -> bool:
-        """Async scheduling: a request scheduled through the token its previous
-        batch samples gets a placeholder for it, filled on the device. Whether
-        any did."""
-        added = False
-        for state, n in scheduled:
-            missing = state.num_computed_tokens + n - len(state.token_ids)
-            if missing <= 0:
-                continue
-            rows = self._last_sampled[1] if self._last_sampled is not None else {}
-            if missing > 1 or state.pending or state.req_id not in rows:
-                raise RuntimeError(f"request {state.req_id!r} was scheduled {missing} token(s) past those sent, "
-                                   f"but the previous batch sampled {'one' if state.req_id in rows else 'none'}")
-            state.token_ids.append(0)
-            state.pending = added = True
-        return added
-
-    def _fill_pending_tokens(self, input_ids: torch.Tensor, rows: np.ndarray, states: list[RequestState]) -> None:
-        """Write the previous batch's sampled ids over the placeholders in
-        ``input_ids``, whose row ``rows[i]`` is ``states[i]``'s last token."""
-        pending = [i for i, s in enumerate(states) if s.pending]
-        if not pending:
-            return
-        tokens, prev_rows = self._last_sampled
-        dst = np.fromiter((rows[i] for i in pending), dtype=np.int64, count=len(pending))
-        src = np.fromiter((prev_rows[states[i].req_id] for i in pending), dtype=np.int64, count=len(pending))
-        values = tokens.index_select(0, to_device(src, tokens.device))
-        input_ids.index_copy_(0, to_device(dst, input_ids.device), values)
 
     def _update_states(self, so: SchedulerOutput, lost: frozenset[str]) -> None:
         for rid in so.finished_req_ids:
@@ -343,31 +280,3 @@ class ModelRunner:
             state.token_ids.extend(new)
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
-
-
-class Ready:
-    """An iteration's result that needs no wait (nothing sampled on this rank)."""
-
-    def __init__(self, output: ModelRunnerOutput | None) -> None:
-        self.output = output
-
-    def result(self) -> ModelRunnerOutput | None:
-        return self.output
-
-
-class SampledBatch:
-    """An iteration launched on the device; ``result()`` waits for its
-    sampled ids (the host's one sync per iteration) and returns them."""
-
-    def __init__(self, sampler: Sampler, tokens: torch.Tensor, logprobs: LogprobTensors | None,
-                 md: SamplingMetadata, req_ids: list[str]) -> None:
-        self.sampler, self.tokens, self.logprobs, self.md, self.req_ids = sampler, tokens, logprobs, md, req_ids
-
-    def result(self) -> ModelRunnerOutput:
-        out = self.sampler.outputs(self.tokens, self.logprobs, self.md)
-        return ModelRunnerOutput(
-            sampled_token_ids=dict(zip(self.req_ids, out.token_ids)),
-            logprobs={rid: lp for rid, lp in zip(self.req_ids, out.logprobs) if lp is not None})
-
-
-RunnerResult = Ready | SampledBatch
