@@ -124,14 +124,14 @@ def stage_layer_range(num_layers: int) -> tuple[int, int]:
     return pp_layer_range(num_layers, _state.pp_rank, _state.pp_size)
 
 
-def min_over_ranks(value: int, device: torch.device) -> int:
-    """The smallest ``value`` any worker rank holds (a collective: every rank
-    calls it); the value itself outside a worker group."""
+def min_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    """Each of ``values`` at its smallest over the worker ranks, in one
+    collective that every rank calls; the values themselves outside a worker group."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return t.tolist()
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:

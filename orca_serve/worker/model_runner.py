@@ -94,8 +94,9 @@ class ModelRunner:
             num_cpu_blocks = kv_sizing.swap_blocks(cache, pool.block_bytes)
         # Every rank takes the smallest size any rank found: a budget buys fewer
         # blocks on a stage with more layers, and free memory differs by GPU.
-        pool.allocate(min_over_ranks(num_kv_blocks, self.device))
-        pool.allocate_host(min_over_ranks(num_cpu_blocks, self.device))
+        num_kv_blocks, num_cpu_blocks = min_over_ranks([num_kv_blocks, num_cpu_blocks], self.device)
+        pool.allocate(num_kv_blocks)
+        pool.allocate_host(num_cpu_blocks)
         logger.info("KV pool: %d blocks of %d tokens, %.1f MiB on this rank; %d swap blocks on the host",
                     pool.num_blocks, self.block_size, pool.nbytes / 2**20, pool.num_host_blocks)
         if engine_config.model.cuda_graphs:
