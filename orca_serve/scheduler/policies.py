@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from orca_serve.request import Request
+
+if TYPE_CHECKING:  # (waiting_queue imports this module)
+    from orca_serve.scheduler.waiting_queue import WaitingQueue
 
 
 class SchedulingPolicy:
@@ -54,7 +58,7 @@ class SchedulingPolicy:
         """Why a queued request leaves the queue unserved now, or None."""
         return None
 
-    def may_admit(self, head: Request, waiting: Collection[Request], running: list[Request], now: float) -> bool:
+    def may_admit(self, head: Request, waiting: "WaitingQueue", running: list[Request], now: float) -> bool:
         """Whether ``head``, first of the ``waiting`` queue, may join the batch now."""
         return True
 
@@ -210,12 +214,12 @@ class RequestLevelPolicy(FCFSPolicy):
         self.max_queue_delay_s = max_queue_delay_s
         self.static_batch: set[str] = set()  # ids of the batch being served, until all of it ends
 
-    def may_admit(self, head: Request, waiting: Collection[Request], running: list[Request], now: float) -> bool:
+    def may_admit(self, head: Request, waiting: "WaitingQueue", running: list[Request], now: float) -> bool:
         if not self.static_batch and not running:
             self._form_batch(waiting, now)
         return head.request_id in self.static_batch
 
-    def _form_batch(self, waiting: Collection[Request], now: float) -> None:
+    def _form_batch(self, waiting: "WaitingQueue", now: float) -> None:
         """A batch forms only when the last one is done, from up to
         max_batch_size arrived requests, once the batch is full or the oldest
         request has waited max_queue_delay_s."""
