@@ -138,6 +138,8 @@ class Scheduler:
             req.error = error
         while True:  # a request that read unfilled blocks filled its own with garbage
             unfilled = self.kv.uncache_unfilled(so.iteration, ids)
+            # Such a request took its hit for a batch behind this one, still in
+            # flight now; a request in flight is never preempted, so it is running.
             hit = [r for r in self.running
                    if r.request_id not in ids and not unfilled.isdisjoint(self.kv.block_ids(r.request_id))]
             if not hit:
