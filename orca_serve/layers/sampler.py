@@ -116,7 +116,9 @@ class Sampler:
             tokens = self._sample(logits, md)
         return tokens, self._logprobs(raw_logits, tokens, md)
 
-    def outputs(self, tokens: torch.Tensor, logprobs: LogprobTensors | None, md: SamplingMetadata) -> SamplerOutput:
+    @staticmethod
+    def outputs(tokens: torch.Tensor, logprobs: LogprobTensors | None, md: SamplingMetadata) -> SamplerOutput:
+        """The sampled ids and logprobs on the host (where the host waits for the device)."""
         token_list = tokens.tolist()
         result: list[Logprobs | None] = [None] * len(token_list)
         if logprobs is not None:

@@ -259,7 +259,7 @@ class ModelRunner:
         req_ids = [s.req_id for s in states]
         if self.async_tokens is not None:
             self.async_tokens.sampled(tokens, req_ids)
-        return SampledBatch(self.sampler, tokens, logprobs, md, req_ids)
+        return SampledBatch(tokens, logprobs, md, req_ids)
 
     def _update_states(self, so: SchedulerOutput, lost: frozenset[str]) -> None:
         for rid in so.finished_req_ids:

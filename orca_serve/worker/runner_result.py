@@ -24,12 +24,12 @@ class SampledBatch:
     """An iteration launched on the device; ``result()`` waits for its
     sampled ids (the host's one sync per iteration) and returns them."""
 
-    def __init__(self, sampler: Sampler, tokens: torch.Tensor, logprobs: LogprobTensors | None,
-                 md: SamplingMetadata, req_ids: list[str]) -> None:
-        self.sampler, self.tokens, self.logprobs, self.md, self.req_ids = sampler, tokens, logprobs, md, req_ids
+    def __init__(self, tokens: torch.Tensor, logprobs: LogprobTensors | None, md: SamplingMetadata,
+                 req_ids: list[str]) -> None:
+        self.tokens, self.logprobs, self.md, self.req_ids = tokens, logprobs, md, req_ids
 
     def result(self) -> ModelRunnerOutput:
-        out = self.sampler.outputs(self.tokens, self.logprobs, self.md)
+        out = Sampler.outputs(self.tokens, self.logprobs, self.md)
         return ModelRunnerOutput(
             sampled_token_ids=dict(zip(self.req_ids, out.token_ids)),
             logprobs={rid: lp for rid, lp in zip(self.req_ids, out.logprobs) if lp is not None})
