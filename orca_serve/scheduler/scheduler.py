@@ -149,8 +149,11 @@ class Scheduler:
                 ids.add(req.request_id)
             failed += hit
         self.finish_requests(failed, RequestStatus.FINISHED_ERROR)
-        for rid in self.swap.batch_failed(so.iteration):
-            self.requests[rid].num_computed_tokens = 0  # its K/V may never have reached the host
+        for rid in self.swap.batch_failed(so.iteration):  # its K/V may never have reached the host
+            req = self.requests[rid]
+            self._waiting.remove(req)  # re-queued: a policy's key may count computed tokens (SLO)
+            req.num_computed_tokens = 0
+            self._waiting.add(req, self.clock())
         self.update(so, ModelRunnerOutput(sampled_token_ids={}))
         return failed
 

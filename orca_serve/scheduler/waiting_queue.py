@@ -2,8 +2,9 @@
 scheduling policy's order.
 
 Plain Python, like the rest of the scheduler. Entries stay sorted by
-(policy key, arrival sequence), so requests with equal keys keep the order
-they arrived in; a policy whose keys change as work is served (fair sharing)
+(policy key, queueing sequence), so requests with equal keys keep the order
+they were queued in (a preempted request goes behind those queued before
+it); a policy whose keys change as work is served (fair sharing)
 has the queue re-sorted before each schedule (``resort``).
 """
 from __future__ import annotations
@@ -44,9 +45,6 @@ class WaitingQueue:
 
     def pop_head(self) -> Request:
         return self._entries.pop(0)[-1]
-
-    def first(self, n: int) -> list[Request]:
-        return [entry[-1] for entry in self._entries[:n]]
 
     def resort(self, now: float) -> None:
         """Re-key every entry when the policy's keys move with time or service."""
