@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import time
 
 import httpx
 import openai
@@ -213,6 +215,16 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("no-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": ""}, 401, None),
     ("wrong-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": "Bearer nope"}, 401, None),
     ("unknown-route", "/v1/engines", {"prompt": "hi"}, None, 404, None),
+    # Valid JSON, but a lone surrogate escape no tokenizer (or reply) can encode.
+    ("lone-surrogate-prompt", _CMPL, b'{"prompt": "hi \\ud800", "max_tokens": 2}', None, 400, "prompt"),
+    ("lone-surrogate-in-batch", _CMPL, b'{"prompt": ["hi", "\\uDC00"]}', None, 400, "prompt[1]"),
+    ("lone-surrogate-model", _CMPL, b'{"prompt": "hi", "model": "\\ud800"}', None, 400, "model"),
+    ("lone-surrogate-chat", _CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", '
+     b'"text": "\\ud800"}]}]}', None, 400, "messages[0].content[0].text"),
+    ("nested-too-deep", _CMPL, b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, 400, None),
+    ("fan-out-over-queue", _CMPL, {"prompt": ["hi"] * 100, "n": 16, "max_tokens": 2}, None, 400, "n"),
+    ("tool-choice-without-tools", _CHAT, {"messages": _MSG, "tool_choice": "required"}, None, 400, "tool_choice"),
+    ("prompt-empty-in-batch", _CMPL, {"prompt": ["hi", ""]}, None, 400, "prompt[1]"),
 ]
 
 
@@ -259,6 +271,21 @@ def test_non_streaming_disconnect_aborts(server):
     assert _aborts(server.url) == before + 1
     assert metric(text, "orca_serve_generation_tokens_total") - generated < 240
     assert metric(text, "orca_serve_kv_blocks_used") == 0
+
+
+def test_client_gone_before_its_body_arrived_is_no_server_error(server):
+    """A client that closes the connection mid-upload leaves no traceback in
+    the server's log (it was logged twice, as an unhandled error and by
+    uvicorn). Nothing else is logged for it: its 499 reaches no one."""
+    head = (f"POST {_CMPL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nContent-Length: 100\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head.encode() + b'{"prompt": "h')
+    time.sleep(1.0)  # the server sees the close at once; before the fix the traceback came within ms
+    good = httpx.post(server.url + _CMPL, json={"prompt": "hi", "max_tokens": 2}, headers=_auth(), timeout=30)
+    assert good.status_code == 200
+    log = server.output()
+    assert "Traceback" not in log and "unhandled error" not in log
 
 
 def test_request_log_lines_and_metrics(server, client):

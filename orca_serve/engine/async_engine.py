@@ -119,6 +119,11 @@ class AsyncLLMEngine:
         return self._engine.max_model_len
 
     @property
+    def max_waiting_requests(self) -> int | None:
+        """The waiting queue's bound (None: unbounded)."""
+        return self._engine.config.scheduler.max_waiting_requests
+
+    @property
     def tokenizer(self):
         return self._engine.tokenizer
 

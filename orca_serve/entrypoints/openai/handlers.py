@@ -51,8 +51,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                             arrival: float) -> Response:
     engine, n = ctx.engine, req.n
     prompt_ids = [await _tokenize(engine.tokenize, p, param="prompt") for p in req.prompts()]
-    max_tokens = [check_context(ids, req.max_tokens, engine.max_model_len, "prompt", "max_tokens")
-                  for ids in prompt_ids]
+    names = ["prompt"] if len(prompt_ids) == 1 else [f"prompt[{i}]" for i in range(len(prompt_ids))]
+    max_tokens = [check_context(ids, req.max_tokens, engine.max_model_len, name, "max_tokens")
+                  for ids, name in zip(prompt_ids, names)]
     prompts = [ids for ids in prompt_ids for _ in range(n)]
     params = [sampling_params(req, max_tokens[j // n], req.logprobs, j) for j in range(len(prompts))]
     request_id = f"cmpl-{uuid.uuid4().hex}"

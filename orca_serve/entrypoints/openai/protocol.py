@@ -180,6 +180,8 @@ class ChatCompletionRequest(_SamplingFields):
             raise _field_error("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.tools:
             raise _field_error("tools", "tool calling is not supported")
+        if self.tool_choice not in (None, "none"):  # OpenAI and vLLM refuse it without tools too
+            raise _field_error("tool_choice", "tool_choice needs tools, and tool calling is not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise _field_error("response_format", "only response_format type 'text' is supported")
         return self

@@ -32,12 +32,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from orca_serve.config import EngineConfig
 from orca_serve.engine.async_engine import AsyncLLMEngine
 from orca_serve.entrypoints.openai.args import DEFAULT_MAX_BODY_BYTES, add_server_args
-from orca_serve.entrypoints.openai.handlers import ServingContext, create_chat_completion, create_completion
+from orca_serve.entrypoints.openai.handlers import (
+    CLIENT_CLOSED, ServingContext, create_chat_completion, create_completion)
 from orca_serve.entrypoints.openai.metrics import ServerMetrics
 from orca_serve.entrypoints.openai.protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, bad_request, parse_request)
@@ -75,15 +77,32 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
         if declared.isdigit() and int(declared) > max_body_bytes:
             raise _too_large(int(declared), max_body_bytes)
         body, size = [], 0
-        async for chunk in raw.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise _too_large(size, max_body_bytes)
-            body.append(chunk)
         try:
-            return json.loads(b"".join(body))
+            async for chunk in raw.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise _too_large(size, max_body_bytes)
+                body.append(chunk)
+        except ClientDisconnect:  # nobody to answer; not a server error
+            raise ApiError(CLIENT_CLOSED, "the client closed the connection before its request body arrived",
+                           code="client_closed") from None
+        data = b"".join(body)
+        try:
+            payload = json.loads(data)
+        except RecursionError:
+            raise bad_request("request body is not valid JSON: it is nested too deeply",
+                              code="invalid_json") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        # JSON may spell a lone UTF-16 surrogate as an escape; no tokenizer or
+        # reply can encode one. Only a body with such an escape is walked.
+        if b"\\ud" in data.lower():
+            where = _unpaired_surrogate(payload)
+            if where is not None:
+                raise bad_request(f"{where or 'body'}: text holds an unpaired UTF-16 surrogate escape "
+                                  f"(\\ud800-\\udfff without its pair); send valid Unicode",
+                                  param=where or None, code="invalid_unicode")
+        return payload
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -135,6 +154,25 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
 
     _install_error_handlers(app)
     return app
+
+
+def _unpaired_surrogate(payload) -> str | None:
+    """The path (``messages[0].content``, ``prompt[1]``) of the first string in
+    ``payload`` holding an unpaired surrogate, '' for the top level, or None."""
+    stack = [("", payload)]
+    while stack:  # no recursion: the body may be nested as deep as json allows
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(list(value.items())))
+            stack.extend(("" if not path else path, k) for k in value)  # keys are text too
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 def _too_large(size: int, limit: int) -> ApiError:

@@ -90,6 +90,10 @@ class RequestGroup:
     """The engine requests behind one HTTP request, read as one stream."""
 
     def __init__(self, engine: AsyncLLMEngine, request_id: str, count: int) -> None:
+        limit = engine.max_waiting_requests
+        if limit is not None and count > limit:  # it could never be queued: no retry would help
+            raise bad_request(f"this request asks for {count} sequences (prompts × n); the server queues "
+                              f"at most {limit} at a time (--max-waiting-requests)", param="n")
         self.engine = engine
         self.ids = [f"{request_id}-{i}" for i in range(count)]
         self.finals: list[RequestOutput | None] = [None] * count
