@@ -223,14 +223,24 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
      b'"text": "\\ud800"}]}]}', None, 400, "messages[0].content[0].text"),
     ("nested-too-deep", _CMPL, b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, 400, None),
     ("fan-out-over-queue", _CMPL, {"prompt": ["hi"] * 100, "n": 16, "max_tokens": 2}, None, 400, "n"),
+    ("image-part", _CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, None, 400, "messages[0].content"),
+    ("text-part-without-text", _CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, None,
+     400, "messages[0].content"),
     ("tool-choice-without-tools", _CHAT, {"messages": _MSG, "tool_choice": "required"}, None, 400, "tool_choice"),
     ("prompt-empty-in-batch", _CMPL, {"prompt": ["hi", ""]}, None, 400, "prompt[1]"),
 ]
 
 
+# What the message must say where the field alone does not tell what is wrong.
+BAD_MESSAGES = {"image-part": "part 0 has type 'image_url'; only text parts are supported",
+                "text-part-without-text": "part 0 needs 'text'", "lone-surrogate-prompt": "unpaired UTF-16 surrogate",
+                "nested-too-deep": "nested too deeply", "fan-out-over-queue": "1600 sequences"}
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_then_good_request(server, case):
-    _, path, body, headers, status, param = case
+    case_id, path, body, headers, status, param = case
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(server.url + path, content=content,
                    headers={**_auth(), "Content-Type": "application/json", **(headers or {})}, timeout=30)
@@ -238,6 +248,7 @@ def test_bad_input_then_good_request(server, case):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param
+    assert BAD_MESSAGES.get(case_id, "") in err["message"]
     # The field is named once ("prompt: token id ..."), not once per layer it passed.
     assert not re.match(r"^([\w.\[\]]+): \1\b", err["message"]), err["message"]
     good = httpx.post(server.url + _CMPL, json={"prompt": "hi", "max_tokens": 2}, headers=_auth(), timeout=30)

@@ -153,6 +153,21 @@ class ChatMessage(_Strict):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_parts(cls, v):
+        # Name the part that is wrong: the union's own error would only say
+        # that the content is not a string.
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    what = f"has type {kind!r}" if kind is not None else "is not a {'type': 'text', ...} object"
+                    raise ValueError(f"part {i} {what}; only text parts are supported")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"part {i} needs 'text', a string")
+        return v
+
     def as_template_dict(self) -> dict:
         """The message as chat templates expect it: content is a plain string."""
         content = self.content
