@@ -90,11 +90,11 @@ def test_200_concurrent_requests(server):
     finished = "orca_serve_requests_finished_total"
     # A cancelled request ends as "abort" when the server sees the disconnect
     # first, else as "length": on two busy cores the event loop can lag the
-    # engine by their 160 tokens (seen once in CI: 5 of 20 aborted). Either way
-    # it finishes once and frees its blocks (above); test_server.py checks
-    # that a lone disconnect aborts.
+    # engine by their 160 tokens (seen in CI: 5 of 20 aborted, and once none).
+    # Either way it finishes once and frees its blocks (above); test_server.py
+    # checks that a lone disconnect aborts.
     aborted = delta(finished, 'finish_reason="abort"')
-    assert 1 <= aborted <= N_CANCELLED
+    assert aborted <= N_CANCELLED
     assert aborted + delta(finished, 'finish_reason="length"') == N_REQUESTS
     assert delta("orca_serve_e2e_request_latency_seconds_count") == N_REQUESTS
     # Iteration-level batching: many requests shared iterations.
