@@ -55,6 +55,14 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
 
+    @property
+    def goes_out(self) -> bool:
+        """Whether the workers must see it. One with nothing to compute still
+        does when it moves KV blocks or tells them to forget requests (a request
+        that stopped while its next batch was in flight is finished in an
+        otherwise empty one)."""
+        return not self.is_empty or bool(self.blocks_to_swap_out or self.blocks_to_swap_in or self.finished_req_ids)
+
 
 @dataclass
 class Logprobs:

@@ -253,7 +253,7 @@ def test_pipelined_batches_that_fail_never_corrupt_or_leak(seed, depth, caching)
         if rng.random() < 0.02:
             s.abort_request(rng.choice(reqs).request_id)
         so = s.schedule()
-        if not so.is_empty or so.blocks_to_swap_out or so.blocks_to_swap_in or so.finished_req_ids:
+        if so.goes_out:
             in_flight.append(so)
         if in_flight and (len(in_flight) >= depth or so.is_empty):
             done = in_flight.pop(0)

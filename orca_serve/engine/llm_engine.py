@@ -150,10 +150,7 @@ class LLMEngine:
         """
         t0 = time.perf_counter()
         so = self.scheduler.schedule()
-        # A batch with nothing to compute still goes out when it moves KV blocks
-        # or tells the workers to forget requests (a request that stopped while
-        # its next batch was in flight is finished in an otherwise empty one).
-        if not so.is_empty or so.blocks_to_swap_out or so.blocks_to_swap_in or so.finished_req_ids:
+        if so.goes_out:
             self._pipeline.append((so, time.perf_counter(), self.executor.submit(so)))
         advanced = []
         if self._pipeline and (len(self._pipeline) >= self._depth or so.is_empty):

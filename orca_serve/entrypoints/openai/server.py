@@ -95,8 +95,9 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
         # JSON may spell a lone UTF-16 surrogate as an escape; no tokenizer or
-        # reply can encode one. Only a body with such an escape is walked.
-        if b"\\ud" in data.lower():
+        # reply can encode one. Only a body with such an escape is walked (JSON
+        # writes the u lower case; the hex digits either way).
+        if b"\\ud" in data or b"\\uD" in data:
             where = _unpaired_surrogate(payload)
             if where is not None:
                 raise bad_request(f"{where or 'body'}: text holds an unpaired UTF-16 surrogate escape "
@@ -169,7 +170,7 @@ def _unpaired_surrogate(payload) -> str | None:
                 return path
         elif isinstance(value, dict):
             stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(list(value.items())))
-            stack.extend(("" if not path else path, k) for k in value)  # keys are text too
+            stack.extend((path, k) for k in value)  # keys are text too
         elif isinstance(value, list):
             stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
     return None
