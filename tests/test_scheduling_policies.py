@@ -143,6 +143,26 @@ def test_edf_meets_more_deadlines_than_fcfs():
     assert fcfs == 4 and slo == 12
 
 
+def test_slo_order_follows_the_cost_estimate_after_it_moves():
+    """A waiting key weighs the prompt's work at the cost model's per-token
+    time. "long" was queued while the model still believed its prior (0.1 ms
+    a token), "short" after it measured 10 ms: at 10 ms, long's 400 tokens
+    leave it 6 s of slack against short's 8.9 s, so it must go first (keyed
+    with the old estimate it sat behind short, at 9.96 s)."""
+    s = make(num_blocks=400, scheduling_policy="slo")
+    s.add_request(req("long", 400, max_tokens=2, arrival=0.0, ttft_slo=10.0))
+    for tokens in (100, 200, 300, 400):
+        s.observe_iteration(tokens, 0.01 * tokens)
+    assert s.cost_model.b == pytest.approx(0.01)
+    s.add_request(req("short", 8, max_tokens=2, base=500, arrival=0.0, ttft_slo=9.0))
+    assert [q.request_id for q in s.waiting_requests()] == ["long", "short"]
+    # The admission estimate compares keys made in the same epoch too: the
+    # work ahead of "short" is long's prompt and its own.
+    assert s._waiting.work_ahead(s.requests["short"], 0.0) == 408
+    so = s.schedule()
+    assert list(so.num_scheduled_tokens) == ["long", "short"]
+
+
 def test_slo_budget_keeps_tpot_target():
     clock = Clock()
     s, r = make(num_blocks=400, clock=clock, scheduling_policy="slo", max_num_batched_tokens=256), FakeRunner(4)

@@ -25,8 +25,6 @@ class SchedulingPolicy:
     name = "base"
     # Request-level (static) batching admits only into an empty batch.
     admits_only_when_idle = False
-    # Keys that change as work is served (fair sharing): re-sort before each schedule.
-    dynamic_order = False
     # Requests may be refused on arrival or leave the queue unserved (the SLO policy's reject mode).
     rejects = False
 
@@ -35,6 +33,12 @@ class SchedulingPolicy:
 
     def waiting_key(self, req: Request, now: float):
         raise NotImplementedError
+
+    def order_epoch(self):
+        """Changes whenever the waiting keys already made may no longer compare
+        with new ones (fair sharing served tokens; the SLO policy's cost
+        estimate moved): the waiting queue then makes them again."""
+        return None
 
     def victim_key(self, req: Request):
         raise NotImplementedError
@@ -108,6 +112,11 @@ class SLOPolicy(SchedulingPolicy):
     """
 
     name = "slo"
+    # Waiting keys subtract the prompt's work at the cost model's per-token
+    # time, which moves every iteration. Keys made at different times would
+    # weigh work at different rates, so they use that time rounded to a 10%
+    # step, and the queue is re-keyed when the step changes.
+    _RATE_STEP = math.log(1.1)
 
     def __init__(self, cost_model=None, reject: bool = False) -> None:
         self.cost_model = cost_model
@@ -136,18 +145,26 @@ class SLOPolicy(SchedulingPolicy):
                     f"its TTFT target {1000 * req.ttft_slo:.0f} ms")
         return None
 
+    def order_epoch(self):
+        if self.cost_model is None:
+            return None
+        return round(math.log(self.cost_model.b) / self._RATE_STEP)
+
     def slack(self, req: Request, now: float) -> float:
-        """Seconds to spare before the TTFT deadline once the prompt's own work is done."""
+        """Seconds to spare before the TTFT deadline once the prompt's own work
+        is done, at the per-token time of the current ``order_epoch``."""
         if req.ttft_slo is None:
             return math.inf
         remaining = req.num_tokens - req.num_computed_tokens
-        per_token = self.cost_model.b if self.cost_model is not None else 0.0
+        epoch = self.order_epoch()
+        per_token = 0.0 if epoch is None else math.exp(epoch * self._RATE_STEP)
         return req.arrival_time + req.ttft_slo - now - remaining * per_token
 
     def waiting_key(self, req: Request, now: float):
         if req.ttft_slo is None:
             return (1, req.arrival_time, 0.0)
-        # Deadline less estimated work; independent of `now`, so the order is stable.
+        # Deadline less estimated work; independent of `now`, so the order only
+        # moves with the cost estimate's epoch.
         return (0, self.slack(req, 0.0), req.arrival_time)
 
     def token_budget(self, running: list[Request], default: int, cost_model,
@@ -179,11 +196,11 @@ class FairPolicy(SchedulingPolicy):
     """
 
     name = "fair"
-    dynamic_order = True
 
     def __init__(self, weights: dict[str, float] | None = None) -> None:
         self.weights = weights or {}
         self.served: dict[str, float] = {}
+        self._num_served = 0  # on_scheduled calls: every one moves a client's key
 
     def _counter(self, user: str) -> float:
         if user not in self.served:
@@ -193,6 +210,10 @@ class FairPolicy(SchedulingPolicy):
     def on_scheduled(self, req: Request, num_tokens: int) -> None:
         user = req.user or ""
         self.served[user] = self._counter(user) + num_tokens / self.weights.get(user, 1.0)
+        self._num_served += 1
+
+    def order_epoch(self):
+        return self._num_served
 
     def waiting_key(self, req: Request, now: float):
         return (self._counter(req.user or ""), req.arrival_time)

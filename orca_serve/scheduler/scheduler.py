@@ -225,7 +225,7 @@ class Scheduler:
         budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
                                           self._to_compute)
         self._drop_expired_waiting()
-        self._waiting.resort(self.clock())
+        self._waiting.rekey_if_moved(self.clock())
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
         seats = self._batch_seats()
