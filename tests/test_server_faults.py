@@ -106,6 +106,31 @@ def _thread_cpu_seconds(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def test_an_unhandled_error_is_a_500_logged_once(server, monkeypatch, caplog):
+    """An exception no handler maps answers the OpenAI-style 500 and is logged
+    by us alone: it must not escape the app (Starlette's handler for Exception
+    raised it again, and uvicorn logged it a second time). The app is called
+    directly, where an escaping exception reaches the client as itself."""
+
+    def broken_render():
+        raise RuntimeError("injected render bug")
+
+    monkeypatch.setattr(server.app.state.metrics, "render", broken_render)
+
+    async def get():
+        transport = httpx.ASGITransport(app=server.app)  # raises whatever escapes the app
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.get("/metrics")
+
+    with caplog.at_level("ERROR", logger="orca_serve.server"):
+        r = asyncio.run(get())
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": "RuntimeError: injected render bug", "type": "server_error",
+                                 "param": None, "code": "internal_error"}
+    logged = [rec for rec in caplog.records if rec.name == "orca_serve.server"]
+    assert len(logged) == 1 and logged[0].exc_info[1].args == ("injected render bug",)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
 def test_idle_engine_thread_sleeps(server):
     wait_idle(server.url)

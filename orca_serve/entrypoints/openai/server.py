@@ -199,11 +199,41 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(_, exc: RequestValidationError):
         return _error_response(bad_request(str(exc.errors()[0].get("msg", exc))))
 
-    @app.exception_handler(Exception)
-    async def internal_error(_, exc: Exception):
-        logger.exception("unhandled error")
-        return _error_response(ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error",
-                                        code="internal_error"))
+    app.add_middleware(_InternalErrorMiddleware)
+
+
+class _InternalErrorMiddleware:
+    """An exception no handler took becomes the API's 500, logged once.
+
+    Starlette's handler for ``Exception`` answers and then raises the exception
+    again for the server to see, so uvicorn logged every such error a second
+    time. This middleware sits inside Starlette's and keeps it. Once the answer
+    has started (a stream) no 500 can be sent: the exception goes on, and
+    uvicorn logs it and drops the connection."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception as exc:
+            if started:
+                raise
+            logger.exception("unhandled error")
+            response = _error_response(ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error",
+                                                code="internal_error"))
+            await response(scope, receive, send)
 
 
 class _GracefulServer(uvicorn.Server):
