@@ -8,10 +8,14 @@ a failed build); the reason is kept in ``load_error()`` so callers can log it
 or, when the kernels were demanded, raise it. The build is keyed by the
 sources and headers, the flags and this CPU's vector extensions, so a cache
 shared by different machines never hands one a binary it cannot run, and a
-changed header is never served by an old build.
+changed header is never served by an old build. It is keyed by where the
+sources are too: torch's build file names them by path, so two checkouts
+sharing one build directory would rebuild it in turn.
 
-Concurrent builds from several worker processes are serialized by torch's
-lock file in the build directory.
+Concurrent builds from several processes are serialized by a ``flock`` on the
+build directory (``_one_build_at_a_time``), which dies with its process;
+torch's own lock file, which a killed build leaves behind for every later
+start to wait on forever, is cleared under it.
 
 ``gpu_decode_kernel`` picks the GPU's one kernel, Triton paged decode
 attention (``triton_decode.py``), by ``ModelConfig.triton_decode``.
@@ -23,6 +27,8 @@ oneDNN's layout (no build needed). ``ModelConfig.cpu_kernels`` decides both
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -33,6 +39,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _SOURCES = Path(__file__).with_name("csrc")
+BUILD_FLOCK = "orca_build.flock"  # in the build directory: held while a process builds there
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -78,6 +85,25 @@ def build_name(sources: Path, settings: list[str]) -> str:
     return f"orca_cpu_ops_{digest.hexdigest()[:12]}"
 
 
+@contextlib.contextmanager
+def _one_build_at_a_time(build_dir: Path):
+    """Hold the build directory against every other process of ours.
+
+    torch serializes builds with a file it creates and deletes (``lock``); a
+    process killed mid-build (a server stopped during its first start) leaves
+    it, and every later load waits for it forever, silently. A ``flock`` is
+    released by the kernel when its holder dies, and while we hold it no
+    other process of ours is building here, so a ``lock`` file found then is
+    such a leftover."""
+    with open(build_dir / BUILD_FLOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by a kernel build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        yield
+
+
 def _build():
     try:
         import torch
@@ -89,7 +115,7 @@ def _build():
     # libgomp.so.1 torch already loaded, so there is one thread pool, not two.
     # -fno-trapping-math lets the exp/select loops vectorize (no FP exceptions are used).
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *arch]
-    name = build_name(_SOURCES, [torch.__version__, *flags])
+    name = build_name(_SOURCES, [torch.__version__, str(_SOURCES.resolve()), *flags])
     build_dir = cache_dir() / name
     # torch drives the build with ninja; the pip-installed one sits next to this
     # interpreter, which is not on PATH when the venv is not activated.
@@ -97,9 +123,10 @@ def _build():
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(name=name, sources=[str(p) for p in sorted(_SOURCES.glob("*.cpp"))],
-                                    extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                    build_directory=str(build_dir), verbose=False)
+        with _one_build_at_a_time(build_dir):
+            module = cpp_extension.load(name=name, sources=[str(p) for p in sorted(_SOURCES.glob("*.cpp"))],
+                                        extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                        build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler / ninja, or a failed build
         return None, f"building the kernels in {_SOURCES} failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
     finally:
