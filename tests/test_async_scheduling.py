@@ -40,7 +40,7 @@ def run(eng: LLMEngine, prompts, params, abort_at: dict[int, str] | None = None)
         it += 1
     stats = eng.stats()
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total, "KV blocks leaked"
-    assert not eng.scheduler._pending and not eng.scheduler._in_flight
+    assert not eng.scheduler.worker_view._pending and not eng.scheduler.worker_view._in_flight
     return outs
 
 
@@ -201,7 +201,7 @@ def test_a_failed_batch_fails_only_its_own_requests(tiny_model_dir, monkeypatch,
         assert (o.finish_reason, o.error) == ("length", None), rid
         assert o.token_ids == hf_generate(hf, prompts[int(rid)], 12), rid
     assert len(outs) == 5 and eng.stats().num_kv_blocks_free == 200
-    assert not eng.scheduler._pending and not eng.scheduler._in_flight
+    assert not eng.scheduler.worker_view._pending and not eng.scheduler.worker_view._in_flight
 
 
 def test_a_failed_requests_id_serves_again_once_its_batch_is_back(tiny_model_dir, monkeypatch):
@@ -300,7 +300,7 @@ def test_scheduler_schedules_a_request_again_on_its_pending_token():
     assert s.schedule().is_empty  # b3 samples token 3, the last: nothing more to run
     s.update(b3, ModelRunnerOutput({"a": 13}))
     assert req.output_token_ids == [11, 12, 13] and req.finished
-    assert not s._pending and not s._in_flight and s.kv.num_free_blocks == 32
+    assert not s.worker_view._pending and not s.worker_view._in_flight and s.kv.num_free_blocks == 32
 
 
 def test_scheduler_drops_the_token_of_a_request_that_stopped():
@@ -311,7 +311,7 @@ def test_scheduler_drops_the_token_of_a_request_that_stopped():
     assert s.kv.num_free_blocks == 32
     assert s.update(b1, ModelRunnerOutput({"a": 5})) == []
     assert s.update(b2, ModelRunnerOutput({"a": 6})) == []
-    assert req.output_token_ids == [] and not s._pending and not s._in_flight
+    assert req.output_token_ids == [] and not s.worker_view._pending and not s.worker_view._in_flight
     assert s.schedule().finished_req_ids == {"a"}  # the worker forgets it
 
 

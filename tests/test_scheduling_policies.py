@@ -285,7 +285,7 @@ def test_pipelined_batches_that_fail_never_corrupt_or_leak(seed, depth, caching)
     else:
         raise AssertionError("did not finish")
     assert s.kv.num_free_blocks == num_blocks and s.swap.num_free_slots == cpu
-    assert not s.kv._cached_by_batch and not s.swap._in_transit and not s._in_flight
+    assert not s.kv._cached_by_batch and not s.swap._in_transit and not s.worker_view._in_flight
     served = [q for q in reqs if q.status not in (RequestStatus.FINISHED_ERROR, RequestStatus.FINISHED_ABORTED)]
     assert not r.read_bad & {q.request_id for q in served}
     check_outputs(served)

@@ -7,22 +7,18 @@ and ``num_tokens``; each iteration spends a token budget
 decodes first, then running chunked prefills, then waiting requests in policy
 order. A prompt longer than the budget left is prefilled in chunks.
 
-With ``async_scheduling`` the engine schedules iteration i+1 while iteration
-i runs, so a request may be scheduled again before the token its last batch
-samples is known here: that token is *pending* (``_pending``), counted as
-one the request has, computed next as a decode whose input the worker takes
-from its own copy of batch i's sampled tokens. A request whose pending token
-is its last (``max_tokens``, the model's length) is not scheduled again; one
-that stops on EOS, a stop token or a stop string computes one token too
-many, which is dropped. A request in the batch in flight cannot be
-preempted; when the policy picks one as its victim, it is held out of the
-next batch and preempted at the schedule after (one iteration later than
-without async scheduling).
+With ``async_scheduling`` a request may be scheduled again while the token
+its batch in flight samples is *pending* (``worker_view.py``). A request
+whose pending token is its last (``max_tokens``, the model's length) is not
+scheduled again; one that stops on EOS, a stop token or a stop string
+computes one token too many, which is dropped. A request in the batch in
+flight cannot be preempted; when the policy picks one as its victim, it is
+held out of the next batch and preempted at the schedule after (one
+iteration later than without async scheduling).
 """
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Callable
 
 from orca_serve.batch import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -34,6 +30,7 @@ from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import make_policy
 from orca_serve.scheduler.swap_space import SwapSpace
 from orca_serve.scheduler.waiting_queue import WaitingQueue
+from orca_serve.scheduler.worker_view import WorkerView
 
 
 class Scheduler:
@@ -59,17 +56,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
         self._waiting = WaitingQueue(self.policy)
-        # Tokens of each request the worker already holds: what is sent next is the diff.
-        self._worker_tokens: dict[str, int] = {}
-        self._finished_for_worker: set[str] = set()
+        # A request in flight is never a victim; it is scheduled again only with async scheduling.
+        self.worker_view = WorkerView(self.async_scheduling)
         self.iteration = 0
         self.num_preemptions_total = 0
-        # Requests in batches that have not come back yet, with how many such
-        # batches (pipeline parallel keeps several in flight, async scheduling
-        # two): never a victim; scheduled again only with async scheduling.
-        self._in_flight: Counter[str] = Counter()
-        # Async scheduling: tokens sampled by batches in flight, not yet applied.
-        self._pending: Counter[str] = Counter()
         # Async scheduling: the policy's preemption victims that are in the batch
         # in flight, left out of this one so that the next schedule() can preempt
         # them (else a victim scheduled every iteration would never be free to go).
@@ -93,7 +83,7 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        if req.request_id in self._in_flight:  # its tokens would be taken for the new request's
+        if self.worker_view.in_flight(req.request_id):  # its tokens would be taken for the new request's
             raise ValueError(f"request id {req.request_id!r} is still in use: a batch with the finished "
                              f"request of that id is in flight; use a new id")
         limit = self.config.max_waiting_requests
@@ -190,16 +180,12 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.swap.release(req.request_id)
-        # _in_flight keeps its count until the batches come back (update): the id
-        # is not free for a new request before then.
-        self._pending.pop(req.request_id, None)
+        self.worker_view.finished(req.request_id)
         req.status = status
         req.metrics.finished_time = self.clock()
         self.kv.forget(req)
         self.requests.pop(req.request_id, None)
         self.policy.on_finished(req)
-        if self._worker_tokens.pop(req.request_id, None) is not None:
-            self._finished_for_worker.add(req.request_id)
 
     def _preempt(self, req: Request) -> None:
         """Preempt a running request: back to the waiting queue with its original
@@ -213,8 +199,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.metrics.num_preemptions += 1
         self.num_preemptions_total += 1
-        if self._worker_tokens.pop(req.request_id, None) is not None:
-            self._finished_for_worker.add(req.request_id)
+        self.worker_view.forget(req.request_id)
         self._waiting.add(req, self.clock())
 
     # ---- schedule ----------------------------------------------------
@@ -239,7 +224,7 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING or req.request_id in self._held_back:
                 continue  # preempted earlier in this loop, or to be preempted next time
-            if req.request_id in self._in_flight and not self.async_scheduling:
+            if self.worker_view.in_flight(req.request_id) and not self.async_scheduling:
                 continue  # its last batch is still out
             n = min(self._to_compute(req), budget)
             if n <= 0:
@@ -256,7 +241,7 @@ class Scheduler:
     def _to_compute(self, req: Request) -> int:
         """Tokens of ``req`` not yet scheduled: its pending token (async) counts
         as one it has, unless that token is its last."""
-        pending = self._pending[req.request_id] if self._pending else 0
+        pending = self.worker_view.pending(req.request_id)
         if pending and (req.num_output_tokens + pending >= req.sampling_params.max_tokens
                         or req.num_tokens + pending >= self.max_model_len):
             return 0
@@ -295,11 +280,11 @@ class Scheduler:
         no holding back: not scheduled now, it is not in flight next time.)
         """
         if not self.async_scheduling:
-            candidates = [r for r in candidates if r.request_id not in self._in_flight]
+            candidates = [r for r in candidates if not self.worker_view.in_flight(r.request_id)]
         if not candidates:
             return None
         victim = max(candidates, key=self.policy.victim_key)
-        if victim.request_id in self._in_flight:
+        if self.worker_view.in_flight(victim.request_id):
             self._held_back.add(victim.request_id)
             return None
         return victim
@@ -365,7 +350,7 @@ class Scheduler:
         new_reqs, cached_reqs = [], []
         for rid, n in scheduled.items():
             req = self.requests[rid]
-            known = self._worker_tokens.get(rid)
+            known = self.worker_view.tokens_held(rid)
             if known is None:
                 new_reqs.append(NewRequestData(
                     req_id=rid, prompt_token_ids=req.prompt_token_ids,
@@ -375,13 +360,10 @@ class Scheduler:
                 cached_reqs.append(CachedRequestData(
                     req_id=rid, new_token_ids=req.all_token_ids[known:], new_block_ids=new_blocks[rid],
                     num_computed_tokens=req.num_computed_tokens))
-            self._worker_tokens[rid] = req.num_tokens
             req.num_computed_tokens += n
             self.policy.on_scheduled(req, n)
-            self._in_flight[rid] += 1
-            if self.async_scheduling and req.num_computed_tokens == req.num_tokens + self._pending[rid]:
-                self._pending[rid] += 1  # this batch samples its next token
-        finished, self._finished_for_worker = self._finished_for_worker, set()
+            self.worker_view.scheduled(req)
+        finished = self.worker_view.take_forgotten()
         swap_out, swap_in = self.swap.take_copies(self.iteration)
         return SchedulerOutput(
             iteration=self.iteration, scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
@@ -396,18 +378,13 @@ class Scheduler:
         advanced = []
         self.kv.batch_done(so.iteration)
         self.swap.batch_done(so.iteration)
-        self._in_flight.subtract(so.num_scheduled_tokens.keys())
+        self.worker_view.batch_back(so.num_scheduled_tokens)
         for rid in so.num_scheduled_tokens:
-            if self._in_flight[rid] <= 0:
-                del self._in_flight[rid]
             req = self.requests.get(rid)
             token = out.sampled_token_ids.get(rid)
             if req is None or token is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted meanwhile, or a chunk of a prefill that samples nothing
-            if self._pending[rid] > 0:
-                self._pending[rid] -= 1
-                if not self._pending[rid]:
-                    del self._pending[rid]
+            self.worker_view.token_arrived(rid)
             req.append_token(token)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
