@@ -5,16 +5,14 @@ There are no prefill/decode phases. Every request has ``num_computed_tokens``
 and ``num_tokens``; each iteration spends a token budget
 (``max_num_batched_tokens``, ``max_num_seqs``) to close those gaps: running
 decodes first, then running chunked prefills, then waiting requests in policy
-order. A prompt longer than the budget left is prefilled in chunks.
+order. A prompt longer than the budget left is prefilled in chunks. When KV
+blocks or seats run out, running requests are preempted (``preemption.py``).
 
 With ``async_scheduling`` a request may be scheduled again while the token
 its batch in flight samples is *pending* (``worker_view.py``). A request
 whose pending token is its last (``max_tokens``, the model's length) is not
 scheduled again; one that stops on EOS, a stop token or a stop string
-computes one token too many, which is dropped. A request in the batch in
-flight cannot be preempted; when the policy picks one as its victim, it is
-held out of the next batch and preempted at the schedule after (one
-iteration later than without async scheduling).
+computes one token too many, which is dropped.
 """
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ from orca_serve.request import Request, RequestStatus
 from orca_serve.scheduler.cost_model import IterationCostModel
 from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import make_policy
+from orca_serve.scheduler.preemption import Preemption
 from orca_serve.scheduler.swap_space import SwapSpace
 from orca_serve.scheduler.waiting_queue import WaitingQueue
 from orca_serve.scheduler.worker_view import WorkerView
@@ -47,7 +46,6 @@ class Scheduler:
                                   config.max_batch_size, config.max_queue_delay_s)
         # Swap-mode preemption: a bounded pool of host block slots (a preemption
         # the slots cannot hold recomputes instead).
-        self.swap_enabled = cache_config.preemption_mode == "swap"
         self.swap = SwapSpace(num_cpu_blocks)
         # Requests the scheduler ended itself (SLO rejections); the engine reports them.
         self.rejected: list[Request] = []
@@ -58,12 +56,9 @@ class Scheduler:
         self._waiting = WaitingQueue(self.policy)
         # A request in flight is never a victim; it is scheduled again only with async scheduling.
         self.worker_view = WorkerView(self.async_scheduling)
+        swap = self.swap if cache_config.preemption_mode == "swap" else None
+        self.preemption = Preemption(config, self.policy, self.kv, swap, self.worker_view, self._waiting, clock)
         self.iteration = 0
-        self.num_preemptions_total = 0
-        # Async scheduling: the policy's preemption victims that are in the batch
-        # in flight, left out of this one so that the next schedule() can preempt
-        # them (else a victim scheduled every iteration would never be free to go).
-        self._held_back: set[str] = set()
 
     # ---- queue -------------------------------------------------------
     @property
@@ -178,6 +173,10 @@ class Scheduler:
     def num_swaps_total(self) -> int:
         return self.swap.num_swaps_total
 
+    @property
+    def num_preemptions_total(self) -> int:
+        return self.preemption.num_preemptions_total
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.swap.release(req.request_id)
         self.worker_view.finished(req.request_id)
@@ -187,26 +186,11 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
         self.policy.on_finished(req)
 
-    def _preempt(self, req: Request) -> None:
-        """Preempt a running request: back to the waiting queue with its original
-        arrival time (so it keeps its place among equals). Swap mode copies its
-        blocks to the CPU pool when there is room; otherwise (recompute) its KV
-        is dropped and recomputed when it resumes."""
-        self.running.remove(req)
-        if not (self.swap_enabled and self.swap.swap_out(req.request_id, self.kv.block_ids(req.request_id))):
-            req.num_computed_tokens = 0
-        self.kv.free(req)
-        req.status = RequestStatus.PREEMPTED
-        req.metrics.num_preemptions += 1
-        self.num_preemptions_total += 1
-        self.worker_view.forget(req.request_id)
-        self._waiting.add(req, self.clock())
-
     # ---- schedule ----------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
         self.kv.current_batch = self.iteration
-        self._held_back = set()
+        self.preemption.held_back = set()
         budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
                                           self._to_compute)
         self._drop_expired_waiting()
@@ -215,21 +199,21 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         seats = self._batch_seats()
 
-        self._preempt_for_urgent_waiting()
+        self.preemption.for_urgent_waiting(self.running)
         # Running requests: decodes first (they must never starve), then chunked
         # prefills; oldest (smallest victim key) first so victims are found at the tail.
         order = sorted(self.running, key=lambda r: (self._to_compute(r) > 1, self.policy.victim_key(r)))
         for req in order:
             if budget <= 0 or len(scheduled) >= seats:
                 break
-            if req.status != RequestStatus.RUNNING or req.request_id in self._held_back:
+            if req.status != RequestStatus.RUNNING or req.request_id in self.preemption.held_back:
                 continue  # preempted earlier in this loop, or to be preempted next time
             if self.worker_view.in_flight(req.request_id) and not self.async_scheduling:
                 continue  # its last batch is still out
             n = min(self._to_compute(req), budget)
             if n <= 0:
                 continue  # async: its pending token is its last
-            blocks = self._allocate_or_preempt(req, n, scheduled)
+            blocks = self.preemption.allocate_or_preempt(req, n, self.running, scheduled)
             if blocks is None:
                 continue
             scheduled[req.request_id] = n
@@ -256,61 +240,6 @@ class Scheduler:
         if self.max_inflight_batches == 1:
             return self.config.max_num_seqs
         return max(1, -(-active // self.max_inflight_batches))
-
-    def _allocate_or_preempt(self, req: Request, n: int, scheduled: dict[str, int]) -> list[int] | None:
-        while True:
-            blocks = self.kv.allocate_slots(req, n)
-            if blocks is not None:
-                return blocks
-            victim = self._victim([r for r in self.running if r.request_id not in scheduled])
-            if victim is None:
-                return None  # wait for a batch to return
-            self._preempt(victim)
-            if victim is req:
-                return None
-
-    def _victim(self, candidates: list[Request]) -> Request | None:
-        """The request to preempt now among ``candidates``, or None.
-
-        One in a batch in flight cannot be preempted. Pipeline parallelism
-        takes the policy's choice among the others. With async scheduling
-        nearly every running request is in flight, so the policy's choice
-        stands: if it is in flight it is held out of this batch, to be
-        preempted next time. (A request that must wait for blocks itself needs
-        no holding back: not scheduled now, it is not in flight next time.)
-        """
-        if not self.async_scheduling:
-            candidates = [r for r in candidates if not self.worker_view.in_flight(r.request_id)]
-        if not candidates:
-            return None
-        victim = max(candidates, key=self.policy.victim_key)
-        if self.worker_view.in_flight(victim.request_id):
-            self._held_back.add(victim.request_id)
-            return None
-        return victim
-
-    def _preempt_for_urgent_waiting(self) -> None:
-        """Let a waiting request evict running ones its policy ranks below it
-        (priority preemption), when seats or blocks are what stops it."""
-        if not self._waiting:
-            return
-        head = self._waiting.head
-        while True:
-            eligible = [r for r in self.running if self.policy.may_preempt_for(head, r)]
-            if not eligible:
-                return
-            no_seat = len(self.running) >= self.config.max_num_seqs
-            first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
-            if self.kv.allocation == "reserve":
-                first_chunk = max(first_chunk, head.max_total_tokens)
-            # Running requests may each take a block this step as they grow.
-            need = self.kv.blocks_needed(first_chunk) + len(self.running)
-            if not no_seat and need <= self.kv.num_free_blocks:
-                return
-            victim = self._victim(eligible)
-            if victim is None:
-                return
-            self._preempt(victim)
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
                        seats: int) -> None:
