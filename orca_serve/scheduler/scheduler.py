@@ -118,7 +118,7 @@ class Scheduler:
         meanwhile (a prefix hit in a batch in flight) fails too: what it read
         there is not its prefix's K/V. Returns the failed requests."""
         ids = set(so.num_scheduled_tokens)  # aborted ones too: their blocks may still be findable
-        failed = [self.requests[rid] for rid in ids if rid in self.requests]
+        failed = [self.requests[rid] for rid in so.num_scheduled_tokens if rid in self.requests]  # batch order
         for req in failed:
             req.error = error
         while True:  # a request that read unfilled blocks filled its own with garbage
@@ -191,8 +191,6 @@ class Scheduler:
         self.iteration += 1
         self.kv.current_batch = self.iteration
         self.preemption.held_back = set()
-        budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
-                                          self._to_compute)
         self._drop_expired_waiting()
         self._waiting.rekey_if_moved(self.clock())
         scheduled: dict[str, int] = {}
@@ -200,6 +198,9 @@ class Scheduler:
         seats = self._batch_seats()
 
         self.preemption.for_urgent_waiting(self.running)
+        # Sized for the requests that run this iteration, after any were preempted.
+        budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
+                                          self._to_compute)
         # Running requests: decodes first (they must never starve), then chunked
         # prefills; oldest (smallest victim key) first so victims are found at the tail.
         order = sorted(self.running, key=lambda r: (self._to_compute(r) > 1, self.policy.victim_key(r)))
