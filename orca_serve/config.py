@@ -139,6 +139,11 @@ class SchedulerConfig:
         _choice("slo_admission", self.slo_admission, ("reject", "best-effort"))
         if self.max_queue_delay_s < 0:
             raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
+        for name in ("default_ttft_slo_s", "default_tpot_slo_s"):  # else every request fails on them
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -69,6 +71,7 @@ class Request:
     user: str | None = None
 
     def __post_init__(self) -> None:
+        self._validate()
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
@@ -79,6 +82,25 @@ class Request:
         # Number of prompt tokens whose KV came from the prefix cache at the last admission.
         self.num_cached_tokens = 0
         self.logprobs: list = []  # batch.Logprobs per output token, when asked for
+
+    def _validate(self) -> None:
+        """ValueError naming the field: the scheduler sorts and budgets by these,
+        so a bad one would fail every iteration, not just this request."""
+        if not isinstance(self.request_id, str):
+            raise ValueError(f"request_id must be a string, got {self.request_id!r}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, numbers.Integral):
+            raise ValueError(f"priority must be an integer, got {self.priority!r}")
+        self.priority = int(self.priority)
+        self.arrival_time = _finite("arrival_time", self.arrival_time)
+        for name in ("ttft_slo", "tpot_slo"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _finite(name, value)
+                if value <= 0:
+                    raise ValueError(f"{name} must be > 0 seconds, got {value}")
+                setattr(self, name, value)
+        if self.user is not None and not isinstance(self.user, str):
+            raise ValueError(f"user must be a string, got {self.user!r}")
 
     @property
     def num_tokens(self) -> int:
@@ -104,3 +126,13 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+
+def _finite(name: str, value) -> float:
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    return float(value)

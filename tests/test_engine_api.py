@@ -69,6 +69,41 @@ def test_bad_prompts_fail_alone(llm, prompt, match):
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and stats.num_running == 0
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    # Non-finite times broke the waiting queue's order (a str left the request
+    # half-added, its id taken for good); with the slo policy an inf or NaN
+    # TPOT target failed every iteration's token budget, a str SLO the step
+    # that finished the request.
+    (dict(arrival_time=float("nan")), "arrival_time must be a finite number"),
+    (dict(arrival_time="now"), "arrival_time must be a finite number"),
+    (dict(ttft_slo=float("inf")), "ttft_slo must be a finite number"),
+    (dict(ttft_slo="1"), "ttft_slo must be a finite number"),
+    (dict(ttft_slo=0.0), "ttft_slo must be > 0"),
+    (dict(tpot_slo=float("inf")), "tpot_slo must be a finite number"),
+    (dict(tpot_slo=float("nan")), "tpot_slo must be a finite number"),
+    (dict(tpot_slo=-1.0), "tpot_slo must be > 0"),
+    (dict(user=["a"]), "user must be a string"),  # unhashable: a TypeError from the fair policy
+    (dict(priority=float("nan")), "priority must be an integer"),
+    (dict(request_id=["x"]), "request_id must be a string"),
+    (dict(request_id=None), "request_id must be a string"),
+])
+def test_bad_request_fields_fail_alone(tiny_model_dir, kwargs, match):
+    llm = LLM(model=tiny_model_dir("llama"), num_kv_blocks=64, block_size=4, scheduling_policy="slo")
+    engine, good = llm.engine, SamplingParams(max_tokens=3, ignore_eos=True)
+    engine.add_request("before", [1, 2, 3], good, tpot_slo=0.5)
+    kwargs = {"request_id": "bad", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        engine.add_request(kwargs.pop("request_id"), [4, 5, 6], good, **kwargs)
+    engine.abort_request(["x"])  # never a request's id: ignored, as an unknown one is
+    engine.add_request("after", [7, 8, 9], good)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert sorted(done) == ["after", "before"] and all(o.finish_reason == "length" for o in done.values())
+    stats = engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and list(engine.scheduler.requests) == []
+
+
 def test_a_stop_token_outside_the_vocabulary_fails_alone(llm):
     """With min_tokens the sampler masks the stop tokens' logits; an id past the
     vocabulary would fail the whole batch there, so the engine refuses it."""

@@ -191,6 +191,15 @@ def test_slo_reject_admission_says_why():
     run_all(s, r, clock=clock, per_token=0.001, fixed=0.001)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -1.0, "1"])
+def test_bad_default_slo_targets_are_refused(value):
+    """Every request takes them: an inf TPOT target failed each iteration's
+    token budget, and a request-level error would name a field never passed."""
+    for name in ("default_ttft_slo_s", "default_tpot_slo_s"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive number of seconds"):
+            SchedulerConfig(scheduling_policy="slo", **{name: value})
+
+
 # ---- swap ---------------------------------------------------------------
 def _run_pressure(mode, num_cpu_blocks):
     s, r = make(num_blocks=10, num_cpu_blocks=num_cpu_blocks, preemption_mode=mode, caching=False), FakeRunner(4)

@@ -100,6 +100,25 @@ def test_async_engine_generate_and_early_exit_aborts(server):
     assert metric(text, "orca_serve_requests_finished_total", 'finish_reason="abort"') >= 1
 
 
+def test_async_engine_survives_a_request_id_that_is_not_a_string(server):
+    """An unhashable id was refused by add_request, but generate's clean-up then
+    aborted it, and the engine thread died on ``id in routes``: every request failed."""
+    from orca_serve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+
+    async def run():
+        for bad in (["x"], None, 7):
+            with pytest.raises(ValueError, match="request_id must be a string"):
+                async for _ in server.engine.generate(bad, [5, 6, 7], params):
+                    pass
+        server.engine.abort(["y"])
+        return [o async for o in server.engine.generate("after-bad-ids", [5, 6, 7], params)]
+
+    outs = asyncio.run(run())
+    assert server.engine.is_healthy and outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 3
+
+
 def _thread_cpu_seconds(native_id: int) -> float:
     with open(f"/proc/self/task/{native_id}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()

@@ -166,6 +166,8 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its finished output (reason "abort") follows on its queue."""
+        if not isinstance(request_id, str):  # never a request's; unhashable, it would kill the engine thread
+            return
         self._submit(_Abort(request_id))
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,

@@ -105,8 +105,6 @@ class LLMEngine:
             raise EngineDeadError(f"engine is dead: {self._dead}")
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
@@ -129,6 +127,9 @@ class LLMEngine:
         self._prompts[request_id] = prompt if isinstance(prompt, str) else None
 
     def abort_request(self, request_id: str) -> None:
+        """Abort a request; an id that is not (or no longer) a request's is ignored."""
+        if not isinstance(request_id, str):  # never a request's: add_request takes only strings
+            return
         req = self.scheduler.abort_request(request_id)
         if req is not None:
             self._aborted.append(req)
