@@ -1,6 +1,9 @@
-"""Per-request sampling parameters, validated once at construction."""
+"""Per-request sampling parameters, validated at construction and again when a
+request is added."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -10,7 +13,8 @@ class SamplingParams:
 
     temperature 0 means greedy. A ``seed`` makes sampling reproducible for this
     request whatever else shares its batch (the noise is derived from the seed
-    and the output position, never from a batch-wide generator).
+    and the output position, never from a batch-wide generator). Integers may
+    be numpy integers; they are kept as Python ints.
     """
 
     max_tokens: int = 16
@@ -27,42 +31,72 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
-            self.top_k = 0
-        _check_int("max_tokens", self.max_tokens, minimum=1)
-        _check_int("min_tokens", self.min_tokens, minimum=0)
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check_int("top_k", self.top_k, minimum=0)
-        if self.seed is not None:
-            _check_int("seed", self.seed, minimum=None)
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, minimum=0)
-            if self.logprobs > 20:
-                raise ValueError(f"logprobs must be <= 20, got {self.logprobs}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (ValueError naming it) and normalize it: stop to a
+        list, numpy numbers to Python ones. The engine calls it again when a
+        request is added, since the fields may have changed since construction."""
+        self.stop = [self.stop] if isinstance(self.stop, str) else _list("stop", self.stop, "strings")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
-        for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, minimum=0)
+        self.stop_token_ids = [_int("stop_token_ids", t, minimum=0)
+                               for t in _list("stop_token_ids", self.stop_token_ids, "token ids")]
+        self.max_tokens = _int("max_tokens", self.max_tokens, minimum=1)
+        self.min_tokens = _int("min_tokens", self.min_tokens, minimum=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        self.temperature = _float("temperature", self.temperature)
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        self.top_p = _float("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        self.top_k = _int("top_k", self.top_k, minimum=-1)
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed, minimum=None)
+        if self.logprobs is not None:
+            self.logprobs = _int("logprobs", self.logprobs, minimum=0)
+            if self.logprobs > 20:
+                raise ValueError(f"logprobs must be <= 20, got {self.logprobs}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def _check_int(name: str, value, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _int(name: str, value, minimum: int | None) -> int:
+    # numbers.Integral takes numpy integers; bool is an int but never meant as a count.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, value) -> float:
+    """A finite number as a float (NaN, ±inf and ints past float's range refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an integer of {value.bit_length()} bits") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _list(name: str, value, of: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):  # a str, bytes or dict would pass as its items
+        raise ValueError(f"{name} must be a list of {of}, got {type(value).__name__}")
+    return list(value)

@@ -1,6 +1,7 @@
 """LLM API behaviour: seeded sampling, stop conditions, detokenization, bad input."""
 import os
 
+import numpy as np
 import pytest
 
 from orca_serve import LLM, SamplingParams
@@ -47,10 +48,39 @@ def test_timing_metrics_are_ordered(llm):
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-3), "top_k"),
     (dict(logprobs=-1), "logprobs"),
+    # inf sampled uniformly, and with min_tokens its masked -inf logits became NaN;
+    # an int past float's range failed the whole batch in the sampler.
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=10 ** 400), "temperature must be a finite number"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(top_k=-1.0), "top_k must be an integer"),  # was taken as -1, "disabled"
+    # Not lists: an int raised a bare TypeError, a str or bytes passed as its items.
+    (dict(stop=5), "stop must be a list of strings, got int"),
+    (dict(stop=b"ab"), "stop must be a list of strings, got bytes"),
+    (dict(stop_token_ids=5), "stop_token_ids must be a list of token ids, got int"),
+    (dict(stop_token_ids="12"), "stop_token_ids must be a list of token ids, got str"),
+    (dict(stop_token_ids=b"ab"), "stop_token_ids must be a list of token ids, got bytes"),
+    # Any value passed as a flag: the string "false" meant True.
+    (dict(ignore_eos="false"), "ignore_eos must be True or False"),
+    (dict(include_stop_str_in_output=1), "include_stop_str_in_output must be True or False"),
+    (dict(skip_special_tokens=None), "skip_special_tokens must be True or False"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_numpy_numbers_are_taken_as_python_ones(llm):
+    """A numpy integer is an integer: "must be an integer, got np.int64(3)" said otherwise."""
+    params = SamplingParams(max_tokens=np.int64(3), min_tokens=np.int32(1), top_k=np.int64(5), seed=np.uint8(7),
+                            temperature=np.float32(0.5), top_p=np.float32(0.5), logprobs=np.int16(2),
+                            stop_token_ids=[np.int64(4)], ignore_eos=True)
+    assert (params.max_tokens, params.min_tokens, params.top_k, params.seed, params.logprobs) == (3, 1, 5, 7, 2)
+    assert type(params.max_tokens) is int and type(params.temperature) is float and params.stop_token_ids == [4]
+    out = llm.generate([np.int64(5), np.int64(6), np.int64(7)], params, priority=[np.int64(1)])[0]
+    assert out.prompt_token_ids == [5, 6, 7] and all(type(t) is int for t in out.prompt_token_ids)
+    assert len(out.token_ids) == 3
 
 
 @pytest.mark.parametrize("prompt,match", [
@@ -113,6 +143,23 @@ def test_a_stop_token_outside_the_vocabulary_fails_alone(llm):
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=[5]))[0].finished
     stats = llm.engine.stats()
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and stats.num_running == 0
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("logprobs", 10 ** 6, "logprobs must be <= 20"),  # failed its batch in topk, the others with it
+    ("seed", "x", "seed must be an integer"),  # the same, in the seeded noise
+    ("temperature", float("nan"), "temperature must be a finite number"),  # token 0 every time
+    ("top_p", 0.0, "top_p must be in"),  # token 0 every time
+    ("max_tokens", 0, "max_tokens must be >= 1"),  # generated one token anyway
+])
+def test_sampling_params_changed_after_construction_are_checked_again(llm, field, value, match):
+    params = SamplingParams(max_tokens=3, temperature=1.0)
+    setattr(params, field, value)
+    with pytest.raises(ValueError, match=match):
+        llm.generate([[1, 2, 3], [4, 5, 6]], [SamplingParams(max_tokens=3), params])
+    assert not llm.engine.has_unfinished_requests()
+    stats = llm.engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
 
 
 def test_max_tokens_over_context(llm):

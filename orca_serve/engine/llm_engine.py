@@ -3,6 +3,7 @@ drives it (the offline LLM directly, the server through async_engine)."""
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import time
 from collections import deque
@@ -79,11 +80,11 @@ class LLMEngine:
             return list(self.tokenizer(prompt).input_ids)
         if isinstance(prompt, (list, tuple)):
             for t in prompt:
-                if isinstance(t, bool) or not isinstance(t, int):
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral):  # numpy integers are fine
                     raise ValueError(f"prompt: token ids must be integers, got {t!r}")
                 if not 0 <= t < self.vocab_size:
                     raise ValueError(f"prompt: token id {t} is outside the vocabulary [0, {self.vocab_size})")
-            return list(prompt)
+            return [int(t) for t in prompt]
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -105,6 +106,7 @@ class LLMEngine:
             raise EngineDeadError(f"engine is dead: {self._dead}")
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
+        params.validate()  # its fields may have been set since it was made
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
@@ -29,7 +30,8 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  priority: list[int] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """One output per prompt, in order. Prompts are strings or token-id lists."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
         prompts = list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
