@@ -6,15 +6,21 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+# A temperature under this samples as greedy: dividing float32 logits by a
+# temperature near float32's smallest overflows them to inf (NaN
+# probabilities, a garbage token), and sampling that cold picks the argmax
+# anyway. The same bound as vLLM's.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    temperature 0 means greedy. A ``seed`` makes sampling reproducible for this
-    request whatever else shares its batch (the noise is derived from the seed
-    and the output position, never from a batch-wide generator). Integers may
-    be numpy integers; they are kept as Python ints.
+    temperature 0 (or under 1e-5) means greedy. A ``seed`` makes sampling
+    reproducible for this request whatever else shares its batch (the noise is
+    derived from the seed and the output position, never from a batch-wide
+    generator). Integers may be numpy integers; they are kept as Python ints.
     """
 
     max_tokens: int = 16
@@ -68,7 +74,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def _int(name: str, value, minimum: int | None) -> int:

@@ -61,6 +61,13 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
     params_p = [SamplingParams(temperature=1.3, top_p=1e-6) for _ in range(16)]
     assert sample(params_k, logits).token_ids == greedy
     assert sample(params_p, logits).token_ids == greedy
+    # A top_p that is 0 in float32 dropped every token, and a temperature near
+    # float32's smallest overflowed the logits to inf: NaN, token 0 every time.
+    params_p = [SamplingParams(temperature=1.3, top_p=1e-300, seed=i) for i in range(16)]
+    assert sample(params_p, logits).token_ids == greedy
+    for temperature in (1e-40, 1e-30, 1e-6):
+        params_t = [SamplingParams(temperature=temperature, seed=i) for i in range(16)]
+        assert sample(params_t, logits).token_ids == greedy
 
 
 def test_top_k_top_p_filtering():

@@ -1,9 +1,9 @@
 """Turns the logits of the sampled rows into next tokens (and logprobs).
 
-Per row: temperature 0 is greedy (argmax of the raw logits); otherwise
-logits / temperature, then top-k and top-p filtering, then a draw from the
-softmax by the exponential race ``argmax(p / E)``, E ~ Exp(1) i.i.d., which
-picks index i with probability p_i.
+Per row: temperature 0 (``SamplingParams.greedy``: under 1e-5) is greedy
+(argmax of the raw logits); otherwise logits / temperature, then top-k and
+top-p filtering, then a draw from the softmax by the exponential race
+``argmax(p / E)``, E ~ Exp(1) i.i.d., which picks index i with probability p_i.
 
 A request with a ``seed`` draws its noise from a generator seeded by
 (seed, output position), so its tokens do not depend on what else shares the
@@ -185,5 +185,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
     if top_p is not None:
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits.masked_fill_(mass_before >= top_p.unsqueeze(1), float("-inf"))
+        # The first token is never dropped: a top_p under float32's smallest
+        # number is 0 here, and mass_before (0) >= 0 would drop every token.
+        sorted_logits[:, 1:].masked_fill_(mass_before[:, 1:] >= top_p.unsqueeze(1), float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
