@@ -162,6 +162,19 @@ def test_sampling_params_changed_after_construction_are_checked_again(llm, field
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
 
 
+def test_min_tokens_with_every_token_a_stop_token_is_refused(llm):
+    """The sampler would mask every logit: NaN probabilities, and token 0 out,
+    a stop token before min_tokens."""
+    vocab = llm.engine.vocab_size
+    params = SamplingParams(max_tokens=4, min_tokens=2, temperature=0.8, seed=0, stop_token_ids=list(range(vocab)))
+    with pytest.raises(ValueError, match="stop_token_ids: with min_tokens every token of the vocabulary"):
+        llm.generate([[1, 2, 3]], params)
+    # One token left (EOS is 2) is enough, and it is what comes out.
+    params.stop_token_ids = [t for t in range(vocab) if t != 7]
+    out = llm.generate([[1, 2, 3]], params)[0]
+    assert out.token_ids[:2] == [7, 7] and out.finish_reason == "stop"
+
+
 def test_max_tokens_over_context(llm):
     with pytest.raises(ValueError, match="max_tokens"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=600))

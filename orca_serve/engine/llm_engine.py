@@ -110,6 +110,9 @@ class LLMEngine:
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        if params.min_tokens and len(set(params.stop_token_ids).union(self.eos_token_ids)) >= self.vocab_size:
+            raise ValueError("stop_token_ids: with min_tokens every token of the vocabulary is an EOS or stop "
+                             "token, so none is left to sample")
         token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt is empty")
