@@ -1,5 +1,6 @@
 """LLM API behaviour: seeded sampling, stop conditions, detokenization, bad input."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -175,6 +176,20 @@ def test_min_tokens_with_every_token_a_stop_token_is_refused(llm):
     assert out.token_ids[:2] == [7, 7] and out.finish_reason == "stop"
 
 
+def test_a_refused_prompt_leaves_none_of_its_batch_behind(tiny_model_dir):
+    """generate cleaned up the prompts queued before a refused one only on a
+    ValueError; a full waiting queue left them to run unseen."""
+    from orca_serve.engine.errors import QueueFullError
+
+    llm = LLM(model=tiny_model_dir("llama"), num_kv_blocks=64, block_size=4, max_waiting_requests=2)
+    with pytest.raises(QueueFullError):
+        llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=3))
+    assert not llm.engine.has_unfinished_requests()
+    stats = llm.engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+    assert len(llm.generate([[1, 2, 3]] * 2, SamplingParams(max_tokens=3))) == 2
+
+
 def test_max_tokens_over_context(llm):
     with pytest.raises(ValueError, match="max_tokens"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=600))
@@ -258,6 +273,17 @@ def test_stop_string_is_cut_and_never_streamed(default_model_dir):
         if stop:
             break
     assert stop == "Paris." and streamed == "The capital of France is " == detok.text
+
+
+def test_a_prompt_with_a_lone_surrogate_is_refused(tiny_model_dir, default_model_dir, tmp_path):
+    """The tokenizer's TypeError named no field, and generate left the prompts before it queued."""
+    shutil.copytree(tiny_model_dir("llama"), tmp_path, dirs_exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(default_model_dir, name), tmp_path)
+    llm = LLM(model=str(tmp_path), num_kv_blocks=64, block_size=4)
+    with pytest.raises(ValueError, match="prompt 1: prompt: text holds an unpaired UTF-16 surrogate at 3"):
+        llm.generate([[1, 2, 3], "hi \ud800"], SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_chat_and_cli_on_default_model(default_model_dir, capsys):

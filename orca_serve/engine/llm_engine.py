@@ -77,6 +77,10 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids")
+            try:
+                prompt.encode()
+            except UnicodeEncodeError as exc:  # the tokenizer's own error names no field
+                raise ValueError(f"prompt: text holds an unpaired UTF-16 surrogate at {exc.start}") from None
             return list(self.tokenizer(prompt).input_ids)
         if isinstance(prompt, (list, tuple)):
             for t in prompt:

@@ -56,11 +56,13 @@ class LLM:
             for rid, prompt, params, prio in zip(ids, prompts, params_list, priorities):
                 self.engine.add_request(rid, prompt, params, priority=prio)
                 added.append(rid)
-        except ValueError as exc:
+        except Exception as exc:  # the prompts queued before it must not run on unseen
             for rid in added:
                 self.engine.abort_request(rid)
             self._drain()
-            raise ValueError(f"prompt {len(added)}: {exc}") from exc
+            if isinstance(exc, ValueError):
+                raise ValueError(f"prompt {len(added)}: {exc}") from exc
+            raise
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
