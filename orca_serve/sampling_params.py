@@ -31,6 +31,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # Tokens generated before EOS, a stop token or a stop string may end the request.
     min_tokens: int = 0
     logprobs: int | None = None  # number of top logprobs to return per token (0 = sampled token only)
     include_stop_str_in_output: bool = False

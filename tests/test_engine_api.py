@@ -275,6 +275,25 @@ def test_stop_string_is_cut_and_never_streamed(default_model_dir):
     assert stop == "Paris." and streamed == "The capital of France is " == detok.text
 
 
+def test_stop_strings_wait_for_min_tokens(default_model_dir):
+    """Like EOS and stop tokens, a stop string ends a request only after
+    min_tokens tokens; it ended one at its first token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    ids = tok("a b c d e f", add_special_tokens=False).input_ids
+    assert len(ids) == 6
+
+    def run(min_tokens):
+        detok = IncrementalDetokenizer(tok, [1], SamplingParams(stop=[" "], min_tokens=min_tokens))
+        for n, t in enumerate(ids, 1):
+            _, stop = detok.add_tokens([t])
+            if stop:
+                return n, detok.text
+    assert run(0) == (2, "a")
+    assert run(3) == (4, "a b c")  # the space of the 4th token, the first past min_tokens
+
+
 def test_a_prompt_with_a_lone_surrogate_is_refused(tiny_model_dir, default_model_dir, tmp_path):
     """The tokenizer's TypeError named no field, and generate left the prompts before it queued."""
     shutil.copytree(tiny_model_dir("llama"), tmp_path, dirs_exist_ok=True)

@@ -47,6 +47,7 @@ class IncrementalDetokenizer:
         self.text = ""  # what has been handed out
         self._full = ""  # decoded so far, including held-back characters
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        self._num_output_tokens = 0
 
     def _decode(self, ids: list[int]) -> str:
         return self._decoder(ids, skip_special_tokens=self.params.skip_special_tokens)
@@ -59,6 +60,7 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:
             return "", None
         self.ids.extend(token_ids)
+        self._num_output_tokens += len(token_ids)
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
@@ -76,7 +78,9 @@ class IncrementalDetokenizer:
         search_from = max(0, len(self._full) - self._max_stop_len + 1)
         self._full += delta
         matched = None
-        if self.params.stop and delta:
+        # Like an EOS or stop token, a stop string may end the request only
+        # after min_tokens tokens: it is looked for in text from a later token.
+        if self.params.stop and delta and self._num_output_tokens > self.params.min_tokens:
             best = None
             for stop in self.params.stop:
                 idx = self._full.find(stop, search_from)
