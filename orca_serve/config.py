@@ -6,6 +6,7 @@ see ``entrypoints/cli.py``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 KV_ALLOCATION_MODES = ("paged", "reserve")
@@ -25,6 +26,27 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _number(name: str, value, low: float, *, strict: bool, allow_none: bool = False) -> None:
+    """A finite real number above ``low`` (``strict``) or at least ``low``; NaN,
+    infinities, booleans and strings are refused."""
+    if value is None and allow_none:
+        return
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not (value > low if strict else value >= low)):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}"
+                         f"{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _int_in(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -64,7 +86,23 @@ class ModelConfig:
         _choice("cpu_kernels", self.cpu_kernels, CPU_KERNEL_MODES)
         _choice("triton_decode", self.triton_decode, CPU_KERNEL_MODES)
         _choice("load_format", self.load_format, ("auto", "dummy"))
-        _positive("max_model_len", self.max_model_len, allow_none=True)
+        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
+            raise ValueError(f"model must be a path (a HF directory or a .gguf file) or None, got {self.model!r}")
+        if self.dummy_config is not None:
+            if not isinstance(self.dummy_config, (str, dict)):
+                raise ValueError(f"dummy_config must be a preset name, a config.json path or a config dict, "
+                                 f"got {self.dummy_config!r}")
+            if self.load_format != "dummy":  # it would be ignored: the checkpoint's weights would load
+                raise ValueError(f"dummy_config needs load_format='dummy' (--load-format dummy); "
+                                 f"load_format is {self.load_format!r}")
+        # Every prompt has a token and must leave room for one more.
+        if self.max_model_len is not None and (isinstance(self.max_model_len, bool)
+                                               or not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2 (a prompt token and a generated one), "
+                             f"got {self.max_model_len!r}")
+        # torch's generators take seeds in [0, 2**64).
+        _int_in("seed", self.seed, 0, 2**64 - 1)
+        _flag("cuda_graphs", self.cuda_graphs)
 
 
 @dataclass(frozen=True)
@@ -88,12 +126,12 @@ class CacheConfig:
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
         _positive("num_kv_blocks", self.num_kv_blocks, allow_none=True)
-        if self.kv_cache_memory_gb is not None and not 0 < self.kv_cache_memory_gb < math.inf:
-            raise ValueError(f"kv_cache_memory_gb must be a finite number > 0, got {self.kv_cache_memory_gb}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not 0 <= self.swap_space_gb < math.inf:
-            raise ValueError(f"swap_space_gb must be a finite number >= 0, got {self.swap_space_gb}")
+        _number("kv_cache_memory_gb", self.kv_cache_memory_gb, 0, strict=True, allow_none=True)
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
+        _number("swap_space_gb", self.swap_space_gb, 0, strict=False)
+        _flag("enable_prefix_caching", self.enable_prefix_caching)
         _choice("kv_allocation", self.kv_allocation, KV_ALLOCATION_MODES)
         _choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
 
@@ -137,13 +175,11 @@ class SchedulerConfig:
         _positive("max_batch_size", self.max_batch_size)
         _choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _choice("slo_admission", self.slo_admission, ("reject", "best-effort"))
-        if self.max_queue_delay_s < 0:
-            raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
-        for name in ("default_ttft_slo_s", "default_tpot_slo_s"):  # else every request fails on them
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not 0 < value < math.inf):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        # Finite: with an infinite delay a batch that never fills would wait forever.
+        _number("max_queue_delay_s", self.max_queue_delay_s, 0, strict=False)
+        _number("default_ttft_slo_s", self.default_ttft_slo_s, 0, strict=True, allow_none=True)
+        _number("default_tpot_slo_s", self.default_tpot_slo_s, 0, strict=True, allow_none=True)
+        _flag("async_scheduling", self.async_scheduling)
 
 
 @dataclass(frozen=True)
@@ -174,10 +210,12 @@ class ParallelConfig:
         _choice("parallel", self.parallel, PARALLEL_MODES)
         _positive("max_inflight_batches", self.max_inflight_batches, allow_none=True)
         _positive("nnodes", self.nnodes)
-        _positive("master_port", self.master_port, allow_none=True)
-        if not self.worker_timeout_s > 0:
-            raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
-        if not 0 <= self.node_rank < self.nnodes:
+        if self.master_port is not None:
+            _int_in("master_port", self.master_port, 1, 65535)
+        if not isinstance(self.master_addr, str) or not self.master_addr.strip():
+            raise ValueError(f"master_addr must be a host name or IP address, got {self.master_addr!r}")
+        _number("worker_timeout_s", self.worker_timeout_s, 0, strict=True)
+        if isinstance(self.node_rank, bool) or not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and self.master_port is None:
             raise ValueError("master_port is required when nnodes > 1")

@@ -86,6 +86,17 @@ def test_parallel_config_validation():
         ParallelConfig(nnodes=2, tensor_parallel_size=3, master_port=1234)
     with pytest.raises(ValueError, match="parallel"):
         ParallelConfig(parallel="fast")
+    # Each of these got past the config and failed later: a traceback from the
+    # store (port), an OverflowError (an infinite timeout), a comparison of str and int.
+    for kwargs, match in [(dict(master_port=70000), r"master_port must be an integer in \[1, 65535\], got 70000"),
+                          (dict(master_port=0), "master_port"),
+                          (dict(worker_timeout_s=float("inf")), "worker_timeout_s must be a finite number > 0"),
+                          (dict(worker_timeout_s="5"), "worker_timeout_s"),
+                          (dict(master_addr=""), "master_addr must be a host name or IP address"),
+                          (dict(master_addr=None), "master_addr"),
+                          (dict(node_rank="0"), "node_rank must be in")]:
+        with pytest.raises(ValueError, match=match):
+            ParallelConfig(**kwargs)
 
 
 def test_weight_slice_reads_only_the_shard(tmp_path):

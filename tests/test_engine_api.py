@@ -84,6 +84,45 @@ def test_numpy_numbers_are_taken_as_python_ones(llm):
     assert len(out.token_ids) == 3
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    # Every prompt has a token and must leave room for one: 1 fails every request.
+    (dict(max_model_len=1), "max_model_len must be an integer >= 2"),
+    (dict(max_model_len=0), "max_model_len"),
+    # torch's generators take [0, 2**64): -1 was silently taken, 10**23 failed after the load.
+    (dict(seed=-1), r"seed must be an integer in \[0, 18446744073709551615\], got -1"),
+    (dict(seed=10**23), "seed must be an integer"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed="x"), "seed must be an integer"),
+    # Given without load_format="dummy" it was ignored and the checkpoint loaded.
+    (dict(dummy_config="tiny-llama"), "dummy_config needs load_format='dummy'"),
+    (dict(load_format="dummy", dummy_config=5), "dummy_config must be a preset name"),
+    (dict(model=123), "model must be a path"),
+    (dict(cuda_graphs="yes"), "cuda_graphs must be True or False"),
+    (dict(async_scheduling=None), "async_scheduling must be True or False"),
+    # An infinite delay left a request-level batch that never fills waiting forever.
+    (dict(max_queue_delay_s=float("inf")), "max_queue_delay_s must be a finite number >= 0"),
+    (dict(max_queue_delay_s=float("nan")), "max_queue_delay_s"),
+    (dict(max_queue_delay_s="0.1"), "max_queue_delay_s"),
+    # SLO defaults: -1 rejected every request, NaN killed the engine on the first one.
+    (dict(default_ttft_slo_s=-1.0), "default_ttft_slo_s must be a finite number > 0"),
+    (dict(default_ttft_slo_s=float("inf")), "default_ttft_slo_s"),
+    (dict(default_tpot_slo_s=float("nan")), "default_tpot_slo_s must be a finite number > 0"),
+    (dict(default_tpot_slo_s=0), "default_tpot_slo_s"),
+    (dict(default_tpot_slo_s="1"), "default_tpot_slo_s"),
+])
+def test_bad_engine_settings(kwargs, match):
+    from orca_serve.config import EngineConfig
+
+    with pytest.raises(ValueError, match=match):
+        EngineConfig.from_kwargs(**kwargs)
+
+
+def test_bad_engine_setting_fails_before_the_model_loads(tmp_path):
+    # LLM(...) checks its settings first: the model path here does not even exist.
+    with pytest.raises(ValueError, match="enable_prefix_caching must be True or False"):
+        LLM(model=str(tmp_path / "nope"), enable_prefix_caching="no")
+
+
 @pytest.mark.parametrize("prompt,match", [
     ([], "empty"),
     ([1, 2, 100000], "outside the vocabulary"),

@@ -98,6 +98,17 @@ def test_kv_pool_binds_every_layer_and_swaps_blocks():
     (dict(swap_space_gb=-1.0), "swap_space_gb"),
     (dict(swap_space_gb=float("inf")), "swap_space_gb"),
     (dict(swap_space_gb=float("nan")), "swap_space_gb"),
+    # Wrong types say which setting is wrong (not "'<' not supported between ..."),
+    # and a bool is neither a size nor a share.
+    (dict(kv_cache_memory_gb="2"), "kv_cache_memory_gb must be a finite number > 0"),
+    (dict(kv_cache_memory_gb=True), "kv_cache_memory_gb"),
+    (dict(gpu_memory_utilization="0.9"), "gpu_memory_utilization must be a number in"),
+    (dict(gpu_memory_utilization=None), "gpu_memory_utilization"),
+    (dict(gpu_memory_utilization=True), "gpu_memory_utilization"),
+    (dict(swap_space_gb=None), "swap_space_gb must be a finite number >= 0"),
+    # A string is always true: "no" would have left prefix caching on.
+    (dict(enable_prefix_caching="no"), "enable_prefix_caching must be True or False"),
+    (dict(enable_prefix_caching=None), "enable_prefix_caching"),
 ])
 def test_bad_cache_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -132,6 +132,13 @@ def test_dummy_presets_run(preset):
     assert logits.shape == (10, cfg.vocab_size) and torch.isfinite(logits).all()
 
 
+def test_dummy_weights_take_any_seed_the_config_takes():
+    # seed * 1_000_003 + crc32(name) overflowed torch's 64-bit seed from seed ~1.8e13 on.
+    mc = ModelConfig(load_format="dummy", dummy_config="tiny-llama", seed=2**64 - 1)
+    model, _ = load_model(mc)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_gpt3_presets_have_paper_shapes():
     # (layers, d_model, heads) from the GPT-3 paper, Table 2.1 (see registry.py for 1.3B/13B).
     expected = {"gpt3-125m": (12, 768, 12), "gpt3-1.3b": (24, 2048, 16),

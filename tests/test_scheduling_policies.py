@@ -196,7 +196,7 @@ def test_bad_default_slo_targets_are_refused(value):
     """Every request takes them: an inf TPOT target failed each iteration's
     token budget, and a request-level error would name a field never passed."""
     for name in ("default_ttft_slo_s", "default_tpot_slo_s"):
-        with pytest.raises(ValueError, match=f"{name} must be a positive number of seconds"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
             SchedulerConfig(scheduling_policy="slo", **{name: value})
 
 

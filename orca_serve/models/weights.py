@@ -137,7 +137,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
     """
     gen = torch.Generator()
     for name, param in model.named_parameters():
-        gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        # Within torch's 64-bit seeds whatever the seed (the same value as before for seeds below ~1.8e13).
+        gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0xFFFF_FFFF_FFFF_FFFF)
         if param.dim() >= 2:
             if param.device.type == "cpu":
                 param.data.normal_(0.0, std, generator=gen)
