@@ -94,3 +94,15 @@ def test_hung_worker_times_out_and_async_clients_get_errors(tiny_model_dir):
         for pid in pids.values():  # never leave a stopped process behind a failed assertion
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_setting_a_worker_refuses_is_one_line(tiny_model_dir):
+    # A worker's ValueError at start-up (here: native kernels demanded for
+    # bfloat16) reached the user as two tracebacks; it is a bad setting.
+    from orca_serve.distributed.control import WorkerSettingError
+
+    with pytest.raises(WorkerSettingError) as info:
+        LLMEngine(config(tiny_model_dir("llama"), tensor_parallel_size=2, dtype="bfloat16", cpu_kernels="on"))
+    assert isinstance(info.value, ValueError) and "Traceback" not in str(info.value)
+    assert str(info.value).startswith("worker rank ")
+    assert "cpu_kernels='on' but the native CPU kernels cannot be used" in str(info.value)

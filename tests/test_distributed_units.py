@@ -2,16 +2,20 @@
 parallel plan on made-up device inventories, stage layer ranges, lazy
 checkpoint slices, batch splitting for in-flight batches, and the
 stage-overlap measure of the in-flight benchmark."""
+import socket
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fake_runner import FakeRunner
-from orca_serve.config import CacheConfig, ParallelConfig, SchedulerConfig
+from orca_serve.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from orca_serve.distributed.bench_inflight import stage_overlap
 from orca_serve.distributed.parallel_state import pp_layer_range
-from orca_serve.distributed.plan import DeviceInfo, plan_parallelism
+from orca_serve.distributed.launch import listen_error
+from orca_serve.distributed.plan import DeviceInfo, check_parallel, plan_parallelism
 from orca_serve.layers.weight_slice import WeightSlice
 from orca_serve.request import Request
 from orca_serve.sampling_params import SamplingParams
@@ -97,6 +101,47 @@ def test_parallel_config_validation():
                           (dict(node_rank="0"), "node_rank must be in")]:
         with pytest.raises(ValueError, match=match):
             ParallelConfig(**kwargs)
+
+
+def _facts(heads=4, kv_heads=2, layers=2, intermediate=128):
+    return SimpleNamespace(num_heads=heads, num_kv_heads=kv_heads, num_layers=layers, intermediate_size=intermediate)
+
+
+@pytest.mark.parametrize("kwargs,facts,match", [
+    # Each of these started the workers, which failed while building their part, with a traceback.
+    (dict(tensor_parallel_size=3), _facts(), r"tensor_parallel_size 3 does not split the model's attention "
+                                             r"heads \(4 heads, 2 KV heads\); it may be 1, 2, 4"),
+    (dict(tensor_parallel_size=10**6), _facts(), "tensor_parallel_size 1000000 does not split"),
+    (dict(tensor_parallel_size=2), _facts(intermediate=129), "does not divide the model's MLP width 129"),
+    (dict(pipeline_parallel_size=3), _facts(), "pipeline_parallel_size 3 exceeds the model's 2 layers"),
+])
+def test_impossible_split_is_refused_before_workers_start(kwargs, facts, match):
+    with pytest.raises(ValueError, match=match):
+        check_parallel(EngineConfig.from_kwargs(**kwargs), facts)
+    check_parallel(EngineConfig.from_kwargs(tensor_parallel_size=4, pipeline_parallel_size=2), _facts())
+
+
+def test_more_ranks_on_a_node_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"puts 2 ranks on each node, one per GPU, but torch sees 1 GPU"):
+        check_parallel(EngineConfig.from_kwargs(tensor_parallel_size=2), _facts())
+    check_parallel(EngineConfig.from_kwargs(tensor_parallel_size=2, device="cpu"), _facts())  # CPU ranks
+
+
+def test_driver_that_cannot_listen_says_so_before_starting_workers():
+    # A master_addr not of this machine (or a port in use) left the driver's store
+    # retrying to reach itself for the 900 s start-up timeout, silently.
+    from orca_serve.distributed.executor import DistributedExecutor
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert "in use" in listen_error("127.0.0.1", port)
+        with pytest.raises(ValueError, match=f"cannot listen on master_addr '127.0.0.1', master_port {port}"):
+            DistributedExecutor(EngineConfig.from_kwargs(tensor_parallel_size=2, master_port=port))
+    assert listen_error("127.0.0.1", 0) is None
 
 
 def test_weight_slice_reads_only_the_shard(tmp_path):

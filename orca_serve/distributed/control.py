@@ -13,7 +13,8 @@ Driver -> every rank: ``("go",)`` once every rank has connected, then
 ``("batch", seq, SchedulerOutput, sent_at)``, ``("trace",)`` or ``None``
 (stop). Rank -> driver: ``("hello", rank, pid)``,
 ``("ready", rank, info)``, ``("out", seq, ModelRunnerOutput)`` (the last
-stage's TP rank 0 only), ``("trace", rank, records)``, ``("error", rank, text)``.
+stage's TP rank 0 only), ``("trace", rank, records)``, ``("error", rank, text, message)`` (message: a
+ValueError's, else None).
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 class WorkerFailedError(RuntimeError):
     """A worker rank died, hung or raised; the executor is unusable."""
+
+
+class WorkerSettingError(WorkerFailedError, ValueError):
+    """A worker rank refused the engine's settings while starting (its ValueError)."""
 
 
 @dataclass
@@ -94,6 +99,9 @@ class ControlServer:
                 elif msg[0] == "ready":
                     info[msg[1]] = msg[2]
                 elif msg[0] == "error":
+                    if len(msg) > 3 and msg[3] is not None:
+                        logger.debug("worker rank %d failed to start:\n%s", msg[1], msg[2])
+                        raise WorkerSettingError(f"worker rank {msg[1]}: {msg[3]}")
                     raise WorkerFailedError(f"worker rank {msg[1]} failed to start:\n{msg[2]}")
         return info
 

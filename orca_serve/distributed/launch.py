@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import pickle
 import signal
+import socket
 import time
 from datetime import timedelta
 from multiprocessing.connection import wait as wait_any
@@ -25,6 +26,19 @@ logger = logging.getLogger(__name__)
 INIT_KEY = "orca/init"
 # How long a node launched before the driver waits for it to come up.
 RENDEZVOUS_TIMEOUT_S = 600.0
+
+
+def listen_error(host: str, port: int) -> str | None:
+    """Why a socket cannot listen at (host, port) on this machine (a name that does
+    not resolve, an address of another machine, a port in use), or None if it can."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers themselves bind
+            s.bind(address)
+    except OSError as exc:
+        return str(exc)
+    return None
 
 
 def node_ranks(config: EngineConfig, node_rank: int) -> list[int]:

@@ -91,10 +91,35 @@ def local_devices(nnodes: int = 1) -> list[DeviceInfo]:
     return [DeviceInfo(name, mem, node) for node in range(nnodes) for name, mem in local]
 
 
+def check_parallel(config, facts) -> None:
+    """Refuse, before any worker starts, T and P that the model's shapes or this
+    node's GPUs cannot take (a worker would fail while building its part)."""
+    p = config.parallel
+    t, pp = p.tensor_parallel_size, p.pipeline_parallel_size
+    valid = valid_tp_sizes(facts.num_heads, facts.num_kv_heads, facts.num_heads)
+    if t not in valid:
+        raise ValueError(f"tensor_parallel_size {t} does not split the model's attention heads ({facts.num_heads} "
+                         f"heads, {facts.num_kv_heads} KV heads); it may be {', '.join(map(str, valid))}")
+    if facts.intermediate_size and facts.intermediate_size % t:
+        raise ValueError(f"tensor_parallel_size {t} does not divide the model's MLP width {facts.intermediate_size}")
+    if pp > facts.num_layers:
+        raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {facts.num_layers} layers "
+                         f"(one stage needs at least one)")
+    import torch
+
+    per_node = p.world_size // p.nnodes
+    if config.model.device != "cpu" and torch.cuda.is_available() and per_node > torch.cuda.device_count():
+        raise ValueError(f"tensor x pipeline parallel size {p.world_size} puts {per_node} ranks on each node, one "
+                         f"per GPU, but torch sees {torch.cuda.device_count()} GPU(s) here; lower "
+                         f"--tensor-parallel-size or --pipeline-parallel-size, or use --device cpu")
+
+
 def resolve_parallel(config, facts, devices: list[DeviceInfo] | None = None):
-    """The engine config with T and P chosen when ``parallel="auto"`` (else unchanged)."""
+    """The engine config with T and P chosen when ``parallel="auto"`` (else
+    unchanged, once ``check_parallel`` has found T and P possible)."""
     p = config.parallel
     if p.parallel != "auto":
+        check_parallel(config, facts)
         return config
     dtype_bytes = facts.dtype.itemsize
     per_token = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * dtype_bytes

@@ -159,6 +159,7 @@ class ModelFacts:
     hidden_size: int
     num_params: int
     dtype: torch.dtype
+    intermediate_size: int | None = None  # the MLP's width (tensor parallelism splits it)
 
 
 def _ids(value) -> list[int]:
@@ -212,5 +213,6 @@ def get_model_facts(model_config: ModelConfig, tokenizer=None) -> ModelFacts:
         num_heads=heads,
         num_kv_heads=heads if gpt2 else (getattr(config, "num_key_value_heads", None) or heads),
         head_dim=hidden // heads if gpt2 else (getattr(config, "head_dim", None) or hidden // heads),
-        hidden_size=hidden, num_params=num_params, dtype=torch_dtype(model_config, config))
+        hidden_size=hidden, num_params=num_params, dtype=torch_dtype(model_config, config),
+        intermediate_size=(config.n_inner or 4 * hidden) if gpt2 else config.intermediate_size)
 

@@ -62,10 +62,12 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
         _serve(conn, runner, rank)
     except (EOFError, ConnectionError):
         code = 1  # the driver is gone: nothing to report to
-    except BaseException:
+    except BaseException as exc:
         code = 1
         try:
-            conn.send(("error", rank, traceback.format_exc()))
+            # A ValueError is a bad setting (a pool too large, kernels demanded
+            # where they cannot run): its message alone is what the user needs.
+            conn.send(("error", rank, traceback.format_exc(), str(exc) if isinstance(exc, ValueError) else None))
         except OSError:
             pass
     finally:
