@@ -88,6 +88,18 @@ def test_kv_pool_binds_every_layer_and_swaps_blocks():
     assert pool.cache is None and all(layer.kv_cache is None for layer in layers)
 
 
+def test_a_pool_too_large_to_allocate_is_a_settings_error():
+    # --kv-cache-memory-gb 1000 (or 1e30, or --block-size 2**40) crashed with a
+    # traceback from mmap or torch; --swap-space-gb likewise for the host pool.
+    pool = KVPool([Layer()], block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"cannot allocate the KV pool \(10{30} blocks \+ 1 scratch of .* GiB\) "
+                                         r"on cpu: .*; lower --num-kv-blocks, --kv-cache-memory-gb or --block-size"):
+        pool.allocate(10**30)
+    with pytest.raises(ValueError, match=r"cannot allocate the swap space \(10{30} blocks .*; lower --swap-space-gb"):
+        pool.allocate_host(10**30)
+    assert pool.cache is None and pool.num_host_blocks == 0
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(gpu_memory_utilization=0), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),

@@ -10,6 +10,8 @@ so a block's bytes differ between ranks while the block ids do not.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from orca_serve.kernels.huge_pages import zeros_on_huge_pages
@@ -35,8 +37,10 @@ class KVPool:
         self.release()  # the old pool (a profile run's) goes before the new one is taken
         # Zeroed, not empty: masked-out cache rows are multiplied by zero attention
         # weights, and uninitialized memory could hold NaN (0 * NaN = NaN).
-        self.cache = zeros_on_huge_pages((len(self.layers), 2, num_blocks + 1) + self._block_shape,
-                                         self.dtype, self.device)
+        shape = (len(self.layers), 2, num_blocks + 1) + self._block_shape
+        with _allocating(f"the KV pool ({num_blocks} blocks + 1 scratch", (num_blocks + 1) * self.block_bytes,
+                         self.device, "--num-kv-blocks, --kv-cache-memory-gb or --block-size"):
+            self.cache = zeros_on_huge_pages(shape, self.dtype, self.device)
         self.num_blocks = num_blocks
         for i, layer in enumerate(self.layers):
             layer.kv_cache = self.cache[i]
@@ -61,8 +65,10 @@ class KVPool:
 
     def _host(self, num_blocks: int) -> torch.Tensor:
         # Pinned on a GPU's host, so swaps copy at full PCIe speed.
-        return torch.zeros((len(self.layers), 2, num_blocks) + self._block_shape, dtype=self.dtype, device="cpu",
-                           pin_memory=self.device.type == "cuda" and num_blocks > 0)
+        with _allocating(f"the swap space ({num_blocks} blocks", num_blocks * self.block_bytes, "host",
+                         "--swap-space-gb or --block-size"):
+            return torch.zeros((len(self.layers), 2, num_blocks) + self._block_shape, dtype=self.dtype, device="cpu",
+                               pin_memory=self.device.type == "cuda" and num_blocks > 0)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copy blocks device -> host, as (host_slot, device_block) pairs."""
@@ -79,3 +85,14 @@ class KVPool:
             raise RuntimeError("swap requested but the runner has no CPU blocks (num_cpu_blocks=0)")
         host, dev = zip(*pairs)
         return torch.tensor(host, dtype=torch.int64), torch.tensor(dev, dtype=torch.int64)
+
+
+@contextmanager
+def _allocating(what: str, nbytes: int, where, flags: str):
+    """A pool the settings made too large to allocate is the settings' error, not a crash."""
+    try:
+        yield
+    # torch's OutOfMemoryError is a RuntimeError; a size past int64 a TypeError or OverflowError.
+    except (MemoryError, OverflowError, OSError, RuntimeError, TypeError) as exc:
+        raise ValueError(f"cannot allocate {what} of {nbytes / 2**30:,.2f} GiB) on {where}: "
+                         f"{str(exc).splitlines()[0]}; lower {flags}") from None
