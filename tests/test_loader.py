@@ -145,6 +145,45 @@ def test_broken_config(tiny_model_dir, tmp_path):
     expect_error(d, "no model_type")
 
 
+
+@pytest.mark.parametrize("fields,match", [
+    # transformers' own validation (huggingface_hub's StrictDataclass* errors) came through as a traceback.
+    ({"hidden_size": "x"}, r"cannot parse config\.json in .*: Validation error for field 'hidden_size': "
+                           r"TypeError: Field 'hidden_size' expected int"),
+    ({"hidden_size": 63}, r"cannot parse config\.json .*hidden size \(63\) is not a multiple"),
+    # Sizes that failed deep in the build (ZeroDivisionError, a tensor shape) or said something odd.
+    ({"num_hidden_layers": -1}, r"num_hidden_layers must be a positive integer, got -1"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
+    ({"num_key_value_heads": 3}, "4 attention heads are not a multiple of 3 KV heads"),
+])
+def test_config_with_bad_sizes(tiny_model_dir, tmp_path, fields, match):
+    d = copy_model(tiny_model_dir, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, **fields}))
+    expect_error(d, match)
+    with pytest.raises(ValueError, match="hidden size 64 is not divisible by 5 attention heads"):
+        load_hf_config(ModelConfig(load_format="dummy", dummy_config={"model_type": "gpt2", "n_embd": 64,
+                                                                       "n_head": 5}))
+
+
+def test_dummy_config_from_a_config_json_path(tiny_model_dir, tmp_path):
+    # --dummy-config's help promised "a preset name or a config.json path"; a path
+    # was looked up as a preset name ("unknown model preset").
+    src = tiny_model_dir("qwen2")
+    for spec in (os.path.join(src, "config.json"), src):
+        cfg = load_hf_config(ModelConfig(load_format="dummy", dummy_config=spec))
+        assert cfg.model_type == "qwen2" and cfg.hidden_size == load_hf_config(ModelConfig(model=src)).hidden_size
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="dummy_config: .*config.json does not hold a JSON object"):
+        load_hf_config(ModelConfig(load_format="dummy", dummy_config=str(tmp_path)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="dummy_config: cannot read .*empty/config.json"):
+        load_hf_config(ModelConfig(load_format="dummy", dummy_config=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match="unknown model preset .*nothing' \\(and no such config.json path\\)"):
+        load_hf_config(ModelConfig(load_format="dummy", dummy_config=str(tmp_path / "nothing")))
+
+
 def test_truncated_safetensors(tiny_model_dir, tmp_path):
     d = copy_model(tiny_model_dir, tmp_path)
     f = d / "model.safetensors"

@@ -82,10 +82,31 @@ def load_hf_config(model_config: ModelConfig):
             raise ValueError(f"config.json in {path} has no model_type")
         try:
             config = AutoConfig.from_pretrained(path)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot parse config.json in {path}: {e}") from e
+        except Exception as e:  # transformers' own validation errors too (huggingface_hub's StrictDataclass*)
+            why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line
+            raise ValueError(f"cannot parse config.json in {path}: {why}") from e
     get_model_class(config)  # fail here, before any weights are touched
+    _check_shapes(config, path or "dummy_config")
     return config
+
+
+def _check_shapes(config, where: str) -> None:
+    """Sizes the model is built from must be positive integers, the heads must
+    divide the hidden size: a bad one would fail deep inside the build."""
+    gpt2 = hasattr(config, "n_embd")
+    names = (("n_layer", "n_head", "n_embd", "vocab_size", "n_positions") if gpt2 else
+             ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size",
+              "max_position_embeddings"))
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model config ({where}): {name} must be a positive integer, got {value!r}")
+    hidden, heads = (config.n_embd, config.n_head) if gpt2 else (config.hidden_size, config.num_attention_heads)
+    kv_heads = heads if gpt2 else (getattr(config, "num_key_value_heads", None) or heads)
+    if heads % kv_heads:
+        raise ValueError(f"model config ({where}): {heads} attention heads are not a multiple of {kv_heads} KV heads")
+    if hidden % heads and (gpt2 or not getattr(config, "head_dim", None)):
+        raise ValueError(f"model config ({where}): hidden size {hidden} is not divisible by {heads} attention heads")
 
 
 def resolve_device(model_config: ModelConfig, local_rank: int = 0) -> torch.device:

@@ -9,6 +9,9 @@ use d_model 5120 for 13B, as Megatron-LM and the Orca paper do.
 """
 from __future__ import annotations
 
+import json
+import os
+
 from transformers import AutoConfig, PretrainedConfig
 
 from orca_serve.models.gpt2 import GPT2LMHeadModel
@@ -59,11 +62,16 @@ PRESETS: dict[str, dict] = {
 
 
 def make_hf_config(spec: str | dict) -> PretrainedConfig:
-    """A transformers config from a preset name or a HF config dict."""
+    """A transformers config from a preset name, a config.json path (or the
+    directory holding one) or a HF config dict."""
     if isinstance(spec, str):
-        if spec not in PRESETS:
-            raise ValueError(f"unknown model preset {spec!r}; known: {', '.join(PRESETS)}")
-        spec = PRESETS[spec]
+        if spec in PRESETS:
+            spec = PRESETS[spec]
+        elif os.path.exists(spec):
+            spec = _read_config(spec)
+        else:
+            raise ValueError(f"unknown model preset {spec!r} (and no such config.json path); known: "
+                             f"{', '.join(PRESETS)}")
     if not isinstance(spec, dict):
         raise ValueError(f"dummy_config must be a preset name or a config dict, got {type(spec).__name__}")
     spec = dict(spec)
@@ -74,7 +82,23 @@ def make_hf_config(spec: str | dict) -> PretrainedConfig:
     if model_type not in _BY_MODEL_TYPE:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(_BY_MODEL_TYPE)}")
     spec.setdefault("architectures", [_BY_MODEL_TYPE[model_type]])
-    return AutoConfig.for_model(model_type, **spec)
+    try:
+        return AutoConfig.for_model(model_type, **spec)
+    except Exception as e:  # transformers' own validation errors (huggingface_hub's StrictDataclass*) too
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"dummy_config: {why}") from e
+
+
+def _read_config(path: str) -> dict:
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"dummy_config: cannot read {file}: {e}") from e
+    if not isinstance(spec, dict):
+        raise ValueError(f"dummy_config: {file} does not hold a JSON object")
+    return spec
 
 
 def get_model_class(hf_config) -> type:
