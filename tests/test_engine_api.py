@@ -117,6 +117,14 @@ def test_bad_engine_settings(kwargs, match):
         EngineConfig.from_kwargs(**kwargs)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engine_generates(tiny_model_dir, dtype):
+    # --dtype bfloat16/float16 on a Llama started, then failed every batch (RoPE promoted q/k to float32).
+    llm = LLM(model=tiny_model_dir("llama"), dtype=dtype, num_kv_blocks=64)
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert out.error is None and out.finish_reason == "length" and len(out.token_ids) == 4
+
+
 def test_bad_engine_setting_fails_before_the_model_loads(tmp_path):
     # LLM(...) checks its settings first: the model path here does not even exist.
     with pytest.raises(ValueError, match="enable_prefix_caching must be True or False"):

@@ -88,7 +88,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotate q [T, Hq, D] and k [T, Hk, D] by each token's position [T]."""
-        cos_sin = self.cos_sin_cache[positions]
+        # In the model's dtype (as transformers does): a float32 cache would promote
+        # half-precision q and k to float32, which the half-precision KV pool refuses.
+        cos_sin = self.cos_sin_cache[positions].to(q.dtype)
         cos, sin = cos_sin[:, 0].unsqueeze(1), cos_sin[:, 1].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
