@@ -362,6 +362,15 @@ def test_chat_and_cli_on_default_model(default_model_dir, capsys):
     assert "max_tokens" in capsys.readouterr().err
 
 
+def test_generate_chat_on_a_model_without_a_chat_template_names_the_flag(capsys):
+    from orca_serve.entrypoints.cli import main
+
+    # It said "messages: this model has no chat template", a field the command line does not have.
+    assert main(["generate", "--prompt", "x", "--load-format", "dummy", "--dummy-config", "tiny-llama",
+                 "--num-kv-blocks", "8"]) == 2
+    assert "orca-serve: error: --chat: this model has no chat template; pass --no-chat" in capsys.readouterr().err
+
+
 def test_baseline_batch_flags_say_they_do_not_cap_other_policies():
     # --max-batch-size reads like a cap on every policy; the help must say it
     # is the request-level baseline's alone, and where the real cap lives.

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -247,3 +248,50 @@ def test_graceful_shutdown(model_dir, tmp_path, sig, entry):
         assert results["plain"].json()["choices"][0]["finish_reason"] == "abort"
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("flags,message", [
+    # Each of these started the server: a port out of range crashed after the model
+    # loaded (OverflowError from bind), the others served and then refused or
+    # mishandled every request, or hung up the shutdown.
+    (["--port", "70000"], "--port: must be an integer in [0, 65535], got 70000"),
+    (["--port", "-1"], "--port: must be an integer in [0, 65535], got -1"),
+    (["--max-body-bytes", "0"], "--max-body-bytes: must be an integer >= 1, got 0"),
+    (["--api-key", ""], "--api-key: must not be empty (an empty key would let every request in)"),
+    (["--api-key", " key"], "--api-key: must be printable ASCII with no spaces at either end"),
+    (["--api-key", "clé"], "--api-key: must be printable ASCII"),
+    (["--shutdown-timeout-s", "inf"], "--shutdown-timeout-s: must be a finite number > 0, got inf"),
+    (["--shutdown-timeout-s", "nan"], "--shutdown-timeout-s: must be a finite number > 0, got nan"),
+    (["--shutdown-timeout-s", "-1"], "--shutdown-timeout-s: must be a finite number > 0, got -1"),
+    (["--served-model-name", ""], "--served-model-name: must not be empty"),
+    (["--host", " "], "--host: must not be empty"),
+])
+def test_bad_server_flag_is_refused_while_parsing(flags, message, capsys):
+    from orca_serve.entrypoints.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", *flags])
+    assert exit_.value.code == 2
+    assert f"orca-serve serve: error: argument {message}" in capsys.readouterr().err
+
+
+def test_an_address_it_cannot_listen_on_fails_before_the_model_loads(tmp_path, capsys):
+    # A port in use, a host that does not resolve or is not this machine's: uvicorn
+    # said so only once the model had loaded (minutes, for a large one).
+    from orca_serve.entrypoints.cli import main
+    from orca_serve.entrypoints.openai.server import main as server_main
+
+    nope = str(tmp_path / "nope")  # never reached: the model would fail to load
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", nope, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"orca-serve: error: cannot listen on --host 127.0.0.1 --port {port}: " in err and "in use" in err
+    assert main(["serve", "--model", nope, "--port", "0", "--host", "10.255.255.1"]) == 2
+    assert "cannot listen on --host 10.255.255.1 --port 0" in capsys.readouterr().err
+    # python -m orca_serve.entrypoints.openai.server: the same one line, not a traceback.
+    assert server_main(["--model", nope, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: model path does not exist: {nope}" in err and "Traceback" not in err

@@ -67,6 +67,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed_sampling)
     engine = LLMEngine(engine_config_from_args(args))
     if args.chat:
+        if not getattr(engine.tokenizer, "chat_template", None):
+            raise ValueError("--chat: this model has no chat template; pass --no-chat")
         prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}])
     else:
         prompt = args.prompt

@@ -5,16 +5,30 @@ from __future__ import annotations
 
 import argparse
 
+from orca_serve.entrypoints.arg_types import float_in, int_in, nonempty
+
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+def api_key(text: str) -> str:
+    """A key a client can send as ``Authorization: Bearer KEY``: an empty one
+    would let every request in, and HTTP strips spaces at a header's ends and
+    carries ASCII, so such a key could never match."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (an empty key would let every request in)")
+    if text != text.strip() or not text.isascii() or not text.isprintable():
+        raise argparse.ArgumentTypeError("must be printable ASCII with no spaces at either end "
+                                         "(a client sends it in an HTTP header)")
+    return text
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     """The server's own flags (engine flags come from cli.add_engine_args)."""
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--host", default="127.0.0.1", type=nonempty)
+    parser.add_argument("--port", type=int_in(0, 65535), default=8000, help="0: any free port")
+    parser.add_argument("--api-key", default=None, type=api_key, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--served-model-name", default=None, type=nonempty)
+    parser.add_argument("--max-body-bytes", type=int_in(1), default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--request-log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="level of the one-line-per-finished-request log")
-    parser.add_argument("--shutdown-timeout-s", type=float, default=10.0)
+    parser.add_argument("--shutdown-timeout-s", type=float_in(0, strict=True), default=10.0)

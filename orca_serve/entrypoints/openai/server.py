@@ -36,6 +36,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from orca_serve.config import EngineConfig
+from orca_serve.distributed.launch import listen_error
 from orca_serve.engine.async_engine import AsyncLLMEngine
 from orca_serve.entrypoints.openai.args import DEFAULT_MAX_BODY_BYTES, add_server_args
 from orca_serve.entrypoints.openai.handlers import (
@@ -265,6 +266,9 @@ def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int =
                served_model_name: str | None = None, *, request_log_level: str = "info",
                shutdown_timeout_s: float = 10.0) -> None:
     """Build the engine, serve until SIGINT/SIGTERM, shut down within ``shutdown_timeout_s``."""
+    why = listen_error(host, port)  # now, not after the model has loaded
+    if why:
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {why}")
     if engine_config.scheduler.max_waiting_requests is None:
         engine_config = dataclasses.replace(engine_config, scheduler=dataclasses.replace(
             engine_config.scheduler, max_waiting_requests=DEFAULT_MAX_WAITING_REQUESTS))
@@ -291,9 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_server(engine_config_from_args(args), args.host, args.port, args.api_key, args.max_body_bytes,
-               args.log_level, args.served_model_name, request_log_level=args.request_log_level,
-               shutdown_timeout_s=args.shutdown_timeout_s)
+    try:
+        run_server(engine_config_from_args(args), args.host, args.port, args.api_key, args.max_body_bytes,
+                   args.log_level, args.served_model_name, request_log_level=args.request_log_level,
+                   shutdown_timeout_s=args.shutdown_timeout_s)
+    except (ValueError, FileNotFoundError) as exc:  # a bad setting: one line, as orca-serve says it
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
