@@ -4,6 +4,7 @@ its counts must add up."""
 from __future__ import annotations
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -223,3 +224,63 @@ def test_engine_backend_reports_decode_graph_counters(tiny_model_dir):
         assert extra["graph_capture_s"] == 0.0 and extra["decode_graphs_captured"] == 0
         assert extra["decode_graphs_off"] is None
     backend.close()
+
+
+@pytest.mark.parametrize("flags,message", [
+    # Each of these passed the parser: some failed after the model load with a
+    # message naming no flag ("could not convert string to float: 'x'", "invalid
+    # literal for int()", "expected non-negative integer", "max() arg is an empty
+    # sequence", "integer modulo by zero" with a traceback), some were taken
+    # silently (--max-concurrency 0 ran as 1, --threads 0 as the default, a
+    # negative SLO made every request miss it), --threads -1 crashed.
+    (["--rates", "1,x"], "--rates: expected a number, got 'x'"),
+    (["--rates", ","], "--rates: expected a comma-separated list with no empty entries"),
+    (["--rates", "0"], "--rates: must be a number > 0 or inf, got 0"),
+    (["--request-rate", "nan"], "--request-rate: must be a number > 0 or inf, got nan"),
+    (["--burstiness", "0"], "--burstiness: must be a finite number > 0"),
+    (["--max-concurrency", "0"], "--max-concurrency: must be an integer >= 1, got 0"),
+    (["--num-warmups", "-1"], "--num-warmups: must be an integer >= 0, got -1"),
+    (["--num-requests", "0"], "--num-requests: must be an integer >= 1, got 0"),
+    (["--input-len", "abc"], "--input-len: expected a length N or a range LO:HI, got 'abc'"),
+    (["--output-len", "5:2"], "--output-len: length range must be 1 <= lo <= hi, got '5:2'"),
+    (["--scheduling-policy", "fcfs,lifo"], "--scheduling-policy: 'lifo' is not a scheduling policy"),
+    (["--threads", "-1"], "--threads: must be an integer >= 1, got -1"),
+    (["--threads", "0"], "--threads: must be an integer >= 1, got 0"),
+    (["--seed", "-1"], "--seed: must be an integer >= 0, got -1"),
+    (["--prompt-salt", "-1"], "--prompt-salt: must be an integer >= 0, got -1"),
+    (["--num-prefixes", "0"], "--num-prefixes: must be an integer >= 1, got 0"),
+    (["--input-median", "0"], "--input-median: must be a finite number > 0"),
+    (["--sigma", "-1"], "--sigma: must be a finite number >= 0"),
+    (["--slo-ttft-ms", "-1"], "--slo-ttft-ms: must be a finite number > 0"),
+    (["--slo-tpot-ms", "nan"], "--slo-tpot-ms: must be a finite number > 0"),
+    (["--hf-batch-sizes", "0"], "--hf-batch-sizes: must be an integer >= 1, got 0"),
+    (["--vocab-size", "0"], "--vocab-size: must be an integer >= 1, got 0"),
+    (["--base-url", "localhost:8000"], "--base-url: expected an http:// or https:// URL"),
+    (["overhead", "--steps", "0"], "--steps: must be an integer >= 1, got 0"),
+    (["roofline", "--device", "gpu"], "--device: invalid choice: 'gpu'"),
+])
+def test_bad_bench_flag_is_refused_while_parsing(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench(flags)
+    assert exit_.value.code == 2
+    assert f"error: argument {message}" in capsys.readouterr().err
+
+
+def test_a_run_in_which_every_request_failed_says_why(model_dir, capsys):
+    # It exited 1 with nothing but "Failed requests: 2" (nothing at all with --quiet).
+    assert bench(["--model", str(model_dir), "--num-requests", "2", "--input-len", "1000", "--output-len", "1",
+                  "--num-warmups", "0", "--no-progress", "--quiet", "--threads", "1"]) == 1
+    assert ("orca-serve bench: every request failed; the first: ValueError: prompt has 1000 tokens; the model's "
+            "context length is 256") in capsys.readouterr().err
+
+
+def test_openai_backend_without_a_server_is_one_line(capsys):
+    # A --base-url nobody answers at was an httpx traceback.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed, not listening: the connection is refused
+    assert bench(["--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--vocab-size", "100",
+                  "--num-requests", "1", "--no-progress", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"orca-serve: error: cannot list the models at http://127.0.0.1:{port}/v1/models" in err
+    assert "Traceback" not in err

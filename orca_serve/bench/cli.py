@@ -10,8 +10,38 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+
+from orca_serve.config import SCHEDULING_POLICIES
+from orca_serve.entrypoints.arg_types import checked, float_in, int_in, list_of
 
 BACKENDS = ("engine", "openai", "hf-static", "hf-cb")
+# Requests per second, > 0; inf: all at once.
+_rate = float_in(0, strict=True, allow_inf=True)
+
+
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _policy(text: str) -> str:
+    if text not in SCHEDULING_POLICIES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a scheduling policy; choose from "
+                                         f"{', '.join(SCHEDULING_POLICIES)}")
+    return text
+
+
+def _length_range(text: str):
+    from orca_serve.bench.workloads import parse_range
+
+    try:
+        return parse_range(text)
+    except ValueError as exc:
+        if "length range" in str(exc):
+            raise
+        raise ValueError(f"expected a length N or a range LO:HI, got {text!r}") from None
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,44 +55,44 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=BACKENDS, default="engine")
     g.add_argument("--model", default=None, help="model dir or .gguf (engine, hf-*: default the embedded "
                    "SmolLM2); openai: the served model name, or a local path to take the tokenizer from")
-    g.add_argument("--base-url", default=None, help="openai: e.g. http://127.0.0.1:8000")
+    g.add_argument("--base-url", default=None, type=_http_url, help="openai: e.g. http://127.0.0.1:8000")
     g.add_argument("--served-model", default=None, help="openai: model name to request (default: "
                    "--model if it is not a path, else the server's first model)")
     g.add_argument("--tokenizer", default=None, help="openai: tokenizer dir/.gguf for the vocabulary and text")
-    g.add_argument("--vocab-size", type=int, default=None, help="openai without a tokenizer: draw ids below this")
+    g.add_argument("--vocab-size", type=int_in(1), default=None, help="openai without a tokenizer: draw ids below this")
     g.add_argument("--prompt-mode", choices=("ids", "text"), default="ids", help="openai: prompt as token ids or text")
     g.add_argument("--plain-openai", action="store_true", help="openai: omit ignore_eos/min_tokens extensions")
-    g.add_argument("--hf-batch-sizes", default="8,32,128", help="hf-static: batch sizes to try (best is kept)")
-    g.add_argument("--scheduling-policy", default="fcfs",
+    g.add_argument("--hf-batch-sizes", default="8,32,128", type=checked(list_of(int_in(1))), help="hf-static: batch sizes to try (best is kept)")
+    g.add_argument("--scheduling-policy", default="fcfs", type=checked(list_of(_policy)),
                    help="engine: policy, or a comma list for one curve each (e.g. fcfs,request-level)")
-    g.add_argument("--threads", type=int, default=None, help="torch threads in this process")
+    g.add_argument("--threads", type=int_in(1), default=None, help="torch threads in this process")
     g.add_argument("--label", default=None, help="curve name in results and plots (default: policy/backend)")
 
     w = p.add_argument_group("workload")
     w.add_argument("--workload", default="orca", help="orca | random | sharegpt-like | shared-prefix | FILE.jsonl")
-    w.add_argument("--num-requests", type=int, default=128)
-    w.add_argument("--seed", type=int, default=0, help="one seed for lengths, prompts, arrivals (and dummy weights)")
-    w.add_argument("--input-len", default=None, help="prompt length LO:HI or N (orca default 32:512)")
-    w.add_argument("--output-len", default=None, help="output length LO:HI or N (orca default 1:128)")
-    w.add_argument("--input-median", type=float, default=128.0, help="sharegpt-like: median prompt length")
-    w.add_argument("--output-median", type=float, default=192.0, help="sharegpt-like: median output length")
-    w.add_argument("--sigma", type=float, default=1.0, help="sharegpt-like: log-normal sigma")
-    w.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct system prompts")
-    w.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens per system prompt")
+    w.add_argument("--num-requests", type=int_in(1), default=128)
+    w.add_argument("--seed", type=int_in(0), default=0, help="one seed for lengths, prompts, arrivals (and dummy weights)")
+    w.add_argument("--input-len", default=None, type=checked(_length_range), help="prompt length LO:HI or N (orca default 32:512)")
+    w.add_argument("--output-len", default=None, type=checked(_length_range), help="output length LO:HI or N (orca default 1:128)")
+    w.add_argument("--input-median", type=float_in(0, strict=True), default=128.0, help="sharegpt-like: median prompt length")
+    w.add_argument("--output-median", type=float_in(0, strict=True), default=192.0, help="sharegpt-like: median output length")
+    w.add_argument("--sigma", type=float_in(0), default=1.0, help="sharegpt-like: log-normal sigma")
+    w.add_argument("--num-prefixes", type=int_in(1), default=4, help="shared-prefix: distinct system prompts")
+    w.add_argument("--prefix-len", type=int_in(0), default=256, help="shared-prefix: tokens per system prompt")
     w.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
-    w.add_argument("--prompt-salt", type=int, default=0, help="new prompt contents, same lengths (fresh caches)")
+    w.add_argument("--prompt-salt", type=int_in(0), default=0, help="new prompt contents, same lengths (fresh caches)")
 
     a = p.add_argument_group("load")
-    a.add_argument("--request-rate", type=float, default=float("inf"), help="req/s; inf = all at t=0")
-    a.add_argument("--rates", default=None, help="sweep: R1,R2,... req/s (overrides --request-rate)")
-    a.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps; 1 = Poisson")
-    a.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
-    a.add_argument("--num-warmups", type=int, default=2, help="short unmeasured requests first")
+    a.add_argument("--request-rate", type=_rate, default=float("inf"), help="req/s; inf = all at t=0")
+    a.add_argument("--rates", default=None, type=checked(list_of(_rate)), help="sweep: R1,R2,... req/s (overrides --request-rate)")
+    a.add_argument("--burstiness", type=float_in(0, strict=True), default=1.0, help="gamma shape of gaps; 1 = Poisson")
+    a.add_argument("--max-concurrency", type=int_in(1), default=None, help="at most this many requests in flight")
+    a.add_argument("--num-warmups", type=int_in(0), default=2, help="short unmeasured requests first")
 
     o = p.add_argument_group("results")
-    o.add_argument("--slo-ttft-ms", type=float, default=None)
-    o.add_argument("--slo-tpot-ms", type=float, default=None)
-    o.add_argument("--slo-normalized-latency-ms", type=float, default=None)
+    o.add_argument("--slo-ttft-ms", type=float_in(0, strict=True), default=None)
+    o.add_argument("--slo-tpot-ms", type=float_in(0, strict=True), default=None)
+    o.add_argument("--slo-normalized-latency-ms", type=float_in(0, strict=True), default=None)
     o.add_argument("--out", default=None, help="write every figure and per-request row as JSON")
     o.add_argument("--plot", default=None, help="PNG: median normalized latency vs throughput")
     o.add_argument("--no-progress", action="store_true")
@@ -82,9 +112,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--model", default=None)
     r.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     r.add_argument("--dummy-config", default=None)
-    r.add_argument("--num-tokens", type=int, default=128, help="tokens per iteration (decode batch)")
-    r.add_argument("--context-len", type=int, default=None, help="KV context per token (default: from --result)")
-    r.add_argument("--prefill-tokens", type=int, default=2048,
+    r.add_argument("--num-tokens", type=int_in(1), default=128, help="tokens per iteration (decode batch)")
+    r.add_argument("--context-len", type=int_in(1), default=None, help="KV context per token (default: from --result)")
+    r.add_argument("--prefill-tokens", type=int_in(1), default=2048,
                    help="rows of a prefill iteration (the token budget) for the trace's prompt GEMM rate")
     r.add_argument("--result", default=None, nargs="+",
                    help="bench JSON(s): print the (median) throughput's fraction of the ceiling")
@@ -92,8 +122,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="times every GEMM shape is measured; the ceiling takes each shape's best round")
     r.add_argument("--round-gap", type=float, default=10.0,
                    help="seconds between rounds, so that one busy minute on a shared machine cannot set them all")
-    r.add_argument("--threads", type=int, default=None)
-    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--threads", type=int_in(1), default=None)
+    r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     r.add_argument("--out", default=None)
     r.set_defaults(func=main)
@@ -162,7 +192,12 @@ def _run(args: argparse.Namespace) -> int:
 
         plot([result], args.plot, title=f"{result['model']} · {args.workload} · {args.num_requests} requests")
     failed = sum(run["metrics"]["failed"] for run in result["runs"])
-    return 1 if failed and failed == sum(run["metrics"]["num_requests"] for run in result["runs"]) else 0
+    if failed and failed == sum(run["metrics"]["num_requests"] for run in result["runs"]):
+        # Nothing was measured: say why (a prompt over the model's length, a server that is down, ...).
+        first = next(r["error"] for run in result["runs"] for r in run["requests"] if not r["success"])
+        print(f"orca-serve bench: every request failed; the first: {first}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _write(path: str, data: dict) -> None:

@@ -16,6 +16,7 @@ import time
 from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.engine.executor import Executor
+from orca_serve.entrypoints.arg_types import int_in
 from orca_serve.sampling_params import SamplingParams
 
 
@@ -100,8 +101,8 @@ def add_overhead_parser(sub) -> None:
     o.add_argument("--model", default=None)
     o.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     o.add_argument("--dummy-config", default=None)
-    o.add_argument("--num-requests", type=int, default=256)
-    o.add_argument("--prompt-len", type=int, default=128)
-    o.add_argument("--steps", type=int, default=20)
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--num-requests", type=int_in(1), default=256)
+    o.add_argument("--prompt-len", type=int_in(1), default=128)
+    o.add_argument("--steps", type=int_in(1), default=20)
+    o.add_argument("--seed", type=int_in(0), default=0)
     o.add_argument("--out", default=None)

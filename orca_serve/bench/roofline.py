@@ -258,8 +258,8 @@ def run_roofline(args) -> dict:
         result = {"runs": [r for runs in report.median_runs(args.result).values() for r in runs]}
         context = args.context_len or mean_context(report.load(args.result[0]))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if args.rounds < 1 or args.round_gap < 0:
-        raise SystemExit(f"--rounds must be at least 1 and --round-gap at least 0 "
+    if args.rounds < 1 or not 0 <= args.round_gap < math.inf:  # NaN too
+        raise SystemExit(f"--rounds must be at least 1 and --round-gap at least 0 and finite "
                          f"(got {args.rounds} and {args.round_gap})")
     views = {"decode": gemm_shapes(dims, args.num_tokens)}
     if result:  # the trace view's prompt-side rate, measured in the same rounds

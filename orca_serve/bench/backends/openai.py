@@ -45,9 +45,13 @@ class OpenAIBackend:
 
     def _first_model(self) -> str:
         url = self.url.rsplit("/completions", 1)[0] + "/models"
-        resp = httpx.get(url, headers=self.headers, timeout=30.0)
-        resp.raise_for_status()
-        models = resp.json().get("data") or []
+        try:
+            resp = httpx.get(url, headers=self.headers, timeout=30.0)
+            resp.raise_for_status()
+            models = resp.json().get("data") or []
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:  # down, refused, not an OpenAI server
+            raise ValueError(f"cannot list the models at {url} (is the server at --base-url up?): "
+                             f"{type(exc).__name__}: {exc}") from None
         if not models:
             raise ValueError(f"{url} lists no model; pass --model")
         return models[0]["id"]
