@@ -208,6 +208,10 @@ class ParallelConfig:
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("pipeline_parallel_size", self.pipeline_parallel_size)
         _choice("parallel", self.parallel, PARALLEL_MODES)
+        if self.parallel == "auto" and self.world_size > 1:  # the plan would silently replace them
+            raise ValueError(f"parallel='auto' chooses tensor_parallel_size and pipeline_parallel_size itself; "
+                             f"got {self.tensor_parallel_size} and {self.pipeline_parallel_size} (leave them at 1, "
+                             f"or use parallel='manual')")
         _positive("max_inflight_batches", self.max_inflight_batches, allow_none=True)
         _positive("nnodes", self.nnodes)
         if self.master_port is not None:

@@ -98,7 +98,10 @@ def test_parallel_config_validation():
                           (dict(worker_timeout_s="5"), "worker_timeout_s"),
                           (dict(master_addr=""), "master_addr must be a host name or IP address"),
                           (dict(master_addr=None), "master_addr"),
-                          (dict(node_rank="0"), "node_rank must be in")]:
+                          (dict(node_rank="0"), "node_rank must be in"),
+                          # The plan replaced T and P given with it, silently.
+                          (dict(parallel="auto", tensor_parallel_size=2),
+                           "parallel='auto' chooses tensor_parallel_size and pipeline_parallel_size itself; got 2 and 1")]:
         with pytest.raises(ValueError, match=match):
             ParallelConfig(**kwargs)
 
