@@ -86,8 +86,10 @@ class ModelConfig:
         _choice("cpu_kernels", self.cpu_kernels, CPU_KERNEL_MODES)
         _choice("triton_decode", self.triton_decode, CPU_KERNEL_MODES)
         _choice("load_format", self.load_format, ("auto", "dummy"))
-        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
-            raise ValueError(f"model must be a path (a HF directory or a .gguf file) or None, got {self.model!r}")
+        # An empty path is not "the default model" (None is): it loaded that silently.
+        if self.model is not None and (not isinstance(self.model, (str, os.PathLike)) or not str(self.model).strip()):
+            raise ValueError(f"model must be a path (a HF directory or a .gguf file) or None for the embedded "
+                             f"default, got {self.model!r}")
         if self.dummy_config is not None:
             if not isinstance(self.dummy_config, (str, dict)):
                 raise ValueError(f"dummy_config must be a preset name, a config.json path or a config dict, "

@@ -97,6 +97,7 @@ def test_numpy_numbers_are_taken_as_python_ones(llm):
     (dict(dummy_config="tiny-llama"), "dummy_config needs load_format='dummy'"),
     (dict(load_format="dummy", dummy_config=5), "dummy_config must be a preset name"),
     (dict(model=123), "model must be a path"),
+    (dict(model=""), "model must be a path .* or None for the embedded default, got ''"),  # loaded the default
     (dict(cuda_graphs="yes"), "cuda_graphs must be True or False"),
     (dict(async_scheduling=None), "async_scheduling must be True or False"),
     # An infinite delay left a request-level batch that never fills waiting forever.
