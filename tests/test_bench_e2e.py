@@ -242,6 +242,9 @@ def test_engine_backend_reports_decode_graph_counters(tiny_model_dir):
     (["--num-warmups", "-1"], "--num-warmups: must be an integer >= 0, got -1"),
     (["--num-requests", "0"], "--num-requests: must be an integer >= 1, got 0"),
     (["--input-len", "abc"], "--input-len: expected a length N or a range LO:HI, got 'abc'"),
+    (["--workload", "orka"], "--workload: expected one of orca, random, sharegpt-like, shared-prefix or an "
+                             "existing .jsonl file, got 'orka'"),
+    (["--workload", "missing.jsonl"], "--workload: expected one of"),  # found missing after the model load
     (["--output-len", "5:2"], "--output-len: length range must be 1 <= lo <= hi, got '5:2'"),
     (["--scheduling-policy", "fcfs,lifo"], "--scheduling-policy: 'lifo' is not a scheduling policy"),
     (["--threads", "-1"], "--threads: must be an integer >= 1, got -1"),

@@ -53,6 +53,20 @@ def test_compare_files_prints_ratios(tmp_path):
     assert any(">=8.00x" in line for line in lines)
 
 
+@pytest.mark.parametrize("text,match", [
+    ("not json", "not an orca-serve bench result \\(not JSON: Expecting value"),  # named no file
+    ('{"runs": 5}', "'runs' is not a list of runs"),  # a TypeError traceback
+    ('{"runs": [1]}', "'runs' is not a list of runs"),
+    ('{"runs": []}', "'runs' is not a list of runs"),
+    ("[1, 2]", "no 'runs'"),
+])
+def test_a_file_that_is_not_a_bench_result_is_named(tmp_path, text, match):
+    f = tmp_path / "x.json"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=f"{f}: .*{match}"):
+        report.compare([str(f)], out=lambda line: None)
+
+
 def test_compare_same_label_in_two_files_and_single_runs(tmp_path):
     a, b = tmp_path / "ours.json", tmp_path / "vllm.json"
     a.write_text(json.dumps({"runs": [_run("openai", "inf", 2.0, 10.0, 300.0)]}))

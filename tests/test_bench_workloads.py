@@ -98,6 +98,15 @@ def test_jsonl_rows(tmp_path):
     bad.write_text('{"output_len": 3}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         wl.load_jsonl(bad)
+    # Each of these said what was wrong but not where ("Expecting value: line 1
+    # column 1", "invalid literal for int()"), or crashed ('list' object has no attribute 'get').
+    for line, match in [("notjson", "bad.jsonl:2: not a JSON line"), ("[1]", "bad.jsonl:2: needs a JSON object"),
+                        ('{"prompt": "x", "output_len": "y"}', "bad.jsonl:2: output_len and prompt_token_ids "
+                                                               "must be integers"),
+                        ('{"prompt_token_ids": [1, "a"]}', "bad.jsonl:2: output_len and prompt_token_ids")]:
+        bad.write_text('{"prompt": "fine"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=match):
+            wl.load_jsonl(bad)
 
 
 def test_offline_arrivals_all_at_zero():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 from orca_serve.config import SCHEDULING_POLICIES
@@ -24,6 +25,15 @@ def _http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
     return text
+
+
+def _workload(text: str) -> str:
+    from orca_serve.bench.workloads import WORKLOADS
+
+    if text in WORKLOADS or (text.endswith(".jsonl") and os.path.isfile(text)):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(WORKLOADS)} or an existing .jsonl file, "
+                                     f"got {text!r}")
 
 
 def _policy(text: str) -> str:
@@ -69,7 +79,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--label", default=None, help="curve name in results and plots (default: policy/backend)")
 
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", default="orca", help="orca | random | sharegpt-like | shared-prefix | FILE.jsonl")
+    w.add_argument("--workload", default="orca", type=_workload,
+                   help="orca | random | sharegpt-like | shared-prefix | FILE.jsonl")
     w.add_argument("--num-requests", type=int_in(1), default=128)
     w.add_argument("--seed", type=int_in(0), default=0, help="one seed for lengths, prompts, arrivals (and dummy weights)")
     w.add_argument("--input-len", default=None, type=checked(_length_range), help="prompt length LO:HI or N (orca default 32:512)")

@@ -65,10 +65,18 @@ def print_sweep(result: dict, out=print) -> None:
 
 
 def load(path: str) -> dict:
-    with open(path) as f:
-        data = json.load(f)
-    if "runs" not in data:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not an orca-serve bench result (not JSON: {e})") from None
+    if not isinstance(data, dict) or "runs" not in data:
         raise ValueError(f"{path}: not an orca-serve bench result (no 'runs')")
+    runs = data["runs"]
+    if (not isinstance(runs, list) or not runs
+            or not all(isinstance(r, dict) and isinstance(r.get("metrics"), dict) and "label" in r for r in runs)):
+        raise ValueError(f"{path}: not an orca-serve bench result ('runs' is not a list of runs with a label "
+                         f"and metrics)")
     return data
 
 

@@ -134,14 +134,23 @@ def load_jsonl(path: str | Path, num_requests: int | None = None,
                 continue
             if num_requests is not None and len(specs) >= num_requests:
                 break
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no}: not a JSON line: {e}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_no}: needs a JSON object, got {type(row).__name__}")
             ids, text = row.get("prompt_token_ids"), row.get("prompt")
             if ids is None and not isinstance(text, str):
                 raise ValueError(f"{path}:{line_no}: needs 'prompt' (str) or 'prompt_token_ids' (list)")
-            out = int(row.get("output_len", row.get("max_tokens", default_output_len)))
+            try:
+                out = int(row.get("output_len", row.get("max_tokens", default_output_len)))
+                ids = None if ids is None else [int(t) for t in ids]
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{line_no}: output_len and prompt_token_ids must be integers ({e})") from None
             if out < 1:
                 raise ValueError(f"{path}:{line_no}: output_len must be >= 1")
-            specs.append(RequestSpec(len(specs), None if ids is None else [int(t) for t in ids], out,
+            specs.append(RequestSpec(len(specs), ids, out,
                                      prompt_text=text, ignore_eos=bool(row.get("ignore_eos", ignore_eos))))
     if not specs:
         raise ValueError(f"{path}: no requests")
