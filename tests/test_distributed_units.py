@@ -14,7 +14,7 @@ from fake_runner import FakeRunner
 from orca_serve.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from orca_serve.distributed.bench_inflight import stage_overlap
 from orca_serve.distributed.parallel_state import pp_layer_range
-from orca_serve.distributed.launch import listen_error
+from orca_serve.distributed.launch import listen_error, run_node
 from orca_serve.distributed.plan import DeviceInfo, check_parallel, plan_parallelism
 from orca_serve.layers.weight_slice import WeightSlice
 from orca_serve.request import Request
@@ -145,6 +145,15 @@ def test_driver_that_cannot_listen_says_so_before_starting_workers():
         with pytest.raises(ValueError, match=f"cannot listen on master_addr '127.0.0.1', master_port {port}"):
             DistributedExecutor(EngineConfig.from_kwargs(tensor_parallel_size=2, master_port=port))
     assert listen_error("127.0.0.1", 0) is None
+
+
+def test_worker_node_refuses_a_driver_it_cannot_reach_at_once():
+    # orca-serve worker: a port out of range was a TCPStore traceback, and a
+    # master_addr that does not resolve was retried for the 600 s rendezvous timeout.
+    with pytest.raises(ValueError, match=r"master_port must be an integer in \[1, 65535\], got 70000"):
+        run_node("127.0.0.1", 70000, 2, 1)
+    with pytest.raises(ValueError, match="master_addr '256.1.1.1' does not resolve"):
+        run_node("256.1.1.1", 29555, 2, 1)
 
 
 def test_weight_slice_reads_only_the_shard(tmp_path):

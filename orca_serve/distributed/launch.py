@@ -89,6 +89,14 @@ def run_node(master_addr: str, master_port: int, nnodes: int, node_rank: int,
     if not 0 < node_rank < nnodes:
         raise ValueError(f"node_rank must be in [1, nnodes={nnodes}) for a worker node; node 0 runs the driver "
                          "(orca-serve serve/generate or LLM(...))")
+    # Waiting for a driver that has not started yet is this node's job; waiting
+    # the rendezvous timeout out for one that cannot be reached at all is not.
+    if not 1 <= master_port <= 65535:
+        raise ValueError(f"master_port must be an integer in [1, 65535], got {master_port}")
+    try:
+        socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f"master_addr {master_addr!r} does not resolve: {exc}") from None
     logger.info("node %d: waiting for the driver at %s:%d", node_rank, master_addr, master_port)
     store = dist.TCPStore(master_addr, master_port, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
     init = pickle.loads(store.get(INIT_KEY))
