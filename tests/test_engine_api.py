@@ -126,6 +126,12 @@ def test_half_precision_engine_generates(tiny_model_dir, dtype):
     assert out.error is None and out.finish_reason == "length" and len(out.token_ids) == 4
 
 
+def test_swap_preemption_without_swap_space_says_it_recomputes(tiny_model_dir, caplog):
+    # It ran as preemption_mode='recompute' without a word.
+    LLM(model=tiny_model_dir("llama"), num_kv_blocks=16, preemption_mode="swap", swap_space_gb=0)
+    assert "preemption_mode='swap' but swap_space_gb=0 holds no KV block: every preemption recomputes" in caplog.text
+
+
 def test_bad_engine_setting_fails_before_the_model_loads(tmp_path):
     # LLM(...) checks its settings first: the model path here does not even exist.
     with pytest.raises(ValueError, match="enable_prefix_caching must be True or False"):

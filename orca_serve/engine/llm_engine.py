@@ -58,6 +58,9 @@ class LLMEngine:
         # by the config or, on a GPU, from what a profile run leaves; the host
         # pool for swap-mode preemption from swap_space_gb.
         self.executor = make_executor(config)
+        if config.cache.preemption_mode == "swap" and self.executor.num_cpu_blocks == 0:
+            logger.warning("preemption_mode='swap' but swap_space_gb=%g holds no KV block: every preemption "
+                           "recomputes, as with preemption_mode='recompute'", config.cache.swap_space_gb)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.executor.num_kv_blocks, self.max_model_len,
                                    num_cpu_blocks=self.executor.num_cpu_blocks,
                                    max_inflight_batches=par.inflight_batches)
