@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import enum
-import math
 import numbers
 import time
 from dataclasses import dataclass, field
 
-from orca_serve.sampling_params import SamplingParams
+from orca_serve.sampling_params import SamplingParams, finite_float
 
 
 class RequestStatus(enum.IntEnum):
@@ -91,11 +90,11 @@ class Request:
         if isinstance(self.priority, bool) or not isinstance(self.priority, numbers.Integral):
             raise ValueError(f"priority must be an integer, got {self.priority!r}")
         self.priority = int(self.priority)
-        self.arrival_time = _finite("arrival_time", self.arrival_time)
+        self.arrival_time = finite_float("arrival_time", self.arrival_time)
         for name in ("ttft_slo", "tpot_slo"):
             value = getattr(self, name)
             if value is not None:
-                value = _finite(name, value)
+                value = finite_float(name, value)
                 if value <= 0:
                     raise ValueError(f"{name} must be > 0 seconds, got {value}")
                 setattr(self, name, value)
@@ -127,12 +126,3 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
-
-def _finite(name: str, value) -> float:
-    try:
-        ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    except OverflowError:  # an int past float's range
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
-    return float(value)

@@ -54,10 +54,10 @@ class SamplingParams:
         self.min_tokens = _int("min_tokens", self.min_tokens, minimum=0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        self.temperature = _float("temperature", self.temperature)
+        self.temperature = finite_float("temperature", self.temperature)
         if not self.temperature >= 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        self.top_p = _float("top_p", self.top_p)
+        self.top_p = finite_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         self.top_k = _int("top_k", self.top_k, minimum=-1)
@@ -88,17 +88,16 @@ def _int(name: str, value, minimum: int | None) -> int:
     return value
 
 
-def _float(name: str, value) -> float:
-    """A finite number as a float (NaN, ±inf and ints past float's range refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+def finite_float(name: str, value) -> float:
+    """A finite real number as a float; anything else (NaN, ±inf, an int past
+    float's range, a bool, a string) is a ValueError naming ``name``."""
     try:
-        value = float(value)
-    except OverflowError:
-        raise ValueError(f"{name} must be a finite number, got an integer of {value.bit_length()} bits") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
+        ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _list(name: str, value, of: str) -> list:
