@@ -163,6 +163,27 @@ def test_slo_order_follows_the_cost_estimate_after_it_moves():
     assert list(so.num_scheduled_tokens) == ["long", "short"]
 
 
+def test_slo_order_holds_its_rate_through_noise():
+    """Re-keying sorts the whole waiting queue, so the rate the keys use is held
+    while the estimate stays within a step (20%) of it, and moves past that."""
+    from orca_serve.scheduler.cost_model import IterationCostModel
+    from orca_serve.scheduler.policies import SLOPolicy
+
+    cost = IterationCostModel()
+    policy = SLOPolicy(cost)
+    cost.b = 0.010
+    epoch = policy.order_epoch()
+    q = req("q", 100, ttft_slo=5.0)
+    held = (5.0 - policy.slack(q, 0.0)) / 100  # the per-token time the keys use
+    assert held == pytest.approx(0.010, rel=0.1)
+    for f in (0.85, 1.15, 0.9, 1.1, 1.0):  # measurement noise around it
+        cost.b = held * f
+        assert policy.order_epoch() == epoch
+    cost.b = held * 1.3  # a real change
+    assert policy.order_epoch() != epoch
+    assert (5.0 - policy.slack(q, 0.0)) / 100 == pytest.approx(held * 1.3, rel=0.1)
+
+
 def test_slo_budget_keeps_tpot_target():
     clock = Clock()
     s, r = make(num_blocks=400, clock=clock, scheduling_policy="slo", max_num_batched_tokens=256), FakeRunner(4)

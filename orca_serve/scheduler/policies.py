@@ -114,12 +114,16 @@ class SLOPolicy(SchedulingPolicy):
     name = "slo"
     # Waiting keys subtract the prompt's work at the cost model's per-token
     # time, which moves every iteration. Keys made at different times would
-    # weigh work at different rates, so they use that time rounded to a 10%
-    # step, and the queue is re-keyed when the step changes.
-    _RATE_STEP = math.log(1.1)
+    # weigh work at different rates, so they all use one rate, held until the
+    # estimate is more than a step (20%) away from it; then the queue is
+    # re-keyed. The margin keeps measurement noise from re-sorting a long
+    # queue every few iterations.
+    _RATE_STEP = math.log(1.2)
 
     def __init__(self, cost_model=None, reject: bool = False) -> None:
         self.cost_model = cost_model
+        self._epoch: int | None = None  # the held rate is exp(_epoch * _RATE_STEP)
+        self._per_token = 0.0
         # Reject mode: refuse a request whose TTFT target cannot be met given the
         # prompt work queued ahead of it, and drop one whose deadline passed in the queue.
         self.rejects = reject
@@ -148,17 +152,19 @@ class SLOPolicy(SchedulingPolicy):
     def order_epoch(self):
         if self.cost_model is None:
             return None
-        return round(math.log(self.cost_model.b) / self._RATE_STEP)
+        steps = math.log(self.cost_model.b) / self._RATE_STEP
+        if self._epoch is None or abs(steps - self._epoch) > 1:
+            self._epoch = round(steps)
+            self._per_token = math.exp(self._epoch * self._RATE_STEP)
+        return self._epoch
 
     def slack(self, req: Request, now: float) -> float:
         """Seconds to spare before the TTFT deadline once the prompt's own work
-        is done, at the per-token time of the current ``order_epoch``."""
+        is done, at the per-token time held for the current ``order_epoch``."""
         if req.ttft_slo is None:
             return math.inf
         remaining = req.num_tokens - req.num_computed_tokens
-        epoch = self.order_epoch()
-        per_token = 0.0 if epoch is None else math.exp(epoch * self._RATE_STEP)
-        return req.arrival_time + req.ttft_slo - now - remaining * per_token
+        return req.arrival_time + req.ttft_slo - now - remaining * self._per_token
 
     def waiting_key(self, req: Request, now: float):
         if req.ttft_slo is None:
