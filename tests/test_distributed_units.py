@@ -142,9 +142,13 @@ def test_driver_that_cannot_listen_says_so_before_starting_workers():
         taken.listen()
         port = taken.getsockname()[1]
         assert "in use" in listen_error("127.0.0.1", port)
-        with pytest.raises(ValueError, match=f"cannot listen on master_addr '127.0.0.1', master_port {port}"):
+        with pytest.raises(ValueError, match=f"cannot serve master_addr '127.0.0.1', master_port {port}"):
             DistributedExecutor(EngineConfig.from_kwargs(tensor_parallel_size=2, master_port=port))
-    assert listen_error("127.0.0.1", 0) is None
+    assert listen_error("127.0.0.1", 0) is None and listen_error("localhost", 0) is None
+    # The store listens on every interface, so master_addr need not be an address of
+    # this machine, only reach it (a service name, a NAT'd address); one that does not:
+    with pytest.raises(ValueError, match="this machine cannot reach itself at 10.255.255.1:"):
+        DistributedExecutor(EngineConfig.from_kwargs(tensor_parallel_size=2, master_addr="10.255.255.1"))
 
 
 def test_worker_node_refuses_a_driver_it_cannot_reach_at_once():

@@ -295,3 +295,16 @@ def test_an_address_it_cannot_listen_on_fails_before_the_model_loads(tmp_path, c
     assert server_main(["--model", nope, "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert f"error: model path does not exist: {nope}" in err and "Traceback" not in err
+
+
+def test_an_empty_api_key_is_refused_by_every_entry_not_only_the_cli(server, tmp_path):
+    """The empty token matched an empty key: a server built with api_key="" let
+    every request in. The CLI refused it; build_app and run_server now do too."""
+    from orca_serve.config import EngineConfig
+    from orca_serve.entrypoints.openai.server import build_app, run_server
+
+    for key, why in (("", "must not be empty"), (" k", "must be printable ASCII"), ("kéy", "must be printable ASCII")):
+        with pytest.raises(ValueError, match=f"api_key {why}"):
+            build_app(server.engine, api_key=key)
+        with pytest.raises(ValueError, match=f"api_key {why}"):  # before any model loads
+            run_server(EngineConfig.from_kwargs(model=str(tmp_path / "nope")), port=0, api_key=key)

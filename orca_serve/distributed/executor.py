@@ -32,7 +32,7 @@ import torch.distributed as dist
 from orca_serve.batch import ModelRunnerOutput, SchedulerOutput
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.control import ControlServer, WorkerFailedError, recv_or_fail
-from orca_serve.distributed.launch import INIT_KEY, listen_error, node_ranks, spawn_ranks, stop_processes
+from orca_serve.distributed.launch import INIT_KEY, driver_address_error, node_ranks, spawn_ranks, stop_processes
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +49,14 @@ class DistributedExecutor:
         self._dead: str | None = None
         self._next_seq = 0
         self._results: dict[int, ModelRunnerOutput] = {}
-        # The driver runs on node 0 and listens at master_addr: one that is not this
-        # machine's (or a port taken) would leave the store retrying to reach itself
-        # until the start-up timeout.
-        why = listen_error(p.master_addr, p.master_port or 0)
+        # The driver runs on node 0 and serves the rendezvous: a taken port, or a
+        # master_addr that does not reach this machine, would leave the store
+        # retrying to reach itself until the start-up timeout.
+        why = driver_address_error(p.master_addr, p.master_port or 0)
         if why:
-            raise ValueError(f"the driver cannot listen on master_addr {p.master_addr!r}, master_port "
-                             f"{p.master_port or 'any'} (an address of this machine, node 0, and a free port): {why}")
+            raise ValueError(f"the driver cannot serve master_addr {p.master_addr!r}, master_port "
+                             f"{p.master_port or 'any'} (node 0 runs it: a free port, and an address that "
+                             f"reaches this machine): {why}")
         # The rendezvous store: workers on every node find the start-up message
         # here and use it to form their torch.distributed process group.
         self.store = dist.TCPStore(p.master_addr, p.master_port or 0, is_master=True, wait_for_workers=False,

@@ -8,6 +8,7 @@ rendezvous store, so every node runs exactly the driver's configuration.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing as mp
 import pickle
@@ -28,16 +29,49 @@ INIT_KEY = "orca/init"
 RENDEZVOUS_TIMEOUT_S = 600.0
 
 
-def listen_error(host: str, port: int) -> str | None:
-    """Why a socket cannot listen at (host, port) on this machine (a name that does
-    not resolve, an address of another machine, a port in use), or None if it can."""
+def listen_error(host: str | None, port: int) -> str | None:
+    """Why a server cannot listen at (host, port) on this machine, or None if it
+    can: a name that does not resolve, no address of this machine, a port in
+    use. Like asyncio's ``create_server`` (uvicorn), every address the name
+    resolves to is tried and those of a family or address this machine lacks
+    are skipped, so "localhost" passes on a host without IPv6. ``host`` None:
+    every interface (torch's TCPStore master listens there)."""
     try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers themselves bind
-            s.bind(address)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         return str(exc)
+    bound, skipped = False, None
+    for family, _, _, _, address in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers themselves bind
+                s.bind(address)
+            bound = True
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                return str(exc)  # a port in use, or one this user may not take
+            skipped = skipped or str(exc)
+    return None if bound else skipped or f"{host!r} resolves to no address"
+
+
+def driver_address_error(master_addr: str, port: int) -> str | None:
+    """Why the driver cannot serve the rendezvous at (master_addr, port), or
+    None. torch's TCPStore master listens on every interface and then connects
+    to master_addr itself, so the port must be free here and master_addr must
+    reach this machine (a service name or a NAT'd address that does is fine);
+    one that does not left the store retrying until the start-up timeout."""
+    why = listen_error(None, port)
+    if why:
+        return why
+    dual = socket.has_dualstack_ipv6()
+    with socket.create_server(("", port), family=socket.AF_INET6 if dual else socket.AF_INET,
+                              dualstack_ipv6=dual) as server:
+        probe_port = server.getsockname()[1]
+        try:
+            with socket.create_connection((master_addr, probe_port), timeout=3.0):
+                pass
+        except OSError as exc:
+            return f"this machine cannot reach itself at {master_addr}:{probe_port}: {exc}"
     return None
 
 

@@ -59,7 +59,7 @@ def checked(parse: Callable[[str], object]) -> Callable[[str], str]:
     def check(text: str) -> str:
         try:
             parse(text)
-        except ValueError as exc:  # ArgumentTypeError included
+        except (ValueError, argparse.ArgumentTypeError) as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return text
     return check

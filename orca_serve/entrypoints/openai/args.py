@@ -10,15 +10,21 @@ from orca_serve.entrypoints.arg_types import float_in, int_in, nonempty
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 
+def api_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot guard the API, or None. An empty key would let every
+    request in; HTTP strips spaces at a header's ends and carries ASCII, so a
+    key with either could never match."""
+    if not key:
+        return "must not be empty (an empty key would let every request in)"
+    if key != key.strip() or not key.isascii() or not key.isprintable():
+        return "must be printable ASCII with no spaces at either end (a client sends it in an HTTP header)"
+    return None
+
+
 def api_key(text: str) -> str:
-    """A key a client can send as ``Authorization: Bearer KEY``: an empty one
-    would let every request in, and HTTP strips spaces at a header's ends and
-    carries ASCII, so such a key could never match."""
-    if not text:
-        raise argparse.ArgumentTypeError("must not be empty (an empty key would let every request in)")
-    if text != text.strip() or not text.isascii() or not text.isprintable():
-        raise argparse.ArgumentTypeError("must be printable ASCII with no spaces at either end "
-                                         "(a client sends it in an HTTP header)")
+    why = api_key_problem(text)
+    if why:
+        raise argparse.ArgumentTypeError(why)
     return text
 
 
