@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 # A temperature under this samples as greedy: dividing float32 logits by a
@@ -101,8 +102,9 @@ def finite_float(name: str, value) -> float:
 
 
 def _list(name: str, value, of: str) -> list:
+    """A list, tuple, set or array of ``of``; a str, bytes or mapping would pass as its items."""
     if value is None:
         return []
-    if not isinstance(value, (list, tuple)):  # a str, bytes or dict would pass as its items
+    if not isinstance(value, Iterable) or isinstance(value, (str, bytes, bytearray, Mapping)):
         raise ValueError(f"{name} must be a list of {of}, got {type(value).__name__}")
     return list(value)

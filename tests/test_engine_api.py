@@ -82,6 +82,9 @@ def test_numpy_numbers_are_taken_as_python_ones(llm):
     out = llm.generate([np.int64(5), np.int64(6), np.int64(7)], params, priority=[np.int64(1)])[0]
     assert out.prompt_token_ids == [5, 6, 7] and all(type(t) is int for t in out.prompt_token_ids)
     assert len(out.token_ids) == 3
+    # Collections other than lists: a set of stop strings, an array of stop ids.
+    other = SamplingParams(stop={"\n"}, stop_token_ids=np.array([4, 9]))
+    assert other.stop == ["\n"] and other.stop_token_ids == [4, 9] and type(other.stop_token_ids[0]) is int
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -292,7 +292,7 @@ def test_parallel_plan_leaves_room_for_one_sequence_on_a_gpu():
     2 GiB default."""
     class Facts:
         dtype, num_layers, num_kv_heads, head_dim, num_heads = torch.float16, 40, 40, 128, 40
-        num_params, max_model_len = 13 * 10**9, 2048
+        num_params, max_model_len, intermediate_size = 13 * 10**9, 2048, 13824
 
     config = EngineConfig.from_kwargs(parallel="auto")
     # 24.2 GiB of weights; 1.56 GiB of KV for 2,048 tokens, 2 GiB for the CPU's default.

@@ -139,4 +139,6 @@ def resolve_parallel(config, facts, devices: list[DeviceInfo] | None = None):
                                      num_layers=facts.num_layers, memory_utilization=utilization)
     logger.info(reason)
     chosen = dataclasses.replace(p, tensor_parallel_size=t, pipeline_parallel_size=pp, parallel="manual")
-    return dataclasses.replace(config, parallel=chosen)
+    config = dataclasses.replace(config, parallel=chosen)
+    check_parallel(config, facts)  # the plan reads heads and layers, not the MLP's width
+    return config

@@ -92,7 +92,8 @@ def _allocating(what: str, nbytes: int, where, flags: str):
     """A pool the settings made too large to allocate is the settings' error, not a crash."""
     try:
         yield
-    # torch's OutOfMemoryError is a RuntimeError; a size past int64 a TypeError or OverflowError.
-    except (MemoryError, OverflowError, OSError, RuntimeError, TypeError) as exc:
+    # A size past int64 is an OverflowError or TypeError, a failed mmap an OSError;
+    # any other RuntimeError than running out (a CUDA fault, a bug) is not the settings'.
+    except (MemoryError, OverflowError, OSError, TypeError, torch.OutOfMemoryError) as exc:
         raise ValueError(f"cannot allocate {what} of {nbytes / 2**30:,.2f} GiB) on {where}: "
                          f"{str(exc).splitlines()[0]}; lower {flags}") from None
