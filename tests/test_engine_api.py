@@ -395,3 +395,25 @@ def test_baseline_batch_flags_say_they_do_not_cap_other_policies():
     assert "--max-num-seqs" in helps["max_batch_size"] and helps["max_batch_size"].endswith("default: 16")
     assert helps["max_queue_delay_s"].startswith("request-level policy only")
     assert helps["max_num_seqs"] == "default: 256"
+
+
+def test_an_interrupted_generate_leaves_nothing_behind(tiny_model_dir):
+    """A Ctrl-C inside generate (not an Exception) left its requests in the
+    engine: they ran on unseen, and the next generate could take their outputs."""
+    llm = LLM(model=tiny_model_dir("llama"), num_kv_blocks=64, block_size=4)
+    step, calls = llm.engine.step, []
+
+    def interrupted_once():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step()
+
+    llm.engine.step = interrupted_once
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert not llm.engine.has_unfinished_requests()
+    stats = llm.engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+    outs = llm.generate([[7, 8, 9]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(outs) == 1 and outs[0].prompt_token_ids == [7, 8, 9] and len(outs[0].token_ids) == 3

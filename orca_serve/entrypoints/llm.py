@@ -56,10 +56,8 @@ class LLM:
             for rid, prompt, params, prio in zip(ids, prompts, params_list, priorities):
                 self.engine.add_request(rid, prompt, params, priority=prio)
                 added.append(rid)
-        except Exception as exc:  # the prompts queued before it must not run on unseen
-            for rid in added:
-                self.engine.abort_request(rid)
-            self._drain()
+        except BaseException as exc:  # the prompts queued before it must not run on unseen
+            self._abort(added)
             if isinstance(exc, ValueError):
                 raise ValueError(f"prompt {len(added)}: {exc}") from exc
             raise
@@ -68,15 +66,26 @@ class LLM:
         if use_tqdm:
             from tqdm import tqdm
             bar = tqdm(total=len(ids), desc="generate", unit="req")
-        while len(results) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        wanted = set(ids)  # outputs of requests some earlier, interrupted call left are not this call's
+        try:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:  # Ctrl-C, or the engine failed: none of this call's requests may linger
+            self._abort([rid for rid in ids if rid not in results])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [results[rid] for rid in ids]
+
+    def _abort(self, ids: list[str]) -> None:
+        for rid in ids:
+            self.engine.abort_request(rid)
+        self._drain()
 
     def _drain(self) -> None:
         while self.engine.has_unfinished_requests():
