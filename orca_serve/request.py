@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import enum
-import numbers
 import time
 from dataclasses import dataclass, field
 
-from orca_serve.sampling_params import SamplingParams, finite_float
+from orca_serve.sampling_params import SamplingParams, finite_float, integer
 
 
 class RequestStatus(enum.IntEnum):
@@ -87,9 +86,7 @@ class Request:
         so a bad one would fail every iteration, not just this request."""
         if not isinstance(self.request_id, str):
             raise ValueError(f"request_id must be a string, got {self.request_id!r}")
-        if isinstance(self.priority, bool) or not isinstance(self.priority, numbers.Integral):
-            raise ValueError(f"priority must be an integer, got {self.priority!r}")
-        self.priority = int(self.priority)
+        self.priority = integer("priority", self.priority, minimum=None)
         self.arrival_time = finite_float("arrival_time", self.arrival_time)
         for name in ("ttft_slo", "tpot_slo"):
             value = getattr(self, name)

@@ -49,10 +49,10 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
-        self.stop_token_ids = [_int("stop_token_ids", t, minimum=0)
+        self.stop_token_ids = [integer("stop_token_ids", t, minimum=0)
                                for t in _list("stop_token_ids", self.stop_token_ids, "token ids")]
-        self.max_tokens = _int("max_tokens", self.max_tokens, minimum=1)
-        self.min_tokens = _int("min_tokens", self.min_tokens, minimum=0)
+        self.max_tokens = integer("max_tokens", self.max_tokens, minimum=1)
+        self.min_tokens = integer("min_tokens", self.min_tokens, minimum=0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         self.temperature = finite_float("temperature", self.temperature)
@@ -61,13 +61,13 @@ class SamplingParams:
         self.top_p = finite_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        self.top_k = _int("top_k", self.top_k, minimum=-1)
+        self.top_k = integer("top_k", self.top_k, minimum=-1)
         if self.top_k == -1:
             self.top_k = 0
         if self.seed is not None:
-            self.seed = _int("seed", self.seed, minimum=None)
+            self.seed = integer("seed", self.seed, minimum=None)
         if self.logprobs is not None:
-            self.logprobs = _int("logprobs", self.logprobs, minimum=0)
+            self.logprobs = integer("logprobs", self.logprobs, minimum=0)
             if self.logprobs > 20:
                 raise ValueError(f"logprobs must be <= 20, got {self.logprobs}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
@@ -79,8 +79,9 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
-def _int(name: str, value, minimum: int | None) -> int:
-    # numbers.Integral takes numpy integers; bool is an int but never meant as a count.
+def integer(name: str, value, minimum: int | None) -> int:
+    """An integer (numpy's too) as a Python int, at least ``minimum``; a bool
+    is an int but never meant as a count."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = int(value)

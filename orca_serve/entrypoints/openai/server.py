@@ -56,8 +56,8 @@ DEFAULT_MAX_WAITING_REQUESTS = 1024
 def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_log_level: str = "info") -> FastAPI:
     """The FastAPI app over a running engine; also wires the engine's metrics observer."""
-    if api_key is not None and api_key_problem(api_key):  # not only the CLI's: every caller's key
-        raise ValueError(f"api_key {api_key_problem(api_key)}")
+    if api_key is not None and (why := api_key_problem(api_key)):  # not only the CLI's: every caller's key
+        raise ValueError(f"api_key {why}")
     model_name = served_model_name or engine.model_name
     metrics = ServerMetrics(model_name, logging.getLevelName(request_log_level.upper()))
     engine.set_observer(metrics)
@@ -271,8 +271,8 @@ def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int =
     why = listen_error(host, port)  # now, not after the model has loaded
     if why:
         raise ValueError(f"cannot listen on --host {host} --port {port}: {why}")
-    if api_key is not None and api_key_problem(api_key):
-        raise ValueError(f"api_key {api_key_problem(api_key)}")
+    if api_key is not None and (why := api_key_problem(api_key)):
+        raise ValueError(f"api_key {why}")
     if engine_config.scheduler.max_waiting_requests is None:
         engine_config = dataclasses.replace(engine_config, scheduler=dataclasses.replace(
             engine_config.scheduler, max_waiting_requests=DEFAULT_MAX_WAITING_REQUESTS))
