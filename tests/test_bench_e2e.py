@@ -74,6 +74,7 @@ def test_engine_backend_policies_and_rates(model_dir, tmp_path):
     assert rc == 0
     data = json.loads(out.read_text())
     assert {"version", "created", "command", "machine", "model", "config", "runs"} <= set(data)
+    assert {"model_name", "vector_isa"} <= set(data["machine"]["cpu"])  # results from two CPUs must not pass as one
     assert [(r["label"], r["request_rate"]) for r in data["runs"]] == [
         ("fcfs", "inf"), ("fcfs", 40.0), ("request-level", "inf"), ("request-level", 40.0)]
     from orca_serve.config import EngineConfig
@@ -131,7 +132,9 @@ def test_hf_peers(model_dir, tmp_path):
 
 def test_roofline_reports_a_ceiling_and_our_fraction(tmp_path, capsys):
     result = tmp_path / "r.json"
-    result.write_text(json.dumps({"runs": [{"label": "fcfs", "request_rate": "inf", "metrics": {
+    # The runs came from another CPU than this one: the fraction says nothing, and the command says so.
+    other_cpu = {"model_name": "Some Other CPU", "family": "99", "model": "9", "vector_isa": ["avx512f"]}
+    result.write_text(json.dumps({"machine": {"cpu": other_cpu}, "runs": [{"label": "fcfs", "request_rate": "inf", "metrics": {
         "output_throughput": 50.0, "total_token_throughput": 200.0, "duration_s": 2.0},
         "requests": [{"success": True, "prompt_len": 20, "output_len": 10}]}]}))
     out = tmp_path / "roof.json"
@@ -156,6 +159,10 @@ def test_roofline_reports_a_ceiling_and_our_fraction(tmp_path, capsys):
     out_text = capsys.readouterr().out
     assert "of the ceiling" in out_text and "median fraction of the matmul ceiling on this trace" in out_text
     assert "decode GEMMs by round: " in out_text and "prefill GEMMs by round: " in out_text
+    assert {"model_name", "vector_isa"} <= set(roof["machine"]["cpu"])
+    assert roof["mixed_cpus"].startswith("WARNING: these results come from 2 different CPUs")
+    assert f"Some Other CPU (family 99, model 9; avx512f): {result}" in roof["mixed_cpus"]
+    assert roof["mixed_cpus"] in out_text
 
 
 def test_roofline_rejects_no_rounds(capsys):

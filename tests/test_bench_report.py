@@ -94,6 +94,38 @@ def test_compare_median_of_repeats(tmp_path):
     assert "orca-serve: median of 3 run(s) per rate" in lines
 
 
+def test_compare_warns_when_the_results_come_from_different_cpus(tmp_path):
+    zen3 = {"model_name": "AMD EPYC", "family": "25", "model": "1", "vector_isa": ["avx2", "fma"]}
+    zen4 = {**zen3, "model": "17", "vector_isa": ["avx2", "fma", "avx512f"]}
+    paths = {}
+    for name, cpu in (("ours", zen4), ("vllm", zen3), ("old", None)):
+        data = {"runs": [_run(name, "inf", 1.0, 10.0)]}
+        if cpu is not None:
+            data["machine"] = {"cpu": cpu}
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(data))
+    lines = []
+    rep = report.compare([str(paths["ours"]), str(paths["vllm"])], out=lines.append)
+    assert rep["mixed_cpus"] == lines[0]
+    assert lines[0] == (f"WARNING: these results come from 2 different CPUs (AMD EPYC (family 25, model 17; "
+                        f"avx2, fma, avx512f): {paths['ours']}; AMD EPYC (family 25, model 1; avx2, fma): "
+                        f"{paths['vllm']}); ratios between them compare the machines as well as the systems")
+    # One CPU, or files from before the CPU was recorded: nothing to warn of.
+    assert report.compare([str(paths["vllm"]), str(paths["old"])], out=lambda _: None)["mixed_cpus"] is None
+
+
+def test_cpu_info_reads_the_first_processor_and_its_vector_extensions(tmp_path):
+    from orca_serve.bench.machine import cpu_info
+
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+             "model name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx fma avx2 avx512f avx512bw avx512_bf16\n\n")
+    f = tmp_path / "cpuinfo"
+    f.write_text(block.format(n=0) + block.format(n=1).replace("9R14", "other"))
+    assert cpu_info(str(f)) == {"model_name": "AMD EPYC 9R14", "family": "25", "model": "17",
+                                "vector_isa": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+    assert cpu_info(str(tmp_path / "missing"))["model_name"]  # not Linux: what platform knows
+
+
 def test_plot_writes_png(tmp_path):
     from orca_serve.bench.plot import plot
 

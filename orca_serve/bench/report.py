@@ -11,6 +11,9 @@ import json
 import statistics
 from collections import defaultdict
 
+from orca_serve.bench.machine import cpus_of, mixed_cpus_warning
+
+
 # (metric key, short name, section title)
 _DISTS = (("ttft", "TTFT", "Time to First Token"), ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
           ("itl", "ITL", "Inter-token Latency"), ("e2el", "E2EL", "End-to-end Latency"),
@@ -176,6 +179,9 @@ def compare(paths: list[str], baseline: str | None = None, out=print, median: bo
     ``median``: files are repeats; runs with the same label and rate are merged
     into their per-metric medians (``median_runs``) before comparing."""
     groups = median_runs(paths) if median else group_runs(paths)
+    mixed = mixed_cpus_warning(cpus_of({p: load(p) for p in paths}))
+    if mixed:
+        out(mixed)
     if median:
         for label, runs in groups.items():
             out(f"{label}: median of {', '.join(str(r['repeats']) for r in runs)} run(s) per rate")
@@ -184,7 +190,7 @@ def compare(paths: list[str], baseline: str | None = None, out=print, median: bo
         baseline = last if last in groups else f"{last} ({paths[-1]})"
     if baseline not in groups:
         raise ValueError(f"baseline {baseline!r} not among the curves: {', '.join(groups)}")
-    report = {"baseline": baseline, "capacity": {}, "metrics": {}}
+    report = {"baseline": baseline, "capacity": {}, "metrics": {}, "mixed_cpus": mixed}
     base_pts = _points(groups[baseline])
     base_by_rate = {str(r["request_rate"]): r for r in groups[baseline]}
     for label, runs in groups.items():

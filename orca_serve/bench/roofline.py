@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from orca_serve import kernels
 from orca_serve.bench import report
+from orca_serve.bench.machine import cpus_of, describe, machine_info, mixed_cpus_warning
 from orca_serve.kernels import packed_gemm
 
 
@@ -265,7 +266,8 @@ def run_roofline(args) -> dict:
     if result:  # the trace view's prompt-side rate, measured in the same rounds
         views["prefill"] = layer_shapes(dims, args.prefill_tokens)
     measured = gemm_rounds(views, args.rounds, args.round_gap, dtype, args.device)
-    out = {"model": args.model or args.dummy_config or "default", "dims": asdict(dims), "device": args.device,
+    out = {"model": args.model or args.dummy_config or "default", "machine": machine_info(),
+           "dims": asdict(dims), "device": args.device,
            "dtype": args.dtype, "threads": torch.get_num_threads(),
            "rounds": [{view: {"gemm_gflops": gemm_rate(views[view], r[view]) / 1e9,
                               "gemm_ms": {k: v * 1000.0 for k, v in r[view].items()}} for view in views}
@@ -281,6 +283,9 @@ def run_roofline(args) -> dict:
         trace["median_fraction"] = statistics.median(r["fraction"] for r in trace["runs"])
         trace["prefill_tokens"] = args.prefill_tokens
         out["trace"] = trace
+        # A fraction of a ceiling measured on another CPU than the runs' means nothing.
+        out["mixed_cpus"] = mixed_cpus_warning({**cpus_of({p: report.load(p) for p in args.result}),
+                                                "this machine (the ceiling)": out["machine"]["cpu"]})
     _print(out)
     if args.out:
         with open(args.out, "w") as f:
@@ -290,8 +295,8 @@ def run_roofline(args) -> dict:
 
 def _print(r: dict) -> None:
     print(f"{' roofline: ' + str(r['model']) + ' ':=^64}")
-    print(f"{r['device']}, {r['dtype']}, {r['threads']} threads; {r['tokens']} tokens/iteration, "
-          f"context {r['context']}")
+    print(f"{describe(r['machine']['cpu'])}, {r['device']}, {r['dtype']}, {r['threads']} threads; "
+          f"{r['tokens']} tokens/iteration, context {r['context']}")
     for name, ms in r["gemm_ms"].items():
         print(f"  GEMM {name:<10}{ms:>10.3f} ms")
     print(f"GEMM rate            {r['gemm_gflops']:>10.1f} GFLOP/s (each shape's best of "
@@ -317,3 +322,5 @@ def _print(r: dict) -> None:
             print(f"  {row['label']}: {row['prompt_tflop']:.2f} + {row['decode_tflop']:.2f} TFLOP -> ideal "
                   f"{row['ideal_s']:.1f} s, took {row['duration_s']:.1f} s = {100 * row['fraction']:.1f}%")
         print(f"median fraction of the matmul ceiling on this trace: {100 * t['median_fraction']:.1f}%")
+    if r.get("mixed_cpus"):
+        print(r["mixed_cpus"])

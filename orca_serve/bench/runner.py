@@ -6,12 +6,12 @@ import dataclasses
 import datetime
 import math
 import os
-import platform
 import sys
 
 from tqdm import tqdm
 
 from orca_serve.bench import workloads as wl
+from orca_serve.bench.machine import machine_info
 from orca_serve.bench.metrics import SLO, RequestResult, summarize
 from orca_serve.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
@@ -164,16 +164,3 @@ def _request_row(r: RequestResult) -> dict:
 def _config(args) -> dict:
     skip = {"func", "bench_command"}
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip and not callable(v)}
-
-
-def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
-    try:
-        import torch
-
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                    cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-    except ImportError:
-        pass
-    return info
