@@ -255,6 +255,22 @@ def test_bad_input_then_good_request(server, case):
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_null_for_a_nullable_openai_field_means_its_default(server):
+    """OpenAI declares temperature, top_p, n, stream, echo and chat's logprobs
+    nullable (vLLM a null top_k too), and clients that serialise every field
+    send null for those they leave unset: each was refused ("temperature: Input
+    should be a valid number"). Null now means the default."""
+    nulls = {"temperature": None, "top_p": None, "top_k": None, "n": None, "stream": None}
+    r = httpx.post(server.url + _CMPL, headers=_auth(), timeout=30,
+                   json={"prompt": "hi", "max_tokens": 2, "echo": None, "logprobs": None, **nulls})
+    assert r.status_code == 200, r.text
+    assert [c["logprobs"] for c in r.json()["choices"]] == [None]  # n null: one choice, not streamed
+    r = httpx.post(server.url + _CHAT, headers=_auth(), timeout=30,
+                   json={"messages": _MSG, "max_tokens": 2, "logprobs": None, **nulls})
+    assert r.status_code == 200, r.text
+    assert [c["logprobs"] for c in r.json()["choices"]] == [None]
+
+
 def _aborts(url: str) -> float:
     return metric(get_metrics(url), "orca_serve_requests_finished_total", 'finish_reason="abort"')
 

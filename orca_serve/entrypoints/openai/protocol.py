@@ -2,7 +2,10 @@
 
 Models are strict (``"5"`` is not an integer, ``1`` is not a boolean): a
 client that sends the wrong type learns which field is wrong instead of
-getting a silently coerced value. Unknown fields are ignored so that clients
+getting a silently coerced value. A null for a field OpenAI declares nullable
+(temperature, top_p, n, stream, echo, chat logprobs; vLLM's top_k too) asks
+for its default, as leaving the field out does: clients that serialise every
+field send it. Unknown fields are ignored so that clients
 sending newer OpenAI parameters still work; known parameters whose non-default
 values we cannot honour (penalties, logit_bias, echo, tools, ...) are refused
 with a 400 naming the field rather than silently ignored.
@@ -78,6 +81,14 @@ class _SamplingFields(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
+
+    # check_fields=False: echo is a field of completions only, logprobs of both
+    # (completions' is already int | None, so its default is None as well).
+    @field_validator("temperature", "top_p", "top_k", "n", "stream", "echo", "logprobs", mode="before",
+                     check_fields=False)
+    @classmethod
+    def _null_is_default(cls, v, info):
+        return cls.model_fields[info.field_name].default if v is None else v
 
     @field_validator("stop")
     @classmethod
