@@ -120,6 +120,23 @@ def test_async_engine_survives_a_request_id_that_is_not_a_string(server):
     assert server.engine.is_healthy and outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 3
 
 
+def test_a_fan_out_past_the_queue_is_refused_before_any_prompt_is_tokenized(server, monkeypatch):
+    """Prompts × n past --max-waiting-requests can never be queued. It was found
+    out only after every prompt had been tokenized (one thread hop each): a
+    ~750 KB body of 150k one-token prompts, under the default 1 MiB limit, held
+    the server ~20 s before its 400, which named ``n`` even with n = 1."""
+    calls = []
+    monkeypatch.setattr(server.engine, "tokenize", lambda prompt: calls.append(prompt) or [5])
+    for body, param in (({"prompt": ["a", "b", "c"]}, "prompt"), ({"prompt": [[5]] * 3}, "prompt"),
+                        ({"prompt": ["a", "b"], "n": 2}, "n")):
+        r = _post(server.url, {**body, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "the server queues at most 2 at a time" in r.json()["error"]["message"]
+    assert calls == []
+    monkeypatch.undo()
+    assert _post(server.url, {"prompt": ["a", "b"], "max_tokens": 2}).status_code == 200
+
+
 def _thread_cpu_seconds(native_id: int) -> float:
     with open(f"/proc/self/task/{native_id}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()

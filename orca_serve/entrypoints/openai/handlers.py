@@ -50,14 +50,15 @@ async def _tokenize(fn, *args, param: str) -> list[int]:
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request,
                             arrival: float) -> Response:
     engine, n = ctx.engine, req.n
-    prompt_ids = [await _tokenize(engine.tokenize, p, param="prompt") for p in req.prompts()]
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    texts = req.prompts()
+    group = RequestGroup(engine, request_id, len(texts), n)  # a fan-out past the queue: refused untokenized
+    prompt_ids = [await _tokenize(engine.tokenize, p, param="prompt") for p in texts]
     names = ["prompt"] if len(prompt_ids) == 1 else [f"prompt[{i}]" for i in range(len(prompt_ids))]
     max_tokens = [check_context(ids, req.max_tokens, engine.max_model_len, name, "max_tokens")
                   for ids, name in zip(prompt_ids, names)]
     prompts = [ids for ids in prompt_ids for _ in range(n)]
     params = [sampling_params(req, max_tokens[j // n], req.logprobs, j) for j in range(len(prompts))]
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    group = RequestGroup(engine, request_id, len(prompts))
     await group.start(prompts, params, schedule_kwargs(req, arrival), "prompt")
     base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name}
     if req.stream:
@@ -136,13 +137,13 @@ def _completion_logprobs(ctx: ServingContext, out: RequestOutput, start: int, en
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request,
                                  arrival: float) -> Response:
     engine, n = ctx.engine, req.n
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    group = RequestGroup(engine, request_id, 1, n)
     messages = [m.as_template_dict() for m in req.messages]
     ids = await _tokenize(engine.apply_chat_template, messages, param="messages")
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = check_context(ids, req.requested_max_tokens, engine.max_model_len, "messages", max_tokens_param)
     params = [sampling_params(req, max_tokens, req.num_logprobs, i) for i in range(n)]
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    group = RequestGroup(engine, request_id, n)
     await group.start([ids] * n, params, schedule_kwargs(req, arrival), "messages")
     base = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name}
     if req.stream:

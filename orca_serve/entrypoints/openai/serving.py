@@ -89,11 +89,14 @@ def schedule_kwargs(req, arrival_time: float) -> dict:
 class RequestGroup:
     """The engine requests behind one HTTP request, read as one stream."""
 
-    def __init__(self, engine: AsyncLLMEngine, request_id: str, count: int) -> None:
-        limit = engine.max_waiting_requests
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, num_prompts: int, n: int) -> None:
+        """Checks the fan-out only (no tokens needed): make it before tokenizing,
+        so a body of many prompts that could never be queued costs nothing."""
+        count, limit = num_prompts * n, engine.max_waiting_requests
         if limit is not None and count > limit:  # it could never be queued: no retry would help
             raise bad_request(f"this request asks for {count} sequences (prompts × n); the server queues "
-                              f"at most {limit} at a time (--max-waiting-requests)", param="n")
+                              f"at most {limit} at a time (--max-waiting-requests)",
+                              param="prompt" if num_prompts > limit else "n")
         self.engine = engine
         self.ids = [f"{request_id}-{i}" for i in range(count)]
         self.finals: list[RequestOutput | None] = [None] * count
