@@ -209,6 +209,9 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("max-completion-tokens-cannot-fit", _CHAT, {"messages": _MSG, "max_completion_tokens": 1000}, None, 400,
      "max_completion_tokens"),
     ("token-id-out-of-vocab", _CMPL, {"prompt": [1, 99999]}, None, 400, "prompt"),
+    # The engine checks one prompt at a time; the error names the one of the batch.
+    ("token-id-out-of-vocab-in-batch", _CMPL, {"prompt": [[1, 2], [1, 99999]]}, None, 400, "prompt[1]"),
+    ("token-id-out-of-vocab-in-mixed-batch", _CMPL, {"prompt": ["hi", "hi", [-1]]}, None, 400, "prompt[2]"),
     ("prompt-empty-list", _CMPL, {"prompt": []}, None, 400, "prompt"),
     ("prompt-empty-string", _CMPL, {"prompt": ""}, None, 400, "prompt"),
     ("body-too-large", _CMPL, {"prompt": "x" * 100_000}, None, 400, "body"),
@@ -235,7 +238,9 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
 # What the message must say where the field alone does not tell what is wrong.
 BAD_MESSAGES = {"image-part": "part 0 has type 'image_url'; only text parts are supported",
                 "text-part-without-text": "part 0 needs 'text'", "lone-surrogate-prompt": "unpaired UTF-16 surrogate",
-                "nested-too-deep": "nested too deeply", "fan-out-over-queue": "1600 sequences"}
+                "nested-too-deep": "nested too deeply", "fan-out-over-queue": "1600 sequences",
+                "token-id-out-of-vocab-in-batch": "prompt[1]: token id 99999 is outside the vocabulary",
+                "token-id-out-of-vocab-in-mixed-batch": "prompt[2]: token id -1 is outside the vocabulary"}
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])

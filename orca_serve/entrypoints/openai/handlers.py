@@ -53,8 +53,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     request_id = f"cmpl-{uuid.uuid4().hex}"
     texts = req.prompts()
     group = RequestGroup(engine, request_id, len(texts), n)  # a fan-out past the queue: refused untokenized
-    prompt_ids = [await _tokenize(engine.tokenize, p, param="prompt") for p in texts]
-    names = ["prompt"] if len(prompt_ids) == 1 else [f"prompt[{i}]" for i in range(len(prompt_ids))]
+    names = ["prompt"] if len(texts) == 1 else [f"prompt[{i}]" for i in range(len(texts))]
+    prompt_ids = [await _tokenize(engine.tokenize, p, param=name) for p, name in zip(texts, names)]
     max_tokens = [check_context(ids, req.max_tokens, engine.max_model_len, name, "max_tokens")
                   for ids, name in zip(prompt_ids, names)]
     prompts = [ids for ids in prompt_ids for _ in range(n)]

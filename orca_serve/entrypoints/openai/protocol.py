@@ -42,9 +42,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def name_field(param: str | None, message: str) -> str:
     """``"top_p: must be > 0"``: the message led by the field it is about,
-    unless it already starts with that field (``"echo is not supported"``)."""
+    unless it already starts with that field (``"echo is not supported"``).
+    A message about one item of a field that names the field bare (the engine
+    checks one prompt at a time: ``"prompt: token id 9 ..."`` of ``prompt[1]``)
+    is led by the item instead."""
     if not param or re.match(rf"{re.escape(param)}(?!\w)", message):
         return message
+    field = re.split(r"[\[.]", param, maxsplit=1)[0]
+    if field != param and re.match(rf"{re.escape(field)}(?![\w\[.])", message):
+        return param + message[len(field):]
     return f"{param}: {message}"
 
 
