@@ -77,7 +77,10 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
 
     async def read_json(raw: Request):
         declared = raw.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_body_bytes:
+        # ASCII digits only: headers decode as latin-1, where "²" is a digit to
+        # isdigit() but not to int() (a 500). A header that is no number is
+        # ignored, as a missing one is: the body below is counted as it comes.
+        if declared.isascii() and declared.isdigit() and int(declared) > max_body_bytes:
             raise _too_large(int(declared), max_body_bytes)
         body, size = [], 0
         try:
