@@ -231,6 +231,10 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("text-part-without-text", _CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, None,
      400, "messages[0].content"),
     ("tool-choice-without-tools", _CHAT, {"messages": _MSG, "tool_choice": "required"}, None, 400, "tool_choice"),
+    # The deprecated forms of tools/tool_choice were ignored: a plain reply, no error.
+    ("legacy-functions", _CHAT, {"messages": _MSG, "functions": [{"name": "f", "parameters": {}}]}, None, 400,
+     "functions"),
+    ("legacy-function-call", _CHAT, {"messages": _MSG, "function_call": "auto"}, None, 400, "function_call"),
     ("prompt-empty-in-batch", _CMPL, {"prompt": ["hi", ""]}, None, 400, "prompt[1]"),
 ]
 
@@ -240,7 +244,8 @@ BAD_MESSAGES = {"image-part": "part 0 has type 'image_url'; only text parts are 
                 "text-part-without-text": "part 0 needs 'text'", "lone-surrogate-prompt": "unpaired UTF-16 surrogate",
                 "nested-too-deep": "nested too deeply", "fan-out-over-queue": "1600 sequences",
                 "token-id-out-of-vocab-in-batch": "prompt[1]: token id 99999 is outside the vocabulary",
-                "token-id-out-of-vocab-in-mixed-batch": "prompt[2]: token id -1 is outside the vocabulary"}
+                "token-id-out-of-vocab-in-mixed-batch": "prompt[2]: token id -1 is outside the vocabulary",
+                "legacy-functions": "function calling is not supported"}
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])

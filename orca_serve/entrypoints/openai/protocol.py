@@ -7,7 +7,7 @@ getting a silently coerced value. A null for a field OpenAI declares nullable
 for its default, as leaving the field out does: clients that serialise every
 field send it. Unknown fields are ignored so that clients
 sending newer OpenAI parameters still work; known parameters whose non-default
-values we cannot honour (penalties, logit_bias, echo, tools, ...) are refused
+values we cannot honour (penalties, logit_bias, echo, tools, functions, ...) are refused
 with a 400 naming the field rather than silently ignored.
 """
 from __future__ import annotations
@@ -204,6 +204,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
     tool_choice: Any = None
+    # tools' deprecated forerunners: still in OpenAI's API, and as unsupported.
+    functions: list | None = None
+    function_call: Any = None
     response_format: dict | None = None
 
     @model_validator(mode="after")
@@ -214,6 +217,10 @@ class ChatCompletionRequest(_SamplingFields):
             raise _field_error("tools", "tool calling is not supported")
         if self.tool_choice not in (None, "none"):  # OpenAI and vLLM refuse it without tools too
             raise _field_error("tool_choice", "tool_choice needs tools, and tool calling is not supported")
+        if self.functions:
+            raise _field_error("functions", "function calling is not supported")
+        if self.function_call not in (None, "none"):
+            raise _field_error("function_call", "function_call needs functions, and function calling is not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise _field_error("response_format", "only response_format type 'text' is supported")
         return self
