@@ -4,6 +4,8 @@ worker process is gone (reaped, no zombies) within a bounded time."""
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -106,3 +108,20 @@ def test_a_setting_a_worker_refuses_is_one_line(tiny_model_dir):
     assert isinstance(info.value, ValueError) and "Traceback" not in str(info.value)
     assert str(info.value).startswith("worker rank ")
     assert "cpu_kernels='on' but the native CPU kernels cannot be used" in str(info.value)
+
+
+def test_a_worker_that_fails_to_start_leaves_no_leaked_semaphore(tiny_model_dir):
+    # A rank that fails at start-up leaves with os._exit, which skips the
+    # finalizer unlinking the named semaphore behind tqdm's lock; the driver's
+    # resource tracker then warned of "leaked semaphore objects" as it exited.
+    # The warning comes when the driver's process ends, so the driver runs in one.
+    kwargs = dict(model=tiny_model_dir("llama"), num_kv_blocks=200, block_size=4, max_num_batched_tokens=64,
+                  tensor_parallel_size=2, dtype="bfloat16", cpu_kernels="on")
+    driver = ("from orca_serve.config import EngineConfig\n"
+              "from orca_serve.engine.llm_engine import LLMEngine\n"
+              f"LLMEngine(EngineConfig.from_kwargs(**{kwargs!r}))\n")
+    done = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "WorkerSettingError: worker rank " in done.stderr
+    assert "cpu_kernels='on' but the native CPU kernels cannot be used" in done.stderr
+    assert "leaked semaphore" not in done.stderr, done.stderr

@@ -32,6 +32,7 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
     from orca_serve.models.loader import resolve_device
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    _progress_bars_lock_threads_only()
     config = init["config"]
     p = config.parallel
     try:
@@ -80,6 +81,22 @@ def run_worker(rank: int, local_rank: int, local_world_size: int, init: dict) ->
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _progress_bars_lock_threads_only() -> None:
+    """Give tqdm a thread lock before any bar (the weight loader's) makes its default one.
+
+    tqdm's default lock includes a multiprocessing RLock, which under "spawn"
+    is a named semaphore registered with the driver's resource tracker. A rank
+    shares it with no other process (each rank makes its own), and a rank
+    that fails leaves by ``os._exit`` (or is killed), which skips the
+    finalizer unlinking it: the tracker then warned of "leaked semaphore
+    objects" when the driver exited."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _serve(conn, runner, rank: int) -> None:
