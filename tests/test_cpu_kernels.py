@@ -54,31 +54,6 @@ def test_build_name_follows_every_source_and_header(tmp_path):
     assert kernels.build_name(sources, ["2.13.0", "-O3"]) != base
 
 
-def test_a_build_killed_midway_leaves_no_lock_later_loads_wait_on(tmp_path):
-    """torch marks a build in progress with a ``lock`` file; a process killed
-    mid-build (a server stopped during its first start) left it, and every
-    later start waited on it forever. The build directory is held with a
-    flock, which dies with its holder; the file it left is then cleared."""
-    import fcntl
-    import subprocess
-    import sys
-    builder = ("import sys, time; from pathlib import Path; from orca_serve import kernels\n"
-               "d = Path(sys.argv[1]); held = kernels._one_build_at_a_time(d); held.__enter__()\n"
-               "(d / 'lock').touch(); print('building', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", builder, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "building"
-        with open(tmp_path / kernels.BUILD_FLOCK) as other:  # nobody else may build there meanwhile
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert (tmp_path / "lock").exists()
-    with kernels._one_build_at_a_time(tmp_path):
-        assert not (tmp_path / "lock").exists()
-
-
 def make_case(seed, n, kv_heads, group, head_dim, block_size, max_len, num_blocks=1300, rows=None, lens=None):
     """A batch of n requests over a scattered pool. ``rows[i]``: query rows of
     request i (default 1: decodes); they are the last rows of its context.

@@ -13,9 +13,9 @@ sources are too: torch's build file names them by path, so two checkouts
 sharing one build directory would rebuild it in turn.
 
 Concurrent builds from several processes are serialized by a ``flock`` on the
-build directory (``_one_build_at_a_time``), which dies with its process;
-torch's own lock file, which a killed build leaves behind for every later
-start to wait on forever, is cleared under it.
+build directory (``build_cache.one_build_at_a_time``), which dies with its
+process; torch's own lock file, which a killed build leaves behind for every
+later start to wait on forever, is cleared under it.
 
 ``gpu_decode_kernel`` picks the GPU's one kernel, Triton paged decode
 attention (``triton_decode.py``), by ``ModelConfig.triton_decode``.
@@ -27,8 +27,6 @@ oneDNN's layout (no build needed). ``ModelConfig.cpu_kernels`` decides both
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -36,10 +34,11 @@ import sys
 import threading
 from pathlib import Path
 
+from orca_serve.kernels import build_cache
+
 logger = logging.getLogger(__name__)
 
 _SOURCES = Path(__file__).with_name("csrc")
-BUILD_FLOCK = "orca_build.flock"  # in the build directory: held while a process builds there
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -85,25 +84,6 @@ def build_name(sources: Path, settings: list[str]) -> str:
     return f"orca_cpu_ops_{digest.hexdigest()[:12]}"
 
 
-@contextlib.contextmanager
-def _one_build_at_a_time(build_dir: Path):
-    """Hold the build directory against every other process of ours.
-
-    torch serializes builds with a file it creates and deletes (``lock``); a
-    process killed mid-build (a server stopped during its first start) leaves
-    it, and every later load waits for it forever, silently. A ``flock`` is
-    released by the kernel when its holder dies, and while we hold it no
-    other process of ours is building here, so a ``lock`` file found then is
-    such a leftover."""
-    with open(build_dir / BUILD_FLOCK, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        stale = build_dir / "lock"
-        if stale.exists():
-            logger.warning("removing %s, left by a kernel build that did not finish", stale)
-            stale.unlink(missing_ok=True)
-        yield
-
-
 def _build():
     try:
         import torch
@@ -122,8 +102,7 @@ def _build():
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with _one_build_at_a_time(build_dir):
+        with build_cache.one_build_at_a_time(build_dir):
             module = cpp_extension.load(name=name, sources=[str(p) for p in sorted(_SOURCES.glob("*.cpp"))],
                                         extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                         build_directory=str(build_dir), verbose=False)
