@@ -15,7 +15,9 @@ sharing one build directory would rebuild it in turn.
 Concurrent builds from several processes are serialized by a ``flock`` on the
 build directory (``build_cache.one_build_at_a_time``), which dies with its
 process; torch's own lock file, which a killed build leaves behind for every
-later start to wait on forever, is cleared under it.
+later start to wait on forever, is cleared under it. A new build removes the
+cache's stale builds (``build_cache.remove_stale``: unused for 30 days, or
+built here from sources that are gone), never one a process holds.
 
 ``gpu_decode_kernel`` picks the GPU's one kernel, Triton paged decode
 attention (``triton_decode.py``), by ``ModelConfig.triton_decode``.
@@ -101,15 +103,21 @@ def _build():
     # interpreter, which is not on PATH when the venv is not activated.
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
+    built = False
     try:
         with build_cache.one_build_at_a_time(build_dir):
+            built = not (build_dir / f"{name}.so").exists()
             module = cpp_extension.load(name=name, sources=[str(p) for p in sorted(_SOURCES.glob("*.cpp"))],
                                         extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                         build_directory=str(build_dir), verbose=False)
+            if built:
+                build_cache.record_sources(build_dir, _SOURCES)
     except Exception as exc:  # no compiler / ninja, or a failed build
         return None, f"building the kernels in {_SOURCES} failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
     finally:
         os.environ["PATH"] = path
+    if built:  # only then: a load of an existing build stays a lock and a stat
+        build_cache.remove_stale(build_dir.parent, keep=name)
     logger.debug("CPU kernels loaded from %s", build_dir)
     return module, None
 
