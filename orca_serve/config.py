@@ -9,6 +9,8 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
+from orca_serve.shown import shown
+
 KV_ALLOCATION_MODES = ("paged", "reserve")
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority", "slo", "fair", "request-level")
@@ -25,7 +27,7 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer, got {shown(value)}")
 
 
 def _number(name: str, value, low: float, *, strict: bool, allow_none: bool = False) -> None:
@@ -33,25 +35,32 @@ def _number(name: str, value, low: float, *, strict: bool, allow_none: bool = Fa
     infinities, booleans and strings are refused."""
     if value is None and allow_none:
         return
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value)
             or not (value > low if strict else value >= low)):
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}"
-                         f"{' or None' if allow_none else ''}, got {value!r}")
+                         f"{' or None' if allow_none else ''}, got {shown(value)}")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range: no float setting can take it
+        return False
 
 
 def _int_in(name: str, value, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {shown(value)}")
 
 
 def _flag(name: str, value) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise ValueError(f"{name} must be True or False, got {shown(value)}")
 
 
 def _choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,11 @@ class ModelConfig:
         # An empty path is not "the default model" (None is): it loaded that silently.
         if self.model is not None and (not isinstance(self.model, (str, os.PathLike)) or not str(self.model).strip()):
             raise ValueError(f"model must be a path (a HF directory or a .gguf file) or None for the embedded "
-                             f"default, got {self.model!r}")
+                             f"default, got {shown(self.model)}")
         if self.dummy_config is not None:
             if not isinstance(self.dummy_config, (str, dict)):
                 raise ValueError(f"dummy_config must be a preset name, a config.json path or a config dict, "
-                                 f"got {self.dummy_config!r}")
+                                 f"got {shown(self.dummy_config)}")
             if self.load_format != "dummy":  # it would be ignored: the checkpoint's weights would load
                 raise ValueError(f"dummy_config needs load_format='dummy' (--load-format dummy); "
                                  f"load_format is {self.load_format!r}")
@@ -101,7 +110,7 @@ class ModelConfig:
         if self.max_model_len is not None and (isinstance(self.max_model_len, bool)
                                                or not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2 (a prompt token and a generated one), "
-                             f"got {self.max_model_len!r}")
+                             f"got {shown(self.max_model_len)}")
         # torch's generators take seeds in [0, 2**64).
         _int_in("seed", self.seed, 0, 2**64 - 1)
         _flag("cuda_graphs", self.cuda_graphs)
@@ -131,7 +140,7 @@ class CacheConfig:
         _number("kv_cache_memory_gb", self.kv_cache_memory_gb, 0, strict=True, allow_none=True)
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
-            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {shown(u)}")
         _number("swap_space_gb", self.swap_space_gb, 0, strict=False)
         _flag("enable_prefix_caching", self.enable_prefix_caching)
         _choice("kv_allocation", self.kv_allocation, KV_ALLOCATION_MODES)
@@ -212,22 +221,22 @@ class ParallelConfig:
         _choice("parallel", self.parallel, PARALLEL_MODES)
         if self.parallel == "auto" and self.world_size > 1:  # the plan would silently replace them
             raise ValueError(f"parallel='auto' chooses tensor_parallel_size and pipeline_parallel_size itself; "
-                             f"got {self.tensor_parallel_size} and {self.pipeline_parallel_size} (leave them at 1, "
-                             f"or use parallel='manual')")
+                             f"got {shown(self.tensor_parallel_size)} and {shown(self.pipeline_parallel_size)} "
+                             f"(leave them at 1, or use parallel='manual')")
         _positive("max_inflight_batches", self.max_inflight_batches, allow_none=True)
         _positive("nnodes", self.nnodes)
         if self.master_port is not None:
             _int_in("master_port", self.master_port, 1, 65535)
         if not isinstance(self.master_addr, str) or not self.master_addr.strip():
-            raise ValueError(f"master_addr must be a host name or IP address, got {self.master_addr!r}")
+            raise ValueError(f"master_addr must be a host name or IP address, got {shown(self.master_addr)}")
         _number("worker_timeout_s", self.worker_timeout_s, 0, strict=True)
         if isinstance(self.node_rank, bool) or not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+            raise ValueError(f"node_rank must be in [0, nnodes={shown(self.nnodes)}), got {shown(self.node_rank)}")
         if self.nnodes > 1 and self.master_port is None:
             raise ValueError("master_port is required when nnodes > 1")
         if self.parallel == "manual" and self.world_size % self.nnodes:
-            raise ValueError(f"world size {self.world_size} (tensor x pipeline parallel) is not divisible "
-                             f"by nnodes {self.nnodes}")
+            raise ValueError(f"world size {shown(self.world_size)} (tensor x pipeline parallel) is not divisible "
+                             f"by nnodes {shown(self.nnodes)}")
 
     @property
     def world_size(self) -> int:
@@ -251,10 +260,10 @@ class EngineConfig:
                 raise ValueError(f"{name} needs the model on a CUDA GPU, but device is 'cpu'")
         if self.scheduler.async_scheduling and self.parallel.world_size > 1:
             raise ValueError(f"async_scheduling runs on one rank only; tensor x pipeline parallel size is "
-                             f"{self.parallel.world_size}")
+                             f"{shown(self.parallel.world_size)}")
         if self.model.cuda_graphs and self.parallel.world_size > 1:
             raise ValueError(f"cuda_graphs runs on one rank only; tensor x pipeline parallel size is "
-                             f"{self.parallel.world_size}")
+                             f"{shown(self.parallel.world_size)}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

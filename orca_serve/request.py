@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from orca_serve.sampling_params import SamplingParams, finite_float, integer
+from orca_serve.shown import shown
 
 
 class RequestStatus(enum.IntEnum):
@@ -85,7 +86,7 @@ class Request:
         """ValueError naming the field: the scheduler sorts and budgets by these,
         so a bad one would fail every iteration, not just this request."""
         if not isinstance(self.request_id, str):
-            raise ValueError(f"request_id must be a string, got {self.request_id!r}")
+            raise ValueError(f"request_id must be a string, got {shown(self.request_id)}")
         self.priority = integer("priority", self.priority, minimum=None)
         self.arrival_time = finite_float("arrival_time", self.arrival_time)
         for name in ("ttft_slo", "tpot_slo"):
@@ -93,10 +94,10 @@ class Request:
             if value is not None:
                 value = finite_float(name, value)
                 if value <= 0:
-                    raise ValueError(f"{name} must be > 0 seconds, got {value}")
+                    raise ValueError(f"{name} must be > 0 seconds, got {shown(value)}")
                 setattr(self, name, value)
         if self.user is not None and not isinstance(self.user, str):
-            raise ValueError(f"user must be a string, got {self.user!r}")
+            raise ValueError(f"user must be a string, got {shown(self.user)}")
 
     @property
     def num_tokens(self) -> int:

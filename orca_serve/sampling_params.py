@@ -7,6 +7,8 @@ import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from orca_serve.shown import shown
+
 # A temperature under this samples as greedy: dividing float32 logits by a
 # temperature near float32's smallest overflows them to inf (NaN
 # probabilities, a garbage token), and sampling that cold picks the argmax
@@ -48,19 +50,19 @@ class SamplingParams:
         self.stop = [self.stop] if isinstance(self.stop, str) else _list("stop", self.stop, "strings")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+                raise ValueError(f"stop strings must be non-empty strings, got {shown(s)}")
         self.stop_token_ids = [integer("stop_token_ids", t, minimum=0)
                                for t in _list("stop_token_ids", self.stop_token_ids, "token ids")]
         self.max_tokens = integer("max_tokens", self.max_tokens, minimum=1)
         self.min_tokens = integer("min_tokens", self.min_tokens, minimum=0)
         if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise ValueError(f"min_tokens ({shown(self.min_tokens)}) must be <= max_tokens ({shown(self.max_tokens)})")
         self.temperature = finite_float("temperature", self.temperature)
         if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"temperature must be >= 0, got {shown(self.temperature)}")
         self.top_p = finite_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ValueError(f"top_p must be in (0, 1], got {shown(self.top_p)}")
         self.top_k = integer("top_k", self.top_k, minimum=-1)
         if self.top_k == -1:
             self.top_k = 0
@@ -69,10 +71,10 @@ class SamplingParams:
         if self.logprobs is not None:
             self.logprobs = integer("logprobs", self.logprobs, minimum=0)
             if self.logprobs > 20:
-                raise ValueError(f"logprobs must be <= 20, got {self.logprobs}")
+                raise ValueError(f"logprobs must be <= 20, got {shown(self.logprobs)}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be True or False, got {shown(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:
@@ -83,10 +85,10 @@ def integer(name: str, value, minimum: int | None) -> int:
     """An integer (numpy's too) as a Python int, at least ``minimum``; a bool
     is an int but never meant as a count."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {shown(value)}")
     value = int(value)
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum}, got {shown(value)}")
     return value
 
 
@@ -98,7 +100,7 @@ def finite_float(name: str, value) -> float:
     except OverflowError:  # an int past float's range
         ok = False
     if not ok:
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     return float(value)
 
 

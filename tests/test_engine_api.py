@@ -72,6 +72,32 @@ def test_bad_sampling_params(kwargs, match):
         SamplingParams(**kwargs)
 
 
+# Past Python's 4300-digit limit for int -> str: a message built with f"{value}"
+# or repr() raised "Exceeds the limit (4300 digits) for integer string
+# conversion" instead, a message about the limit and not the field.
+HUGE = 10 ** 5000  # 5001 digits
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_tokens=-HUGE), "max_tokens must be >= 1, got a negative integer of 5001 digits"),
+    (dict(min_tokens=HUGE), r"min_tokens \(an integer of 5001 digits\) must be <= max_tokens \(16\)"),
+    (dict(logprobs=HUGE), "logprobs must be <= 20, got an integer of 5001 digits"),
+    (dict(top_k=-HUGE), "top_k must be >= -1, got a negative integer of 5001 digits"),
+    (dict(temperature=HUGE), "temperature must be a finite number, got an integer of 5001 digits"),
+    (dict(top_p=-HUGE), "top_p must be a finite number, got a negative integer of 5001 digits"),
+    (dict(stop=[HUGE]), "stop strings must be non-empty strings, got an integer of 5001 digits"),
+    (dict(stop_token_ids=[-HUGE]), "stop_token_ids must be >= 0, got a negative integer of 5001 digits"),
+    (dict(ignore_eos=HUGE), "ignore_eos must be True or False, got an integer of 5001 digits"),
+    (dict(seed=[HUGE]), r"seed must be an integer, got \[an integer of 5001 digits\]"),
+    # A long text is cut, its length said.
+    (dict(seed="7" * 5000), r"seed must be an integer, got '7+\.\.\.7+' \(a string of 5000 characters\)"),
+])
+def test_huge_sampling_params_are_named_not_printed(kwargs, match):
+    with pytest.raises(ValueError, match=match) as exc:
+        SamplingParams(**kwargs)
+    assert len(str(exc.value)) < 400
+
+
 def test_numpy_numbers_are_taken_as_python_ones(llm):
     """A numpy integer is an integer: "must be an integer, got np.int64(3)" said otherwise."""
     params = SamplingParams(max_tokens=np.int64(3), min_tokens=np.int32(1), top_k=np.int64(5), seed=np.uint8(7),
@@ -119,6 +145,60 @@ def test_bad_engine_settings(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         EngineConfig.from_kwargs(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seed=HUGE), r"seed must be an integer in \[0, 18446744073709551615\], got an integer of 5001 digits"),
+    (dict(block_size=-HUGE), "block_size must be a positive integer, got a negative integer of 5001 digits"),
+    (dict(max_model_len=-HUGE), "max_model_len must be an integer >= 2 .*got a negative integer of 5001 digits"),
+    # An int past float's range raised OverflowError from math.isfinite, no ValueError at all.
+    (dict(kv_cache_memory_gb=HUGE), "kv_cache_memory_gb must be a finite number > 0 or None, got an integer of "
+                                    "5001 digits"),
+    (dict(gpu_memory_utilization=HUGE), r"gpu_memory_utilization must be a number in \(0, 1\], got an integer "
+                                        "of 5001 digits"),
+    (dict(master_port=HUGE), r"master_port must be an integer in \[1, 65535\], got an integer of 5001 digits"),
+    (dict(node_rank=HUGE), r"node_rank must be in \[0, nnodes=1\), got an integer of 5001 digits"),
+    (dict(nnodes=HUGE, master_port=1234), "world size 1 .* is not divisible by nnodes an integer of 5001 digits"),
+    (dict(parallel="auto", tensor_parallel_size=HUGE), "got an integer of 5001 digits and 1"),
+    (dict(tensor_parallel_size=HUGE, async_scheduling=True),
+     "async_scheduling runs on one rank only; tensor x pipeline parallel size is an integer of 5001 digits"),
+    (dict(dtype="x" * 5000), r"dtype must be one of .*; got 'x+\.\.\.x+' \(a string of 5000 characters\)"),
+    (dict(load_format="dummy", dummy_config=[HUGE]), r"dummy_config must be a preset name.*got \[an integer of "
+                                                     r"5001 digits\]"),
+])
+def test_huge_engine_settings_are_named_not_printed(kwargs, match):
+    from orca_serve.config import EngineConfig
+
+    with pytest.raises(ValueError, match=match) as exc:
+        EngineConfig.from_kwargs(**kwargs)
+    assert len(str(exc.value)) < 400
+
+
+@pytest.mark.parametrize("argv,message", [
+    # argparse's int() echoed all 5000 digits ("invalid int value: '999...'").
+    (["generate", "--prompt", "x", "--max-tokens", "9" * 5000],
+     "argument --max-tokens: expected an integer of at most 4300 digits, got one of 5000"),
+    (["generate", "--prompt", "x", "--max-num-seqs", "-" + "9" * 5000],
+     "argument --max-num-seqs: expected an integer of at most 4300 digits, got one of 5000"),
+    (["serve", "--port", "9" * 5000], "argument --port: expected an integer of at most 4300 digits, got one of 5000"),
+    (["generate", "--prompt", "x", "--top-k", "x" * 5000],
+     "argument --top-k: expected an integer, got 'xxx"),
+    # Readable, but 4300 digits: the message printed every one of them.
+    (["generate", "--prompt", "x", "--seed", "9" * 4300],
+     "orca-serve: error: seed must be an integer in [0, 18446744073709551615], got an integer of 4300 digits"),
+    (["generate", "--prompt", "x", "--max-tokens", "-" + "9" * 4300],
+     "orca-serve: error: max_tokens must be >= 1, got a negative integer of 4300 digits"),
+])
+def test_huge_numbers_on_the_command_line_are_named_not_printed(argv, message, capsys):
+    from orca_serve.entrypoints.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse refused the flag
+        code = exc.code
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in last and len(last) < 400, last
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -174,6 +254,9 @@ def test_bad_prompts_fail_alone(llm, prompt, match):
     (dict(priority=float("nan")), "priority must be an integer"),
     (dict(request_id=["x"]), "request_id must be a string"),
     (dict(request_id=None), "request_id must be a string"),
+    (dict(request_id=HUGE), "request_id must be a string, got an integer of 5001 digits"),
+    (dict(user=-HUGE), "user must be a string, got a negative integer of 5001 digits"),
+    (dict(priority=[HUGE]), r"priority must be an integer, got \[an integer of 5001 digits\]"),
 ])
 def test_bad_request_fields_fail_alone(tiny_model_dir, kwargs, match):
     llm = LLM(model=tiny_model_dir("llama"), num_kv_blocks=64, block_size=4, scheduling_policy="slo")
@@ -245,6 +328,37 @@ def test_a_refused_prompt_leaves_none_of_its_batch_behind(tiny_model_dir):
     stats = llm.engine.stats()
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
     assert len(llm.generate([[1, 2, 3]] * 2, SamplingParams(max_tokens=3))) == 2
+
+
+@pytest.mark.parametrize("prompt,params,priority,match", [
+    ([1, HUGE], {}, 0, "prompt 1: prompt: token id an integer of 5001 digits is outside the vocabulary"),
+    ([1, -HUGE], {}, 0, "prompt 1: prompt: token id a negative integer of 5001 digits is outside the vocabulary"),
+    ([4, 5, 6], dict(max_tokens=HUGE), 0,
+     r"prompt 1: max_tokens \(an integer of 5001 digits\) \+ prompt \(3 tokens\) exceeds"),
+    ([4, 5, 6], dict(stop_token_ids=[HUGE]), 0,
+     "prompt 1: stop_token_ids: token id an integer of 5001 digits is outside the vocabulary"),
+    ([4, 5, 6], {}, "9" * 5000, r"prompt 1: priority must be an integer, got '9+\.\.\.9+' \(a string of 5000"),
+])
+def test_huge_values_in_generate_are_named_and_fail_alone(llm, prompt, params, priority, match):
+    with pytest.raises(ValueError, match=match) as exc:
+        bad = SamplingParams(**{"max_tokens": 3, **params})
+        llm.generate([[1, 2, 3], prompt], [SamplingParams(max_tokens=3), bad], priority=[0, priority])
+    assert len(str(exc.value)) < 400
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].finish_reason in ("length", "stop")
+    stats = llm.engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and stats.num_running == 0
+
+
+def test_huge_integers_that_are_valid_are_served(llm):
+    """A seed, a top_k past the vocabulary (off) and a priority may be any size."""
+    params = SamplingParams(max_tokens=3, seed=HUGE, top_k=HUGE, temperature=1.0, ignore_eos=True)
+    outs = llm.generate([[1, 2, 3], [4, 5, 6]], params, priority=[-HUGE, HUGE])
+    assert [len(o.token_ids) for o in outs] == [3, 3]
+    again = llm.generate([[1, 2, 3]], params)[0]
+    assert again.token_ids == outs[0].token_ids  # the seed, however large, still decides the tokens
+    stats = llm.engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
 
 
 def test_max_tokens_over_context(llm):

@@ -18,6 +18,7 @@ from orca_serve.outputs import RequestOutput
 from orca_serve.request import Request, RequestStatus, finish_reason
 from orca_serve.sampling_params import SamplingParams
 from orca_serve.scheduler import Scheduler
+from orca_serve.shown import shown
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,9 @@ class LLMEngine:
                 return list(prompt)
             for t in prompt:
                 if isinstance(t, bool) or not isinstance(t, numbers.Integral):  # numpy integers are fine
-                    raise ValueError(f"prompt: token ids must be integers, got {t!r}")
+                    raise ValueError(f"prompt: token ids must be integers, got {shown(t)}")
                 if not 0 <= t < self.vocab_size:
-                    raise ValueError(f"prompt: token id {t} is outside the vocabulary [0, {self.vocab_size})")
+                    raise ValueError(f"prompt: token id {shown(t)} is outside the vocabulary [0, {self.vocab_size})")
             return [int(t) for t in prompt]
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
@@ -121,7 +122,8 @@ class LLMEngine:
         params.validate()  # its fields may have been set since it was made
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
-                raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
+                raise ValueError(f"stop_token_ids: token id {shown(t)} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
         if params.min_tokens and len(set(params.stop_token_ids).union(self.eos_token_ids)) >= self.vocab_size:
             raise ValueError("stop_token_ids: with min_tokens every token of the vocabulary is an EOS or stop "
                              "token, so none is left to sample")
@@ -132,7 +134,7 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the model's context length is "
                              f"{self.max_model_len} (at least one token must be left to generate)")
         if len(token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"max_tokens ({params.max_tokens}) + prompt ({len(token_ids)} tokens) exceeds "
+            raise ValueError(f"max_tokens ({shown(params.max_tokens)}) + prompt ({len(token_ids)} tokens) exceeds "
                              f"the model's context length {self.max_model_len}")
         sched = self.config.scheduler
         req = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,

@@ -14,6 +14,7 @@ import typing
 
 from orca_serve import config
 from orca_serve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from orca_serve.entrypoints.arg_types import integer
 
 _CHOICES = {"kv_allocation": config.KV_ALLOCATION_MODES, "preemption_mode": config.PREEMPTION_MODES,
             "scheduling_policy": config.SCHEDULING_POLICIES, "slo_admission": ("reject", "best-effort"),
@@ -45,7 +46,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             if kind is bool:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
             else:
-                group.add_argument(flag, dest=f.name, type=kind, default=None, choices=_CHOICES.get(f.name),
+                parse = integer if kind is int else kind  # int() would not say why a huge number fails
+                group.add_argument(flag, dest=f.name, type=parse, default=None, choices=_CHOICES.get(f.name),
                                    help=f"{_HELP[f.name]}; default: {f.default!r}" if f.name in _HELP
                                    else f"default: {f.default!r}")
     group.add_argument("--dummy-config", dest="dummy_config", default=None,
@@ -112,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="complete one prompt and print it")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--max-tokens", type=integer, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed-sampling", type=int, default=None, help="sampling seed")
+    gen.add_argument("--top-k", type=integer, default=0)
+    gen.add_argument("--seed-sampling", type=integer, default=None, help="sampling seed")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                      help="wrap the prompt in the model's chat template (default: on)")
     add_engine_args(gen)

@@ -28,6 +28,7 @@ from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import make_policy
 from orca_serve.scheduler.preemption import Preemption
 from orca_serve.scheduler.swap_space import SwapSpace
+from orca_serve.shown import shown
 from orca_serve.scheduler.waiting_queue import WaitingQueue
 from orca_serve.scheduler.worker_view import WorkerView
 
@@ -77,9 +78,9 @@ class Scheduler:
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
+            raise ValueError(f"request id {shown(req.request_id)} is already in use")
         if self.worker_view.in_flight(req.request_id):  # its tokens would be taken for the new request's
-            raise ValueError(f"request id {req.request_id!r} is still in use: a batch with the finished "
+            raise ValueError(f"request id {shown(req.request_id)} is still in use: a batch with the finished "
                              f"request of that id is in flight; use a new id")
         limit = self.config.max_waiting_requests
         if limit is not None and len(self._waiting) >= limit:

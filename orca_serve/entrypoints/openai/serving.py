@@ -19,6 +19,7 @@ from orca_serve.engine.errors import EngineDeadError, QueueFullError, SLORejecte
 from orca_serve.entrypoints.openai.protocol import ApiError, bad_request
 from orca_serve.outputs import RequestOutput
 from orca_serve.sampling_params import SamplingParams
+from orca_serve.shown import shown
 
 _FIELD_IN_MESSAGE = re.compile(r"^(prompt|max_tokens|min_tokens|priority|messages|top_k|top_p|temperature|"
                                r"seed|stop|stop_token_ids|logprobs)\b")
@@ -57,7 +58,7 @@ def check_context(prompt_ids: list[int], max_tokens: int | None, max_model_len: 
     if max_tokens is None:
         return max_model_len - n
     if n + max_tokens > max_model_len:
-        raise bad_request(f"{max_tokens_param} ({max_tokens}) + prompt ({n} tokens) exceeds the model's "
+        raise bad_request(f"{max_tokens_param} ({shown(max_tokens)}) + prompt ({n} tokens) exceeds the model's "
                           f"context length {max_model_len}; use at most {max_model_len - n}",
                           param=max_tokens_param, code="context_length_exceeded")
     return max_tokens
