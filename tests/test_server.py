@@ -236,6 +236,16 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
      "functions"),
     ("legacy-function-call", _CHAT, {"messages": _MSG, "function_call": "auto"}, None, 400, "function_call"),
     ("prompt-empty-in-batch", _CMPL, {"prompt": ["hi", ""]}, None, 400, "prompt[1]"),
+    # Integers past Python's 4300-digit limit for reading one: the answer said the
+    # body was "not valid JSON: Exceeds the limit (4300 digits) ..." and named no field.
+    ("huge-int-max-tokens", _CMPL, b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", None, 400, "max_tokens"),
+    ("huge-int-token-id", _CMPL, b'{"prompt": [1, ' + b"9" * 5000 + b"]}", None, 400, "prompt[1]"),
+    ("huge-int-priority", _CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "priority": -' + b"9" * 5000
+     + b"}", None, 400, "priority"),
+    ("huge-int-top-level", _CMPL, b"9" * 5000, None, 400, None),
+    # Readable, but its 4300 digits filled the message.
+    ("max-tokens-of-4300-digits", _CMPL, b'{"prompt": "hi", "max_tokens": ' + b"9" * 4300 + b"}", None, 400,
+     "max_tokens"),
 ]
 
 
@@ -245,7 +255,13 @@ BAD_MESSAGES = {"image-part": "part 0 has type 'image_url'; only text parts are 
                 "nested-too-deep": "nested too deeply", "fan-out-over-queue": "1600 sequences",
                 "token-id-out-of-vocab-in-batch": "prompt[1]: token id 99999 is outside the vocabulary",
                 "token-id-out-of-vocab-in-mixed-batch": "prompt[2]: token id -1 is outside the vocabulary",
-                "legacy-functions": "function calling is not supported"}
+                "legacy-functions": "function calling is not supported",
+                "huge-int-max-tokens": "max_tokens: got an integer of 5000 digits; integers in a request may have "
+                                       "at most 4300",
+                "huge-int-token-id": "prompt[1]: got an integer of 5000 digits",
+                "huge-int-priority": "priority: got an integer of 5000 digits",
+                "huge-int-top-level": "body: got an integer of 5000 digits",
+                "max-tokens-of-4300-digits": "max_tokens (an integer of 4300 digits) + prompt"}
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
@@ -256,7 +272,7 @@ def test_bad_input_then_good_request(server, case):
                    headers={**_auth(), "Content-Type": "application/json", **(headers or {})}, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and len(err["message"]) < 1000
     assert err["param"] == param
     assert BAD_MESSAGES.get(case_id, "") in err["message"]
     # The field is named once ("prompt: token id ..."), not once per layer it passed.
@@ -279,6 +295,19 @@ def test_null_for_a_nullable_openai_field_means_its_default(server):
                    json={"messages": _MSG, "max_tokens": 2, "logprobs": None, **nulls})
     assert r.status_code == 200, r.text
     assert [c["logprobs"] for c in r.json()["choices"]] == [None]
+
+
+def test_huge_readable_integers_are_served(server):
+    """A seed, top_k and priority of 4300 digits (the most JSON is read with)
+    are valid: the request is served, and nothing is left behind."""
+    big = "9" * 4300
+    body = (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignore_eos": true, "seed": '
+            + big.encode() + b', "top_k": ' + big.encode() + b', "priority": -' + big.encode() + b', "n": 2}')
+    r = httpx.post(server.url + _CHAT, content=body, headers={**_auth(), "Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 6
+    assert metric(wait_idle(server.url), "orca_serve_kv_blocks_used") == 0
 
 
 def _aborts(url: str) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hmac
-import json
 import logging
 import signal
 import sys
@@ -39,12 +38,14 @@ from orca_serve.config import EngineConfig
 from orca_serve.distributed.launch import listen_error
 from orca_serve.engine.async_engine import AsyncLLMEngine
 from orca_serve.entrypoints.openai.args import DEFAULT_MAX_BODY_BYTES, add_server_args, api_key_problem
+from orca_serve.entrypoints.openai.body import decode_json
 from orca_serve.entrypoints.openai.handlers import (
     CLIENT_CLOSED, ServingContext, create_chat_completion, create_completion)
 from orca_serve.entrypoints.openai.metrics import ServerMetrics
 from orca_serve.entrypoints.openai.protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, bad_request, parse_request)
 from orca_serve.entrypoints.openai.serving import TokenText
+from orca_serve.shown import shown
 
 logger = logging.getLogger("orca_serve.server")
 
@@ -92,28 +93,11 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
         except ClientDisconnect:  # nobody to answer; not a server error
             raise ApiError(CLIENT_CLOSED, "the client closed the connection before its request body arrived",
                            code="client_closed") from None
-        data = b"".join(body)
-        try:
-            payload = json.loads(data)
-        except RecursionError:
-            raise bad_request("request body is not valid JSON: it is nested too deeply",
-                              code="invalid_json") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-        # JSON may spell a lone UTF-16 surrogate as an escape; no tokenizer or
-        # reply can encode one. Only a body with such an escape is walked (JSON
-        # writes the u lower case; the hex digits either way).
-        if b"\\ud" in data or b"\\uD" in data:
-            where = _unpaired_surrogate(payload)
-            if where is not None:
-                raise bad_request(f"{where or 'body'}: text holds an unpaired UTF-16 surrogate escape "
-                                  f"(\\ud800-\\udfff without its pair); send valid Unicode",
-                                  param=where or None, code="invalid_unicode")
-        return payload
+        return decode_json(b"".join(body))
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise bad_request(f"model '{name}' does not exist; this server serves '{model_name}'",
+            raise bad_request(f"model {shown(name)} does not exist; this server serves '{model_name}'",
                               param="model", code="model_not_found")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
@@ -143,7 +127,7 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
     @v1.get("/models/{name:path}")
     async def model(name: str) -> dict:
         if name != model_name:
-            raise ApiError(404, f"model '{name}' does not exist", param="model", code="model_not_found")
+            raise ApiError(404, f"model {shown(name)} does not exist", param="model", code="model_not_found")
         return model_card()
 
     app.include_router(v1)
@@ -161,25 +145,6 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
 
     _install_error_handlers(app)
     return app
-
-
-def _unpaired_surrogate(payload) -> str | None:
-    """The path (``messages[0].content``, ``prompt[1]``) of the first string in
-    ``payload`` holding an unpaired surrogate, '' for the top level, or None."""
-    stack = [("", payload)]
-    while stack:  # no recursion: the body may be nested as deep as json allows
-        path, value = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return path
-        elif isinstance(value, dict):
-            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(list(value.items())))
-            stack.extend((path, k) for k in value)  # keys are text too
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
-    return None
 
 
 def _too_large(size: int, limit: int) -> ApiError:
