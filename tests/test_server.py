@@ -236,6 +236,12 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
      "functions"),
     ("legacy-function-call", _CHAT, {"messages": _MSG, "function_call": "auto"}, None, 400, "function_call"),
     ("prompt-empty-in-batch", _CMPL, {"prompt": ["hi", ""]}, None, 400, "prompt[1]"),
+    # The checks LLM.chat shares with the server.
+    ("messages-not-a-list", _CHAT, {"messages": "hi"}, None, 400, "messages"),
+    ("message-not-an-object", _CHAT, {"messages": ["hi"]}, None, 400, "messages[0]"),
+    ("role-unknown", _CHAT, {"messages": [{"role": "bot", "content": "hi"}]}, None, 400, "messages[0].role"),
+    ("role-missing", _CHAT, {"messages": [{"content": "hi"}]}, None, 400, "messages[0].role"),
+    ("name-type", _CHAT, {"messages": [{"role": "user", "content": "hi", "name": 5}]}, None, 400, "messages[0].name"),
     # Integers past Python's 4300-digit limit for reading one: the answer said the
     # body was "not valid JSON: Exceeds the limit (4300 digits) ..." and named no field.
     ("huge-int-max-tokens", _CMPL, b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", None, 400, "max_tokens"),
@@ -251,7 +257,9 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
 
 # What the message must say where the field alone does not tell what is wrong.
 BAD_MESSAGES = {"image-part": "part 0 has type 'image_url'; only text parts are supported",
-                "text-part-without-text": "part 0 needs 'text'", "lone-surrogate-prompt": "unpaired UTF-16 surrogate",
+                "text-part-without-text": "part 0 needs 'text'",
+                "role-unknown": "messages[0].role must be one of system, developer, user, assistant, tool; got 'bot'",
+                "lone-surrogate-prompt": "unpaired UTF-16 surrogate",
                 "nested-too-deep": "nested too deeply", "fan-out-over-queue": "1600 sequences",
                 "token-id-out-of-vocab-in-batch": "prompt[1]: token id 99999 is outside the vocabulary",
                 "token-id-out-of-vocab-in-mixed-batch": "prompt[2]: token id -1 is outside the vocabulary",

@@ -139,8 +139,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     engine, n = ctx.engine, req.n
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     group = RequestGroup(engine, request_id, 1, n)
-    messages = [m.as_template_dict() for m in req.messages]
-    ids = await _tokenize(engine.apply_chat_template, messages, param="messages")
+    ids = await _tokenize(engine.apply_chat_template, req.messages, param="messages")
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = check_context(ids, req.requested_max_tokens, engine.max_model_len, "messages", max_tokens_param)
     params = [sampling_params(req, max_tokens, req.num_logprobs, i) for i in range(n)]

@@ -13,9 +13,11 @@ with a 400 naming the field rather than silently ignored.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orca_serve.entrypoints.chat_messages import OPENAI_ROLES, MessageError, conversation
 
 MAX_N = 16  # choices per request; each one is a full engine request
 MAX_LOGPROBS = 20
@@ -160,44 +162,9 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
-class ContentPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _content_parts(cls, v):
-        # Name the part that is wrong: the union's own error would only say
-        # that the content is not a string.
-        if isinstance(v, list):
-            for i, part in enumerate(v):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text":
-                    what = f"has type {kind!r}" if kind is not None else "is not a {'type': 'text', ...} object"
-                    raise ValueError(f"part {i} {what}; only text parts are supported")
-                if not isinstance(part.get("text"), str):
-                    raise ValueError(f"part {i} needs 'text', a string")
-        return v
-
-    def as_template_dict(self) -> dict:
-        """The message as chat templates expect it: content is a plain string."""
-        content = self.content
-        if isinstance(content, list):
-            content = "\n".join(part.text for part in content)
-        msg = {"role": self.role, "content": content or ""}
-        if self.name is not None:
-            msg["name"] = self.name
-        return msg
-
-
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    # As chat templates take them: role, content as text, name if given (chat_messages.py).
+    messages: list[dict]
     max_tokens: int | None = Field(None, ge=1)  # deprecated alias of max_completion_tokens
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -208,6 +175,11 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list | None = None
     function_call: Any = None
     response_format: dict | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, v):
+        return conversation(v, roles=OPENAI_ROLES)  # a MessageError names the message's field
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -248,13 +220,13 @@ def _field_error(field: str, message: str) -> _FieldError:
 def _param_of(error: dict) -> str | None:
     """`messages[0].content` from a pydantic error location."""
     ctx_error = (error.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, _FieldError):
+    if isinstance(ctx_error, (_FieldError, MessageError)):
         return ctx_error.field
     out = ""
     for part in error.get("loc", ()):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "list[ContentPart]", "function-after"):
+        elif part in ("str", "list[str]", "list[int]", "function-after"):
             break  # a union member's tag, not a field
         elif not str(part).startswith(("function-", "json-or-python")):
             out += ("." if out else "") + str(part)
