@@ -476,6 +476,90 @@ def test_a_prompt_with_a_lone_surrogate_is_refused(tiny_model_dir, default_model
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.fixture(scope="module")
+def chat_llm(tmp_path_factory):
+    """A tiny llama with a real tokenizer and a ChatML template (server_helpers)."""
+    from server_helpers import build_tiny_model
+
+    return LLM(model=str(build_tiny_model(tmp_path_factory.mktemp("chat-llama"))), num_kv_blocks=64, block_size=4)
+
+
+_HI = [{"role": "user", "content": "hi"}]
+
+
+def _serves_and_holds_nothing(llm) -> None:
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.chat(_HI, SamplingParams(max_tokens=2))[0].finish_reason in ("length", "stop")
+    stats = llm.engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and stats.num_running == 0
+
+
+@pytest.mark.parametrize("messages,match", [
+    # Each raised what the template or tokenizer raised (a jinja UndefinedError,
+    # a TypeError, a KeyError) or rendered garbage, naming no message.
+    ("hi", r"messages must be a list of \{role, content\} dicts .*, got str"),
+    ({"role": "user", "content": "hi"}, r"messages must be a list of \{role, content\} dicts .*, got dict"),
+    (["hi"], r"messages\[0\] must be a \{role, content\} dict, got str"),
+    ([{"role": "user", "content": "hi"}, {"content": "x"}], r"messages\[1\]\.role is missing"),
+    ([{"role": 5, "content": "hi"}], r"messages\[0\]\.role must be a string, got 5"),
+    ([{"role": "user", "content": 5}], r"messages\[0\]\.content must be a string, a list of text parts or None, "
+                                       r"got int"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     r"messages\[0\]\.content: part 0 has type 'image_url'; only text parts are supported"),
+    ([{"role": "user", "content": [{"type": "text"}]}], r"messages\[0\]\.content: part 0 needs 'text', a string"),
+    ([{"role": "user", "content": "hi", "name": 5}], r"messages\[0\]\.name must be a string, got 5"),
+    ([{"role": "user", "content": "hi \ud800"}],
+     r"messages\[0\]\.content: text holds an unpaired UTF-16 surrogate at 3"),
+    # A list of conversations: the bad one is named, and none of them is queued.
+    ([_HI, []], "conversation 1: messages must hold at least one message"),
+    ([_HI, _HI + [{"role": None, "content": "x"}]], r"conversation 1: messages\[1\]\.role must be a string, got None"),
+    ([_HI, "hi"], r"conversation 1: messages must be a list of \{role, content\} dicts, got str"),
+])
+def test_malformed_chat_messages_are_named_and_nothing_is_queued(chat_llm, messages, match):
+    with pytest.raises(ValueError, match=match):
+        chat_llm.chat(messages, SamplingParams(max_tokens=3))
+    _serves_and_holds_nothing(chat_llm)
+
+
+@pytest.mark.parametrize("template,error", [
+    ("{{ raise_exception('roles must alternate') }}", "TemplateError: roles must alternate"),
+    ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+    ("{{ messages[0].nope.deeper }}", "UndefinedError"),
+])
+def test_a_failing_chat_template_is_named_with_its_conversation(chat_llm, monkeypatch, template, error):
+    """A template may fail on a well-formed conversation (here on one of two
+    messages); the error says the template failed, and on which conversation."""
+    two = _HI + [{"role": "assistant", "content": "hello"}]
+    monkeypatch.setattr(chat_llm.tokenizer, "chat_template",
+                        "{% if messages | length > 1 %}" + template + "{% endif %}{{ messages[0]['content'] }}")
+    with pytest.raises(ValueError, match=f"^conversation 1: messages: the chat template failed: {error}"):
+        chat_llm.chat([_HI, two], SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match=f"^messages: the chat template failed: {error}"):
+        chat_llm.chat(two, SamplingParams(max_tokens=3))
+    _serves_and_holds_nothing(chat_llm)
+
+
+def test_chat_takes_the_content_shapes_the_server_takes(chat_llm, monkeypatch):
+    """Text parts are joined by newlines, as the server joins them; a null
+    content (an assistant message with tool calls) is empty; keys other than
+    role, content and name reach the template as given."""
+    params = SamplingParams(max_tokens=2, temperature=0)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}]
+    plain = [{"role": "user", "content": "Hello\nworld"}]
+    assert chat_llm.chat(parts, params)[0].prompt_token_ids == chat_llm.chat(plain, params)[0].prompt_token_ids
+    monkeypatch.setattr(chat_llm.tokenizer, "chat_template",
+                        "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}"
+                        "{% if m.tool_calls %}{{ m.tool_calls[0].function.name }}{% endif %}"
+                        "{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %};{% endfor %}")
+    tools = _HI + [{"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+                   {"role": "tool", "content": "4", "tool_call_id": "c1"}]
+    out = chat_llm.chat([tools, _HI], params)
+    expected = chat_llm.tokenizer("user:hi;assistant:add;tool:4[c1];", add_special_tokens=False).input_ids
+    assert out[0].prompt_token_ids == expected and len(out) == 2
+    _serves_and_holds_nothing(chat_llm)
+
+
 def test_chat_and_cli_on_default_model(default_model_dir, capsys):
     from orca_serve.entrypoints.cli import main
 

@@ -184,6 +184,20 @@ def test_a_content_length_of_non_ascii_digits_is_no_server_error(server):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
+def test_a_failing_chat_template_is_a_400_naming_messages(server, monkeypatch):
+    """A template that fails on a well-formed conversation with anything but
+    jinja's TemplateError (a TypeError here) was a 500 "internal_error"."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    monkeypatch.setattr(server.engine.engine.tokenizer, "chat_template", "{{ messages[0]['content'] + 1 }}")
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages" and err["message"].startswith("messages: the chat template failed: TypeError")
+    monkeypatch.undo()
+    ok = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
 def test_idle_engine_thread_sleeps(server):
     wait_idle(server.url)
     tid = server.engine._thread.native_id

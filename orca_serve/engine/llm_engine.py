@@ -101,10 +101,15 @@ class LLMEngine:
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of one conversation (checked already: entrypoints/chat_messages.py)
+        rendered by the model's chat template; a ValueError if the template fails."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("messages: this model has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # a template's raise_exception (jinja's TemplateError), a TypeError, ...
+            raise ValueError(f"messages: the chat template failed: {type(exc).__name__}: {exc}") from exc
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,

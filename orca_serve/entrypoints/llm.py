@@ -6,6 +6,7 @@ import numbers
 
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
+from orca_serve.entrypoints.chat_messages import conversation
 from orca_serve.outputs import RequestOutput
 from orca_serve.sampling_params import SamplingParams
 
@@ -41,12 +42,31 @@ class LLM:
             raise ValueError("sampling_params and priority lists must have one entry per prompt")
         return self._run(prompts, params_list, priorities, use_tqdm)
 
-    def chat(self, messages, sampling_params: SamplingParams | None = None,
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (a list of
-        {"role", "content"} dicts) or a list of conversations, then generate."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.engine.apply_chat_template(conv) for conv in conversations]
+        {"role", "content"} dicts) or a list of conversations, then generate.
+
+        Messages are checked as the OpenAI server checks them
+        (entrypoints/chat_messages.py), except that any role a template knows
+        is taken and keys past role, content and name (tool_calls, ...) reach
+        the template as given. A malformed message or a template that fails
+        is a ValueError naming it (``conversation 1: messages[0].role ...``),
+        raised before any conversation is queued.
+        """
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(f"messages must be a list of {{role, content}} dicts or a list of such lists, "
+                             f"got {type(messages).__name__}")
+        many = bool(messages) and isinstance(messages[0], (list, tuple))
+        conversations = messages if many or not messages else [messages]  # []: none, as generate([]) runs none
+        prompts = []
+        for i, conv in enumerate(conversations):
+            try:
+                prompts.append(self.engine.apply_chat_template(conversation(conv, keep_other_keys=True)))
+            except ValueError as exc:
+                if not many:
+                    raise
+                raise ValueError(f"conversation {i}: {exc}") from exc
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, prompts, params_list, priorities, use_tqdm: bool) -> list[RequestOutput]:

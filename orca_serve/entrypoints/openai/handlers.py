@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from jinja2 import TemplateError
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -43,7 +42,7 @@ async def _tokenize(fn, *args, param: str) -> list[int]:
     # tokenizer; run them on a worker thread so long prompts never stall the loop.
     try:
         return await asyncio.to_thread(fn, *args)
-    except (ValueError, TemplateError) as exc:  # a template may refuse a conversation (raise_exception)
+    except ValueError as exc:  # apply_chat_template's too, when the template fails on a conversation
         raise engine_error(ValueError(name_field(param, str(exc))), param) from None
 
 
