@@ -23,10 +23,11 @@ class Clock:
 
 
 def make(num_blocks=64, block_size=4, clock=None, num_cpu_blocks=0, preemption_mode="recompute",
-         caching=True, **kw):
+         caching=True, max_inflight_batches=1, **kw):
     return Scheduler(SchedulerConfig(**kw), CacheConfig(block_size=block_size, preemption_mode=preemption_mode,
                                                         enable_prefix_caching=caching),
-                     num_blocks, max_model_len=4096, clock=clock or Clock(), num_cpu_blocks=num_cpu_blocks)
+                     num_blocks, max_model_len=4096, clock=clock or Clock(), num_cpu_blocks=num_cpu_blocks,
+                     max_inflight_batches=max_inflight_batches)
 
 
 def req(rid, n, max_tokens=8, base=1, arrival=0.0, **kw):
@@ -43,6 +44,13 @@ def step(s, r, clock=None, per_token=0.0, fixed=0.0):
         s.observe_iteration(so.total_num_scheduled_tokens, dt)
     s.update(so, out)
     return so
+
+
+def launch(s, r):
+    """Schedule a batch and run it on the fake runner now; the caller applies
+    its tokens later (``s.update(*batch)``), as with batches in flight."""
+    so = s.schedule()
+    return so, r.execute_model(so)
 
 
 def run_all(s, r, **kw):
@@ -113,6 +121,52 @@ def test_preempted_request_keeps_its_place_among_equals():
     order = [q.request_id for q in s.waiting_requests()]
     assert order.index("mid") < order.index("late")
     run_all(s, r)
+
+
+# Priority preemption evicts only for a head that then joins the batch: a
+# victim evicted for a head that still waits has lost its work for nothing.
+def test_no_priority_preemption_for_a_head_whose_copy_out_is_in_flight():
+    """A swapped-out request is not swapped back in while the batch copying
+    it out is in flight (two batches in flight, as with two pipeline stages)."""
+    s = make(num_blocks=64, num_cpu_blocks=16, preemption_mode="swap", caching=False, scheduling_policy="priority",
+             max_num_seqs=2, max_inflight_batches=2)
+    r = FakeRunner(4)
+    low = req("low", 6, max_tokens=12, arrival=0, priority=5)
+    mid = req("mid", 6, max_tokens=12, base=30, arrival=1, priority=3)
+    s.add_request(low)
+    s.add_request(mid)
+    b1, b2 = launch(s, r), launch(s, r)  # one seat a batch: mid, then low
+    assert list(b1[0].num_scheduled_tokens) == ["mid"] and list(b2[0].num_scheduled_tokens) == ["low"]
+    s.update(*b1)
+    urgent = req("urgent", 6, max_tokens=4, base=60, arrival=2, priority=0)
+    s.add_request(urgent)
+    b3 = launch(s, r)  # no seat: mid, the victim not in flight, is swapped out by b3
+    assert list(b3[0].num_scheduled_tokens) == ["urgent"] and b3[0].blocks_to_swap_out and s.swap.holds("mid")
+    s.update(*b2)
+    b4 = launch(s, r)  # mid heads the queue and outranks low, but b3 still carries its copy-out
+    assert b4[0].num_scheduled_tokens == {"low": 1}, "low was evicted for a head that cannot be swapped in yet"
+    assert low.metrics.num_preemptions == 0 and s.num_preemptions_total == 1
+    s.update(*b3)
+    s.update(*b4)
+    run_all(s, r)
+    check_outputs([low, mid, urgent])
+    assert s.kv.num_free_blocks == 64 and s.swap.num_free_slots == 16
+
+
+def test_no_priority_preemption_for_a_head_the_policy_does_not_admit(monkeypatch):
+    s, r = make(num_blocks=64, scheduling_policy="priority", max_num_seqs=1), FakeRunner(4)
+    low = req("low", 4, max_tokens=6, priority=5)
+    s.add_request(low)
+    step(s, r)
+    s.add_request(req("hi", 4, max_tokens=3, base=40, arrival=1, priority=0))
+    monkeypatch.setattr(s.policy, "may_admit", lambda *args: False)
+    so = step(s, r)
+    assert so.num_scheduled_tokens == {"low": 1} and s.num_preemptions_total == 0
+    monkeypatch.undo()
+    so = step(s, r)  # admitted now: low gives up the seat
+    assert "hi" in so.num_scheduled_tokens and low.metrics.num_preemptions == 1
+    run_all(s, r)
+    assert s.kv.num_free_blocks == 64
 
 
 # ---- SLO ----------------------------------------------------------------

@@ -88,15 +88,16 @@ class Preemption:
             return None
         return victim
 
-    def for_urgent_waiting(self, running: list[Request]) -> None:
+    def for_urgent_waiting(self, running: list[Request], head_admissible: Callable[[], bool]) -> None:
         """Let the waiting queue's head evict running requests its policy ranks
-        below it (priority preemption), when seats or blocks are what stops it."""
+        below it (priority preemption), when seats or blocks are what stops it
+        and ``head_admissible()`` says nothing else does."""
         if not self.waiting:
             return
         head = self.waiting.head
         while True:
             eligible = [r for r in running if self.policy.may_preempt_for(head, r)]
-            if not eligible:
+            if not eligible or not head_admissible():
                 return
             no_seat = len(running) >= self.config.max_num_seqs
             first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)

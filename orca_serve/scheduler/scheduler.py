@@ -198,7 +198,7 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         seats = self._batch_seats()
 
-        self.preemption.for_urgent_waiting(self.running)
+        self.preemption.for_urgent_waiting(self.running, self._head_admissible)
         # Sized for the requests that run this iteration, after any were preempted.
         budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
                                           self._to_compute)
@@ -243,16 +243,24 @@ class Scheduler:
             return self.config.max_num_seqs
         return max(1, -(-active // self.max_inflight_batches))
 
+    def _head_admissible(self) -> bool:
+        """Whether the waiting queue's head may join the batch now, seats,
+        tokens and blocks aside: the policy lets it, and if it is swapped out,
+        the batch copying it out is back (its slots may not hold its K/V yet).
+        Priority preemption asks too: a victim evicted for a head that cannot
+        join would lose its work for nothing."""
+        head = self._waiting.head
+        return (self.policy.may_admit(head, self._waiting, self.running, self.clock())
+                and not (self.swap.holds(head.request_id) and self.swap.in_transit(head.request_id)))
+
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
                        seats: int) -> None:
         while (self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(scheduled) < seats):
             req = self._waiting.head
-            if not self.policy.may_admit(req, self._waiting, self.running, self.clock()):
+            if not self._head_admissible():
                 break
             swapped = self.swap.holds(req.request_id)
-            if swapped and self.swap.in_transit(req.request_id):
-                break  # the batch copying it out is in flight: its slots may not hold its K/V yet
             computed = self.kv.get_computed_blocks(req) if not swapped else []
             num_cached = len(computed) * self.kv.block_size
             start = req.num_computed_tokens if swapped else num_cached
