@@ -80,6 +80,21 @@ def test_prefix_blocks_shared_and_evicted_lru():
     assert kv.get_computed_blocks(c) == []
 
 
+def test_num_freed_by_counts_a_shared_block_once_all_its_holders_go():
+    kv = KVCacheManager(10, block_size=4)
+    a = make_req("a", 9)
+    kv.allocate_slots(a, 9)  # 3 blocks
+    a.num_computed_tokens = 9
+    b = make_req("b", 10)  # shares a's first two blocks
+    kv.allocate_slots(b, 2, kv.get_computed_blocks(b))  # 1 block of its own
+    c = make_req("c", 4, base=500)
+    kv.allocate_slots(c, 4)
+    assert list(kv.num_freed_by([b, a, c])) == [1, 1 + 3, 1 + 3 + 1]
+    free = kv.num_free_blocks
+    kv.free(b)
+    kv.free(a)
+    assert kv.num_free_blocks == free + 4
+
 def test_full_prompt_hit_leaves_one_token_to_compute():
     kv = KVCacheManager(6, block_size=4)
     a = make_req("a", 8)

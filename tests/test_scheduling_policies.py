@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fake_runner import FakeRunner, reference_output, replay_ops
+from orca_serve.batch import ModelRunnerOutput
 from orca_serve.config import CacheConfig, SchedulerConfig
 from orca_serve.request import Request, RequestStatus
 from orca_serve.sampling_params import SamplingParams
@@ -153,6 +154,35 @@ def test_no_priority_preemption_for_a_head_whose_copy_out_is_in_flight():
     assert s.kv.num_free_blocks == 64 and s.swap.num_free_slots == 16
 
 
+def test_async_priority_preemption_evicts_its_victims_when_the_head_can_join():
+    """With async scheduling the victims are in the batch in flight: both are
+    held out of the next batch, then evicted together as the head joins (not
+    one now, for a head that still waits for the other)."""
+    s = make(num_blocks=8, caching=False, scheduling_policy="priority", async_scheduling=True)
+    lows = [req(f"l{i}", 5, max_tokens=20, base=i * 30, arrival=i, priority=5) for i in range(2)]
+    for q in lows:
+        s.add_request(q)
+    b1 = s.schedule()
+    assert b1.num_scheduled_tokens == {"l0": 5, "l1": 5}  # 2 blocks each, 4 free
+    urgent = req("urgent", 28, max_tokens=4, base=500, arrival=10, priority=0)  # 7 blocks: both must go
+    s.add_request(urgent)
+    b2 = s.schedule()
+    assert b2.is_empty and s.num_preemptions_total == 0
+    s.update(b1, ModelRunnerOutput({"l0": 7, "l1": 8}))
+    b3 = s.schedule()
+    assert b3.num_scheduled_tokens == {"urgent": 28} and s.num_preemptions_total == 2
+    s.update(b2, ModelRunnerOutput({}))
+    in_flight = [b3]
+    while s.has_unfinished_requests() or in_flight:  # as LLMEngine.step() runs them
+        so = s.schedule()
+        if so.goes_out:
+            in_flight.append(so)
+        if in_flight and (len(in_flight) >= 2 or so.is_empty):
+            done = in_flight.pop(0)
+            s.update(done, ModelRunnerOutput({rid: 1 for rid in done.num_scheduled_tokens}))
+    assert all(q.status == RequestStatus.FINISHED_LENGTH for q in lows + [urgent])
+    assert s.kv.num_free_blocks == 8
+
 def test_no_priority_preemption_for_a_head_the_policy_does_not_admit(monkeypatch):
     s, r = make(num_blocks=64, scheduling_policy="priority", max_num_seqs=1), FakeRunner(4)
     low = req("low", 4, max_tokens=6, priority=5)
@@ -167,6 +197,24 @@ def test_no_priority_preemption_for_a_head_the_policy_does_not_admit(monkeypatch
     assert "hi" in so.num_scheduled_tokens and low.metrics.num_preemptions == 1
     run_all(s, r)
     assert s.kv.num_free_blocks == 64
+
+
+def test_no_priority_preemption_when_its_victims_cannot_make_room():
+    """mid may evict only low, whose blocks are too few for mid's prompt."""
+    s, r = make(num_blocks=12, scheduling_policy="priority", caching=False), FakeRunner(4)
+    high = req("high", 24, max_tokens=6, arrival=0, priority=0)
+    low = req("low", 8, max_tokens=6, base=100, arrival=1, priority=5)
+    s.add_request(high)
+    s.add_request(low)
+    step(s, r)  # 6 + 2 blocks taken, 4 free
+    mid = req("mid", 24, max_tokens=4, base=200, arrival=2, priority=2)
+    s.add_request(mid)
+    so = step(s, r)
+    assert so.num_scheduled_tokens == {"high": 1, "low": 1}
+    assert s.num_preemptions_total == 0, "low was evicted though that left too few blocks for mid"
+    run_all(s, r)
+    check_outputs([high, low, mid])
+    assert s.num_preemptions_total == 0 and s.kv.num_free_blocks == 12
 
 
 # ---- SLO ----------------------------------------------------------------

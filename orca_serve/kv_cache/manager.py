@@ -8,6 +8,9 @@ Two allocation modes:
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+
 from orca_serve.kv_cache.block_pool import BlockPool, KVBlock, hash_block_tokens
 from orca_serve.request import Request
 
@@ -147,6 +150,17 @@ class KVCacheManager:
         self.req_num_cached.pop(request.request_id, None)
         if blocks:
             self.pool.free(list(reversed(blocks)))
+
+    def num_freed_by(self, requests: list[Request]) -> Iterator[int]:
+        """For i = 0, 1, ...: how many blocks freeing ``requests[:i + 1]``
+        would return to the pool (a block another request holds too stays)."""
+        holders: Counter[KVBlock] = Counter()
+        freed = 0
+        for request in requests:
+            for block in self.req_blocks.get(request.request_id, ()):
+                holders[block] += 1
+                freed += holders[block] == block.ref_cnt
+            yield freed
 
     def forget(self, request: Request) -> None:
         """Free blocks and drop the request's hash memo (it is gone for good)."""

@@ -12,9 +12,14 @@ takes the policy's choice among the others. With async scheduling nearly
 every running request is in flight, so the policy's choice stands: one in
 flight is held out of the next batch (``held_back``) and preempted at the
 schedule after, one iteration later than without async scheduling.
+
+The waiting queue's head evicts running requests (priority preemption) only
+when that lets it join the batch being built: victims evicted for a head
+that still waits would lose their work for nothing.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 from orca_serve.config import SchedulerConfig
@@ -38,9 +43,10 @@ class Preemption:
         self.worker_view = worker_view
         self.waiting = waiting
         self.clock = clock
-        # Victims in the batch in flight, left out of the one being built so
-        # that the next schedule() can preempt them (else a victim scheduled
-        # every iteration would never be free to go). Emptied every schedule().
+        # Victims left out of the batch being built so that the next schedule()
+        # can preempt them: one in the batch in flight (else a victim scheduled
+        # every iteration would never be free to go), and the urgent head's
+        # others with it. Emptied every schedule().
         self.held_back: set[str] = set()
         self.num_preemptions_total = 0
 
@@ -90,24 +96,36 @@ class Preemption:
 
     def for_urgent_waiting(self, running: list[Request], head_admissible: Callable[[], bool]) -> None:
         """Let the waiting queue's head evict running requests its policy ranks
-        below it (priority preemption), when seats or blocks are what stops it
-        and ``head_admissible()`` says nothing else does."""
+        below it (priority preemption), when seats or blocks are what stops it:
+        the fewest, in the order ``victim`` takes them, that free a seat and
+        the blocks it needs. None when all of them would not, or when
+        ``head_admissible()`` says something else stops it: they would lose
+        their work and the head still wait."""
         if not self.waiting:
             return
         head = self.waiting.head
-        while True:
-            eligible = [r for r in running if self.policy.may_preempt_for(head, r)]
-            if not eligible or not head_admissible():
-                return
-            no_seat = len(running) >= self.config.max_num_seqs
-            first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
-            if self.kv.allocation == "reserve":
-                first_chunk = max(first_chunk, head.max_total_tokens)
+        candidates = [r for r in running if self.policy.may_preempt_for(head, r)]
+        if not self.config.async_scheduling:  # as in victim(): one in flight cannot go
+            candidates = [r for r in candidates if not self.worker_view.in_flight(r.request_id)]
+        candidates.sort(key=self.policy.victim_key, reverse=True)
+        first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
+        if self.kv.allocation == "reserve":
+            first_chunk = max(first_chunk, head.max_total_tokens)
+        need = self.kv.blocks_needed(first_chunk)
+        for k, num_freed in enumerate(itertools.chain([0], self.kv.num_freed_by(candidates))):
+            staying = len(running) - k
             # Running requests may each take a block this step as they grow.
-            need = self.kv.blocks_needed(first_chunk) + len(running)
-            if not no_seat and need <= self.kv.num_free_blocks:
-                return
-            victim = self.victim(eligible)
-            if victim is None:
-                return
+            if staying < self.config.max_num_seqs and need + staying <= self.kv.num_free_blocks + num_freed:
+                break
+        else:
+            return  # even all of them would not make room
+        victims = candidates[:k]
+        if not victims or not head_admissible():
+            return
+        if any(self.worker_view.in_flight(v.request_id) for v in victims):
+            # Async scheduling: the head cannot join before they all can go;
+            # out of this batch, they can at the next schedule().
+            self.held_back.update(v.request_id for v in victims)
+            return
+        for victim in victims:
             self.preempt(victim, running)
