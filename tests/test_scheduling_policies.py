@@ -217,6 +217,81 @@ def test_no_priority_preemption_when_its_victims_cannot_make_room():
     assert s.num_preemptions_total == 0 and s.kv.num_free_blocks == 12
 
 
+def test_no_priority_preemption_while_the_batch_has_no_tokens_for_the_head():
+    """high's chunked prefill takes the batch's tokens that low's decode
+    leaves: evicting low for mid's seat would not give mid any."""
+    s, r = make(num_blocks=200, scheduling_policy="priority", max_num_seqs=2, max_num_batched_tokens=16), FakeRunner(4)
+    low = req("low", 4, max_tokens=30, arrival=0, priority=5)
+    s.add_request(low)
+    step(s, r)
+    high = req("high", 60, max_tokens=4, base=100, arrival=1, priority=0)
+    s.add_request(high)
+    step(s, r)
+    mid = req("mid", 4, max_tokens=3, base=300, arrival=2, priority=2)
+    s.add_request(mid)
+    waited = 0
+    while "mid" not in (so := step(s, r)).num_scheduled_tokens:
+        assert s.num_preemptions_total == 0 and so.num_scheduled_tokens["low"] == 1  # low keeps its seat
+        waited += 1
+    assert waited >= 2 and low.metrics.num_preemptions == 1  # evicted once mid joins with it
+    run_all(s, r)
+    check_outputs([low, high, mid])
+    assert s.kv.num_free_blocks == 200
+
+
+def _drained_pipeline(num_blocks, max_num_seqs, prompt_len):
+    """Four low-priority requests decoding, two batches in flight, the pipeline
+    drained (none in flight): a batch takes half of them."""
+    s, r = make(num_blocks=num_blocks, scheduling_policy="priority", caching=False, max_num_seqs=max_num_seqs,
+                max_inflight_batches=2), FakeRunner(4)
+    lows = [req(f"l{i}", prompt_len, max_tokens=20, base=i * 30, arrival=i, priority=5) for i in range(4)]
+    for q in lows:
+        s.add_request(q)
+    b1, b2 = launch(s, r), launch(s, r)
+    s.update(*b1)
+    s.update(*b2)
+    return s, r, lows
+
+
+def test_pipeline_priority_preemption_waits_for_a_batch_with_a_seat():
+    """Every seat is taken and a batch has two: one eviction frees a seat, but
+    the batch is still full with the other three, so it waits for the next."""
+    s, r, lows = _drained_pipeline(num_blocks=200, max_num_seqs=4, prompt_len=4)
+    urgent = req("urgent", 4, max_tokens=3, base=500, arrival=10, priority=0)
+    s.add_request(urgent)
+    b3 = launch(s, r)
+    assert b3[0].num_scheduled_tokens == {"l0": 1, "l1": 1}
+    assert s.num_preemptions_total == 0, "evicted for a head with no seat in this batch"
+    b4 = launch(s, r)  # l2 and l3 left: evicting l3 frees a seat and a place in this batch
+    assert b4[0].num_scheduled_tokens == {"l2": 1, "urgent": 4}
+    assert lows[3].metrics.num_preemptions == 1 and s.num_preemptions_total == 1
+    s.update(*b3)
+    s.update(*b4)
+    run_all(s, r)
+    check_outputs(lows + [urgent])
+    assert s.kv.num_free_blocks == 200
+
+
+def test_pipeline_priority_preemption_for_blocks_only_with_a_seat_in_the_batch():
+    """Seats are free but the batch's three are taken: evicting for blocks
+    would not let the head in."""
+    s, r, lows = _drained_pipeline(num_blocks=12, max_num_seqs=8, prompt_len=8)
+    urgent = req("urgent", 8, max_tokens=3, base=500, arrival=10, priority=0)
+    s.add_request(urgent)
+    b3 = launch(s, r)
+    assert b3[0].num_scheduled_tokens == {"l0": 1, "l1": 1, "l2": 1}
+    assert s.num_preemptions_total == 0, "evicted for a head with no seat in this batch"
+    in_flight = [b3]
+    while s.has_unfinished_requests() or in_flight:
+        so = launch(s, r)
+        if so[0].goes_out:
+            in_flight.append(so)
+        if in_flight and (len(in_flight) >= 2 or so[0].is_empty):
+            s.update(*in_flight.pop(0))
+    check_outputs(lows + [urgent])
+    assert s.kv.num_free_blocks == 12
+
+
 # ---- SLO ----------------------------------------------------------------
 def _bursty_trace():
     """Long-prompt requests with loose deadlines arrive just before a burst of
@@ -374,25 +449,27 @@ def test_a_request_swapped_out_by_a_failed_batch_recomputes(policy):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31), depth=st.integers(1, 3), caching=st.booleans())
-def test_pipelined_batches_that_fail_never_corrupt_or_leak(seed, depth, caching):
+@given(seed=st.integers(0, 2**31), depth=st.integers(1, 3), caching=st.booleans(),
+       policy=st.sampled_from(["fcfs", "priority"]))
+def test_pipelined_batches_that_fail_never_corrupt_or_leak(seed, depth, caching, policy):
     """The engine's loop (``LLMEngine.step``) with ``depth`` batches in flight,
-    as pipeline stages keep them, swap preemption in a small pool, random
-    aborts and batches that fail before they run: every request that is not
+    as pipeline stages keep them, FCFS or priority order, swap preemption in
+    a small pool, random aborts and batches that fail before they run: every request that is not
     failed or aborted read only its own tokens' K/V and produces its reference
     output, and no block, host slot or batch record is left behind. (A request
     failed with a batch in flight behind it may read garbage there first: the
     runner is not strict.)"""
     rng = random.Random(seed)
     num_blocks, cpu = rng.randint(8, 20), rng.randint(0, 24)
-    s = Scheduler(SchedulerConfig(max_num_batched_tokens=rng.choice([8, 16, 32]), max_num_seqs=6),
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=rng.choice([8, 16, 32]), max_num_seqs=6,
+                                  scheduling_policy=policy),
                   CacheConfig(block_size=4, preemption_mode="swap", enable_prefix_caching=caching),
                   num_blocks, max_model_len=4096, num_cpu_blocks=cpu, max_inflight_batches=depth)
     r = FakeRunner(4, strict=False)
     reqs = []
     for i in range(rng.randint(3, 12)):
         q = req(f"q{i}", rng.randint(1, 20), max_tokens=rng.randint(1, 14), base=rng.randint(0, 2) * 100,
-                arrival=float(i))
+                arrival=float(i), priority=rng.randint(0, 2))
         try:
             s.add_request(q)
         except ValueError:

@@ -94,13 +94,16 @@ class Preemption:
             return None
         return victim
 
-    def for_urgent_waiting(self, running: list[Request], head_admissible: Callable[[], bool]) -> None:
+    def for_urgent_waiting(self, running: list[Request], head_joins: Callable[[list[Request]], bool]) -> None:
         """Let the waiting queue's head evict running requests its policy ranks
         below it (priority preemption), when seats or blocks are what stops it:
         the fewest, in the order ``victim`` takes them, that free a seat and
         the blocks it needs. None when all of them would not, or when
-        ``head_admissible()`` says something else stops it: they would lose
-        their work and the head still wait."""
+        ``head_joins(staying)`` says that with only ``staying`` running it
+        would still not join the batch being built: they would lose their work
+        and the head still wait. A batch's seats under pipeline parallelism
+        and its tokens are no reason to evict: the head finds them in a batch
+        behind, where the running requests that took them now are in flight."""
         if not self.waiting:
             return
         head = self.waiting.head
@@ -120,7 +123,8 @@ class Preemption:
         else:
             return  # even all of them would not make room
         victims = candidates[:k]
-        if not victims or not head_admissible():
+        gone = {v.request_id for v in victims}
+        if not victims or not head_joins([r for r in running if r.request_id not in gone]):
             return
         if any(self.worker_view.in_flight(v.request_id) for v in victims):
             # Async scheduling: the head cannot join before they all can go;

@@ -198,10 +198,9 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         seats = self._batch_seats()
 
-        self.preemption.for_urgent_waiting(self.running, self._head_admissible)
+        self.preemption.for_urgent_waiting(self.running, lambda staying: self._head_joins(staying, seats))
         # Sized for the requests that run this iteration, after any were preempted.
-        budget = self.policy.token_budget(self.running, self.config.max_num_batched_tokens, self.cost_model,
-                                          self._to_compute)
+        budget = self._token_budget(self.running)
         # Running requests: decodes first (they must never starve), then chunked
         # prefills; oldest (smallest victim key) first so victims are found at the tail.
         order = sorted(self.running, key=lambda r: (self._to_compute(r) > 1, self.policy.victim_key(r)))
@@ -210,11 +209,9 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING or req.request_id in self.preemption.held_back:
                 continue  # preempted earlier in this loop, or to be preempted next time
-            if self.worker_view.in_flight(req.request_id) and not self.async_scheduling:
-                continue  # its last batch is still out
+            if not self._may_run(req):
+                continue
             n = min(self._to_compute(req), budget)
-            if n <= 0:
-                continue  # async: its pending token is its last
             blocks = self.preemption.allocate_or_preempt(req, n, self.running, scheduled)
             if blocks is None:
                 continue
@@ -232,6 +229,18 @@ class Scheduler:
                         or req.num_tokens + pending >= self.max_model_len):
             return 0
         return req.num_tokens + pending - req.num_computed_tokens
+
+    def _may_run(self, req: Request) -> bool:
+        """Whether running ``req`` has tokens for the batch being built: not
+        while a batch with it is out, unless async scheduling runs it again on
+        its pending token, and not when that pending token is its last."""
+        return ((self.async_scheduling or not self.worker_view.in_flight(req.request_id))
+                and self._to_compute(req) > 0)
+
+    def _token_budget(self, running: list[Request]) -> int:
+        """Tokens an iteration of ``running`` may compute (the SLO policy's may be fewer)."""
+        return self.policy.token_budget(running, self.config.max_num_batched_tokens, self.cost_model,
+                                        self._to_compute)
 
     def _batch_seats(self) -> int:
         """Most requests one batch may take. With several batches in flight (one
@@ -253,10 +262,25 @@ class Scheduler:
         return (self.policy.may_admit(head, self._waiting, self.running, self.clock())
                 and not (self.swap.holds(head.request_id) and self.swap.in_transit(head.request_id)))
 
+    def _has_seat(self, num_running: int, num_in_batch: int, seats: int) -> bool:
+        """Whether one more request may join the batch being built: below
+        max_num_seqs running, and below the batch's ``seats`` (_batch_seats)."""
+        return num_running < self.config.max_num_seqs and num_in_batch < seats
+
+    def _head_joins(self, staying: list[Request], seats: int) -> bool:
+        """Whether the waiting queue's head joins the batch being built if only
+        ``staying`` run, blocks aside (priority preemption counts those):
+        _admit_waiting's checks, made before the loop in schedule() gives the
+        running requests their seats and tokens."""
+        if not self._head_admissible():
+            return False
+        joining = [r for r in staying if self._may_run(r)]
+        return (self._has_seat(len(staying), len(joining), seats)
+                and sum(map(self._to_compute, joining)) < self._token_budget(staying))
+
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
                        seats: int) -> None:
-        while (self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
-               and len(scheduled) < seats):
+        while self._waiting and budget > 0 and self._has_seat(len(self.running), len(scheduled), seats):
             req = self._waiting.head
             if not self._head_admissible():
                 break
