@@ -54,6 +54,18 @@ def launch(s, r):
     return so, r.execute_model(so)
 
 
+def pipeline_step(s, r, in_flight, depth=2):
+    """One ``LLMEngine.step`` with up to ``depth`` batches in flight: launch a
+    batch, then apply the oldest one's tokens once the pipeline is full or
+    nothing new was scheduled. Returns the new batch."""
+    so, out = launch(s, r)
+    if so.goes_out:
+        in_flight.append((so, out))
+    if in_flight and (len(in_flight) >= depth or so.is_empty):
+        s.update(*in_flight.pop(0))
+    return so
+
+
 def run_all(s, r, **kw):
     for _ in range(20_000):
         if not s.has_unfinished_requests():
@@ -217,6 +229,29 @@ def test_no_priority_preemption_when_its_victims_cannot_make_room():
     assert s.num_preemptions_total == 0 and s.kv.num_free_blocks == 12
 
 
+def test_priority_preemption_counts_the_cached_blocks_a_head_takes_off_the_free_queue():
+    """mid's prompt starts with old's, whose blocks are cached but free: mid
+    takes them off the free queue as well as blocks for the chunk after
+    them, more than evicting low leaves free."""
+    s, r = make(num_blocks=6, scheduling_policy="priority", max_num_batched_tokens=8), FakeRunner(4)
+    s.add_request(req("old", 8, max_tokens=1, arrival=0, priority=1))
+    step(s, r)  # done: its 2 blocks stay cached
+    high = req("high", 8, max_tokens=10, base=100, arrival=1, priority=0)
+    low = req("low", 4, max_tokens=20, base=200, arrival=2, priority=5)
+    s.add_request(high)
+    step(s, r)
+    s.add_request(low)
+    step(s, r)
+    assert s.kv.num_free_blocks == 2  # old's: high has 3 blocks, low 1
+    mid = req("mid", 16, max_tokens=2, arrival=3, priority=2)
+    s.add_request(mid)
+    so = step(s, r)
+    assert s.num_preemptions_total == 0, "low was evicted though mid still had too few blocks"
+    assert so.num_scheduled_tokens == {"high": 1, "low": 1}
+    run_all(s, r)
+    check_outputs([high, low, mid])
+    assert s.kv.num_free_blocks == 6
+
 def test_no_priority_preemption_while_the_batch_has_no_tokens_for_the_head():
     """high's chunked prefill takes the batch's tokens that low's decode
     leaves: evicting low for mid's seat would not give mid any."""
@@ -283,13 +318,35 @@ def test_pipeline_priority_preemption_for_blocks_only_with_a_seat_in_the_batch()
     assert s.num_preemptions_total == 0, "evicted for a head with no seat in this batch"
     in_flight = [b3]
     while s.has_unfinished_requests() or in_flight:
-        so = launch(s, r)
-        if so[0].goes_out:
-            in_flight.append(so)
-        if in_flight and (len(in_flight) >= 2 or so[0].is_empty):
-            s.update(*in_flight.pop(0))
+        pipeline_step(s, r, in_flight)
     check_outputs(lows + [urgent])
     assert s.kv.num_free_blocks == 12
+
+
+def test_priority_preemption_counts_the_blocks_a_swapped_out_head_takes_back():
+    """A swapped-out request takes back blocks for all its computed tokens, not
+    only for its next chunk: mid's 20 need 6 blocks, more than low frees while
+    urgent runs, so low keeps running until mid can join."""
+    s = make(num_blocks=8, num_cpu_blocks=16, preemption_mode="swap", caching=False, scheduling_policy="priority",
+             max_num_seqs=2, max_inflight_batches=2, max_num_batched_tokens=8)
+    r, in_flight = FakeRunner(4), []
+    low = req("low", 4, max_tokens=12, arrival=0, priority=5)
+    mid = req("mid", 20, max_tokens=4, base=30, arrival=1, priority=3)
+    s.add_request(low)
+    s.add_request(mid)
+    batches = [pipeline_step(s, r, in_flight) for _ in range(6)]  # one seat a batch: in turn
+    assert [list(so.num_scheduled_tokens) for so in batches] == [["mid"], ["low"]] * 3
+    urgent = req("urgent", 8, max_tokens=6, base=60, arrival=2, priority=0)
+    s.add_request(urgent)
+    so = pipeline_step(s, r, in_flight)  # no seat: mid, out of flight, is swapped out
+    assert so.num_scheduled_tokens == {"urgent": 8} and s.swap.holds("mid") and mid.num_computed_tokens == 20
+    while "mid" not in (so := pipeline_step(s, r, in_flight)).num_scheduled_tokens:
+        assert low.metrics.num_preemptions == 0, "low was evicted for mid, which still could not take its blocks back"
+    assert urgent.finished and low.metrics.num_preemptions == 1  # evicted once mid joins
+    while s.has_unfinished_requests() or in_flight:
+        pipeline_step(s, r, in_flight)
+    check_outputs([low, mid, urgent])
+    assert s.kv.num_free_blocks == 8 and s.swap.num_free_slots == 16
 
 
 # ---- SLO ----------------------------------------------------------------

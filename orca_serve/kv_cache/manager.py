@@ -82,6 +82,22 @@ class KVCacheManager:
         return hits
 
     # ---- allocation ---------------------------------------------------
+    def num_blocks_to_take(self, request: Request, num_new_tokens: int,
+                           computed_blocks: list[KVBlock] | None = None) -> int:
+        """Free blocks ``allocate_slots`` with these arguments would take."""
+        return self._blocks_to_take(request, num_new_tokens, computed_blocks or [])[1]
+
+    def _blocks_to_take(self, request: Request, num_new_tokens: int,
+                        computed_blocks: list[KVBlock]) -> tuple[int, int]:
+        """(blocks to add, free blocks taken) for ``num_new_tokens`` more tokens of ``request``."""
+        held = len(self.req_blocks.get(request.request_id, ()))
+        target_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        if self.allocation == "reserve" and not held:
+            target_tokens = max(target_tokens, request.max_total_tokens)
+        need = self.blocks_needed(target_tokens) - held - len(computed_blocks)
+        # Cached blocks with no other holder come off the free queue when touched.
+        return need, max(need, 0) + sum(1 for b in computed_blocks if b.ref_cnt == 0)
+
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: list[KVBlock] | None = None) -> list[int] | None:
         """Make room for ``num_new_tokens`` more tokens of ``request``.
@@ -90,25 +106,18 @@ class KVCacheManager:
         pool cannot satisfy the request (nothing is changed then).
         """
         computed_blocks = computed_blocks or []
-        rid = request.request_id
-        held = self.req_blocks.get(rid)
-        if held is None:
-            held = []
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        target_tokens = num_computed + num_new_tokens
-        if self.allocation == "reserve" and not held:
-            target_tokens = max(target_tokens, request.max_total_tokens)
-        need = self.blocks_needed(target_tokens) - len(held) - len(computed_blocks)
-        # Cached blocks with no other holder come off the free queue when touched.
-        reclaim = sum(1 for b in computed_blocks if b.ref_cnt == 0)
-        if max(need, 0) + reclaim > self.pool.num_free_blocks:
+        need, taken = self._blocks_to_take(request, num_new_tokens, computed_blocks)
+        if taken > self.pool.num_free_blocks:
             return None
+        rid = request.request_id
+        held = self.req_blocks.get(rid, [])
         if computed_blocks:
             self.pool.touch(computed_blocks)
             held.extend(computed_blocks)
         new_blocks = self.pool.allocate(need) if need > 0 else []
         held.extend(new_blocks)
         self.req_blocks[rid] = held
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         self._cache_full_blocks(request, held, num_computed + num_new_tokens)
         return [b.block_id for b in computed_blocks + new_blocks]
 

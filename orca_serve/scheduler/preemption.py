@@ -94,27 +94,28 @@ class Preemption:
             return None
         return victim
 
-    def for_urgent_waiting(self, running: list[Request], head_joins: Callable[[list[Request]], bool]) -> None:
+    def for_urgent_waiting(self, running: list[Request], head_blocks: Callable[[], int],
+                           head_joins: Callable[[list[Request]], bool]) -> None:
         """Let the waiting queue's head evict running requests its policy ranks
         below it (priority preemption), when seats or blocks are what stops it:
         the fewest, in the order ``victim`` takes them, that free a seat and
-        the blocks it needs. None when all of them would not, or when
+        the ``head_blocks()`` it takes. None when all of them would not, or when
         ``head_joins(staying)`` says that with only ``staying`` running it
         would still not join the batch being built: they would lose their work
         and the head still wait. A batch's seats under pipeline parallelism
-        and its tokens are no reason to evict: the head finds them in a batch
-        behind, where the running requests that took them now are in flight."""
+        and its tokens are no reason to evict: a later batch has them again,
+        with no work lost, as the requests that take them now move on (are in
+        flight then, or done with a chunked prefill)."""
         if not self.waiting:
             return
         head = self.waiting.head
         candidates = [r for r in running if self.policy.may_preempt_for(head, r)]
         if not self.config.async_scheduling:  # as in victim(): one in flight cannot go
             candidates = [r for r in candidates if not self.worker_view.in_flight(r.request_id)]
+        if not candidates:
+            return
         candidates.sort(key=self.policy.victim_key, reverse=True)
-        first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
-        if self.kv.allocation == "reserve":
-            first_chunk = max(first_chunk, head.max_total_tokens)
-        need = self.kv.blocks_needed(first_chunk)
+        need = head_blocks()
         for k, num_freed in enumerate(itertools.chain([0], self.kv.num_freed_by(candidates))):
             staying = len(running) - k
             # Running requests may each take a block this step as they grow.

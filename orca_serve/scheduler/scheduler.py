@@ -21,7 +21,7 @@ from typing import Callable
 
 from orca_serve.batch import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from orca_serve.config import CacheConfig, SchedulerConfig
-from orca_serve.kv_cache import KVCacheManager
+from orca_serve.kv_cache import KVBlock, KVCacheManager
 from orca_serve.request import Request, RequestStatus
 from orca_serve.scheduler.cost_model import IterationCostModel
 from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
@@ -198,7 +198,8 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         seats = self._batch_seats()
 
-        self.preemption.for_urgent_waiting(self.running, lambda staying: self._head_joins(staying, seats))
+        self.preemption.for_urgent_waiting(self.running, self._head_blocks,
+                                           lambda staying: self._head_joins(staying, seats))
         # Sized for the requests that run this iteration, after any were preempted.
         budget = self._token_budget(self.running)
         # Running requests: decodes first (they must never starve), then chunked
@@ -210,7 +211,7 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING or req.request_id in self.preemption.held_back:
                 continue  # preempted earlier in this loop, or to be preempted next time
             if not self._may_run(req):
-                continue
+                continue  # its last batch is still out, or (async) its pending token is its last
             n = min(self._to_compute(req), budget)
             blocks = self.preemption.allocate_or_preempt(req, n, self.running, scheduled)
             if blocks is None:
@@ -278,6 +279,21 @@ class Scheduler:
         return (self._has_seat(len(staying), len(joining), seats)
                 and sum(map(self._to_compute, joining)) < self._token_budget(staying))
 
+    def _first_chunk(self, req: Request, budget: int) -> tuple[int, list[KVBlock]]:
+        """Waiting ``req``'s first chunk within ``budget``, and the prefix-cache
+        hits it starts after (none when swapped out: it goes on from its
+        computed tokens, its blocks swapped back in)."""
+        if self.swap.holds(req.request_id):
+            return min(req.num_tokens - req.num_computed_tokens, budget), []
+        computed = self.kv.get_computed_blocks(req)
+        return min(req.num_tokens - len(computed) * self.kv.block_size, budget), computed
+
+    def _head_blocks(self) -> int:
+        """Free blocks the waiting queue's head takes to join with a whole
+        token budget, as _admit_waiting allocates them."""
+        head = self._waiting.head
+        return self.kv.num_blocks_to_take(head, *self._first_chunk(head, self.config.max_num_batched_tokens))
+
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
                        seats: int) -> None:
         while self._waiting and budget > 0 and self._has_seat(len(self.running), len(scheduled), seats):
@@ -285,10 +301,8 @@ class Scheduler:
             if not self._head_admissible():
                 break
             swapped = self.swap.holds(req.request_id)
-            computed = self.kv.get_computed_blocks(req) if not swapped else []
+            n, computed = self._first_chunk(req, budget)
             num_cached = len(computed) * self.kv.block_size
-            start = req.num_computed_tokens if swapped else num_cached
-            n = min(req.num_tokens - start, budget)
             if not swapped:
                 req.num_computed_tokens = 0
             blocks = self.kv.allocate_slots(req, n, computed)
