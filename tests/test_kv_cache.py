@@ -90,10 +90,54 @@ def test_num_freed_by_counts_a_shared_block_once_all_its_holders_go():
     c = make_req("c", 4, base=500)
     kv.allocate_slots(c, 4)
     assert list(kv.num_freed_by([b, a, c])) == [1, 1 + 3, 1 + 3 + 1]
+    # a's and b's shared blocks are a head's prefix hits: freed, it takes them straight back.
+    hits = kv.get_computed_blocks(make_req("head", 12))
+    assert len(hits) == 2 and list(kv.num_freed_by([b, a], keep=hits)) == [1, 1 + 1]
     free = kv.num_free_blocks
     kv.free(b)
     kv.free(a)
     assert kv.num_free_blocks == free + 4
+
+
+@pytest.mark.parametrize("allocation", ["paged", "reserve"])
+def test_num_blocks_to_take_is_what_allocate_slots_takes(allocation):
+    """The two sums are written out separately (allocate_slots' runs for every
+    request every iteration); they must agree: fresh prompts, decode growth,
+    prefix hits held by a running request and hits on the free queue."""
+    kv = KVCacheManager(40, block_size=4, allocation=allocation)
+    a = make_req("a", 9)
+    cases = [(a, 9, [])]
+    for rid, n in (("b", 14), ("c", 9)):
+        cases.append((make_req(rid, n), None, None))
+    done = []
+    b = cases[1][0]
+    for req_, n, hits in cases:
+        if hits is None:
+            hits = kv.get_computed_blocks(req_)
+            n = req_.num_tokens - len(hits) * kv.block_size
+        free = kv.num_free_blocks
+        expected = kv.num_blocks_to_take(req_, n, hits)
+        assert kv.allocate_slots(req_, n, hits) is not None
+        assert free - kv.num_free_blocks == expected, req_.request_id
+        req_.num_computed_tokens = len(hits) * kv.block_size + n
+        done.append(req_)
+    for req_ in done:  # decode growth, across a block boundary for some
+        for _ in range(5):
+            free = kv.num_free_blocks
+            expected = kv.num_blocks_to_take(req_, 1)
+            kv.allocate_slots(req_, 1)
+            assert free - kv.num_free_blocks == expected
+            req_.num_computed_tokens += 1
+    kv.free(a)
+    kv.free(b)  # b's own full block stays cached on the free queue; c holds the first two
+    d = make_req("d", 14)
+    hits = kv.get_computed_blocks(d)
+    assert [blk.ref_cnt for blk in hits] == [1, 1, 0]
+    free = kv.num_free_blocks
+    expected = kv.num_blocks_to_take(d, d.num_tokens - len(hits) * kv.block_size, hits)
+    kv.allocate_slots(d, d.num_tokens - len(hits) * kv.block_size, hits)
+    assert free - kv.num_free_blocks == expected
+
 
 def test_full_prompt_hit_leaves_one_token_to_compute():
     kv = KVCacheManager(6, block_size=4)

@@ -252,6 +252,58 @@ def test_priority_preemption_counts_the_cached_blocks_a_head_takes_off_the_free_
     check_outputs([high, low, mid])
     assert s.kv.num_free_blocks == 6
 
+def test_priority_preemption_counts_no_room_from_the_prefix_blocks_a_victim_shares_with_the_head():
+    """low holds the two cached blocks mid's prompt starts with: evicting low
+    frees them, but mid takes them straight back, so they make no room, and
+    the rest of mid's prompt still would not fit."""
+    s, r = make(num_blocks=9, scheduling_policy="priority"), FakeRunner(4)
+    high = req("high", 20, max_tokens=10, base=500, arrival=0, priority=0)
+    low = req("low", 8, max_tokens=20, arrival=1, priority=5)
+    s.add_request(high)
+    s.add_request(low)
+    step(s, r)
+    step(s, r)
+    assert s.kv.num_free_blocks == 0  # high 6 blocks, low 3
+    mid = Request("mid", low.prompt_token_ids + [900 + i for i in range(8)],
+                  SamplingParams(max_tokens=2, ignore_eos=True), arrival_time=2, priority=2)
+    s.add_request(mid)
+    so = step(s, r)
+    assert s.num_preemptions_total == 0, "low was evicted for mid, which took low's blocks back and still did not fit"
+    assert so.num_scheduled_tokens == {"high": 1, "low": 1}
+    run_all(s, r)
+    check_outputs([high, low, mid])
+    assert s.kv.num_free_blocks == 9
+
+
+def test_priority_preemption_walks_its_victims_blocks_again_only_when_room_may_have_come():
+    """While evicting every candidate would make too little room, the walk
+    over their blocks (milliseconds at hundreds of requests) is not redone
+    each iteration; once a request finishes, blocks are free and it is."""
+    s, r = make(num_blocks=20, scheduling_policy="priority", caching=False), FakeRunner(4)
+    high = req("high", 24, max_tokens=12, arrival=0, priority=0)
+    lows = [req(f"low{i}", 8, max_tokens=6 + 6 * i, base=100 * (i + 1), arrival=1 + i, priority=5) for i in range(2)]
+    for q in (high, *lows):
+        s.add_request(q)
+    step(s, r)  # 6 + 2 + 2 blocks taken, 10 free
+    walks = []
+    num_freed_by = s.kv.num_freed_by
+    s.kv.num_freed_by = lambda *a, **kw: walks.append(1) or num_freed_by(*a, **kw)
+    mid = req("mid", 56, max_tokens=4, base=400, arrival=3, priority=2)  # 14 blocks: more than evicting both frees
+    s.add_request(mid)
+    for _ in range(4):  # all three decode; no block is freed
+        assert step(s, r).num_scheduled_tokens == {"high": 1, "low0": 1, "low1": 1}
+    assert len(walks) == 1
+    while lows[0].status != RequestStatus.FINISHED_LENGTH:
+        step(s, r)
+    step(s, r)
+    assert len(walks) == 2  # low0 is gone: the candidates and the free blocks changed
+    step(s, r)
+    assert len(walks) == 2  # low1 alone makes too little room too
+    run_all(s, r)
+    check_outputs([high, *lows, mid])
+    assert s.num_preemptions_total == 0 and s.kv.num_free_blocks == 20
+
+
 def test_no_priority_preemption_while_the_batch_has_no_tokens_for_the_head():
     """high's chunked prefill takes the batch's tokens that low's decode
     leaves: evicting low for mid's seat would not give mid any."""

@@ -23,7 +23,7 @@ import itertools
 from typing import Callable
 
 from orca_serve.config import SchedulerConfig
-from orca_serve.kv_cache import KVCacheManager
+from orca_serve.kv_cache import KVBlock, KVCacheManager
 from orca_serve.request import Request, RequestStatus
 from orca_serve.scheduler.policies import SchedulingPolicy
 from orca_serve.scheduler.swap_space import SwapSpace
@@ -49,6 +49,9 @@ class Preemption:
         # others with it. Emptied every schedule().
         self.held_back: set[str] = set()
         self.num_preemptions_total = 0
+        # ((head, its blocks, candidates), free blocks) when evicting every
+        # candidate would not have made room for the head (for_urgent_waiting).
+        self._no_room_for: tuple | None = None
 
     def preempt(self, req: Request, running: list[Request]) -> None:
         """Take ``req`` out of ``running`` and put it back in the waiting queue."""
@@ -94,12 +97,14 @@ class Preemption:
             return None
         return victim
 
-    def for_urgent_waiting(self, running: list[Request], head_blocks: Callable[[], int],
+    def for_urgent_waiting(self, running: list[Request], head_blocks: Callable[[], tuple[int, list[KVBlock]]],
                            head_joins: Callable[[list[Request]], bool]) -> None:
         """Let the waiting queue's head evict running requests its policy ranks
         below it (priority preemption), when seats or blocks are what stops it:
         the fewest, in the order ``victim`` takes them, that free a seat and
-        the ``head_blocks()`` it takes. None when all of them would not, or when
+        the blocks it takes (``head_blocks()``: how many, and its prefix-cache
+        hits, which a victim may hold: freed, the head takes them straight
+        back, so they make no room). None when all of them would not, or when
         ``head_joins(staying)`` says that with only ``staying`` running it
         would still not join the batch being built: they would lose their work
         and the head still wait. A batch's seats under pipeline parallelism
@@ -114,14 +119,27 @@ class Preemption:
             candidates = [r for r in candidates if not self.worker_view.in_flight(r.request_id)]
         if not candidates:
             return
+        need, hits = head_blocks()
+        # Running requests may each take a block this step as they grow.
+        if len(running) < self.config.max_num_seqs and need + len(running) <= self.kv.num_free_blocks:
+            return  # room already: no victim needed
+        # When even all candidates made too little room, it stays so while the
+        # head, its need and the candidates stay and no block is freed: the
+        # waiting queue admits nobody past its head, so the running set can
+        # only shrink, and as running requests grow, free blocks shrink by as
+        # many as the candidates' grow, or more. Skip the walk over every
+        # candidate's blocks (milliseconds, every iteration) until then.
+        situation = (head.request_id, need, tuple(r.request_id for r in candidates))
+        if (self._no_room_for is not None and self._no_room_for[0] == situation
+                and self.kv.num_free_blocks <= self._no_room_for[1]):
+            return
         candidates.sort(key=self.policy.victim_key, reverse=True)
-        need = head_blocks()
-        for k, num_freed in enumerate(itertools.chain([0], self.kv.num_freed_by(candidates))):
+        for k, num_freed in enumerate(itertools.chain([0], self.kv.num_freed_by(candidates, keep=hits))):
             staying = len(running) - k
-            # Running requests may each take a block this step as they grow.
             if staying < self.config.max_num_seqs and need + staying <= self.kv.num_free_blocks + num_freed:
                 break
         else:
+            self._no_room_for = (situation, self.kv.num_free_blocks)
             return  # even all of them would not make room
         victims = candidates[:k]
         gone = {v.request_id for v in victims}

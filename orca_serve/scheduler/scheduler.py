@@ -210,9 +210,9 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING or req.request_id in self.preemption.held_back:
                 continue  # preempted earlier in this loop, or to be preempted next time
-            if not self._may_run(req):
+            n = min(self._tokens_to_run(req), budget)
+            if n <= 0:
                 continue  # its last batch is still out, or (async) its pending token is its last
-            n = min(self._to_compute(req), budget)
             blocks = self.preemption.allocate_or_preempt(req, n, self.running, scheduled)
             if blocks is None:
                 continue
@@ -231,12 +231,13 @@ class Scheduler:
             return 0
         return req.num_tokens + pending - req.num_computed_tokens
 
-    def _may_run(self, req: Request) -> bool:
-        """Whether running ``req`` has tokens for the batch being built: not
-        while a batch with it is out, unless async scheduling runs it again on
-        its pending token, and not when that pending token is its last."""
-        return ((self.async_scheduling or not self.worker_view.in_flight(req.request_id))
-                and self._to_compute(req) > 0)
+    def _tokens_to_run(self, req: Request) -> int:
+        """Tokens running ``req`` has for the batch being built: none while a
+        batch with it is out, unless async scheduling runs it again on its
+        pending token (none when that token is its last)."""
+        if self.worker_view.in_flight(req.request_id) and not self.async_scheduling:
+            return 0
+        return self._to_compute(req)
 
     def _token_budget(self, running: list[Request]) -> int:
         """Tokens an iteration of ``running`` may compute (the SLO policy's may be fewer)."""
@@ -275,9 +276,8 @@ class Scheduler:
         running requests their seats and tokens."""
         if not self._head_admissible():
             return False
-        joining = [r for r in staying if self._may_run(r)]
-        return (self._has_seat(len(staying), len(joining), seats)
-                and sum(map(self._to_compute, joining)) < self._token_budget(staying))
+        tokens = [n for n in map(self._tokens_to_run, staying) if n > 0]
+        return self._has_seat(len(staying), len(tokens), seats) and sum(tokens) < self._token_budget(staying)
 
     def _first_chunk(self, req: Request, budget: int) -> tuple[int, list[KVBlock]]:
         """Waiting ``req``'s first chunk within ``budget``, and the prefix-cache
@@ -288,11 +288,13 @@ class Scheduler:
         computed = self.kv.get_computed_blocks(req)
         return min(req.num_tokens - len(computed) * self.kv.block_size, budget), computed
 
-    def _head_blocks(self) -> int:
+    def _head_blocks(self) -> tuple[int, list[KVBlock]]:
         """Free blocks the waiting queue's head takes to join with a whole
-        token budget, as _admit_waiting allocates them."""
+        token budget, as _admit_waiting allocates them, and its prefix-cache
+        hits (blocks a victim frees that the head takes straight back)."""
         head = self._waiting.head
-        return self.kv.num_blocks_to_take(head, *self._first_chunk(head, self.config.max_num_batched_tokens))
+        n, hits = self._first_chunk(head, self.config.max_num_batched_tokens)
+        return self.kv.num_blocks_to_take(head, n, hits), hits
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
                        seats: int) -> None:
