@@ -30,7 +30,8 @@ def conversation(messages, *, roles: Collection[str] | None = None, keep_other_k
     """The messages as chat templates take them: role, content as text, and
     name when given. ``roles``: the roles allowed (None: any string, for
     templates with roles of their own). ``keep_other_keys`` passes the rest
-    (tool_calls, tool_call_id, ...) on to the template as given."""
+    (tool_calls, tool_call_id, ...), and a null or absent content, on to the
+    template as given."""
     if not isinstance(messages, (list, tuple)):
         raise MessageError(where, f"{where} must be a list of {{role, content}} dicts, got {type(messages).__name__}")
     if not messages:
@@ -48,7 +49,10 @@ def _message(path: str, msg, roles: Collection[str] | None, keep_other_keys: boo
         raise MessageError(f"{path}.role", f"{path}.role must be one of {', '.join(roles)}; got {shown(role)}")
     out = dict(msg) if keep_other_keys else {}
     out["role"] = role
-    out["content"] = content_text(f"{path}.content", msg.get("content"))
+    if msg.get("content") is not None or not keep_other_keys:
+        # A null or absent content is '' for the server; templates that take
+        # other keys may test for it (an assistant turn with tool calls).
+        out["content"] = content_text(f"{path}.content", msg.get("content"))
     if msg.get("name") is not None:
         out["name"] = _text(f"{path}.name", msg["name"])
     return out
