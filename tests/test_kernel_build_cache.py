@@ -154,3 +154,23 @@ def test_a_process_waiting_on_a_build_being_removed_makes_it_again(tmp_path):
         build_dir.rmdir()
     loader.join(10)
     assert outcome == ["held the directory at its path"]
+
+
+def test_a_flock_file_that_is_a_link_is_held_not_retried_forever(tmp_path):
+    """The holder checks that the flock file it locked is still the one in the
+    directory; comparing without following the link it had opened through, a
+    linked flock file never matched and the holder spun forever."""
+    build_dir, target = tmp_path / "orca_cpu_ops_0123456789ab", tmp_path / "elsewhere.flock"
+    build_dir.mkdir()
+    target.touch()
+    (build_dir / BUILD_FLOCK).symlink_to(target)
+    entered = threading.Event()
+
+    def hold():
+        with build_cache.one_build_at_a_time(build_dir):
+            entered.set()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert entered.wait(10), "one_build_at_a_time never entered"
+    thread.join(10)

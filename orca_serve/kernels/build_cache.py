@@ -34,9 +34,12 @@ _BUILD_DIR = re.compile(r"orca_cpu_ops_[0-9a-f]{12}")
 
 
 def _still_linked(handle, path: Path) -> bool:
-    """Whether the file ``handle`` has open is still the one at ``path`` (not removed meanwhile)."""
+    """Whether the file ``handle`` has open is still the one at ``path`` (not
+    removed meanwhile). Links are followed, as the ``open`` that made
+    ``handle`` followed them: else a flock file that is a link would never
+    match, and the caller would retry forever."""
     try:
-        at_path = os.stat(path, follow_symlinks=False)
+        at_path = os.stat(path)
     except FileNotFoundError:
         return False
     held = os.fstat(handle.fileno())
