@@ -183,7 +183,6 @@ def test_a_content_length_of_non_ascii_digits_is_no_server_error(server):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
 def test_a_failing_chat_template_is_a_400_naming_messages(server, monkeypatch):
     """A template that fails on a well-formed conversation with anything but
     jinja's TemplateError (a TypeError here) was a 500 "internal_error"."""
@@ -198,6 +197,7 @@ def test_a_failing_chat_template_is_a_400_naming_messages(server, monkeypatch):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
 def test_idle_engine_thread_sleeps(server):
     wait_idle(server.url)
     tid = server.engine._thread.native_id
