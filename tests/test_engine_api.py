@@ -539,6 +539,17 @@ def test_a_failing_chat_template_is_named_with_its_conversation(chat_llm, monkey
     _serves_and_holds_nothing(chat_llm)
 
 
+def test_a_conversation_the_engine_refuses_is_named_as_a_conversation(chat_llm):
+    """Errors found after rendering (the context length, a sampling field)
+    named "prompt 1", a word the caller of chat never used."""
+    too_long = [{"role": "user", "content": "hi " * (chat_llm.engine.max_model_len + 10)}]
+    with pytest.raises(ValueError, match=r"^conversation 1: prompt has \d+ tokens"):
+        chat_llm.chat([_HI, too_long], SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="one entry per conversation"):
+        chat_llm.chat([_HI, _HI], [SamplingParams(max_tokens=3)])
+    _serves_and_holds_nothing(chat_llm)
+
+
 def test_chat_takes_the_content_shapes_the_server_takes(chat_llm, monkeypatch):
     """Text parts are joined by newlines, as the server joins them; a null
     content (an assistant message with tool calls) and keys other than role,

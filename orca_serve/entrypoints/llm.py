@@ -34,13 +34,7 @@ class LLM:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                         and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
-        prompts = list(prompts)
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        priorities = list(priority) if priority is not None else [0] * len(prompts)
-        if len(params_list) != len(prompts) or len(priorities) != len(prompts):
-            raise ValueError("sampling_params and priority lists must have one entry per prompt")
-        return self._run(prompts, params_list, priorities, use_tqdm)
+        return self._run(list(prompts), sampling_params, priority, use_tqdm, "prompt")
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
@@ -67,9 +61,16 @@ class LLM:
                 if not many:
                     raise
                 raise ValueError(f"conversation {i}: {exc}") from exc
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self._run(prompts, sampling_params, None, use_tqdm, "conversation")
 
-    def _run(self, prompts, params_list, priorities, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list, sampling_params, priority, use_tqdm: bool, what: str) -> list[RequestOutput]:
+        """Queue ``prompts`` and step until all are done; a bad one is a
+        ValueError naming it by ``what`` and index, and nothing stays queued."""
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(params_list) != len(prompts) or len(priorities) != len(prompts):
+            raise ValueError(f"sampling_params and priority lists must have one entry per {what}")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         added = []
         try:
@@ -79,7 +80,7 @@ class LLM:
         except BaseException as exc:  # the prompts queued before it must not run on unseen
             self._abort(added)
             if isinstance(exc, ValueError):
-                raise ValueError(f"prompt {len(added)}: {exc}") from exc
+                raise ValueError(f"{what} {len(added)}: {exc}") from exc
             raise
         results: dict[str, RequestOutput] = {}
         bar = None
