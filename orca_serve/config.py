@@ -5,10 +5,10 @@ see ``entrypoints/cli.py``.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, fields
 
+from orca_serve.sampling_params import is_finite_number
 from orca_serve.shown import shown
 
 KV_ALLOCATION_MODES = ("paged", "reserve")
@@ -35,17 +35,9 @@ def _number(name: str, value, low: float, *, strict: bool, allow_none: bool = Fa
     infinities, booleans and strings are refused."""
     if value is None and allow_none:
         return
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value)
-            or not (value > low if strict else value >= low)):
+    if not is_finite_number(value) or not (value > low if strict else value >= low):
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}"
                          f"{' or None' if allow_none else ''}, got {shown(value)}")
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int past float's range: no float setting can take it
-        return False
 
 
 def _int_in(name: str, value, low: int, high: int) -> None:

@@ -92,14 +92,18 @@ def integer(name: str, value, minimum: int | None) -> int:
     return value
 
 
-def finite_float(name: str, value) -> float:
-    """A finite real number as a float; anything else (NaN, ±inf, an int past
-    float's range, a bool, a string) is a ValueError naming ``name``."""
+def is_finite_number(value) -> bool:
+    """A finite real number (numpy's too): not NaN, ±inf, an int past float's
+    range, a bool or a string."""
     try:
-        ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+        return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
     except OverflowError:  # an int past float's range
-        ok = False
-    if not ok:
+        return False
+
+
+def finite_float(name: str, value) -> float:
+    """A finite real number as a float; anything else is a ValueError naming ``name``."""
+    if not is_finite_number(value):
         raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     return float(value)
 
