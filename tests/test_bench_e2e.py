@@ -276,6 +276,16 @@ def test_bad_bench_flag_is_refused_while_parsing(flags, message, capsys):
     assert f"error: argument {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--workload", "--scheduling-policy", "--base-url", "--input-len"])
+def test_a_long_bad_bench_flag_value_is_abbreviated_in_its_message(flag, capsys):
+    # The whole value was echoed: a 100,000-character mistake made a 100 KB message.
+    with pytest.raises(SystemExit):
+        bench([flag, "1:" + "x" * 100_000])
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage lines
+    assert f"error: argument {flag}: " in error and "(a string of 100002 characters)" in error
+    assert len(error) < 500
+
+
 def test_a_run_in_which_every_request_failed_says_why(model_dir, capsys):
     # It exited 1 with nothing but "Failed requests: 2" (nothing at all with --quiet).
     assert bench(["--model", str(model_dir), "--num-requests", "2", "--input-len", "1000", "--output-len", "1",

@@ -15,6 +15,7 @@ import sys
 
 from orca_serve.config import SCHEDULING_POLICIES
 from orca_serve.entrypoints.arg_types import checked, float_in, int_in, list_of
+from orca_serve.shown import shown
 
 BACKENDS = ("engine", "openai", "hf-static", "hf-cb")
 # Requests per second, > 0; inf: all at once.
@@ -23,7 +24,7 @@ _rate = float_in(0, strict=True, allow_inf=True)
 
 def _http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {shown(text)}")
     return text
 
 
@@ -33,12 +34,12 @@ def _workload(text: str) -> str:
     if text in WORKLOADS or (text.endswith(".jsonl") and os.path.isfile(text)):
         return text
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(WORKLOADS)} or an existing .jsonl file, "
-                                     f"got {text!r}")
+                                     f"got {shown(text)}")
 
 
 def _policy(text: str) -> str:
     if text not in SCHEDULING_POLICIES:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a scheduling policy; choose from "
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a scheduling policy; choose from "
                                          f"{', '.join(SCHEDULING_POLICIES)}")
     return text
 
@@ -51,7 +52,7 @@ def _length_range(text: str):
     except ValueError as exc:
         if "length range" in str(exc):
             raise
-        raise ValueError(f"expected a length N or a range LO:HI, got {text!r}") from None
+        raise ValueError(f"expected a length N or a range LO:HI, got {shown(text)}") from None
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from orca_serve.shown import shown
+
 WORKLOADS = ("orca", "random", "sharegpt-like", "shared-prefix")
 
 # Defaults per workload: (input length range, output length range), inclusive.
@@ -65,7 +67,7 @@ def parse_range(text: str) -> tuple[int, int]:
     lo, _, hi = str(text).partition(":")
     lo_i, hi_i = int(lo), int(hi or lo)
     if lo_i < 1 or hi_i < lo_i:
-        raise ValueError(f"length range must be 1 <= lo <= hi, got {text!r}")
+        raise ValueError(f"length range must be 1 <= lo <= hi, got {shown(text)}")
     return lo_i, hi_i
 
 
