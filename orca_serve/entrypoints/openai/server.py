@@ -28,9 +28,7 @@ import time
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
@@ -42,6 +40,7 @@ from orca_serve.entrypoints.openai.body import decode_json
 from orca_serve.entrypoints.openai.handlers import (
     CLIENT_CLOSED, ServingContext, create_chat_completion, create_completion)
 from orca_serve.entrypoints.openai.metrics import ServerMetrics
+from orca_serve.entrypoints.openai.middleware import error_response, install_handlers
 from orca_serve.entrypoints.openai.protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, bad_request, parse_request)
 from orca_serve.entrypoints.openai.serving import TokenText
@@ -137,74 +136,19 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
         if engine.is_accepting:
             return JSONResponse({"status": "ok"})
         status = "engine is dead" if not engine.is_healthy else "shutting down"
-        return _error_response(ApiError(503, status, type="server_error", code="unavailable"))
+        return error_response(ApiError(503, status, type="server_error", code="unavailable"))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    _install_error_handlers(app)
+    install_handlers(app)
     return app
 
 
 def _too_large(size: int, limit: int) -> ApiError:
     return bad_request(f"request body is {size} bytes; the limit is {limit} (--max-body-bytes)",
                        param="body", code="body_too_large")
-
-
-def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_, exc: ApiError):
-        return _error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(ApiError(exc.status_code, str(exc.detail), type=kind))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_, exc: RequestValidationError):
-        return _error_response(bad_request(str(exc.errors()[0].get("msg", exc))))
-
-    app.add_middleware(_InternalErrorMiddleware)
-
-
-class _InternalErrorMiddleware:
-    """An exception no handler took becomes the API's 500, logged once.
-
-    Starlette's handler for ``Exception`` answers and then raises the exception
-    again for the server to see, so uvicorn logged every such error a second
-    time. This middleware sits inside Starlette's and keeps it. Once the answer
-    has started (a stream) no 500 can be sent: the exception goes on, and
-    uvicorn logs it and drops the connection."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_noting_start(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_start)
-        except Exception as exc:
-            if started:
-                raise
-            logger.exception("unhandled error")
-            response = _error_response(ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error",
-                                                code="internal_error"))
-            await response(scope, receive, send)
 
 
 class _GracefulServer(uvicorn.Server):
