@@ -201,7 +201,9 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("content-type", _CHAT, {"messages": [{"role": "user", "content": 5}]}, None, 400, "messages[0].content"),
     ("no-messages", _CHAT, {"messages": []}, None, 400, "messages"),
     ("top-logprobs-alone", _CHAT, {"messages": _MSG, "top_logprobs": 2}, None, 400, "top_logprobs"),
-    ("unknown-model", _CMPL, {"model": "gpt-4", "prompt": "hi"}, None, 400, "model"),
+    # 404 as OpenAI and vLLM answer (their clients raise NotFoundError); it was a 400.
+    ("unknown-model", _CMPL, {"model": "gpt-4", "prompt": "hi"}, None, 404, "model"),
+    ("unknown-model-chat", _CHAT, {"model": "gpt-4", "messages": _MSG}, None, 404, "model"),
     ("prompt-over-context", _CMPL, {"prompt": "the " * 400}, None, 400, "prompt"),
     ("messages-over-context", _CHAT, {"messages": [{"role": "user", "content": "the " * 400}]}, None, 400,
      "messages"),
@@ -214,7 +216,7 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("token-id-out-of-vocab-in-mixed-batch", _CMPL, {"prompt": ["hi", "hi", [-1]]}, None, 400, "prompt[2]"),
     ("prompt-empty-list", _CMPL, {"prompt": []}, None, 400, "prompt"),
     ("prompt-empty-string", _CMPL, {"prompt": ""}, None, 400, "prompt"),
-    ("body-too-large", _CMPL, {"prompt": "x" * 100_000}, None, 400, "body"),
+    ("body-too-large", _CMPL, {"prompt": "x" * 100_000}, None, 413, "body"),  # was a 400
     ("no-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": ""}, 401, None),
     ("wrong-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": "Bearer nope"}, 401, None),
     ("unknown-route", "/v1/engines", {"prompt": "hi"}, None, 404, None),
@@ -256,7 +258,10 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
 
 
 # What the message must say where the field alone does not tell what is wrong.
-BAD_MESSAGES = {"image-part": "part 0 has type 'image_url'; only text parts are supported",
+BAD_MESSAGES = {"unknown-model": "the model 'gpt-4' does not exist; this server serves '",
+                "unknown-model-chat": "(see GET /v1/models)",
+                "body-too-large": "request body is 100014 bytes; the limit is 65536 bytes",
+                "image-part": "part 0 has type 'image_url'; only text parts are supported",
                 "text-part-without-text": "part 0 needs 'text'",
                 "role-unknown": "messages[0].role must be one of system, developer, user, assistant, tool; got 'bot'",
                 "lone-surrogate-prompt": "unpaired UTF-16 surrogate",

@@ -42,7 +42,7 @@ from orca_serve.entrypoints.openai.handlers import (
 from orca_serve.entrypoints.openai.metrics import ServerMetrics
 from orca_serve.entrypoints.openai.middleware import error_response, install_handlers
 from orca_serve.entrypoints.openai.protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, bad_request, parse_request)
+    ApiError, ChatCompletionRequest, CompletionRequest, parse_request)
 from orca_serve.entrypoints.openai.serving import TokenText
 from orca_serve.shown import shown
 
@@ -81,13 +81,13 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
         # isdigit() but not to int() (a 500). A header that is no number is
         # ignored, as a missing one is: the body below is counted as it comes.
         if declared.isascii() and declared.isdigit() and int(declared) > max_body_bytes:
-            raise _too_large(int(declared), max_body_bytes)
+            raise _too_large(max_body_bytes, int(declared))
         body, size = [], 0
         try:
             async for chunk in raw.stream():
                 size += len(chunk)
-                if size > max_body_bytes:
-                    raise _too_large(size, max_body_bytes)
+                if size > max_body_bytes:  # no Content-Length (chunked): stop reading here
+                    raise _too_large(max_body_bytes)
                 body.append(chunk)
         except ClientDisconnect:  # nobody to answer; not a server error
             raise ApiError(CLIENT_CLOSED, "the client closed the connection before its request body arrived",
@@ -96,8 +96,7 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise bad_request(f"model {shown(name)} does not exist; this server serves '{model_name}'",
-                              param="model", code="model_not_found")
+            raise _model_not_found(name, model_name)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
@@ -126,7 +125,7 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
     @v1.get("/models/{name:path}")
     async def model(name: str) -> dict:
         if name != model_name:
-            raise ApiError(404, f"model {shown(name)} does not exist", param="model", code="model_not_found")
+            raise _model_not_found(name, model_name)
         return model_card()
 
     app.include_router(v1)
@@ -146,9 +145,19 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
     return app
 
 
-def _too_large(size: int, limit: int) -> ApiError:
-    return bad_request(f"request body is {size} bytes; the limit is {limit} (--max-body-bytes)",
-                       param="body", code="body_too_large")
+def _model_not_found(name: str, served: str) -> ApiError:
+    # 404 as OpenAI and vLLM answer it: their clients raise NotFoundError on it,
+    # and a 400 read as a malformed request rather than a wrong model name.
+    return ApiError(404, f"the model {shown(name)} does not exist; this server serves {shown(served)} "
+                         "(see GET /v1/models)", param="model", code="model_not_found")
+
+
+def _too_large(limit: int, size: int | None = None) -> ApiError:
+    """413 for a body past ``limit``: its size when declared (Content-Length),
+    else only that it went past the limit (a chunked body is not read to its end)."""
+    what = f"is {size} bytes; the limit is" if size is not None else "exceeds the limit of"
+    return ApiError(413, f"request body {what} {limit} bytes (--max-body-bytes)", param="body",
+                    code="body_too_large")
 
 
 class _GracefulServer(uvicorn.Server):

@@ -1,0 +1,70 @@
+"""The server at the HTTP level, as clients and proxies meet it: the status of
+an unknown model and of a body past the limit. The real server in a
+subprocess; each bad request is followed by a good one, and no KV block may
+stay in use."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from server_helpers import API_KEY, ServerProcess, build_tiny_model, metric, wait_idle
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+LIMIT = 65536
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = ServerProcess(model_dir, log, "--num-kv-blocks", "128", "--max-body-bytes", str(LIMIT))
+    yield srv
+    assert srv.stop() == 0
+
+
+def _serves_and_holds_nothing(server) -> None:
+    good = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=AUTH,
+                      timeout=30)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
+    assert metric(wait_idle(server.url), "orca_serve_kv_blocks_used") == 0
+
+
+def test_an_unknown_model_is_not_found_to_the_openai_client(server, model_dir):
+    """It was a 400, which the client raises as BadRequestError: a malformed
+    request, not a wrong name. The message names both models."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["message"] == (f"the model 'gpt-4' does not exist; this server serves '{model_dir.name}' "
+                                "(see GET /v1/models)")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    # The model route says it in the same words.
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-4")
+    assert caught.value.body == error
+    _serves_and_holds_nothing(server)
+
+
+def test_a_chunked_body_past_the_limit_is_413(server):
+    """A body without Content-Length is counted as it arrives and refused at
+    the limit, unread past it: its size is not known, only that it exceeds."""
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(2 * LIMIT // 1024):
+            yield b"x" * 1024
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(),
+                   headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert "content-length" not in r.request.headers  # chunked, as the test means
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == {"message": f"request body exceeds the limit of {LIMIT} bytes (--max-body-bytes)",
+                                 "type": "invalid_request_error", "param": "body", "code": "body_too_large"}
+    _serves_and_holds_nothing(server)
