@@ -1,7 +1,7 @@
 """The server at the HTTP level, as clients and proxies meet it: the status of
-an unknown model and of a body past the limit. The real server in a
-subprocess; each bad request is followed by a good one, and no KV block may
-stay in use."""
+an unknown model and of a body past the limit, HEAD on the read-only routes,
+and a path with a trailing slash. The real server in a subprocess; each bad
+request is followed by a good one, and no KV block may stay in use."""
 from __future__ import annotations
 
 import httpx
@@ -67,4 +67,37 @@ def test_a_chunked_body_past_the_limit_is_413(server):
     assert r.status_code == 413, r.text
     assert r.json()["error"] == {"message": f"request body exceeds the limit of {LIMIT} bytes (--max-body-bytes)",
                                  "type": "invalid_request_error", "param": "body", "code": "body_too_large"}
+    _serves_and_holds_nothing(server)
+
+
+@pytest.mark.parametrize("path,headers", [("/health", {}), ("/metrics", {}), ("/v1/models", AUTH),
+                                          ("/v1/models/{model}", AUTH)])
+def test_head_is_get_without_the_body(server, model_dir, path, headers):
+    """Load balancers' health checks and ``curl -I`` send HEAD: it was a 405."""
+    url = server.url + path.format(model=model_dir.name)
+    head, get = httpx.head(url, headers=headers, timeout=10), httpx.get(url, headers=headers, timeout=10)
+    assert head.status_code == get.status_code == 200, head.text
+    assert head.content == b"" and get.content
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_head_needs_the_api_key_as_get_does(server):
+    assert httpx.head(server.url + "/v1/models", timeout=10).status_code == 401
+
+
+def test_a_trailing_slash_serves_the_route_instead_of_redirecting(server, model_dir):
+    """Starlette answered ``POST /v1/completions/`` with a 307 to the path
+    without the slash, which many clients follow without the body."""
+    r = httpx.post(server.url + "/v1/completions/", json={"prompt": "hi", "max_tokens": 2}, headers=AUTH,
+                   timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+    r = httpx.post(server.url + "/v1/chat/completions/", headers=AUTH, timeout=30,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+    r = httpx.get(server.url + "/v1/models/", headers=AUTH, timeout=10)
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [model_dir.name]
+    assert httpx.get(server.url + "/health/", timeout=10).status_code == 200
+    # The slash is not a wildcard: an unknown path with one is still a 404.
+    r = httpx.post(server.url + "/v1/engines/", json={}, headers=AUTH, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     _serves_and_holds_nothing(server)

@@ -1,6 +1,7 @@
 """What every request to the server passes through besides its route: the
-handlers that turn exceptions into OpenAI's error body, and the ASGI
-middleware that answers an unhandled exception with a 500 logged once."""
+handlers that turn exceptions into OpenAI's error body, and two ASGI
+middlewares (an unhandled exception as a 500 logged once; a trailing slash
+routed as the path without it)."""
 from __future__ import annotations
 
 import logging
@@ -36,6 +37,7 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(bad_request(str(exc.errors()[0].get("msg", exc))))
 
     app.add_middleware(_InternalErrorMiddleware)
+    app.add_middleware(_SlashlessPath)
 
 
 class _InternalErrorMiddleware:
@@ -70,3 +72,22 @@ class _InternalErrorMiddleware:
             response = error_response(ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error",
                                                code="internal_error"))
             await response(scope, receive, send)
+
+
+class _SlashlessPath:
+    """Routes a path with a trailing slash (``POST /v1/completions/``) as the
+    path without it.
+
+    Starlette would answer 307 to the slashless path, and many clients do not
+    send a POST's body again after a 307, or send it to another host behind a
+    proxy. No route here differs from another by a trailing slash, so the
+    slashed path can only mean the one without it."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path[:-1]}
+        await self.app(scope, receive, send)

@@ -13,8 +13,11 @@ refused, in-flight requests are aborted and answered with finish_reason
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
 GET /health (503 once the engine is dead or shutting down), GET /metrics
-(Prometheus). With ``api_key`` set, /v1/* needs ``Authorization: Bearer KEY``.
-Every error is OpenAI's {"error": {"message", "type", "param", "code"}}.
+(Prometheus); each GET route answers HEAD too, and a path with a trailing
+slash is served as the path without it. With ``api_key`` set, /v1/* needs
+``Authorization: Bearer KEY``. Every error is OpenAI's {"error": {"message",
+"type", "param", "code"}}: an unknown model is a 404, a body past
+``max_body_bytes`` a 413.
 """
 from __future__ import annotations
 
@@ -52,6 +55,10 @@ logger = logging.getLogger("orca_serve.server")
 # get 503 + Retry-After (unless --max-waiting-requests says otherwise).
 DEFAULT_MAX_WAITING_REQUESTS = 1024
 
+# Every read-only route answers HEAD as GET, without the body: load balancers'
+# health checks and `curl -I` use HEAD (FastAPI, unlike Starlette, does not add it).
+_GET_AND_HEAD = ["GET", "HEAD"]
+
 
 def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_log_level: str = "info") -> FastAPI:
@@ -63,7 +70,8 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
     engine.set_observer(metrics)
     ctx = ServingContext(engine, model_name, TokenText(engine.tokenizer))
     created = int(time.time())
-    app = FastAPI(title="orca-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # No 307 to the path without a trailing slash: middleware.py routes the slashed path as that one.
+    app = FastAPI(title="orca-serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.engine, app.state.metrics = engine, metrics
 
     async def authorize(raw: Request) -> None:  # async: sync dependencies hop to a thread pool
@@ -118,11 +126,11 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
         return {"id": model_name, "object": "model", "created": created, "owned_by": "orca-serve",
                 "max_model_len": engine.max_model_len}
 
-    @v1.get("/models")
+    @v1.api_route("/models", methods=_GET_AND_HEAD)
     async def models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @v1.get("/models/{name:path}")
+    @v1.api_route("/models/{name:path}", methods=_GET_AND_HEAD)
     async def model(name: str) -> dict:
         if name != model_name:
             raise _model_not_found(name, model_name)
@@ -130,14 +138,14 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=_GET_AND_HEAD)
     async def health() -> Response:
         if engine.is_accepting:
             return JSONResponse({"status": "ok"})
         status = "engine is dead" if not engine.is_healthy else "shutting down"
         return error_response(ApiError(503, status, type="server_error", code="unavailable"))
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=_GET_AND_HEAD)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
