@@ -499,11 +499,11 @@ def _serves_and_holds_nothing(llm) -> None:
     # a TypeError, a KeyError) or rendered garbage, naming no message.
     ("hi", r"messages must be a list of \{role, content\} dicts .*, got str"),
     ({"role": "user", "content": "hi"}, r"messages must be a list of \{role, content\} dicts .*, got dict"),
-    (["hi"], r"messages\[0\] must be a \{role, content\} dict, got str"),
+    (["hi"], r"messages\[0\]: must be an object with role and content, got 'hi'"),
     ([{"role": "user", "content": "hi"}, {"content": "x"}], r"messages\[1\]\.role is missing"),
     ([{"role": 5, "content": "hi"}], r"messages\[0\]\.role must be a string, got 5"),
     ([{"role": "user", "content": 5}], r"messages\[0\]\.content must be a string, a list of text parts or None, "
-                                       r"got int"),
+                                       r"got 5"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
      r"messages\[0\]\.content: part 0 has type 'image_url'; only text parts are supported"),
     ([{"role": "user", "content": [{"type": "text"}]}], r"messages\[0\]\.content: part 0 needs 'text', a string"),
@@ -513,7 +513,7 @@ def _serves_and_holds_nothing(llm) -> None:
     # A list of conversations: the bad one is named, and none of them is queued.
     ([_HI, []], "conversation 1: messages must hold at least one message"),
     ([_HI, _HI + [{"role": None, "content": "x"}]], r"conversation 1: messages\[1\]\.role must be a string, got None"),
-    ([_HI, "hi"], r"conversation 1: messages must be a list of \{role, content\} dicts, got str"),
+    ([_HI, "hi"], r"conversation 1: messages: must be a list of objects with role and content, got 'hi'"),
 ])
 def test_malformed_chat_messages_are_named_and_nothing_is_queued(chat_llm, messages, match):
     with pytest.raises(ValueError, match=match):

@@ -241,6 +241,7 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     # The checks LLM.chat shares with the server.
     ("messages-not-a-list", _CHAT, {"messages": "hi"}, None, 400, "messages"),
     ("message-not-an-object", _CHAT, {"messages": ["hi"]}, None, 400, "messages[0]"),
+    ("message-a-number", _CHAT, {"messages": [_MSG[0], 5]}, None, 400, "messages[1]"),
     ("role-unknown", _CHAT, {"messages": [{"role": "bot", "content": "hi"}]}, None, 400, "messages[0].role"),
     ("role-missing", _CHAT, {"messages": [{"content": "hi"}]}, None, 400, "messages[0].role"),
     ("name-type", _CHAT, {"messages": [{"role": "user", "content": "hi", "name": 5}]}, None, 400, "messages[0].name"),
@@ -261,6 +262,11 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
 BAD_MESSAGES = {"unknown-model": "the model 'gpt-4' does not exist; this server serves '",
                 "unknown-model-chat": "(see GET /v1/models)",
                 "body-too-large": "request body is 100014 bytes; the limit is 65536 bytes",
+                # In the client's words and with the value it sent: it said "{role, content} dict, got int".
+                "message-a-number": "messages[1]: must be an object with role and content, got 5",
+                "message-not-an-object": "messages[0]: must be an object with role and content, got 'hi'",
+                "messages-not-a-list": "messages: must be a list of objects with role and content, got 'hi'",
+                "content-type": "messages[0].content must be a string, a list of text parts or None, got 5",
                 "image-part": "part 0 has type 'image_url'; only text parts are supported",
                 "text-part-without-text": "part 0 needs 'text'",
                 "role-unknown": "messages[0].role must be one of system, developer, user, assistant, tool; got 'bot'",
