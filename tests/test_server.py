@@ -164,6 +164,19 @@ def test_logprobs(client):
     assert len(streamed) == 4
 
 
+def test_logit_bias(client, tokenizer):
+    """logit_bias was refused whatever it held ("logit_bias is not supported"),
+    even all zeros, which change nothing. Zeros are a no-op; +100 makes a token
+    win every greedy step, in completions and chat."""
+    kw = dict(model=_model(client), max_tokens=5, temperature=0, extra_body=IGNORE_EOS)
+    plain = client.completions.create(prompt="Hello", **kw).choices[0].text
+    assert client.completions.create(prompt="Hello", logit_bias={"5": 0, "17": 0}, **kw).choices[0].text == plain
+    token = tokenizer("the").input_ids[0]
+    r = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], logit_bias={str(token): 100},
+                                       **kw)
+    assert r.choices[0].message.content == tokenizer.decode([token] * 5)
+
+
 def test_prefix_cache_hit_reported_as_cached_tokens(client):
     prompt = "the people of the water world call the first number " * 4  # several full 16-token blocks
     kw = dict(model=_model(client), prompt=prompt, max_tokens=2, extra_body=IGNORE_EOS)
@@ -238,6 +251,10 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
      "functions"),
     ("legacy-function-call", _CHAT, {"messages": _MSG, "function_call": "auto"}, None, 400, "function_call"),
     ("prompt-empty-in-batch", _CMPL, {"prompt": ["hi", ""]}, None, 400, "prompt[1]"),
+    ("logit-bias-over-100", _CMPL, {"prompt": "hi", "logit_bias": {"5": 101}}, None, 400, "logit_bias"),
+    ("logit-bias-key-not-a-token-id", _CHAT, {"messages": _MSG, "logit_bias": {"the": 5}}, None, 400, "logit_bias"),
+    ("logit-bias-outside-the-vocabulary", _CMPL, {"prompt": "hi", "logit_bias": {"99999": -5}}, None, 400,
+     "logit_bias"),
     # The checks LLM.chat shares with the server.
     ("messages-not-a-list", _CHAT, {"messages": "hi"}, None, 400, "messages"),
     ("message-not-an-object", _CHAT, {"messages": ["hi"]}, None, 400, "messages[0]"),
@@ -267,6 +284,9 @@ BAD_MESSAGES = {"unknown-model": "the model 'gpt-4' does not exist; this server 
                 "message-not-an-object": "messages[0]: must be an object with role and content, got 'hi'",
                 "messages-not-a-list": "messages: must be a list of objects with role and content, got 'hi'",
                 "content-type": "messages[0].content must be a string, a list of text parts or None, got 5",
+                "logit-bias-over-100": "logit_bias[5] must be in [-100, 100], got 101.0",
+                "logit-bias-key-not-a-token-id": "logit_bias: keys must be token ids (\"50256\"), got 'the'",
+                "logit-bias-outside-the-vocabulary": "logit_bias: token id 99999 is outside the vocabulary",
                 "image-part": "part 0 has type 'image_url'; only text parts are supported",
                 "text-part-without-text": "part 0 needs 'text'",
                 "role-unknown": "messages[0].role must be one of system, developer, user, assistant, tool; got 'bot'",
