@@ -14,6 +14,8 @@ from orca_serve.shown import shown
 # probabilities, a garbage token), and sampling that cold picks the argmax
 # anyway. The same bound as vLLM's.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+# OpenAI's bound on a logit bias (vLLM's too).
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -39,6 +41,10 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return per token (0 = sampled token only)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Token id -> a number in [-100, 100] added to its logit before sampling
+    # (greedy too), as OpenAI's logit_bias: -100 all but bans a token. Zeros
+    # change nothing and are dropped; None is no bias.
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,6 +78,7 @@ class SamplingParams:
             self.logprobs = integer("logprobs", self.logprobs, minimum=0)
             if self.logprobs > 20:
                 raise ValueError(f"logprobs must be <= 20, got {shown(self.logprobs)}")
+        self.logit_bias = _logit_bias(self.logit_bias)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {shown(getattr(self, name))}")
@@ -106,6 +113,25 @@ def finite_float(name: str, value) -> float:
     if not is_finite_number(value):
         raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     return float(value)
+
+
+def _logit_bias(value) -> dict[int, float]:
+    """The non-zero biases, keyed by token id (numpy integers as ints)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {type(value).__name__}")
+    out = {}
+    for token, bias in value.items():
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise ValueError(f"logit_bias: keys must be token ids (integers >= 0), got {shown(token)}")
+        bias = finite_float(f"logit_bias[{shown(token)}]", bias)
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias[{shown(token)}] must be in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                             f"got {shown(bias)}")
+        if bias:
+            out[int(token)] = bias
+    return out
 
 
 def _list(name: str, value, of: str) -> list:

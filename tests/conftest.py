@@ -57,3 +57,11 @@ def default_model_dir(orca_cache_dir) -> str:
     return resolve_model_path(ModelConfig())
 
 # --------------------------- end of worker side ----------------------------
+
+
+@pytest.fixture(scope="session")
+def server_model_dir(tmp_path_factory):
+    """The server tests' tiny random llama with a real tokenizer (server_helpers.build_tiny_model)."""
+    from server_helpers import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

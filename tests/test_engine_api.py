@@ -62,6 +62,11 @@ def test_timing_metrics_are_ordered(llm):
     (dict(stop_token_ids=5), "stop_token_ids must be a list of token ids, got int"),
     (dict(stop_token_ids="12"), "stop_token_ids must be a list of token ids, got str"),
     (dict(stop_token_ids=b"ab"), "stop_token_ids must be a list of token ids, got bytes"),
+    (dict(logit_bias={5: 101}), r"logit_bias\[5\] must be in \[-100, 100\], got 101.0"),
+    (dict(logit_bias={5: float("nan")}), r"logit_bias\[5\] must be a finite number"),
+    (dict(logit_bias={-1: 1}), r"logit_bias: keys must be token ids \(integers >= 0\), got -1"),
+    (dict(logit_bias={"5": 1}), r"logit_bias: keys must be token ids \(integers >= 0\), got '5'"),
+    (dict(logit_bias=[5]), "logit_bias must be a mapping of token id to bias, got list"),
     # Any value passed as a flag: the string "false" meant True.
     (dict(ignore_eos="false"), "ignore_eos must be True or False"),
     (dict(include_stop_str_in_output=1), "include_stop_str_in_output must be True or False"),
@@ -286,12 +291,26 @@ def test_a_stop_token_outside_the_vocabulary_fails_alone(llm):
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and stats.num_running == 0
 
 
+def test_a_logit_bias_outside_the_vocabulary_fails_alone(llm):
+    """The sampler adds the bias at the token's column: one past the vocabulary
+    would fail the whole batch there, so the engine refuses it."""
+    bad = SamplingParams(max_tokens=3, logit_bias={5: 1.0, 100000: 1.0})
+    with pytest.raises(ValueError, match="logit_bias: token id 100000 is outside the vocabulary"):
+        llm.generate([[1, 2, 3], [4, 5, 6]], [SamplingParams(max_tokens=3), bad])
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True,
+                                                   logit_bias={5: 100.0}))[0]
+    assert out.token_ids == [5, 5, 5]
+    stats = llm.engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and stats.num_running == 0
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("logprobs", 10 ** 6, "logprobs must be <= 20"),  # failed its batch in topk, the others with it
     ("seed", "x", "seed must be an integer"),  # the same, in the seeded noise
     ("temperature", float("nan"), "temperature must be a finite number"),  # token 0 every time
     ("top_p", 0.0, "top_p must be in"),  # token 0 every time
     ("max_tokens", 0, "max_tokens must be >= 1"),  # generated one token anyway
+    ("logit_bias", {5: 1e6}, r"logit_bias\[5\] must be in \[-100, 100\]"),
 ])
 def test_sampling_params_changed_after_construction_are_checked_again(llm, field, value, match):
     params = SamplingParams(max_tokens=3, temperature=1.0)
@@ -499,11 +518,11 @@ def _serves_and_holds_nothing(llm) -> None:
     # a TypeError, a KeyError) or rendered garbage, naming no message.
     ("hi", r"messages must be a list of \{role, content\} dicts .*, got str"),
     ({"role": "user", "content": "hi"}, r"messages must be a list of \{role, content\} dicts .*, got dict"),
-    (["hi"], r"messages\[0\] must be a \{role, content\} dict, got str"),
+    (["hi"], r"messages\[0\]: must be an object with role and content, got 'hi'"),
     ([{"role": "user", "content": "hi"}, {"content": "x"}], r"messages\[1\]\.role is missing"),
     ([{"role": 5, "content": "hi"}], r"messages\[0\]\.role must be a string, got 5"),
     ([{"role": "user", "content": 5}], r"messages\[0\]\.content must be a string, a list of text parts or None, "
-                                       r"got int"),
+                                       r"got 5"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
      r"messages\[0\]\.content: part 0 has type 'image_url'; only text parts are supported"),
     ([{"role": "user", "content": [{"type": "text"}]}], r"messages\[0\]\.content: part 0 needs 'text', a string"),
@@ -513,7 +532,7 @@ def _serves_and_holds_nothing(llm) -> None:
     # A list of conversations: the bad one is named, and none of them is queued.
     ([_HI, []], "conversation 1: messages must hold at least one message"),
     ([_HI, _HI + [{"role": None, "content": "x"}]], r"conversation 1: messages\[1\]\.role must be a string, got None"),
-    ([_HI, "hi"], r"conversation 1: messages must be a list of \{role, content\} dicts, got str"),
+    ([_HI, "hi"], r"conversation 1: messages: must be a list of objects with role and content, got 'hi'"),
 ])
 def test_malformed_chat_messages_are_named_and_nothing_is_queued(chat_llm, messages, match):
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,4 @@
-"""Sampler: greedy, top-k/top-p, seeded reproducibility, logprobs."""
+"""Sampler: greedy, top-k/top-p, seeded reproducibility, logprobs, logit bias."""
 from __future__ import annotations
 
 import torch
@@ -112,3 +112,29 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     out = Sampler()(logits, md)
     assert out.token_ids[0] not in (2, 7) and out.token_ids[1] == 2 and out.token_ids[2] not in (2, 7)
     assert out.logprobs[0].top[0][0] == 2  # logprobs still describe the raw distribution
+
+
+def test_logit_bias_steers_greedy_and_sampled_rows_alone():
+    logits = rand_logits(4, seed=6, scale=1.0)
+    best = logits.argmax(-1).tolist()
+    second = logits.topk(2).indices[:, 1].tolist()
+    params = [SamplingParams(temperature=0, logit_bias={7: 100.0}, logprobs=1),  # +100: token 7 wins
+              SamplingParams(temperature=0, logit_bias={best[1]: -100.0}),  # -100: the runner-up wins
+              SamplingParams(temperature=1.0, seed=3, logit_bias={9: 100.0}),  # a sampled row too
+              SamplingParams(temperature=0)]  # no bias: untouched by its neighbours'
+    out = sample(params, logits)
+    assert out.token_ids == [7, second[1], 9, best[3]]
+    # Logprobs describe the model's distribution, not the biased one.
+    assert abs(out.logprobs[0].sampled_logprob - torch.log_softmax(logits[0], -1)[7].item()) < 1e-5
+
+
+def test_a_zero_logit_bias_is_no_bias():
+    params = SamplingParams(temperature=0, logit_bias={5: 0, 6: 0.0, 7: -0.0})
+    assert params.logit_bias == {}
+    assert SamplingMetadata.build([params], [0], V).logit_bias is None
+
+
+def test_min_tokens_masks_eos_even_when_biased_up():
+    logits = torch.zeros(1, V)
+    params = [SamplingParams(temperature=0, min_tokens=2, logit_bias={2: 100.0, 4: 50.0})]
+    assert Sampler()(logits, SamplingMetadata.build(params, [0], V, eos_token_ids=(2,))).token_ids == [4]

@@ -164,6 +164,19 @@ def test_logprobs(client):
     assert len(streamed) == 4
 
 
+def test_logit_bias(client, tokenizer):
+    """logit_bias was refused whatever it held ("logit_bias is not supported"),
+    even all zeros, which change nothing. Zeros are a no-op; +100 makes a token
+    win every greedy step, in completions and chat."""
+    kw = dict(model=_model(client), max_tokens=5, temperature=0, extra_body=IGNORE_EOS)
+    plain = client.completions.create(prompt="Hello", **kw).choices[0].text
+    assert client.completions.create(prompt="Hello", logit_bias={"5": 0, "17": 0}, **kw).choices[0].text == plain
+    token = tokenizer("the").input_ids[0]
+    r = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], logit_bias={str(token): 100},
+                                       **kw)
+    assert r.choices[0].message.content == tokenizer.decode([token] * 5)
+
+
 def test_prefix_cache_hit_reported_as_cached_tokens(client):
     prompt = "the people of the water world call the first number " * 4  # several full 16-token blocks
     kw = dict(model=_model(client), prompt=prompt, max_tokens=2, extra_body=IGNORE_EOS)
@@ -201,7 +214,9 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("content-type", _CHAT, {"messages": [{"role": "user", "content": 5}]}, None, 400, "messages[0].content"),
     ("no-messages", _CHAT, {"messages": []}, None, 400, "messages"),
     ("top-logprobs-alone", _CHAT, {"messages": _MSG, "top_logprobs": 2}, None, 400, "top_logprobs"),
-    ("unknown-model", _CMPL, {"model": "gpt-4", "prompt": "hi"}, None, 400, "model"),
+    # 404 as OpenAI and vLLM answer (their clients raise NotFoundError); it was a 400.
+    ("unknown-model", _CMPL, {"model": "gpt-4", "prompt": "hi"}, None, 404, "model"),
+    ("unknown-model-chat", _CHAT, {"model": "gpt-4", "messages": _MSG}, None, 404, "model"),
     ("prompt-over-context", _CMPL, {"prompt": "the " * 400}, None, 400, "prompt"),
     ("messages-over-context", _CHAT, {"messages": [{"role": "user", "content": "the " * 400}]}, None, 400,
      "messages"),
@@ -214,7 +229,7 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("token-id-out-of-vocab-in-mixed-batch", _CMPL, {"prompt": ["hi", "hi", [-1]]}, None, 400, "prompt[2]"),
     ("prompt-empty-list", _CMPL, {"prompt": []}, None, 400, "prompt"),
     ("prompt-empty-string", _CMPL, {"prompt": ""}, None, 400, "prompt"),
-    ("body-too-large", _CMPL, {"prompt": "x" * 100_000}, None, 400, "body"),
+    ("body-too-large", _CMPL, {"prompt": "x" * 100_000}, None, 413, "body"),  # was a 400
     ("no-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": ""}, 401, None),
     ("wrong-api-key", _CMPL, {"prompt": "hi"}, {"Authorization": "Bearer nope"}, 401, None),
     ("unknown-route", "/v1/engines", {"prompt": "hi"}, None, 404, None),
@@ -236,9 +251,14 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
      "functions"),
     ("legacy-function-call", _CHAT, {"messages": _MSG, "function_call": "auto"}, None, 400, "function_call"),
     ("prompt-empty-in-batch", _CMPL, {"prompt": ["hi", ""]}, None, 400, "prompt[1]"),
+    ("logit-bias-over-100", _CMPL, {"prompt": "hi", "logit_bias": {"5": 101}}, None, 400, "logit_bias"),
+    ("logit-bias-key-not-a-token-id", _CHAT, {"messages": _MSG, "logit_bias": {"the": 5}}, None, 400, "logit_bias"),
+    ("logit-bias-outside-the-vocabulary", _CMPL, {"prompt": "hi", "logit_bias": {"99999": -5}}, None, 400,
+     "logit_bias"),
     # The checks LLM.chat shares with the server.
     ("messages-not-a-list", _CHAT, {"messages": "hi"}, None, 400, "messages"),
     ("message-not-an-object", _CHAT, {"messages": ["hi"]}, None, 400, "messages[0]"),
+    ("message-a-number", _CHAT, {"messages": [_MSG[0], 5]}, None, 400, "messages[1]"),
     ("role-unknown", _CHAT, {"messages": [{"role": "bot", "content": "hi"}]}, None, 400, "messages[0].role"),
     ("role-missing", _CHAT, {"messages": [{"content": "hi"}]}, None, 400, "messages[0].role"),
     ("name-type", _CHAT, {"messages": [{"role": "user", "content": "hi", "name": 5}]}, None, 400, "messages[0].name"),
@@ -256,7 +276,18 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
 
 
 # What the message must say where the field alone does not tell what is wrong.
-BAD_MESSAGES = {"image-part": "part 0 has type 'image_url'; only text parts are supported",
+BAD_MESSAGES = {"unknown-model": "the model 'gpt-4' does not exist; this server serves '",
+                "unknown-model-chat": "(see GET /v1/models)",
+                "body-too-large": "request body is 100014 bytes; the limit is 65536 bytes",
+                # In the client's words and with the value it sent: it said "{role, content} dict, got int".
+                "message-a-number": "messages[1]: must be an object with role and content, got 5",
+                "message-not-an-object": "messages[0]: must be an object with role and content, got 'hi'",
+                "messages-not-a-list": "messages: must be a list of objects with role and content, got 'hi'",
+                "content-type": "messages[0].content must be a string, a list of text parts or None, got 5",
+                "logit-bias-over-100": "logit_bias[5] must be in [-100, 100], got 101.0",
+                "logit-bias-key-not-a-token-id": "logit_bias: keys must be token ids (\"50256\"), got 'the'",
+                "logit-bias-outside-the-vocabulary": "logit_bias: token id 99999 is outside the vocabulary",
+                "image-part": "part 0 has type 'image_url'; only text parts are supported",
                 "text-part-without-text": "part 0 needs 'text'",
                 "role-unknown": "messages[0].role must be one of system, developer, user, assistant, tool; got 'bot'",
                 "lone-surrogate-prompt": "unpaired UTF-16 surrogate",

@@ -125,10 +125,10 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         params.validate()  # its fields may have been set since it was made
-        for t in params.stop_token_ids:
-            if t >= self.vocab_size:
-                raise ValueError(f"stop_token_ids: token id {shown(t)} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            for t in ids:
+                if t >= self.vocab_size:
+                    raise ValueError(f"{name}: token id {shown(t)} is outside the vocabulary [0, {self.vocab_size})")
         if params.min_tokens and len(set(params.stop_token_ids).union(self.eos_token_ids)) >= self.vocab_size:
             raise ValueError("stop_token_ids: with min_tokens every token of the vocabulary is an EOS or stop "
                              "token, so none is left to sample")

@@ -7,6 +7,9 @@ allows it, e.g. for an assistant message that carries tool calls). A
 malformed message is a ``MessageError`` naming where it is
 (``messages[1].role``), raised before a template sees it: templates fail on
 such input with whatever jinja or the tokenizer raises, or render garbage.
+The message shows the value sent (``got 5``), not its Python type, and
+calls a message an object, as JSON and the OpenAI API do: the server's
+clients never sent a ``dict`` or an ``int``.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def conversation(messages, *, roles: Collection[str] | None = None, keep_other_k
     (tool_calls, tool_call_id, ...), and a null or absent content, on to the
     template as given."""
     if not isinstance(messages, (list, tuple)):
-        raise MessageError(where, f"{where} must be a list of {{role, content}} dicts, got {type(messages).__name__}")
+        raise MessageError(where, f"{where}: must be a list of objects with role and content, got {shown(messages)}")
     if not messages:
         raise MessageError(where, f"{where} must hold at least one message")
     return [_message(f"{where}[{i}]", m, roles, keep_other_keys) for i, m in enumerate(messages)]
@@ -41,7 +44,7 @@ def conversation(messages, *, roles: Collection[str] | None = None, keep_other_k
 
 def _message(path: str, msg, roles: Collection[str] | None, keep_other_keys: bool) -> dict:
     if not isinstance(msg, Mapping):
-        raise MessageError(path, f"{path} must be a {{role, content}} dict, got {type(msg).__name__}")
+        raise MessageError(path, f"{path}: must be an object with role and content, got {shown(msg)}")
     if "role" not in msg:
         raise MessageError(f"{path}.role", f"{path}.role is missing (a string such as 'user')")
     role = _text(f"{path}.role", msg["role"])
@@ -65,8 +68,7 @@ def content_text(path: str, content) -> str:
     if isinstance(content, str):
         return _text(path, content)
     if not isinstance(content, (list, tuple)):
-        raise MessageError(path, f"{path} must be a string, a list of text parts or None, "
-                                 f"got {type(content).__name__}")
+        raise MessageError(path, f"{path} must be a string, a list of text parts or None, got {shown(content)}")
     texts = []
     for i, part in enumerate(content):
         # Name the part that is wrong, and how.

@@ -9,9 +9,10 @@ A request with a ``seed`` draws its noise from a generator seeded by
 (seed, output position), so its tokens do not depend on what else shares the
 batch or on earlier iterations. Unseeded rows share one generator.
 
-While a request has generated fewer than ``min_tokens``, its EOS and stop
-token ids are masked out so it cannot stop early. Logprobs always come from
-the raw logits.
+A request's ``logit_bias`` is added to its logits first (so it steers greedy
+rows too). While a request has generated fewer than ``min_tokens``, its EOS
+and stop token ids are then masked out so it cannot stop early. Logprobs
+always come from the raw logits, before either.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class SamplingMetadata:
     top_p: torch.Tensor | None  # [N]; None if no row uses it
     # (row, token ids) that row may not sample yet (min_tokens not reached).
     suppressed: list[tuple[int, list[int]]]
+    # (rows, token ids, biases) to add to the logits, on the device; None if no row has a bias.
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], output_positions: list[int], vocab_size: int,
@@ -65,7 +68,18 @@ class SamplingMetadata:
         return cls(params=params, output_positions=output_positions,
                    temperature=to_device(torch.tensor(temps, dtype=torch.float32), device),
                    all_greedy=not sampling, top_k=top_k, top_p=top_p,
-                   suppressed=[(i, ids) for i, ids in suppressed if ids])
+                   suppressed=[(i, ids) for i, ids in suppressed if ids], logit_bias=_logit_bias(params, device))
+
+
+def _logit_bias(params: list[SamplingParams], device: torch.device):
+    """SamplingMetadata.logit_bias: every row's biases as three flat tensors, sent ahead."""
+    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if not biased:
+        return None
+    rows = torch.tensor([i for i, bias in biased for _ in bias], dtype=torch.int64)
+    cols = torch.tensor([t for _, bias in biased for t in bias], dtype=torch.int64)
+    values = torch.tensor([v for _, bias in biased for v in bias.values()], dtype=torch.float32)
+    return to_device(rows, device), to_device(cols, device), to_device(values, device)
 
 
 @dataclass
@@ -102,8 +116,12 @@ class Sampler:
         graph's next replay may overwrite before then."""
         raw_logits = raw_logits.float()
         logits = raw_logits
-        if md.suppressed:
+        if md.suppressed or md.logit_bias is not None:
             logits = raw_logits.clone()
+        if md.logit_bias is not None:
+            rows, cols, bias = md.logit_bias
+            logits.index_put_((rows, cols), bias, accumulate=True)
+        if md.suppressed:
             # One scatter with index tensors sent ahead: indexing a GPU tensor
             # with Python lists copies them over and waits for the device.
             rows = torch.tensor([row for row, ids in md.suppressed for _ in ids], dtype=torch.int64)

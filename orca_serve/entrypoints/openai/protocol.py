@@ -7,7 +7,7 @@ getting a silently coerced value. A null for a field OpenAI declares nullable
 for its default, as leaving the field out does: clients that serialise every
 field send it. Unknown fields are ignored so that clients
 sending newer OpenAI parameters still work; known parameters whose non-default
-values we cannot honour (penalties, logit_bias, echo, tools, functions, ...) are refused
+values we cannot honour (penalties, echo, tools, functions, ...) are refused
 with a 400 naming the field rather than silently ignored.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orca_serve.entrypoints.chat_messages import OPENAI_ROLES, MessageError, conversation
+from orca_serve.shown import shown
 
 MAX_N = 16  # choices per request; each one is a full engine request
 MAX_LOGPROBS = 20
@@ -84,10 +85,11 @@ class _SamplingFields(_Strict):
     ttft_slo_ms: float | None = Field(None, gt=0)
     tpot_slo_ms: float | None = Field(None, gt=0)
     user: str | None = None
+    # Token id (JSON keys are strings: "50256") -> bias in [-100, 100] (SamplingParams checks the range).
+    logit_bias: dict[str, float] | None = None
     # Accepted only at their neutral values (see module docstring).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     best_of: int | None = None
 
     # check_fields=False: echo is a field of completions only, logprobs of both
@@ -106,13 +108,28 @@ class _SamplingFields(_Strict):
                 raise ValueError("stop strings must be non-empty")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, v):
+        if v is None:
+            return v
+        out = {}
+        for key, bias in v.items():
+            # ASCII digits only: int() also reads " 5", "+5", "5_0" and other scripts' digits.
+            if not (key.isascii() and key.isdigit()):
+                raise _field_error("logit_bias", f"logit_bias: keys must be token ids (\"50256\"), got {shown(key)}")
+            try:
+                out[int(key)] = bias
+            except ValueError:  # past Python's limit on digits read (4300): in no vocabulary
+                raise _field_error("logit_bias", f"logit_bias: a token id of {len(key)} digits is outside the "
+                                                 "vocabulary") from None
+        return out
+
     @model_validator(mode="after")
     def _neutral_only(self):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 raise _field_error(name, f"{name} is not supported (only 0)")
-        if self.logit_bias:
-            raise _field_error("logit_bias", "logit_bias is not supported")
         if self.best_of not in (None, self.n):
             raise _field_error("best_of", "best_of must equal n (beam search is not supported)")
         if self.stream_options is not None and not self.stream:

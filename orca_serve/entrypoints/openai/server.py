@@ -13,8 +13,11 @@ refused, in-flight requests are aborted and answered with finish_reason
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
 GET /health (503 once the engine is dead or shutting down), GET /metrics
-(Prometheus). With ``api_key`` set, /v1/* needs ``Authorization: Bearer KEY``.
-Every error is OpenAI's {"error": {"message", "type", "param", "code"}}.
+(Prometheus); each GET route answers HEAD too, and a path with a trailing
+slash is served as the path without it. With ``api_key`` set, /v1/* needs
+``Authorization: Bearer KEY``. Every error is OpenAI's {"error": {"message",
+"type", "param", "code"}}: an unknown model is a 404, a body past
+``max_body_bytes`` a 413.
 """
 from __future__ import annotations
 
@@ -28,9 +31,7 @@ import time
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
@@ -42,8 +43,9 @@ from orca_serve.entrypoints.openai.body import decode_json
 from orca_serve.entrypoints.openai.handlers import (
     CLIENT_CLOSED, ServingContext, create_chat_completion, create_completion)
 from orca_serve.entrypoints.openai.metrics import ServerMetrics
+from orca_serve.entrypoints.openai.middleware import error_response, install_handlers
 from orca_serve.entrypoints.openai.protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, bad_request, parse_request)
+    ApiError, ChatCompletionRequest, CompletionRequest, parse_request)
 from orca_serve.entrypoints.openai.serving import TokenText
 from orca_serve.shown import shown
 
@@ -52,6 +54,10 @@ logger = logging.getLogger("orca_serve.server")
 # A server never queues without bound: past this many waiting requests new ones
 # get 503 + Retry-After (unless --max-waiting-requests says otherwise).
 DEFAULT_MAX_WAITING_REQUESTS = 1024
+
+# Every read-only route answers HEAD as GET, without the body: load balancers'
+# health checks and `curl -I` use HEAD (FastAPI, unlike Starlette, does not add it).
+_GET_AND_HEAD = ["GET", "HEAD"]
 
 
 def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, api_key: str | None = None,
@@ -64,7 +70,8 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
     engine.set_observer(metrics)
     ctx = ServingContext(engine, model_name, TokenText(engine.tokenizer))
     created = int(time.time())
-    app = FastAPI(title="orca-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # No 307 to the path without a trailing slash: middleware.py routes the slashed path as that one.
+    app = FastAPI(title="orca-serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.engine, app.state.metrics = engine, metrics
 
     async def authorize(raw: Request) -> None:  # async: sync dependencies hop to a thread pool
@@ -82,13 +89,13 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
         # isdigit() but not to int() (a 500). A header that is no number is
         # ignored, as a missing one is: the body below is counted as it comes.
         if declared.isascii() and declared.isdigit() and int(declared) > max_body_bytes:
-            raise _too_large(int(declared), max_body_bytes)
+            raise _too_large(max_body_bytes, int(declared))
         body, size = [], 0
         try:
             async for chunk in raw.stream():
                 size += len(chunk)
-                if size > max_body_bytes:
-                    raise _too_large(size, max_body_bytes)
+                if size > max_body_bytes:  # no Content-Length (chunked): stop reading here
+                    raise _too_large(max_body_bytes)
                 body.append(chunk)
         except ClientDisconnect:  # nobody to answer; not a server error
             raise ApiError(CLIENT_CLOSED, "the client closed the connection before its request body arrived",
@@ -97,8 +104,7 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise bad_request(f"model {shown(name)} does not exist; this server serves '{model_name}'",
-                              param="model", code="model_not_found")
+            raise _model_not_found(name, model_name)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
@@ -120,91 +126,46 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
         return {"id": model_name, "object": "model", "created": created, "owned_by": "orca-serve",
                 "max_model_len": engine.max_model_len}
 
-    @v1.get("/models")
+    @v1.api_route("/models", methods=_GET_AND_HEAD)
     async def models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @v1.get("/models/{name:path}")
+    @v1.api_route("/models/{name:path}", methods=_GET_AND_HEAD)
     async def model(name: str) -> dict:
         if name != model_name:
-            raise ApiError(404, f"model {shown(name)} does not exist", param="model", code="model_not_found")
+            raise _model_not_found(name, model_name)
         return model_card()
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=_GET_AND_HEAD)
     async def health() -> Response:
         if engine.is_accepting:
             return JSONResponse({"status": "ok"})
         status = "engine is dead" if not engine.is_healthy else "shutting down"
-        return _error_response(ApiError(503, status, type="server_error", code="unavailable"))
+        return error_response(ApiError(503, status, type="server_error", code="unavailable"))
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=_GET_AND_HEAD)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    _install_error_handlers(app)
+    install_handlers(app)
     return app
 
 
-def _too_large(size: int, limit: int) -> ApiError:
-    return bad_request(f"request body is {size} bytes; the limit is {limit} (--max-body-bytes)",
-                       param="body", code="body_too_large")
+def _model_not_found(name: str, served: str) -> ApiError:
+    # 404 as OpenAI and vLLM answer it: their clients raise NotFoundError on it,
+    # and a 400 read as a malformed request rather than a wrong model name.
+    return ApiError(404, f"the model {shown(name)} does not exist; this server serves {shown(served)} "
+                         "(see GET /v1/models)", param="model", code="model_not_found")
 
 
-def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_, exc: ApiError):
-        return _error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(ApiError(exc.status_code, str(exc.detail), type=kind))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_, exc: RequestValidationError):
-        return _error_response(bad_request(str(exc.errors()[0].get("msg", exc))))
-
-    app.add_middleware(_InternalErrorMiddleware)
-
-
-class _InternalErrorMiddleware:
-    """An exception no handler took becomes the API's 500, logged once.
-
-    Starlette's handler for ``Exception`` answers and then raises the exception
-    again for the server to see, so uvicorn logged every such error a second
-    time. This middleware sits inside Starlette's and keeps it. Once the answer
-    has started (a stream) no 500 can be sent: the exception goes on, and
-    uvicorn logs it and drops the connection."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_noting_start(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_start)
-        except Exception as exc:
-            if started:
-                raise
-            logger.exception("unhandled error")
-            response = _error_response(ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error",
-                                                code="internal_error"))
-            await response(scope, receive, send)
+def _too_large(limit: int, size: int | None = None) -> ApiError:
+    """413 for a body past ``limit``: its size when declared (Content-Length),
+    else only that it went past the limit (a chunked body is not read to its end)."""
+    what = f"is {size} bytes; the limit is" if size is not None else "exceeds the limit of"
+    return ApiError(413, f"request body {what} {limit} bytes (--max-body-bytes)", param="body",
+                    code="body_too_large")
 
 
 class _GracefulServer(uvicorn.Server):

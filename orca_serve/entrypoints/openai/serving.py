@@ -22,7 +22,7 @@ from orca_serve.sampling_params import SamplingParams
 from orca_serve.shown import shown
 
 _FIELD_IN_MESSAGE = re.compile(r"^(prompt|max_tokens|min_tokens|priority|messages|top_k|top_p|temperature|"
-                               r"seed|stop|stop_token_ids|logprobs)\b")
+                               r"seed|stop|stop_token_ids|logprobs|logit_bias)\b")
 
 
 def engine_error(exc: BaseException, prompt_param: str = "prompt") -> ApiError:
@@ -76,7 +76,7 @@ def sampling_params(req, max_tokens: int, num_logprobs: int | None, index: int) 
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
             seed=None if req.seed is None else req.seed + index, stop=stop,
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-            min_tokens=req.min_tokens, logprobs=num_logprobs)
+            min_tokens=req.min_tokens, logprobs=num_logprobs, logit_bias=req.logit_bias)
     except ValueError as exc:
         raise engine_error(exc) from None
 
