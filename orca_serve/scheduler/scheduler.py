@@ -5,8 +5,9 @@ There are no prefill/decode phases. Every request has ``num_computed_tokens``
 and ``num_tokens``; each iteration spends a token budget
 (``max_num_batched_tokens``, ``max_num_seqs``) to close those gaps: running
 decodes first, then running chunked prefills, then waiting requests in policy
-order. A prompt longer than the budget left is prefilled in chunks. When KV
-blocks or seats run out, running requests are preempted (``preemption.py``).
+order (``admission.py``). A prompt longer than the budget left is prefilled in
+chunks. When KV blocks or seats run out, running requests are preempted
+(``preemption.py``).
 
 With ``async_scheduling`` a request may be scheduled again while the token
 its batch in flight samples is *pending* (``worker_view.py``). A request
@@ -21,8 +22,9 @@ from typing import Callable
 
 from orca_serve.batch import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from orca_serve.config import CacheConfig, SchedulerConfig
-from orca_serve.kv_cache import KVBlock, KVCacheManager
+from orca_serve.kv_cache import KVCacheManager
 from orca_serve.request import Request, RequestStatus
+from orca_serve.scheduler.admission import Admission
 from orca_serve.scheduler.cost_model import IterationCostModel
 from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import make_policy
@@ -59,6 +61,7 @@ class Scheduler:
         self.worker_view = WorkerView(self.async_scheduling)
         swap = self.swap if cache_config.preemption_mode == "swap" else None
         self.preemption = Preemption(config, self.policy, self.kv, swap, self.worker_view, self._waiting, clock)
+        self.admission = Admission(config, self.policy, self.kv, self.swap, self._waiting, clock)
         self.iteration = 0
 
     # ---- queue -------------------------------------------------------
@@ -198,7 +201,7 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         seats = self._batch_seats()
 
-        self.preemption.for_urgent_waiting(self.running, self._head_blocks,
+        self.preemption.for_urgent_waiting(self.running, self.admission.head_blocks,
                                            lambda staying: self._head_joins(staying, seats))
         # Sized for the requests that run this iteration, after any were preempted.
         budget = self._token_budget(self.running)
@@ -219,7 +222,7 @@ class Scheduler:
             scheduled[req.request_id] = n
             new_blocks[req.request_id] = blocks
             budget -= n
-        self._admit_waiting(budget, scheduled, new_blocks, seats)
+        self.admission.admit(self.running, budget, scheduled, new_blocks, seats)
         return self._build_output(scheduled, new_blocks)
 
     def _to_compute(self, req: Request) -> int:
@@ -254,76 +257,16 @@ class Scheduler:
             return self.config.max_num_seqs
         return max(1, -(-active // self.max_inflight_batches))
 
-    def _head_admissible(self) -> bool:
-        """Whether the waiting queue's head may join the batch now, seats,
-        tokens and blocks aside: the policy lets it, and if it is swapped out,
-        the batch copying it out is back (its slots may not hold its K/V yet).
-        Priority preemption asks too: a victim evicted for a head that cannot
-        join would lose its work for nothing."""
-        head = self._waiting.head
-        return (self.policy.may_admit(head, self._waiting, self.running, self.clock())
-                and not (self.swap.holds(head.request_id) and self.swap.in_transit(head.request_id)))
-
-    def _has_seat(self, num_running: int, num_in_batch: int, seats: int) -> bool:
-        """Whether one more request may join the batch being built: below
-        max_num_seqs running, and below the batch's ``seats`` (_batch_seats)."""
-        return num_running < self.config.max_num_seqs and num_in_batch < seats
-
     def _head_joins(self, staying: list[Request], seats: int) -> bool:
         """Whether the waiting queue's head joins the batch being built if only
         ``staying`` run, blocks aside (priority preemption counts those):
-        _admit_waiting's checks, made before the loop in schedule() gives the
+        admission's checks, made before the loop in schedule() gives the
         running requests their seats and tokens."""
-        if not self._head_admissible():
+        if not self.admission.head_admissible(self.running):
             return False
         tokens = [n for n in map(self._tokens_to_run, staying) if n > 0]
-        return self._has_seat(len(staying), len(tokens), seats) and sum(tokens) < self._token_budget(staying)
-
-    def _first_chunk(self, req: Request, budget: int) -> tuple[int, list[KVBlock]]:
-        """Waiting ``req``'s first chunk within ``budget``, and the prefix-cache
-        hits it starts after (none when swapped out: it goes on from its
-        computed tokens, its blocks swapped back in)."""
-        if self.swap.holds(req.request_id):
-            return min(req.num_tokens - req.num_computed_tokens, budget), []
-        computed = self.kv.get_computed_blocks(req)
-        return min(req.num_tokens - len(computed) * self.kv.block_size, budget), computed
-
-    def _head_blocks(self) -> tuple[int, list[KVBlock]]:
-        """Free blocks the waiting queue's head takes to join with a whole
-        token budget, as _admit_waiting allocates them, and its prefix-cache
-        hits (blocks a victim frees that the head takes straight back)."""
-        head = self._waiting.head
-        n, hits = self._first_chunk(head, self.config.max_num_batched_tokens)
-        return self.kv.num_blocks_to_take(head, n, hits), hits
-
-    def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
-                       seats: int) -> None:
-        while self._waiting and budget > 0 and self._has_seat(len(self.running), len(scheduled), seats):
-            req = self._waiting.head
-            if not self._head_admissible():
-                break
-            swapped = self.swap.holds(req.request_id)
-            n, computed = self._first_chunk(req, budget)
-            num_cached = len(computed) * self.kv.block_size
-            if not swapped:
-                req.num_computed_tokens = 0
-            blocks = self.kv.allocate_slots(req, n, computed)
-            if blocks is None:
-                break  # head-of-line: keep the policy's order
-            self._waiting.pop_head()
-            req.status = RequestStatus.RUNNING
-            if swapped:
-                self.swap.swap_in(req.request_id, blocks)
-            else:
-                req.num_computed_tokens = num_cached
-            if req.metrics.first_scheduled_time is None:  # first admission: report prefix hits
-                req.num_cached_tokens = num_cached
-                req.metrics.num_cached_tokens = num_cached
-                req.metrics.first_scheduled_time = self.clock()
-            self.running.append(req)
-            scheduled[req.request_id] = n
-            new_blocks[req.request_id] = blocks
-            budget -= n
+        return (self.admission.has_seat(len(staying), len(tokens), seats)
+                and sum(tokens) < self._token_budget(staying))
 
     def _build_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
         new_reqs, cached_reqs = [], []
