@@ -58,7 +58,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._waiting = WaitingQueue(self.policy)
         # A request in flight is never a victim; it is scheduled again only with async scheduling.
-        self.worker_view = WorkerView(self.async_scheduling)
+        self.worker_view = WorkerView(self.async_scheduling, max_model_len)
         swap = self.swap if cache_config.preemption_mode == "swap" else None
         self.preemption = Preemption(config, self.policy, self.kv, swap, self.worker_view, self._waiting, clock)
         self.admission = Admission(config, self.policy, self.kv, self.swap, self._waiting, clock)
@@ -207,13 +207,14 @@ class Scheduler:
         budget = self._token_budget(self.running)
         # Running requests: decodes first (they must never starve), then chunked
         # prefills; oldest (smallest victim key) first so victims are found at the tail.
-        order = sorted(self.running, key=lambda r: (self._to_compute(r) > 1, self.policy.victim_key(r)))
+        order = sorted(self.running,
+                       key=lambda r: (self.worker_view.to_compute(r) > 1, self.policy.victim_key(r)))
         for req in order:
             if budget <= 0 or len(scheduled) >= seats:
                 break
             if req.status != RequestStatus.RUNNING or req.request_id in self.preemption.held_back:
                 continue  # preempted earlier in this loop, or to be preempted next time
-            n = min(self._tokens_to_run(req), budget)
+            n = min(self.worker_view.tokens_to_run(req), budget)
             if n <= 0:
                 continue  # its last batch is still out, or (async) its pending token is its last
             blocks = self.preemption.allocate_or_preempt(req, n, self.running, scheduled)
@@ -225,27 +226,10 @@ class Scheduler:
         self.admission.admit(self.running, budget, scheduled, new_blocks, seats)
         return self._build_output(scheduled, new_blocks)
 
-    def _to_compute(self, req: Request) -> int:
-        """Tokens of ``req`` not yet scheduled: its pending token (async) counts
-        as one it has, unless that token is its last."""
-        pending = self.worker_view.pending(req.request_id)
-        if pending and (req.num_output_tokens + pending >= req.sampling_params.max_tokens
-                        or req.num_tokens + pending >= self.max_model_len):
-            return 0
-        return req.num_tokens + pending - req.num_computed_tokens
-
-    def _tokens_to_run(self, req: Request) -> int:
-        """Tokens running ``req`` has for the batch being built: none while a
-        batch with it is out, unless async scheduling runs it again on its
-        pending token (none when that token is its last)."""
-        if self.worker_view.in_flight(req.request_id) and not self.async_scheduling:
-            return 0
-        return self._to_compute(req)
-
     def _token_budget(self, running: list[Request]) -> int:
         """Tokens an iteration of ``running`` may compute (the SLO policy's may be fewer)."""
         return self.policy.token_budget(running, self.config.max_num_batched_tokens, self.cost_model,
-                                        self._to_compute)
+                                        self.worker_view.to_compute)
 
     def _batch_seats(self) -> int:
         """Most requests one batch may take. With several batches in flight (one
@@ -264,7 +248,7 @@ class Scheduler:
         running requests their seats and tokens."""
         if not self.admission.head_admissible(self.running):
             return False
-        tokens = [n for n in map(self._tokens_to_run, staying) if n > 0]
+        tokens = [n for n in map(self.worker_view.tokens_to_run, staying) if n > 0]
         return (self.admission.has_seat(len(staying), len(tokens), seats)
                 and sum(tokens) < self._token_budget(staying))
 
