@@ -1,12 +1,17 @@
-"""Admission: which waiting requests join the batch being built, and each
-one's first chunk.
+"""Admission: whether a new request may wait at all, and which waiting
+requests join the batch being built, each with its first chunk.
 
-Plain Python, like the rest of the scheduler. Once the running requests have
-their tokens (``schedule()``), waiting requests join in the policy's order
-while tokens, seats and KV blocks last. Head of line: when the queue's head
-cannot join, nobody behind it does, so the policy's order holds. A request
-starts after its prefix-cache hits; one that was swapped out goes on from
-its computed tokens, its blocks swapped back in.
+Plain Python, like the rest of the scheduler. A request is refused on arrival
+when the waiting queue is at its bound, when the policy refuses it (the SLO
+policy's reject mode: its TTFT target out of reach) or when the KV pool could
+never hold it (``check_arrival``).
+
+Once the running requests have their tokens (``schedule()``), waiting
+requests join in the policy's order while tokens, seats and KV blocks last.
+Head of line: when the queue's head cannot join, nobody behind it does, so
+the policy's order holds. A request starts after its prefix-cache hits; one
+that was swapped out goes on from its computed tokens, its blocks swapped
+back in.
 
 Priority preemption asks the same of the head before the running requests
 get their tokens (``head_blocks``, and ``Scheduler._head_joins``, which adds
@@ -21,6 +26,7 @@ from typing import Callable
 from orca_serve.config import SchedulerConfig
 from orca_serve.kv_cache import KVBlock, KVCacheManager
 from orca_serve.request import Request, RequestStatus
+from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import SchedulingPolicy
 from orca_serve.scheduler.swap_space import SwapSpace
 from orca_serve.scheduler.waiting_queue import WaitingQueue
@@ -37,6 +43,27 @@ class Admission:
     swap: SwapSpace
     waiting: WaitingQueue
     clock: Callable[[], float]
+    max_model_len: int
+
+    def check_arrival(self, req: Request) -> None:
+        """Refuse a new ``req`` that may not wait: QueueFullError when the
+        waiting queue is at its bound, SLORejectedError when the policy
+        refuses it (the SLO policy's reject mode), ValueError when the KV pool
+        could never hold it."""
+        limit = self.config.max_waiting_requests
+        if limit is not None and len(self.waiting) >= limit:
+            raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
+        if self.policy.rejects:
+            now = self.clock()
+            error = self.policy.admission_error(req, lambda r: self.waiting.work_ahead(r, now), now,
+                                                self.config.max_num_batched_tokens)
+            if error is not None:
+                raise SLORejectedError(error)
+        need = self.kv.blocks_needed(min(req.max_total_tokens, self.max_model_len))
+        if need > self.kv.num_blocks:
+            raise ValueError(
+                f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.sampling_params.max_tokens}) "
+                f"needs {need} KV blocks but the pool has only {self.kv.num_blocks}")
 
     def head_admissible(self, running: list[Request]) -> bool:
         """Whether the waiting queue's head may join the batch now, seats,

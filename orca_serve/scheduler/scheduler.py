@@ -26,7 +26,6 @@ from orca_serve.kv_cache import KVCacheManager
 from orca_serve.request import Request, RequestStatus
 from orca_serve.scheduler.admission import Admission
 from orca_serve.scheduler.cost_model import IterationCostModel
-from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import make_policy
 from orca_serve.scheduler.preemption import Preemption
 from orca_serve.scheduler.swap_space import SwapSpace
@@ -61,7 +60,7 @@ class Scheduler:
         self.worker_view = WorkerView(self.async_scheduling, max_model_len)
         swap = self.swap if cache_config.preemption_mode == "swap" else None
         self.preemption = Preemption(config, self.policy, self.kv, swap, self.worker_view, self._waiting, clock)
-        self.admission = Admission(config, self.policy, self.kv, self.swap, self._waiting, clock)
+        self.admission = Admission(config, self.policy, self.kv, self.swap, self._waiting, clock, max_model_len)
         self.iteration = 0
 
     # ---- queue -------------------------------------------------------
@@ -85,20 +84,7 @@ class Scheduler:
         if self.worker_view.in_flight(req.request_id):  # its tokens would be taken for the new request's
             raise ValueError(f"request id {shown(req.request_id)} is still in use: a batch with the finished "
                              f"request of that id is in flight; use a new id")
-        limit = self.config.max_waiting_requests
-        if limit is not None and len(self._waiting) >= limit:
-            raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
-        if self.policy.rejects:
-            now = self.clock()
-            error = self.policy.admission_error(req, lambda r: self._waiting.work_ahead(r, now), now,
-                                                self.config.max_num_batched_tokens)
-            if error is not None:
-                raise SLORejectedError(error)
-        need = self.kv.blocks_needed(min(req.max_total_tokens, self.max_model_len))
-        if need > self.kv.num_blocks:
-            raise ValueError(
-                f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.sampling_params.max_tokens}) "
-                f"needs {need} KV blocks but the pool has only {self.kv.num_blocks}")
+        self.admission.check_arrival(req)
         self.requests[req.request_id] = req
         self._waiting.add(req, self.clock())
 
