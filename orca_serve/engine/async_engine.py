@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orca_serve.config import EngineConfig
-from orca_serve.engine.errors import EngineDeadError, QueueFullError, SLORejectedError
+from orca_serve.engine.errors import EngineDeadError, EngineStoppedError, QueueFullError, SLORejectedError
 from orca_serve.outputs import RequestOutput
 from orca_serve.sampling_params import SamplingParams
 
@@ -34,10 +34,6 @@ logger = logging.getLogger(__name__)
 # request-level baseline waiting out its queue delay), wait this long before
 # trying again instead of spinning.
 _IDLE_BACKOFF_S = 0.002
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is shutting down and accepts no new requests."""
 
 
 class EngineObserver(Protocol):
