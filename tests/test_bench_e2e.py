@@ -171,7 +171,7 @@ def test_roofline_rejects_no_rounds(capsys):
 
 
 def test_trace_flops_by_hand():
-    from orca_serve.bench.roofline import Dims, trace_flops
+    from orca_serve.bench.model_flops import Dims, trace_flops
 
     d = Dims(hidden=4, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=2, vocab=10, gated_mlp=True)
     # Per token and layer: qkv 2*4*8 + out 2*4*4 + gate/up 2*4*16 + down 2*8*4 = 288; 2 layers: 576.

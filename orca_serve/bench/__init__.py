@@ -4,5 +4,6 @@ Orca's normalized latency, sweeps, plots, comparisons and a roofline.
 
 Modules: workloads (what each request asks for and when it arrives), metrics
 (per-request results -> figures), backends/ (targets), runner (one command's
-runs), report (tables, compare), plot, roofline, cli.
+runs), report (tables, compare), plot, roofline (with model_flops, its
+arithmetic), cli.
 """

@@ -7,7 +7,8 @@ condition variable, and the engine thread applies them between iterations.
 So an HTTP handler never waits for an iteration to end before it can run, and
 an iteration never waits for HTTP work. Outputs go back through
 ``loop.call_soon_threadsafe`` (one call per iteration per loop, not per
-token) into each request's ``asyncio.Queue``.
+token) into each request's ``asyncio.Queue``. The commands and the calls
+that hand results back are in ``thread_messages.py``.
 
 With nothing to do the engine thread sleeps on the condition variable; a new
 command wakes it. If ``step()`` raises, the engine is marked dead: every
@@ -20,11 +21,11 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orca_serve.config import EngineConfig
-from orca_serve.engine.errors import EngineDeadError, QueueFullError, SLORejectedError
+from orca_serve.engine.errors import EngineDeadError, EngineStoppedError, QueueFullError, SLORejectedError
+from orca_serve.engine.thread_messages import ABORT_ALL, REFRESH, Abort, Add, Route, call_soon, deliver, resolve
 from orca_serve.outputs import RequestOutput
 from orca_serve.sampling_params import SamplingParams
 
@@ -36,40 +37,10 @@ logger = logging.getLogger(__name__)
 _IDLE_BACKOFF_S = 0.002
 
 
-class EngineStoppedError(RuntimeError):
-    """The engine is shutting down and accepts no new requests."""
-
-
 class EngineObserver(Protocol):
     """Called on the engine thread after every pass; must be cheap and thread-safe."""
 
     def on_step(self, stats: Any, outputs: list[RequestOutput]) -> None: ...
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    kwargs: dict
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    accepted: asyncio.Future
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _Route:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-
-_ABORT_ALL = "abort-all"  # command: abort every in-flight request
-_REFRESH = "refresh"  # command: run one pass so a new observer sees the current stats
 
 
 class AsyncLLMEngine:
@@ -87,7 +58,7 @@ class AsyncLLMEngine:
         self._accepting = True
         self._exit = False
         self._dead: BaseException | None = None
-        self._routes: dict[str, _Route] = {}  # engine thread only
+        self._routes: dict[str, Route] = {}  # engine thread only
         self._engine: Any = None
         self._startup_error: BaseException | None = None
         ready = threading.Event()
@@ -161,14 +132,14 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"engine is dead: {self._dead}")
         if not self._accepting:
             raise EngineStoppedError("server is shutting down")
-        self._submit(_Add(request_id, prompt, params, kwargs, loop, queue, accepted))
+        self._submit(Add(request_id, prompt, params, kwargs, loop, queue, accepted))
         return accepted
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its finished output (reason "abort") follows on its queue."""
         if not isinstance(request_id, str):  # never a request's; unhashable, it would kill the engine thread
             return
-        self._submit(_Abort(request_id))
+        self._submit(Abort(request_id))
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                        **kwargs) -> AsyncIterator[RequestOutput]:
@@ -191,12 +162,12 @@ class AsyncLLMEngine:
     def set_observer(self, observer: EngineObserver | None) -> None:
         """Install the observer; it gets the current stats right away, not at the first request."""
         self.observer = observer
-        self._submit(_REFRESH)
+        self._submit(REFRESH)
 
     def begin_shutdown(self) -> None:
         """Refuse new requests and abort every in-flight one (they finish with "abort")."""
         self._accepting = False
-        self._submit(_ABORT_ALL)
+        self._submit(ABORT_ALL)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort everything, let the engine thread deliver the aborts, stop it."""
@@ -214,7 +185,7 @@ class AsyncLLMEngine:
         thread drains with, so no command is left behind when it stops."""
         with self._cond:
             if self._dead is not None or self._exit:
-                if isinstance(command, _Add):  # aborts of a stopped engine are moot
+                if isinstance(command, Add):  # aborts of a stopped engine are moot
                     raise (EngineDeadError(f"engine is dead: {self._dead}") if self._dead is not None
                            else EngineStoppedError("server is shutting down"))
                 return
@@ -273,7 +244,7 @@ class AsyncLLMEngine:
                     logger.exception("engine observer failed")
 
     def _apply(self, engine, command) -> None:
-        if isinstance(command, _Add):
+        if isinstance(command, Add):
             error: BaseException | None = None
             if not self._accepting:
                 error = EngineStoppedError("server is shutting down")
@@ -286,12 +257,12 @@ class AsyncLLMEngine:
                     logger.exception("add_request %s failed", command.request_id)
                     error = exc
             if error is None:
-                self._routes[command.request_id] = _Route(command.loop, command.queue)
-            _call_soon(command.loop, _resolve, command.accepted, error)
-        elif isinstance(command, _Abort):
+                self._routes[command.request_id] = Route(command.loop, command.queue)
+            call_soon(command.loop, resolve, command.accepted, error)
+        elif isinstance(command, Abort):
             if command.request_id in self._routes:
                 engine.abort_request(command.request_id)
-        elif command == _ABORT_ALL:
+        elif command == ABORT_ALL:
             for request_id in list(self._routes):
                 engine.abort_request(request_id)
 
@@ -306,7 +277,7 @@ class AsyncLLMEngine:
             if out.finished:
                 del self._routes[out.request_id]
         for loop, items in by_loop.items():
-            _call_soon(loop, _deliver, items)
+            call_soon(loop, deliver, items)
 
     def _die(self, exc: BaseException) -> None:
         error = EngineDeadError(f"engine failed: {type(exc).__name__}: {exc}")
@@ -315,30 +286,9 @@ class AsyncLLMEngine:
             self._accepting = False
             commands, self._commands = self._commands, []
         for route in self._routes.values():
-            _call_soon(route.loop, _deliver, [(route.queue, error)])
+            call_soon(route.loop, deliver, [(route.queue, error)])
         self._routes.clear()
         for command in commands:
-            if isinstance(command, _Add):
-                _call_soon(command.loop, _resolve, command.accepted, error)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop is closed: nobody is listening any more
-        pass
-
-
-def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():  # the caller gave up waiting (cancelled)
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _deliver(items: list) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+            if isinstance(command, Add):
+                call_soon(command.loop, resolve, command.accepted, error)
 

@@ -6,4 +6,8 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped after an unrecoverable failure."""
 
 
-__all__ = ["QueueFullError", "SLORejectedError", "EngineDeadError"]
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down and accepts no new requests."""
+
+
+__all__ = ["QueueFullError", "SLORejectedError", "EngineDeadError", "EngineStoppedError"]

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from orca_serve.config import EngineConfig
 from orca_serve.distributed.plan import resolve_parallel
-from orca_serve.engine.detokenizer import IncrementalDetokenizer
 from orca_serve.engine.errors import EngineDeadError
 from orca_serve.engine.executor import make_executor
+from orca_serve.engine.output_processor import OutputProcessor
 from orca_serve.outputs import RequestOutput
-from orca_serve.request import Request, RequestStatus, finish_reason
+from orca_serve.request import Request, RequestStatus
 from orca_serve.sampling_params import SamplingParams
 from orca_serve.scheduler import Scheduler
 from orca_serve.shown import shown
@@ -65,15 +65,11 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.cache, self.executor.num_kv_blocks, self.max_model_len,
                                    num_cpu_blocks=self.executor.num_cpu_blocks,
                                    max_inflight_batches=par.inflight_batches)
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._prompts: dict[str, str | None] = {}
-        self._held: dict[str, RequestOutput] = {}  # request-level baseline: outputs until the batch ends
+        self._outputs = OutputProcessor(self.scheduler, self.tokenizer)
         self._aborted: list[Request] = []
         self._last = (0, 0, 0.0)
-        self._num_finished = 0
         self._pipeline: deque = deque()  # (SchedulerOutput, submit time, executor handle)
         self._collected_at = 0.0  # when the last batch's tokens came back
-        self._num_slo_met = 0
         self._dead: str | None = None  # why the executor (a worker) failed; the engine is then unusable
 
     # ---- requests ----------------------------------------------------
@@ -147,8 +143,7 @@ class LLMEngine:
                       ttft_slo=ttft_slo if ttft_slo is not None else sched.default_ttft_slo_s,
                       tpot_slo=tpot_slo if tpot_slo is not None else sched.default_tpot_slo_s, user=user)
         self.scheduler.add_request(req)
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params)
-        self._prompts[request_id] = prompt if isinstance(prompt, str) else None
+        self._outputs.add_request(request_id, prompt, token_ids, params)
 
     def abort_request(self, request_id: str) -> None:
         """Abort a request; an id that is not (or no longer) a request's is ignored."""
@@ -159,7 +154,7 @@ class LLMEngine:
             self._aborted.append(req)
 
     def has_unfinished_requests(self) -> bool:
-        return (self.scheduler.has_unfinished_requests() or bool(self._aborted) or bool(self._held)
+        return (self.scheduler.has_unfinished_requests() or bool(self._aborted) or self._outputs.has_held()
                 or bool(self._pipeline))
 
     # ---- the iteration ----------------------------------------------
@@ -183,9 +178,9 @@ class LLMEngine:
             advanced = self._collect(done, t_submit, handle)
         self._last = (so.total_num_scheduled_tokens, so.num_reqs, time.perf_counter() - t0)
         rejected, self.scheduler.rejected = self.scheduler.rejected, []
-        outputs = [self._make_output(req) for req in self._aborted + rejected + advanced]
+        outputs = [self._outputs.make_output(req) for req in self._aborted + rejected + advanced]
         self._aborted = []
-        return self._release(outputs)
+        return self._outputs.release(outputs)
 
     def _collect(self, so, t_submit: float, handle) -> list[Request]:
         try:
@@ -219,60 +214,6 @@ class LLMEngine:
             if lp is not None:
                 req.logprobs.append(lp)
 
-    def _make_output(self, req: Request) -> RequestOutput:
-        rid = req.request_id
-        detok = self._detok.get(rid)
-        delta_ids = req.output_token_ids[-1:] if req.output_token_ids and req.status != RequestStatus.FINISHED_ABORTED else []
-        delta_text = ""
-        if detok is not None and delta_ids:
-            try:
-                delta_text, stop = detok.add_tokens(delta_ids, final=req.finished)
-            except Exception as exc:  # a detokenizer failure is this request's alone
-                req.error = f"detokenization failed: {exc}"
-                self.scheduler.finish_requests([req], RequestStatus.FINISHED_ERROR)
-                stop = None
-            if stop is not None:
-                req.stop_reason = stop
-                if not req.finished:
-                    self.scheduler.finish_requests([req], RequestStatus.FINISHED_STOPPED)
-                else:
-                    req.status = RequestStatus.FINISHED_STOPPED
-        output = RequestOutput(
-            request_id=rid, prompt_token_ids=req.prompt_token_ids, token_ids=list(req.output_token_ids),
-            text=detok.text if detok else "", delta_token_ids=delta_ids, delta_text=delta_text,
-            finished=req.finished, finish_reason=finish_reason(req.status), metrics=req.metrics,
-            num_cached_tokens=req.num_cached_tokens, logprobs=list(req.logprobs),
-            stop_reason=req.stop_reason, error=req.error, prompt=self._prompts.get(rid))
-        if req.finished:
-            self._count_finished(req)
-            self._detok.pop(rid, None)
-            self._prompts.pop(rid, None)
-        return output
-
-    def _count_finished(self, req: Request) -> None:
-        if req.status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR):
-            return
-        self._num_finished += 1
-        if slo_met(req):
-            self._num_slo_met += 1
-
-    def _release(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """The request-level baseline returns a request only when its whole batch ends."""
-        if not self.scheduler.policy.admits_only_when_idle:
-            return outputs
-        passthrough = []
-        for o in outputs:
-            if o.finish_reason in ("abort", "error"):
-                passthrough.append(o)
-            elif o.finished:
-                # Nothing was streamed: the whole completion is this output's delta.
-                o.delta_text, o.delta_token_ids = o.text, list(o.token_ids)
-                self._held[o.request_id] = o
-        if self._held and not self.scheduler.policy.static_batch:
-            passthrough.extend(self._held.values())
-            self._held = {}
-        return passthrough
-
     def _executor_alive(self) -> bool:
         try:
             self.executor.check_health()
@@ -299,7 +240,7 @@ class LLMEngine:
             num_kv_blocks_free=s.kv.num_free_blocks, num_preemptions_total=s.num_preemptions_total,
             num_iterations=s.iteration, last_num_batched_tokens=self._last[0], last_num_reqs=self._last[1],
             last_iteration_seconds=self._last[2], num_swaps_total=s.num_swaps_total,
-            num_finished_total=self._num_finished, num_slo_met_total=self._num_slo_met)
+            num_finished_total=self._outputs.num_finished, num_slo_met_total=self._outputs.num_slo_met)
 
     def shutdown(self) -> None:
         self.executor.shutdown()
@@ -313,15 +254,3 @@ def served_model_name(model_config) -> str:
         return f"dummy-{os.path.basename(model_config.dummy_config)}"
     return "SmolLM2-135M-Instruct"
 
-
-def slo_met(req: Request) -> bool:
-    """Did a finished request meet its TTFT and time-per-output-token targets?"""
-    m = req.metrics
-    if req.ttft_slo is not None:
-        if m.first_token_time is None or m.first_token_time - m.arrival_time > req.ttft_slo:
-            return False
-    if req.tpot_slo is not None and req.num_output_tokens > 1 and m.first_token_time is not None:
-        tpot = (m.last_token_time - m.first_token_time) / (req.num_output_tokens - 1)
-        if tpot > req.tpot_slo:
-            return False
-    return True

@@ -5,8 +5,9 @@ There are no prefill/decode phases. Every request has ``num_computed_tokens``
 and ``num_tokens``; each iteration spends a token budget
 (``max_num_batched_tokens``, ``max_num_seqs``) to close those gaps: running
 decodes first, then running chunked prefills, then waiting requests in policy
-order. A prompt longer than the budget left is prefilled in chunks. When KV
-blocks or seats run out, running requests are preempted (``preemption.py``).
+order (``admission.py``). A prompt longer than the budget left is prefilled in
+chunks. When KV blocks or seats run out, running requests are preempted
+(``preemption.py``).
 
 With ``async_scheduling`` a request may be scheduled again while the token
 its batch in flight samples is *pending* (``worker_view.py``). A request
@@ -21,10 +22,10 @@ from typing import Callable
 
 from orca_serve.batch import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from orca_serve.config import CacheConfig, SchedulerConfig
-from orca_serve.kv_cache import KVBlock, KVCacheManager
+from orca_serve.kv_cache import KVCacheManager
 from orca_serve.request import Request, RequestStatus
+from orca_serve.scheduler.admission import Admission
 from orca_serve.scheduler.cost_model import IterationCostModel
-from orca_serve.scheduler.errors import QueueFullError, SLORejectedError
 from orca_serve.scheduler.policies import make_policy
 from orca_serve.scheduler.preemption import Preemption
 from orca_serve.scheduler.swap_space import SwapSpace
@@ -56,9 +57,10 @@ class Scheduler:
         self.running: list[Request] = []
         self._waiting = WaitingQueue(self.policy)
         # A request in flight is never a victim; it is scheduled again only with async scheduling.
-        self.worker_view = WorkerView(self.async_scheduling)
+        self.worker_view = WorkerView(self.async_scheduling, max_model_len)
         swap = self.swap if cache_config.preemption_mode == "swap" else None
         self.preemption = Preemption(config, self.policy, self.kv, swap, self.worker_view, self._waiting, clock)
+        self.admission = Admission(config, self.policy, self.kv, self.swap, self._waiting, clock, max_model_len)
         self.iteration = 0
 
     # ---- queue -------------------------------------------------------
@@ -82,20 +84,7 @@ class Scheduler:
         if self.worker_view.in_flight(req.request_id):  # its tokens would be taken for the new request's
             raise ValueError(f"request id {shown(req.request_id)} is still in use: a batch with the finished "
                              f"request of that id is in flight; use a new id")
-        limit = self.config.max_waiting_requests
-        if limit is not None and len(self._waiting) >= limit:
-            raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
-        if self.policy.rejects:
-            now = self.clock()
-            error = self.policy.admission_error(req, lambda r: self._waiting.work_ahead(r, now), now,
-                                                self.config.max_num_batched_tokens)
-            if error is not None:
-                raise SLORejectedError(error)
-        need = self.kv.blocks_needed(min(req.max_total_tokens, self.max_model_len))
-        if need > self.kv.num_blocks:
-            raise ValueError(
-                f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.sampling_params.max_tokens}) "
-                f"needs {need} KV blocks but the pool has only {self.kv.num_blocks}")
+        self.admission.check_arrival(req)
         self.requests[req.request_id] = req
         self._waiting.add(req, self.clock())
 
@@ -198,19 +187,20 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         seats = self._batch_seats()
 
-        self.preemption.for_urgent_waiting(self.running, self._head_blocks,
+        self.preemption.for_urgent_waiting(self.running, self.admission.head_blocks,
                                            lambda staying: self._head_joins(staying, seats))
         # Sized for the requests that run this iteration, after any were preempted.
         budget = self._token_budget(self.running)
         # Running requests: decodes first (they must never starve), then chunked
         # prefills; oldest (smallest victim key) first so victims are found at the tail.
-        order = sorted(self.running, key=lambda r: (self._to_compute(r) > 1, self.policy.victim_key(r)))
+        order = sorted(self.running,
+                       key=lambda r: (self.worker_view.to_compute(r) > 1, self.policy.victim_key(r)))
         for req in order:
             if budget <= 0 or len(scheduled) >= seats:
                 break
             if req.status != RequestStatus.RUNNING or req.request_id in self.preemption.held_back:
                 continue  # preempted earlier in this loop, or to be preempted next time
-            n = min(self._tokens_to_run(req), budget)
+            n = min(self.worker_view.tokens_to_run(req), budget)
             if n <= 0:
                 continue  # its last batch is still out, or (async) its pending token is its last
             blocks = self.preemption.allocate_or_preempt(req, n, self.running, scheduled)
@@ -219,30 +209,13 @@ class Scheduler:
             scheduled[req.request_id] = n
             new_blocks[req.request_id] = blocks
             budget -= n
-        self._admit_waiting(budget, scheduled, new_blocks, seats)
+        self.admission.admit(self.running, budget, scheduled, new_blocks, seats)
         return self._build_output(scheduled, new_blocks)
-
-    def _to_compute(self, req: Request) -> int:
-        """Tokens of ``req`` not yet scheduled: its pending token (async) counts
-        as one it has, unless that token is its last."""
-        pending = self.worker_view.pending(req.request_id)
-        if pending and (req.num_output_tokens + pending >= req.sampling_params.max_tokens
-                        or req.num_tokens + pending >= self.max_model_len):
-            return 0
-        return req.num_tokens + pending - req.num_computed_tokens
-
-    def _tokens_to_run(self, req: Request) -> int:
-        """Tokens running ``req`` has for the batch being built: none while a
-        batch with it is out, unless async scheduling runs it again on its
-        pending token (none when that token is its last)."""
-        if self.worker_view.in_flight(req.request_id) and not self.async_scheduling:
-            return 0
-        return self._to_compute(req)
 
     def _token_budget(self, running: list[Request]) -> int:
         """Tokens an iteration of ``running`` may compute (the SLO policy's may be fewer)."""
         return self.policy.token_budget(running, self.config.max_num_batched_tokens, self.cost_model,
-                                        self._to_compute)
+                                        self.worker_view.to_compute)
 
     def _batch_seats(self) -> int:
         """Most requests one batch may take. With several batches in flight (one
@@ -254,76 +227,16 @@ class Scheduler:
             return self.config.max_num_seqs
         return max(1, -(-active // self.max_inflight_batches))
 
-    def _head_admissible(self) -> bool:
-        """Whether the waiting queue's head may join the batch now, seats,
-        tokens and blocks aside: the policy lets it, and if it is swapped out,
-        the batch copying it out is back (its slots may not hold its K/V yet).
-        Priority preemption asks too: a victim evicted for a head that cannot
-        join would lose its work for nothing."""
-        head = self._waiting.head
-        return (self.policy.may_admit(head, self._waiting, self.running, self.clock())
-                and not (self.swap.holds(head.request_id) and self.swap.in_transit(head.request_id)))
-
-    def _has_seat(self, num_running: int, num_in_batch: int, seats: int) -> bool:
-        """Whether one more request may join the batch being built: below
-        max_num_seqs running, and below the batch's ``seats`` (_batch_seats)."""
-        return num_running < self.config.max_num_seqs and num_in_batch < seats
-
     def _head_joins(self, staying: list[Request], seats: int) -> bool:
         """Whether the waiting queue's head joins the batch being built if only
         ``staying`` run, blocks aside (priority preemption counts those):
-        _admit_waiting's checks, made before the loop in schedule() gives the
+        admission's checks, made before the loop in schedule() gives the
         running requests their seats and tokens."""
-        if not self._head_admissible():
+        if not self.admission.head_admissible(self.running):
             return False
-        tokens = [n for n in map(self._tokens_to_run, staying) if n > 0]
-        return self._has_seat(len(staying), len(tokens), seats) and sum(tokens) < self._token_budget(staying)
-
-    def _first_chunk(self, req: Request, budget: int) -> tuple[int, list[KVBlock]]:
-        """Waiting ``req``'s first chunk within ``budget``, and the prefix-cache
-        hits it starts after (none when swapped out: it goes on from its
-        computed tokens, its blocks swapped back in)."""
-        if self.swap.holds(req.request_id):
-            return min(req.num_tokens - req.num_computed_tokens, budget), []
-        computed = self.kv.get_computed_blocks(req)
-        return min(req.num_tokens - len(computed) * self.kv.block_size, budget), computed
-
-    def _head_blocks(self) -> tuple[int, list[KVBlock]]:
-        """Free blocks the waiting queue's head takes to join with a whole
-        token budget, as _admit_waiting allocates them, and its prefix-cache
-        hits (blocks a victim frees that the head takes straight back)."""
-        head = self._waiting.head
-        n, hits = self._first_chunk(head, self.config.max_num_batched_tokens)
-        return self.kv.num_blocks_to_take(head, n, hits), hits
-
-    def _admit_waiting(self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
-                       seats: int) -> None:
-        while self._waiting and budget > 0 and self._has_seat(len(self.running), len(scheduled), seats):
-            req = self._waiting.head
-            if not self._head_admissible():
-                break
-            swapped = self.swap.holds(req.request_id)
-            n, computed = self._first_chunk(req, budget)
-            num_cached = len(computed) * self.kv.block_size
-            if not swapped:
-                req.num_computed_tokens = 0
-            blocks = self.kv.allocate_slots(req, n, computed)
-            if blocks is None:
-                break  # head-of-line: keep the policy's order
-            self._waiting.pop_head()
-            req.status = RequestStatus.RUNNING
-            if swapped:
-                self.swap.swap_in(req.request_id, blocks)
-            else:
-                req.num_computed_tokens = num_cached
-            if req.metrics.first_scheduled_time is None:  # first admission: report prefix hits
-                req.num_cached_tokens = num_cached
-                req.metrics.num_cached_tokens = num_cached
-                req.metrics.first_scheduled_time = self.clock()
-            self.running.append(req)
-            scheduled[req.request_id] = n
-            new_blocks[req.request_id] = blocks
-            budget -= n
+        tokens = [n for n in map(self.worker_view.tokens_to_run, staying) if n > 0]
+        return (self.admission.has_seat(len(staying), len(tokens), seats)
+                and sum(tokens) < self._token_budget(staying))
 
     def _build_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
         new_reqs, cached_reqs = [], []

@@ -13,6 +13,11 @@ runs, so a request may be scheduled again before the token its last batch
 samples is known here: that token is *pending* (``pending``), counted as one
 the request has, computed next as a decode whose input the worker takes from
 its own copy of batch i's sampled tokens.
+
+So the view says how many tokens a running request has for the batch being
+built (``tokens_to_run``): none while a batch with it is out, unless async
+scheduling runs it again on its pending token, and none when that token is
+its last (``max_tokens``, the model's length).
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from orca_serve.request import Request
 
 
 class WorkerView:
-    def __init__(self, async_scheduling: bool) -> None:
+    def __init__(self, async_scheduling: bool, max_model_len: int) -> None:
         self.async_scheduling = async_scheduling
+        self.max_model_len = max_model_len
         self._tokens_held: dict[str, int] = {}
         self._forgotten: set[str] = set()  # requests the workers drop at the next batch
         # Request id -> how many batches in flight carry it.
@@ -38,6 +44,23 @@ class WorkerView:
     def pending(self, req_id: str) -> int:
         """Tokens of ``req_id`` that batches in flight sample (async scheduling)."""
         return self._pending[req_id] if self._pending else 0
+
+    def to_compute(self, req: Request) -> int:
+        """Tokens of ``req`` not yet scheduled: its pending token (async) counts
+        as one it has, unless that token is its last."""
+        pending = self.pending(req.request_id)
+        if pending and (req.num_output_tokens + pending >= req.sampling_params.max_tokens
+                        or req.num_tokens + pending >= self.max_model_len):
+            return 0
+        return req.num_tokens + pending - req.num_computed_tokens
+
+    def tokens_to_run(self, req: Request) -> int:
+        """Tokens running ``req`` has for the batch being built: none while a
+        batch with it is out, unless async scheduling runs it again on its
+        pending token (none when that token is its last)."""
+        if self.in_flight(req.request_id) and not self.async_scheduling:
+            return 0
+        return self.to_compute(req)
 
     def tokens_held(self, req_id: str) -> int | None:
         """How many of ``req_id``'s tokens the workers hold; None: they hold no copy of it."""

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 
-from orca_serve.engine.async_engine import AsyncLLMEngine, EngineStoppedError
-from orca_serve.engine.errors import EngineDeadError, QueueFullError, SLORejectedError
+from orca_serve.engine.async_engine import AsyncLLMEngine
+from orca_serve.engine.errors import EngineDeadError, EngineStoppedError, QueueFullError, SLORejectedError
 from orca_serve.entrypoints.openai.protocol import ApiError, bad_request
 from orca_serve.outputs import RequestOutput
 from orca_serve.sampling_params import SamplingParams
