@@ -15,6 +15,7 @@ tokenization spaces asked for).
 """
 from __future__ import annotations
 
+from orca_serve.engine.stop_strings import StopStringMatcher
 from orca_serve.sampling_params import SamplingParams
 
 _PROMPT_CONTEXT = 6  # prompt tokens kept as left context for the first outputs
@@ -46,7 +47,11 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self.text = ""  # what has been handed out
         self._full = ""  # decoded so far, including held-back characters
-        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        self._stop_matcher = StopStringMatcher(params.stop) if params.stop else None
+        self._max_stop_len = self._stop_matcher.max_len if self._stop_matcher else 0
+        # How much of _full the matcher has read (finding no stop string), so
+        # that the next delta is all it reads; None once a stop string cut _full.
+        self._searched_upto: int | None = 0
         self._num_output_tokens = 0
 
     def _decode(self, ids: list[int]) -> str:
@@ -76,18 +81,15 @@ class IncrementalDetokenizer:
         last len(longest stop)-1 characters are held back, since they may be
         the start of a stop string that must not reach the client."""
         search_from = max(0, len(self._full) - self._max_stop_len + 1)
+        read_from = len(self._full)
         self._full += delta
         matched = None
         # Like an EOS or stop token, a stop string may end the request only
         # after min_tokens tokens: it is looked for in text from a later token.
-        if self.params.stop and delta and self._num_output_tokens > self.params.min_tokens:
-            best = None
-            for stop in self.params.stop:
-                idx = self._full.find(stop, search_from)
-                if idx != -1 and (best is None or idx < best[0]):
-                    best = (idx, stop)
-            if best is not None:
-                idx, matched = best
+        if self._stop_matcher is not None and delta and self._num_output_tokens > self.params.min_tokens:
+            found = self._find_stop(search_from, read_from)
+            if found is not None:
+                idx, matched = found
                 cut = idx + len(matched) if self.params.include_stop_str_in_output else idx
                 self._full = self._full[:cut]
                 final = True
@@ -96,3 +98,20 @@ class IncrementalDetokenizer:
         out = self._full[len(self.text):upto]
         self.text = self._full[:upto]
         return out, matched
+
+    def _find_stop(self, search_from: int, read_from: int) -> tuple[int, str] | None:
+        """(position, stop string) of the stop string in _full[search_from:]
+        that starts first, the first listed on a tie. Only what the matcher
+        has not read, _full[read_from:], is read: a stop string that ends
+        before it would have been found already."""
+        if self._searched_upto != read_from:
+            # The matcher has not read all that came before (text from before
+            # min_tokens, or a cut): read from search_from, as if new.
+            self._stop_matcher.restart()
+            read_from = search_from
+        found = self._stop_matcher.feed(self._full, read_from)
+        if found is None:
+            self._searched_upto = len(self._full)
+            return None
+        self._searched_upto = None  # the caller cuts _full there
+        return found[0], self.params.stop[found[1]]
