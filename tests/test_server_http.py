@@ -96,3 +96,29 @@ def test_a_trailing_slash_serves_the_route_instead_of_redirecting(server, server
     r = httpx.post(server.url + "/v1/engines/", json={}, headers=AUTH, timeout=10)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     _serves_and_holds_nothing(server)
+
+
+def test_a_model_name_ending_in_a_slash_keeps_it():
+    """The slash middleware took the slash off ``/v1/models/org/model/``, so a
+    served name ``org/model/`` was no longer found; the list route still takes one."""
+    from fastapi import APIRouter, FastAPI
+    from fastapi.testclient import TestClient
+
+    from orca_serve.entrypoints.openai.middleware import install_handlers
+
+    app, v1 = FastAPI(redirect_slashes=False), APIRouter(prefix="/v1")
+
+    @v1.get("/models")
+    async def models():
+        return {"listed": True}
+
+    @v1.get("/models/{name:path}")
+    async def model(name: str):
+        return {"name": name}
+
+    app.include_router(v1)
+    install_handlers(app)
+    client = TestClient(app)
+    assert client.get("/v1/models/org/model/").json() == {"name": "org/model/"}
+    assert client.get("/v1/models/org/model").json() == {"name": "org/model"}
+    assert client.get("/v1/models/").json() == {"listed": True}

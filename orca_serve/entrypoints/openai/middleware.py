@@ -74,6 +74,9 @@ class _InternalErrorMiddleware:
             await response(scope, receive, send)
 
 
+_MODEL_PATH = "/v1/models/"
+
+
 class _SlashlessPath:
     """Routes a path with a trailing slash (``POST /v1/completions/``) as the
     path without it.
@@ -81,13 +84,15 @@ class _SlashlessPath:
     Starlette would answer 307 to the slashless path, and many clients do not
     send a POST's body again after a 307, or send it to another host behind a
     proxy. No route here differs from another by a trailing slash, so the
-    slashed path can only mean the one without it."""
+    slashed path can only mean the one without it. ``/v1/models/{name}`` is
+    left as it is: a served model name may end in a slash."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+        if (scope["type"] == "http" and len(path) > 1 and path.endswith("/")
+                and not (path.startswith(_MODEL_PATH) and path != _MODEL_PATH)):
             scope = {**scope, "path": path[:-1]}
         await self.app(scope, receive, send)
