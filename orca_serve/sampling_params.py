@@ -53,12 +53,17 @@ class SamplingParams:
         """Check every field (ValueError naming it) and normalize it: stop to a
         list, numpy numbers to Python ones. The engine calls it again when a
         request is added, since the fields may have changed since construction."""
+        # A list already in its checked form is kept, not copied, and checked in
+        # C: the engine checks again each request it adds, and the sequences of
+        # one HTTP request (up to 1,024) share their lists.
         self.stop = [self.stop] if isinstance(self.stop, str) else _list("stop", self.stop, "strings")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {shown(s)}")
-        self.stop_token_ids = [integer("stop_token_ids", t, minimum=0)
-                               for t in _list("stop_token_ids", self.stop_token_ids, "token ids")]
+        if not _all_exactly(self.stop, str) or "" in self.stop:
+            for s in self.stop:
+                if not isinstance(s, str) or not s:
+                    raise ValueError(f"stop strings must be non-empty strings, got {shown(s)}")
+        self.stop_token_ids = _list("stop_token_ids", self.stop_token_ids, "token ids")
+        if not (_all_exactly(self.stop_token_ids, int) and min(self.stop_token_ids, default=0) >= 0):
+            self.stop_token_ids = [integer("stop_token_ids", t, minimum=0) for t in self.stop_token_ids]
         self.max_tokens = integer("max_tokens", self.max_tokens, minimum=1)
         self.min_tokens = integer("min_tokens", self.min_tokens, minimum=0)
         if self.min_tokens > self.max_tokens:
@@ -121,6 +126,12 @@ def _logit_bias(value) -> dict[int, float]:
         return {}
     if not isinstance(value, Mapping):
         raise ValueError(f"logit_bias must be a mapping of token id to bias, got {type(value).__name__}")
+    biases = value.values()
+    if (type(value) is dict and _all_exactly(value, int) and min(value, default=0) >= 0
+            and _all_exactly(biases, float) and all(map(math.isfinite, biases))
+            and -MAX_LOGIT_BIAS <= min(biases, default=0.0) and max(biases, default=0.0) <= MAX_LOGIT_BIAS
+            and 0.0 not in biases):
+        return value  # as the loop below would make it
     out = {}
     for token, bias in value.items():
         if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
@@ -140,4 +151,9 @@ def _list(name: str, value, of: str) -> list:
         return []
     if not isinstance(value, Iterable) or isinstance(value, (str, bytes, bytearray, Mapping)):
         raise ValueError(f"{name} must be a list of {of}, got {type(value).__name__}")
-    return list(value)
+    return value if type(value) is list else list(value)
+
+
+def _all_exactly(items, kind: type) -> bool:
+    """Whether every item's type is ``kind`` itself (no subclass), checked in C."""
+    return set(map(type, items)) <= {kind}

@@ -128,6 +128,19 @@ def test_logit_bias_steers_greedy_and_sampled_rows_alone():
     assert abs(out.logprobs[0].sampled_logprob - torch.log_softmax(logits[0], -1)[7].item()) < 1e-5
 
 
+def test_rows_sharing_a_logit_bias_map_each_get_it():
+    # The sequences of one request share one map, turned into tensors once.
+    logits = rand_logits(4, seed=7, scale=1.0)
+    shared = {7: 100.0, 8: 50.0}
+    params = [SamplingParams(temperature=0, logit_bias=shared), SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logit_bias=shared), SamplingParams(temperature=0, logit_bias={9: 100.0})]
+    assert params[0].logit_bias is params[2].logit_bias  # kept as given, not copied
+    rows, cols, values = SamplingMetadata.build(params, [0] * 4, V).logit_bias
+    assert (rows.tolist(), cols.tolist(), values.tolist()) == ([0, 0, 2, 2, 3], [7, 8, 7, 8, 9],
+                                                              [100.0, 50.0, 100.0, 50.0, 100.0])
+    assert sample(params, logits).token_ids == [7, logits[1].argmax().item(), 7, 9]
+
+
 def test_a_zero_logit_bias_is_no_bias():
     params = SamplingParams(temperature=0, logit_bias={5: 0, 6: 0.0, 7: -0.0})
     assert params.logit_bias == {}

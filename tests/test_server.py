@@ -253,6 +253,8 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("prompt-empty-in-batch", _CMPL, {"prompt": ["hi", ""]}, None, 400, "prompt[1]"),
     ("logit-bias-over-100", _CMPL, {"prompt": "hi", "logit_bias": {"5": 101}}, None, 400, "logit_bias"),
     ("logit-bias-key-not-a-token-id", _CHAT, {"messages": _MSG, "logit_bias": {"the": 5}}, None, 400, "logit_bias"),
+    ("logit-bias-over-300-tokens", _CMPL, {"prompt": "hi", "logit_bias": {str(t): 1 for t in range(301)}}, None,
+     400, "logit_bias"),
     ("logit-bias-outside-the-vocabulary", _CMPL, {"prompt": "hi", "logit_bias": {"99999": -5}}, None, 400,
      "logit_bias"),
     # The checks LLM.chat shares with the server.
@@ -286,6 +288,7 @@ BAD_MESSAGES = {"unknown-model": "the model 'gpt-4' does not exist; this server 
                 "content-type": "messages[0].content must be a string, a list of text parts or None, got 5",
                 "logit-bias-over-100": "logit_bias[5] must be in [-100, 100], got 101.0",
                 "logit-bias-key-not-a-token-id": "logit_bias: keys must be token ids (\"50256\"), got 'the'",
+                "logit-bias-over-300-tokens": "logit_bias may bias at most 300 tokens (OpenAI's limit), got 301",
                 "logit-bias-outside-the-vocabulary": "logit_bias: token id 99999 is outside the vocabulary",
                 "image-part": "part 0 has type 'image_url'; only text parts are supported",
                 "text-part-without-text": "part 0 needs 'text'",

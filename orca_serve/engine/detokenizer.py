@@ -15,7 +15,7 @@ tokenization spaces asked for).
 """
 from __future__ import annotations
 
-from orca_serve.engine.stop_strings import StopStringMatcher
+from orca_serve.engine.stop_strings import StopStrings
 from orca_serve.sampling_params import SamplingParams
 
 _PROMPT_CONTEXT = 6  # prompt tokens kept as left context for the first outputs
@@ -38,7 +38,10 @@ def decoder_for(tokenizer):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
+                 stop_strings: StopStrings | None = None) -> None:
+        """``stop_strings``: ``params.stop`` indexed, when the caller shares it
+        between requests with an equal list; else indexed here."""
         self.tokenizer = tokenizer
         self._decoder = decoder_for(tokenizer) if tokenizer is not None else None
         self.params = params
@@ -47,10 +50,10 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self.text = ""  # what has been handed out
         self._full = ""  # decoded so far, including held-back characters
-        self._stop_matcher = StopStringMatcher(params.stop) if params.stop else None
-        self._max_stop_len = self._stop_matcher.max_len if self._stop_matcher else 0
-        # How much of _full the matcher has read (finding no stop string), so
-        # that the next delta is all it reads; None once a stop string cut _full.
+        self._stops = (stop_strings or StopStrings(params.stop)) if params.stop else None
+        self._max_stop_len = self._stops.max_len if self._stops else 0
+        # How much of _full was searched (finding no stop string), so that the
+        # next search looks only at what follows; None once a stop string cut _full.
         self._searched_upto: int | None = 0
         self._num_output_tokens = 0
 
@@ -86,7 +89,7 @@ class IncrementalDetokenizer:
         matched = None
         # Like an EOS or stop token, a stop string may end the request only
         # after min_tokens tokens: it is looked for in text from a later token.
-        if self._stop_matcher is not None and delta and self._num_output_tokens > self.params.min_tokens:
+        if self._stops is not None and delta and self._num_output_tokens > self.params.min_tokens:
             found = self._find_stop(search_from, read_from)
             if found is not None:
                 idx, matched = found
@@ -101,17 +104,16 @@ class IncrementalDetokenizer:
 
     def _find_stop(self, search_from: int, read_from: int) -> tuple[int, str] | None:
         """(position, stop string) of the stop string in _full[search_from:]
-        that starts first, the first listed on a tie. Only what the matcher
-        has not read, _full[read_from:], is read: a stop string that ends
-        before it would have been found already."""
+        that starts first, the first listed on a tie. Only those ending in
+        _full[read_from:] are looked for: one that ends before it would have
+        been found already."""
         if self._searched_upto != read_from:
-            # The matcher has not read all that came before (text from before
-            # min_tokens, or a cut): read from search_from, as if new.
-            self._stop_matcher.restart()
+            # What came before was not searched (text from before min_tokens,
+            # or a cut): search from search_from, as if new.
             read_from = search_from
-        found = self._stop_matcher.feed(self._full, read_from)
+        found = self._stops.find(self._full, search_from, read_from)
         if found is None:
             self._searched_upto = len(self._full)
             return None
         self._searched_upto = None  # the caller cuts _full there
-        return found[0], self.params.stop[found[1]]
+        return found[0], self._stops.stops[found[1]]

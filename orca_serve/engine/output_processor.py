@@ -9,7 +9,10 @@ out its requests only when their whole batch has ended (``release``).
 """
 from __future__ import annotations
 
+import weakref
+
 from orca_serve.engine.detokenizer import IncrementalDetokenizer
+from orca_serve.engine.stop_strings import StopStrings
 from orca_serve.outputs import RequestOutput
 from orca_serve.request import Request, RequestStatus, finish_reason
 from orca_serve.sampling_params import SamplingParams
@@ -25,12 +28,25 @@ class OutputProcessor:
         self._held: dict[str, RequestOutput] = {}  # request-level baseline: outputs until the batch ends
         self.num_finished = 0
         self.num_slo_met = 0
+        # Each stop list indexed, while a request uses it: the sequences of one
+        # HTTP request and the prompts of one generate() share their list.
+        self._stop_lists: weakref.WeakValueDictionary[tuple[str, ...], StopStrings] = weakref.WeakValueDictionary()
 
     def add_request(self, request_id: str, prompt: str | list[int], token_ids: list[int],
                     params: SamplingParams) -> None:
         """A request the scheduler took: its detokenizer, and its prompt text (outputs echo it)."""
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params)
+        stops = self._stop_strings(params.stop) if params.stop else None
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params, stops)
         self._prompts[request_id] = prompt if isinstance(prompt, str) else None
+
+    def _stop_strings(self, stop: list[str]) -> StopStrings:
+        """``stop`` indexed: as a running request with an equal list has it,
+        else anew. Looking it up costs a tuple of the list and its hash, in C."""
+        key = tuple(stop)
+        stops = self._stop_lists.get(key)
+        if stops is None:
+            stops = self._stop_lists[key] = StopStrings(key)
+        return stops
 
     def has_held(self) -> bool:
         """Whether finished outputs wait for the rest of their batch (request-level baseline)."""

@@ -72,14 +72,25 @@ class SamplingMetadata:
 
 
 def _logit_bias(params: list[SamplingParams], device: torch.device):
-    """SamplingMetadata.logit_bias: every row's biases as three flat tensors, sent ahead."""
-    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
-    if not biased:
+    """SamplingMetadata.logit_bias: every row's biases as three flat tensors,
+    sent ahead. Each distinct map becomes tensors once: the sequences of one
+    request share theirs, so a batch of them costs a tensor per row, not a
+    Python number per bias."""
+    rows, cols, values = [], [], []
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by id(): params holds every map alive
+    for i, p in enumerate(params):
+        if not p.logit_bias:
+            continue
+        pair = made.get(id(p.logit_bias))
+        if pair is None:
+            pair = made[id(p.logit_bias)] = (torch.tensor(list(p.logit_bias), dtype=torch.int64),
+                                             torch.tensor(list(p.logit_bias.values()), dtype=torch.float32))
+        rows.append(torch.full((len(p.logit_bias),), i, dtype=torch.int64))
+        cols.append(pair[0])
+        values.append(pair[1])
+    if not rows:
         return None
-    rows = torch.tensor([i for i, bias in biased for _ in bias], dtype=torch.int64)
-    cols = torch.tensor([t for _, bias in biased for t in bias], dtype=torch.int64)
-    values = torch.tensor([v for _, bias in biased for v in bias.values()], dtype=torch.float32)
-    return to_device(rows, device), to_device(cols, device), to_device(values, device)
+    return tuple(to_device(torch.cat(part), device) for part in (rows, cols, values))
 
 
 @dataclass

@@ -21,6 +21,9 @@ from orca_serve.entrypoints.chat_messages import OPENAI_ROLES, MessageError, con
 from orca_serve.shown import shown
 
 MAX_N = 16  # choices per request; each one is a full engine request
+# OpenAI's limit: every sequence's biases are added to its logits each
+# iteration, and a request fans out to up to --max-waiting-requests sequences.
+MAX_LOGIT_BIAS_TOKENS = 300
 MAX_LOGPROBS = 20
 
 
@@ -103,9 +106,10 @@ class _SamplingFields(_Strict):
     @field_validator("stop")
     @classmethod
     def _stop_non_empty(cls, v):
-        for s in [v] if isinstance(v, str) else (v or []):
-            if not s:
-                raise ValueError("stop strings must be non-empty")
+        # As a list: one list then serves every sequence of the request.
+        v = [v] if isinstance(v, str) else v
+        if v and "" in v:
+            raise ValueError("stop strings must be non-empty")
         return v
 
     @field_validator("logit_bias")
@@ -113,6 +117,9 @@ class _SamplingFields(_Strict):
     def _token_id_keys(cls, v):
         if v is None:
             return v
+        if len(v) > MAX_LOGIT_BIAS_TOKENS:
+            raise _field_error("logit_bias", f"logit_bias may bias at most {MAX_LOGIT_BIAS_TOKENS} tokens "
+                                             f"(OpenAI's limit), got {len(v)}")
         out = {}
         for key, bias in v.items():
             # ASCII digits only: int() also reads " 5", "+5", "5_0" and other scripts' digits.

@@ -70,12 +70,11 @@ def sampling_params(req, max_tokens: int, num_logprobs: int | None, index: int) 
     With a seed and n > 1 each choice gets seed + index, so choices differ but
     the whole response is reproducible.
     """
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
-            seed=None if req.seed is None else req.seed + index, stop=stop,
-            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+            seed=None if req.seed is None else req.seed + index, stop=req.stop,
+            stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens, logprobs=num_logprobs, logit_bias=req.logit_bias)
     except ValueError as exc:
         raise engine_error(exc) from None
