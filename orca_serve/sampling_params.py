@@ -26,6 +26,12 @@ class SamplingParams:
     reproducible for this request whatever else shares its batch (the noise is
     derived from the seed and the output position, never from a batch-wide
     generator). Integers may be numpy integers; they are kept as Python ints.
+
+    ``stop``, ``stop_token_ids`` and ``logit_bias`` are used as given once
+    checked, not copied (the sequences of one request share them), so they
+    must not change while a request that uses them runs: the engine checked
+    them when it added the request, and the sampler reads the bias map every
+    iteration (an id past the vocabulary put there later fails the batch).
     """
 
     max_tokens: int = 16
