@@ -91,6 +91,8 @@ def test_a_trailing_slash_serves_the_route_instead_of_redirecting(server, server
     assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
     r = httpx.get(server.url + "/v1/models/", headers=AUTH, timeout=10)
     assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [server_model_dir.name]
+    r = httpx.get(f"{server.url}/v1/models/{server_model_dir.name}/", headers=AUTH, timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == server_model_dir.name, r.text
     assert httpx.get(server.url + "/health/", timeout=10).status_code == 200
     # The slash is not a wildcard: an unknown path with one is still a 404.
     r = httpx.post(server.url + "/v1/engines/", json={}, headers=AUTH, timeout=10)

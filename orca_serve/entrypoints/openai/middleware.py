@@ -85,7 +85,8 @@ class _SlashlessPath:
     send a POST's body again after a 307, or send it to another host behind a
     proxy. No route here differs from another by a trailing slash, so the
     slashed path can only mean the one without it. ``/v1/models/{name}`` is
-    left as it is: a served model name may end in a slash."""
+    left as it is: a served model name may end in a slash, and that route
+    takes the name with one more slash too."""
 
     def __init__(self, app) -> None:
         self.app = app

@@ -132,7 +132,8 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
 
     @v1.api_route("/models/{name:path}", methods=_GET_AND_HEAD)
     async def model(name: str) -> dict:
-        if name != model_name:
+        # The slash middleware leaves this path as sent: a name may end in "/".
+        if name not in (model_name, model_name + "/"):
             raise _model_not_found(name, model_name)
         return model_card()
 
