@@ -170,7 +170,8 @@ def test_the_sequences_of_one_http_request_share_its_lists():
     from orca_serve.entrypoints.openai.protocol import CompletionRequest
     from orca_serve.entrypoints.openai.serving import sampling_params
 
-    req = CompletionRequest(model="m", prompt=[[1]] * 3, n=2, stop="x", stop_token_ids=[1, 2], logit_bias={"5": 1})
+    req = CompletionRequest(model="m", prompt=[[1]] * 3, n=2, stop="x", stop_token_ids=[1, 2],
+                            logit_bias={"5": 1, "6": 0})  # a zero is dropped once, not by each sequence
     a, b = (sampling_params(req, 4, None, index) for index in (0, 5))
     assert (a.stop, a.stop_token_ids, a.logit_bias) == (["x"], [1, 2], {5: 1.0})
     assert a.stop is b.stop and a.stop_token_ids is b.stop_token_ids and a.logit_bias is b.logit_bias

@@ -14,9 +14,10 @@ number of strings. Longest first, the first window found at an end is the
 match that starts earliest there.
 
 Its worst case is bounded by the list's size: the window lengths of one
-character sum to at most the list's characters (an adversarial list, one
-string of every length up to 1,400, in 1 MiB: about a millisecond a
-character), as the ``str.find`` loop's work per token was. Nothing grows with
+character sum to at most the list's characters, as the ``str.find`` loop's
+work per token was (an adversarial list, one string of every length up to
+1,400, in 1 MiB: 0.28 ms a token of 4 characters, the loop 0.19 ms; 95,000
+strings of 4 to 10 characters: 0.014 ms a token, the loop 13.4 ms). Nothing grows with
 the text. An Aho-Corasick automaton (in this module before) reads each
 character once, but holds a state per trie node the text reaches; a list
 built so that every end of the text begins a stop string drove it to a

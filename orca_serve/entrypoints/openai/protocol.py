@@ -126,10 +126,12 @@ class _SamplingFields(_Strict):
             if not (key.isascii() and key.isdigit()):
                 raise _field_error("logit_bias", f"logit_bias: keys must be token ids (\"50256\"), got {shown(key)}")
             try:
-                out[int(key)] = bias
+                token = int(key)
             except ValueError:  # past Python's limit on digits read (4300): in no vocabulary
                 raise _field_error("logit_bias", f"logit_bias: a token id of {len(key)} digits is outside the "
                                                  "vocabulary") from None
+            if bias:  # a zero changes nothing; without zeros every sequence shares this map as it is
+                out[token] = bias
         return out
 
     @model_validator(mode="after")
