@@ -19,7 +19,6 @@ that still waits would lose their work for nothing.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Callable
 
 from orca_serve.config import SchedulerConfig
@@ -120,8 +119,12 @@ class Preemption:
         if not candidates:
             return
         need, hits = head_blocks()
-        # Running requests may each take a block this step as they grow.
-        if len(running) < self.config.max_num_seqs and need + len(running) <= self.kv.num_free_blocks:
+
+        def room(staying: int, num_freed: int) -> bool:
+            # A seat, and the head's blocks; running requests may each take a block this step as they grow.
+            return staying < self.config.max_num_seqs and need + staying <= self.kv.num_free_blocks + num_freed
+
+        if room(len(running), 0):
             return  # room already: no victim needed
         # When even all candidates made too little room, it stays so while the
         # head, its need and the candidates stay and no block is freed: the
@@ -134,16 +137,15 @@ class Preemption:
                 and self.kv.num_free_blocks <= self._no_room_for[1]):
             return
         candidates.sort(key=self.policy.victim_key, reverse=True)
-        for k, num_freed in enumerate(itertools.chain([0], self.kv.num_freed_by(candidates, keep=hits))):
-            staying = len(running) - k
-            if staying < self.config.max_num_seqs and need + staying <= self.kv.num_free_blocks + num_freed:
+        for k, num_freed in enumerate(self.kv.num_freed_by(candidates, keep=hits), start=1):
+            if room(len(running) - k, num_freed):
                 break
         else:
             self._no_room_for = (situation, self.kv.num_free_blocks)
             return  # even all of them would not make room
         victims = candidates[:k]
         gone = {v.request_id for v in victims}
-        if not victims or not head_joins([r for r in running if r.request_id not in gone]):
+        if not head_joins([r for r in running if r.request_id not in gone]):
             return
         if any(self.worker_view.in_flight(v.request_id) for v in victims):
             # Async scheduling: the head cannot join before they all can go;
