@@ -122,9 +122,9 @@ class LLMEngine:
             raise ValueError("params must be a SamplingParams")
         params.validate()  # its fields may have been set since it was made
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
-            for t in ids:
-                if t >= self.vocab_size:
-                    raise ValueError(f"{name}: token id {shown(t)} is outside the vocabulary [0, {self.vocab_size})")
+            if max(ids, default=-1) >= self.vocab_size:  # in C: every sequence of a request checks its ids
+                t = next(t for t in ids if t >= self.vocab_size)  # the first, to name it
+                raise ValueError(f"{name}: token id {shown(t)} is outside the vocabulary [0, {self.vocab_size})")
         if params.min_tokens and len(set(params.stop_token_ids).union(self.eos_token_ids)) >= self.vocab_size:
             raise ValueError("stop_token_ids: with min_tokens every token of the vocabulary is an EOS or stop "
                              "token, so none is left to sample")
