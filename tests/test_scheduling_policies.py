@@ -211,6 +211,19 @@ def test_no_priority_preemption_for_a_head_the_policy_does_not_admit(monkeypatch
     assert s.kv.num_free_blocks == 64
 
 
+def assert_mid_waits_and_nobody_is_evicted(s, r, high, low, mid, why: str) -> None:
+    """mid arrives: this iteration only high and low decode, nobody is evicted
+    for it (``why`` if one is), and all three finish with every block free
+    (later growth may still preempt by recompute)."""
+    s.add_request(mid)
+    so = step(s, r)
+    assert so.num_scheduled_tokens == {"high": 1, "low": 1}
+    assert s.num_preemptions_total == 0, why
+    run_all(s, r)
+    check_outputs([high, low, mid])
+    assert s.kv.num_free_blocks == s.kv.num_blocks
+
+
 def test_no_priority_preemption_when_its_victims_cannot_make_room():
     """mid may evict only low, whose blocks are too few for mid's prompt."""
     s, r = make(num_blocks=12, scheduling_policy="priority", caching=False), FakeRunner(4)
@@ -219,14 +232,11 @@ def test_no_priority_preemption_when_its_victims_cannot_make_room():
     s.add_request(high)
     s.add_request(low)
     step(s, r)  # 6 + 2 blocks taken, 4 free
+    assert s.kv.num_blocks == 12
     mid = req("mid", 24, max_tokens=4, base=200, arrival=2, priority=2)
-    s.add_request(mid)
-    so = step(s, r)
-    assert so.num_scheduled_tokens == {"high": 1, "low": 1}
-    assert s.num_preemptions_total == 0, "low was evicted though that left too few blocks for mid"
-    run_all(s, r)
-    check_outputs([high, low, mid])
-    assert s.num_preemptions_total == 0 and s.kv.num_free_blocks == 12
+    assert_mid_waits_and_nobody_is_evicted(s, r, high, low, mid, "low was evicted though that left too few blocks "
+                                                                 "for mid")
+    assert s.num_preemptions_total == 0
 
 
 def test_priority_preemption_counts_the_cached_blocks_a_head_takes_off_the_free_queue():
@@ -243,14 +253,10 @@ def test_priority_preemption_counts_the_cached_blocks_a_head_takes_off_the_free_
     s.add_request(low)
     step(s, r)
     assert s.kv.num_free_blocks == 2  # old's: high has 3 blocks, low 1
+    assert s.kv.num_blocks == 6
     mid = req("mid", 16, max_tokens=2, arrival=3, priority=2)
-    s.add_request(mid)
-    so = step(s, r)
-    assert s.num_preemptions_total == 0, "low was evicted though mid still had too few blocks"
-    assert so.num_scheduled_tokens == {"high": 1, "low": 1}
-    run_all(s, r)
-    check_outputs([high, low, mid])
-    assert s.kv.num_free_blocks == 6
+    assert_mid_waits_and_nobody_is_evicted(s, r, high, low, mid, "low was evicted though mid still had too few blocks")
+
 
 def test_priority_preemption_counts_no_room_from_the_prefix_blocks_a_victim_shares_with_the_head():
     """low holds the two cached blocks mid's prompt starts with: evicting low
@@ -266,13 +272,9 @@ def test_priority_preemption_counts_no_room_from_the_prefix_blocks_a_victim_shar
     assert s.kv.num_free_blocks == 0  # high 6 blocks, low 3
     mid = Request("mid", low.prompt_token_ids + [900 + i for i in range(8)],
                   SamplingParams(max_tokens=2, ignore_eos=True), arrival_time=2, priority=2)
-    s.add_request(mid)
-    so = step(s, r)
-    assert s.num_preemptions_total == 0, "low was evicted for mid, which took low's blocks back and still did not fit"
-    assert so.num_scheduled_tokens == {"high": 1, "low": 1}
-    run_all(s, r)
-    check_outputs([high, low, mid])
-    assert s.kv.num_free_blocks == 9
+    assert s.kv.num_blocks == 9
+    assert_mid_waits_and_nobody_is_evicted(s, r, high, low, mid, "low was evicted for mid, which took low's blocks "
+                                                                 "back and still did not fit")
 
 
 def test_priority_preemption_walks_its_victims_blocks_again_only_when_room_may_have_come():
