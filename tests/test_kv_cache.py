@@ -105,16 +105,11 @@ def test_num_blocks_to_take_is_what_allocate_slots_takes(allocation):
     request every iteration); they must agree: fresh prompts, decode growth,
     prefix hits held by a running request and hits on the free queue."""
     kv = KVCacheManager(40, block_size=4, allocation=allocation)
-    a = make_req("a", 9)
-    cases = [(a, 9, [])]
-    for rid, n in (("b", 14), ("c", 9)):
-        cases.append((make_req(rid, n), None, None))
     done = []
-    b = cases[1][0]
-    for req_, n, hits in cases:
-        if hits is None:
-            hits = kv.get_computed_blocks(req_)
-            n = req_.num_tokens - len(hits) * kv.block_size
+    a, b = make_req("a", 9), make_req("b", 14)
+    for req_ in (a, b, make_req("c", 9)):  # a: no hits; b and c: a's first two blocks
+        hits = kv.get_computed_blocks(req_)
+        n = req_.num_tokens - len(hits) * kv.block_size
         free = kv.num_free_blocks
         expected = kv.num_blocks_to_take(req_, n, hits)
         assert kv.allocate_slots(req_, n, hits) is not None
