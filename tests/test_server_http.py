@@ -48,6 +48,17 @@ def test_an_unknown_model_is_not_found_to_the_openai_client(server, server_model
     _serves_and_holds_nothing(server)
 
 
+def test_an_empty_model_name_is_the_served_model(server):
+    """As with no model field, and as vLLM answers it: a client that fills
+    the field from an unset setting sends "". It was a 404."""
+    for route, body in (("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = httpx.post(server.url + route, json={**body, "model": "", "max_tokens": 2}, headers=AUTH, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+    _serves_and_holds_nothing(server)
+
+
 def test_a_chunked_body_past_the_limit_is_413(server):
     """A body without Content-Length is counted as it arrives and refused at
     the limit, unread past it: its size is not known, only that it exceeds."""

@@ -103,7 +103,9 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
         return decode_json(b"".join(body))
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
+        # An empty name asks for the served model, as an absent one does (vLLM
+        # reads it so too): clients that fill the field from an unset setting send "".
+        if name and name != model_name:
             raise _model_not_found(name, model_name)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
