@@ -4,13 +4,13 @@ with the number of stop strings."""
 import gc
 import random
 import re
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers_work import count_calls
 from orca_serve.engine.detokenizer import IncrementalDetokenizer
 from orca_serve.engine.output_processor import OutputProcessor
 from orca_serve.sampling_params import SamplingParams
@@ -82,23 +82,6 @@ def test_the_matcher_finds_what_the_find_loop_found(case):
     on past a match, so a cut and a restart are checked too."""
     chunks, calls, params = case
     assert stream(IncrementalDetokenizer, chunks, calls, params) == stream(FindLoopDetokenizer, chunks, calls, params)
-
-
-def count_calls(fn):
-    """How many Python and C functions ``fn`` called: the work it did, counted
-    the same way whatever does it, without a clock."""
-    calls = 0
-
-    def profile(frame, event, arg):
-        nonlocal calls
-        calls += event in ("call", "c_call")
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return calls
 
 
 def test_work_per_token_does_not_grow_with_the_number_of_stop_strings():
