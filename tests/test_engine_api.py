@@ -335,6 +335,34 @@ def test_min_tokens_with_every_token_a_stop_token_is_refused(llm):
     assert out.token_ids[:2] == [7, 7] and out.finish_reason == "stop"
 
 
+def test_the_runner_makes_a_shared_list_s_tensors_once_and_drops_them_after(llm, monkeypatch):
+    """The sampler's index tensors of a stop list (under min_tokens) and of a
+    bias map were made again every iteration, for every row; now once, shared
+    by the requests with that list, and dropped once the worker forgets them."""
+    runner = llm.engine.executor.runner
+    scatters, sample = [], runner.sampler.sample
+
+    def spy(logits, md):
+        scatters.append((md.suppressed, md.logit_bias))
+        return sample(logits, md)
+
+    monkeypatch.setattr(runner.sampler, "sample", spy)
+    ids = list(range(100, 380))  # long enough to be scattered on its own, not copied per row
+    bias = {i: 0.5 for i in range(3, 300)}
+    params = SamplingParams(max_tokens=5, min_tokens=5, temperature=0, stop_token_ids=ids, logit_bias=bias)
+    outs = llm.generate([[5, 6, 7], [8, 9], [10, 11, 12]], params)
+    assert [len(o.token_ids) for o in outs] == [5, 5, 5] and len(scatters) == 5
+    assert len(runner.sampling_tensors) == 2
+    for suppressed, biased in scatters:
+        [(rows, cols, _)] = suppressed
+        assert rows.tolist() == [[0], [1], [2]] and cols is scatters[0][0][0][1]
+        [(rows, cols, values)] = biased
+        assert cols is scatters[0][1][0][1] and values is scatters[0][1][0][2]
+    del scatters[:], suppressed, biased, rows, cols, values
+    llm.generate([[3, 4]], SamplingParams(max_tokens=1))  # its batch tells the worker to forget them
+    assert len(runner.sampling_tensors) == 0
+
+
 def test_a_refused_prompt_leaves_none_of_its_batch_behind(tiny_model_dir):
     """generate cleaned up the prompts queued before a refused one only on a
     ValueError; a full waiting queue left them to run unseen."""
