@@ -20,3 +20,13 @@ def count_calls(fn):
     finally:
         sys.setprofile(None)
     return calls
+
+
+def count_items_checked(monkeypatch) -> list[int]:
+    """The lengths of the lists and maps SamplingParams.validate checks from now on."""
+    from orca_serve import sampling_params
+
+    lengths, check = [], sampling_params._all_exactly
+    monkeypatch.setattr(sampling_params, "_all_exactly", lambda items, kind: lengths.append(len(items)) or
+                        check(items, kind))
+    return lengths

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers_work import count_calls
+from helpers_work import count_calls, count_items_checked
 from orca_serve.engine.detokenizer import IncrementalDetokenizer
 from orca_serve.engine.output_processor import OutputProcessor
 from orca_serve.sampling_params import SamplingParams
@@ -122,9 +122,35 @@ def test_requests_with_the_same_stop_list_share_one_index():
     assert index("c", ["yz", "x"]) is not first  # another order ties differently
     assert processor._detok["a"].add_tokens([0], final=True) == ("ab", None)
     # Once no request uses it, it goes.
-    del processor._detok["a"], processor._detok["b"], first
+    processor._forget("a")
+    processor._forget("b")
+    del first
     gc.collect()
-    assert ("x", "yz") not in processor._stop_lists and ("yz", "x") in processor._stop_lists
+    assert ("x", "yz") not in processor._stops_by_content and ("yz", "x") in processor._stops_by_content
+    assert len(processor._stop_lists) == 1
+
+
+class CountedStr(str):
+    """A stop string whose hashing is a call, so that count_calls sees its list hashed."""
+
+    def __hash__(self):
+        return str.__hash__(self)
+
+
+def test_the_sequences_of_a_request_find_its_stop_index_without_hashing_the_list():
+    """The index was looked up by the list's content: a tuple of it and its
+    hash for every sequence, the list's length each time. Now a request with
+    the same list as a running one finds its index by the list's identity."""
+    processor = OutputProcessor(scheduler=None, tokenizer=ChunkTokenizer(["ab"]))
+
+    def work(num_stops):
+        params = SamplingParams(stop=[CountedStr(f"s{i}") for i in range(num_stops)], max_tokens=8)
+        processor.add_request(f"{num_stops}-0", "", [0], params)  # indexes the list: its length, once
+        return count_calls(lambda: [processor.add_request(f"{num_stops}-{i}", "", [0], params) for i in (1, 2, 3)])
+
+    few, many = work(10), work(10_000)
+    assert many < 1.05 * few, (few, many)
+    assert processor._detok["10000-3"]._stops is processor._detok["10000-1"]._stops
 
 
 def test_checked_stop_lists_and_token_ids_are_kept_not_copied():
