@@ -177,10 +177,28 @@ def test_checked_stop_lists_and_token_ids_are_kept_not_copied():
 
 def test_the_sequences_of_one_http_request_share_its_lists():
     from orca_serve.entrypoints.openai.protocol import CompletionRequest
-    from orca_serve.entrypoints.openai.serving import sampling_params
+    from orca_serve.entrypoints.openai.serving import choice_params
 
     req = CompletionRequest(model="m", prompt=[[1]] * 3, n=2, stop="x", stop_token_ids=[1, 2],
                             logit_bias={"5": 1, "6": 0})  # a zero is dropped once, not by each sequence
-    a, b = (sampling_params(req, 4, None, index) for index in (0, 5))
+    a, b = choice_params(req, [4] * 6, None)[::5]
     assert (a.stop, a.stop_token_ids, a.logit_bias) == (["x"], [1, 2], {5: 1.0})
     assert a.stop is b.stop and a.stop_token_ids is b.stop_token_ids and a.logit_bias is b.logit_bias
+
+
+def test_the_choices_of_one_http_request_check_its_lists_once(monkeypatch):
+    """Each choice's SamplingParams checked the request's lists again: 1,024
+    choices of a 1 MiB list checked it 1,024 times. The first checks them and
+    the others are its copies; what differs per choice is still checked."""
+    from orca_serve.entrypoints.openai.protocol import ApiError, CompletionRequest
+    from orca_serve.entrypoints.openai.serving import choice_params
+
+    req = CompletionRequest(model="m", prompt=[[1]], n=16, seed=7, min_tokens=3, stop=[f"s{i}" for i in range(500)],
+                            stop_token_ids=list(range(500)))
+    checked = count_items_checked(monkeypatch)
+    params = choice_params(req, [4] * 15 + [5], None)
+    assert sum(checked) < 2 * 1000 and len(params) == 16
+    assert [p.seed for p in params] == list(range(7, 23)) and params[-1].max_tokens == 5
+    assert all(p.stop is params[0].stop and p.stop_token_ids is params[0].stop_token_ids for p in params)
+    with pytest.raises(ApiError, match=re.escape("min_tokens (3) must be <= max_tokens (2)")):
+        choice_params(req, [4, 2], None)
