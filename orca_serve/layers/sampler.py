@@ -83,7 +83,7 @@ class SamplingMetadata:
 
 @dataclass(frozen=True)
 class TokenValues:
-    """Token ids (sorted, distinct) and their values, on the device; no values: -inf."""
+    """Distinct token ids and their values, on the device; no values: -inf."""
 
     ids: torch.Tensor
     values: torch.Tensor | None = None
