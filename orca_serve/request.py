@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from orca_serve.identity_cache import Shared
 from orca_serve.sampling_params import SamplingParams, finite_float, integer
 from orca_serve.shown import shown
 
@@ -81,6 +82,13 @@ class Request:
         # Number of prompt tokens whose KV came from the prefix cache at the last admission.
         self.num_cached_tokens = 0
         self.logprobs: list = []  # batch.Logprobs per output token, when asked for
+        # What was made from its params' lists once per distinct list, shared
+        # with the requests that use the same one (identity_cache.py): the
+        # engine's checks, the scheduler's set of its stop tokens. Held while
+        # it runs and dropped when it finishes, since a list may change once
+        # no running request uses it.
+        self.held: list[Shared] = []
+        self.stop_token_set: frozenset[int] = frozenset()  # set by the scheduler (add_request)
 
     def _validate(self) -> None:
         """ValueError naming the field: the scheduler sorts and budgets by these,

@@ -2,10 +2,11 @@
 request is added."""
 from __future__ import annotations
 
+import copy
 import math
 import numbers
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 
 from orca_serve.shown import shown
 
@@ -29,9 +30,11 @@ class SamplingParams:
 
     ``stop``, ``stop_token_ids`` and ``logit_bias`` are used as given once
     checked, not copied (the sequences of one request share them), so they
-    must not change while a request that uses them runs: the engine checked
-    them when it added the request, and the sampler reads the bias map every
-    iteration (an id past the vocabulary put there later fails the batch).
+    must not change while a request that uses them runs: the engine checks
+    one when it adds a request with it unless one it runs has it already, and
+    what is made from it (the scheduler's set of stop ids, the sampler's
+    tensors, the stop strings' index) is made once and kept while one runs.
+    Once none does, it may change.
     """
 
     max_tokens: int = 16
@@ -55,21 +58,29 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self, checked: Callable[[str, object], bool] | None = None) -> None:
         """Check every field (ValueError naming it) and normalize it: stop to a
         list, numpy numbers to Python ones. The engine calls it again when a
-        request is added, since the fields may have changed since construction."""
-        # A list already in its checked form is kept, not copied, and checked in
-        # C: the engine checks again each request it adds, and the sequences of
-        # one HTTP request (up to 1,024) share their lists.
-        self.stop = [self.stop] if isinstance(self.stop, str) else _list("stop", self.stop, "strings")
-        if not _all_exactly(self.stop, str) or "" in self.stop:
-            for s in self.stop:
-                if not isinstance(s, str) or not s:
-                    raise ValueError(f"stop strings must be non-empty strings, got {shown(s)}")
-        self.stop_token_ids = _list("stop_token_ids", self.stop_token_ids, "token ids")
-        if not (_all_exactly(self.stop_token_ids, int) and min(self.stop_token_ids, default=0) >= 0):
-            self.stop_token_ids = [integer("stop_token_ids", t, minimum=0) for t in self.stop_token_ids]
+        request is added, since the fields may have changed since construction.
+
+        ``checked(name, value)``: whether ``value``, that very list or map, was
+        checked already and cannot have changed since (a running request uses
+        it: see above); its checks are then skipped. They cost its length (49,000
+        stop ids: 3 ms), and the sequences of one request share their lists."""
+        def unchecked(name: str) -> bool:
+            return checked is None or not checked(name, getattr(self, name))
+
+        # A list already in its checked form is kept, not copied, and checked in C.
+        if unchecked("stop"):
+            self.stop = [self.stop] if isinstance(self.stop, str) else _list("stop", self.stop, "strings")
+            if not _all_exactly(self.stop, str) or "" in self.stop:
+                for s in self.stop:
+                    if not isinstance(s, str) or not s:
+                        raise ValueError(f"stop strings must be non-empty strings, got {shown(s)}")
+        if unchecked("stop_token_ids"):
+            self.stop_token_ids = _list("stop_token_ids", self.stop_token_ids, "token ids")
+            if not (_all_exactly(self.stop_token_ids, int) and min(self.stop_token_ids, default=0) >= 0):
+                self.stop_token_ids = [integer("stop_token_ids", t, minimum=0) for t in self.stop_token_ids]
         self.max_tokens = integer("max_tokens", self.max_tokens, minimum=1)
         self.min_tokens = integer("min_tokens", self.min_tokens, minimum=0)
         if self.min_tokens > self.max_tokens:
@@ -89,7 +100,8 @@ class SamplingParams:
             self.logprobs = integer("logprobs", self.logprobs, minimum=0)
             if self.logprobs > 20:
                 raise ValueError(f"logprobs must be <= 20, got {shown(self.logprobs)}")
-        self.logit_bias = _logit_bias(self.logit_bias)
+        if unchecked("logit_bias"):
+            self.logit_bias = _logit_bias(self.logit_bias)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {shown(getattr(self, name))}")
@@ -97,6 +109,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    def replace(self, **changes) -> SamplingParams:
+        """A copy with ``changes``, checked, sharing this one's lists and map:
+        those are not checked again (they were, with this one; the engine
+        checks them when it adds a request). The choices of one HTTP request
+        are made so: checking 1,024 copies of a long list cost 1,024 times."""
+        unknown = changes.keys() - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"SamplingParams has no field {sorted(unknown)[0]!r}")
+        new = copy.copy(self)
+        for name, value in changes.items():
+            setattr(new, name, value)
+        new.validate(checked=lambda name, value: value is getattr(self, name))
+        return new
 
 
 def integer(name: str, value, minimum: int | None) -> int:

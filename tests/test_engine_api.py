@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
+from helpers_work import count_items_checked
 from orca_serve import LLM, SamplingParams
 from orca_serve.engine.detokenizer import IncrementalDetokenizer
 
@@ -333,6 +334,60 @@ def test_min_tokens_with_every_token_a_stop_token_is_refused(llm):
     params.stop_token_ids = [t for t in range(vocab) if t != 7]
     out = llm.generate([[1, 2, 3]], params)[0]
     assert out.token_ids[:2] == [7, 7] and out.finish_reason == "stop"
+
+
+def test_the_runner_makes_a_shared_list_s_tensors_once_and_drops_them_after(llm, monkeypatch):
+    """The sampler's index tensors of a stop list (under min_tokens) and of a
+    bias map were made again every iteration, for every row; now once, shared
+    by the requests with that list, and dropped once the worker forgets them."""
+    runner = llm.engine.executor.runner
+    scatters, sample = [], runner.sampler.sample
+
+    def spy(logits, md):
+        scatters.append((md.suppressed, md.logit_bias))
+        return sample(logits, md)
+
+    monkeypatch.setattr(runner.sampler, "sample", spy)
+    ids = list(range(100, 380))  # long enough to be scattered on its own, not copied per row
+    bias = {i: 0.5 for i in range(3, 300)}
+    params = SamplingParams(max_tokens=5, min_tokens=5, temperature=0, stop_token_ids=ids, logit_bias=bias)
+    outs = llm.generate([[5, 6, 7], [8, 9], [10, 11, 12]], params)
+    assert [len(o.token_ids) for o in outs] == [5, 5, 5] and len(scatters) == 5
+    assert len(runner.sampling_tensors) == 2
+    for suppressed, biased in scatters:
+        [(rows, cols, _)] = suppressed
+        assert rows.tolist() == [[0], [1], [2]] and cols is scatters[0][0][0][1]
+        [(rows, cols, values)] = biased
+        assert cols is scatters[0][1][0][1] and values is scatters[0][1][0][2]
+    del scatters[:], suppressed, biased, rows, cols, values
+    llm.generate([[3, 4]], SamplingParams(max_tokens=1))  # its batch tells the worker to forget them
+    assert len(runner.sampling_tensors) == 0
+
+
+def test_the_sequences_of_a_request_check_its_lists_once(llm, monkeypatch):
+    """add_request checked every list and map again for each sequence (40,000
+    stop ids and as many stop strings: about 5 ms each, on the engine thread).
+    A list a running request uses is checked already and cannot have changed
+    (SamplingParams' contract); once none runs it may, and is checked again."""
+    engine = llm.engine
+    params = SamplingParams(max_tokens=2, min_tokens=1, stop=[f"s{i}" for i in range(300)],
+                            stop_token_ids=list(range(100, 380)), logit_bias={i: 0.5 for i in range(3, 300)})
+    checked = count_items_checked(monkeypatch)
+    engine.add_request("share-0", [1, 2, 3], params)
+    assert sum(checked) >= 300 + 280 + 2 * 297
+    checked.clear()
+    for i in range(1, 4):
+        engine.add_request(f"share-{i}", [1, 2, 3], params)
+    assert sum(checked) == 0
+    with pytest.raises(ValueError, match="prompt is empty"):  # refused: holds nothing, though its traceback is kept
+        engine.add_request("share-refused", [], params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert all(len(cache) == 0 for cache in engine._checks._checked.values())
+    params.stop_token_ids.append(100000)  # allowed now that no request using it runs
+    with pytest.raises(ValueError, match="stop_token_ids: token id 100000 is outside the vocabulary"):
+        engine.add_request("share-4", [1, 2, 3], params)
+    assert not engine.has_unfinished_requests()
 
 
 def test_a_refused_prompt_leaves_none_of_its_batch_behind(tiny_model_dir):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from orca_serve.layers.sampler import Sampler, SamplingMetadata, apply_top_k_top_p, seed_for_position
+from orca_serve.layers.sampler import (Sampler, SamplingMetadata, SamplingTensors, apply_top_k_top_p,
+                                       seed_for_position)
 from orca_serve.sampling_params import SamplingParams
 
 V = 300
@@ -135,7 +136,7 @@ def test_rows_sharing_a_logit_bias_map_each_get_it():
     params = [SamplingParams(temperature=0, logit_bias=shared), SamplingParams(temperature=0),
               SamplingParams(temperature=0, logit_bias=shared), SamplingParams(temperature=0, logit_bias={9: 100.0})]
     assert params[0].logit_bias is params[2].logit_bias  # kept as given, not copied
-    rows, cols, values = SamplingMetadata.build(params, [0] * 4, V).logit_bias
+    [(rows, cols, values)] = SamplingMetadata.build(params, [0] * 4, V).logit_bias  # short maps: one scatter
     assert (rows.tolist(), cols.tolist(), values.tolist()) == ([0, 0, 2, 2, 3], [7, 8, 7, 8, 9],
                                                               [100.0, 50.0, 100.0, 50.0, 100.0])
     assert sample(params, logits).token_ids == [7, logits[1].argmax().item(), 7, 9]
@@ -144,10 +145,57 @@ def test_rows_sharing_a_logit_bias_map_each_get_it():
 def test_a_zero_logit_bias_is_no_bias():
     params = SamplingParams(temperature=0, logit_bias={5: 0, 6: 0.0, 7: -0.0})
     assert params.logit_bias == {}
-    assert SamplingMetadata.build([params], [0], V).logit_bias is None
+    assert SamplingMetadata.build([params], [0], V).logit_bias == []
 
 
 def test_min_tokens_masks_eos_even_when_biased_up():
     logits = torch.zeros(1, V)
     params = [SamplingParams(temperature=0, min_tokens=2, logit_bias={2: 100.0, 4: 50.0})]
     assert Sampler()(logits, SamplingMetadata.build(params, [0], V, eos_token_ids=(2,))).token_ids == [4]
+
+
+def test_long_and_short_lists_mask_and_bias_exactly_their_rows():
+    """A stop list or bias map of _OWN_SCATTER ids or more gets a scatter of
+    its own, broadcast over the rows that share it; shorter ones share one
+    scatter of per-row copies. Either way each row gets exactly its own."""
+    logits = rand_logits(6, seed=8)
+    long_ids = list(range(20, 20 + 270))  # the greedy token of most rows is in here
+    long_bias = {i: float(i % 7 - 3) or 0.5 for i in range(5, 295)}
+    params = [SamplingParams(temperature=0, min_tokens=4, stop_token_ids=long_ids, logit_bias=long_bias),
+              SamplingParams(temperature=0, min_tokens=4, stop_token_ids=[9, 11], logit_bias={12: 5.0, 13: -2.0}),
+              SamplingParams(temperature=0, min_tokens=4, stop_token_ids=long_ids),
+              SamplingParams(temperature=0, logit_bias=long_bias),
+              SamplingParams(temperature=0, min_tokens=1, stop_token_ids=long_ids),  # past its min_tokens
+              SamplingParams(temperature=0, min_tokens=4)]  # EOS only
+    positions = [0, 1, 2, 3, 1, 0]
+    expected = logits.clone()
+    for row, p in enumerate(params):
+        for token, bias in p.logit_bias.items():
+            expected[row, token] += bias
+        if positions[row] < p.min_tokens:
+            expected[row, [2, *p.stop_token_ids]] = float("-inf")
+    md = SamplingMetadata.build(params, positions, V, eos_token_ids=(2,))
+    assert len(md.suppressed) == 2 and len(md.logit_bias) == 2  # the long list's, the short ones'
+    assert Sampler()(logits, md).token_ids == expected.argmax(-1).tolist()
+
+
+def test_sampling_tensors_are_made_once_per_list_and_kept_while_a_row_holds_them():
+    """Each row under min_tokens sorted its EOS and stop ids and copied them
+    into index tensors one int at a time, every iteration, and each bias map
+    became tensors every iteration. The runner's SamplingTensors makes them
+    once per distinct list; each request holds its row's while it runs."""
+    tensors = SamplingTensors("cpu", eos_token_ids=(2,))
+    ids, bias = list(range(3, 300)), {i: 1.0 for i in range(3, 300)}
+    params = [SamplingParams(temperature=0, min_tokens=5, stop_token_ids=ids, logit_bias=bias) for _ in range(3)]
+    rows = [tensors.row(p) for p in params]
+    assert rows[0].suppressed is rows[1].suppressed is rows[2].suppressed
+    assert rows[0].bias is rows[2].bias and len(tensors) == 2
+    made = [SamplingMetadata.build(params, [i, i, i], V, rows=rows) for i in range(2)]  # two iterations
+    for md in made:
+        [(on, cols, _)] = md.suppressed
+        assert on.tolist() == [[0], [1], [2]] and cols is rows[0].suppressed.value.ids
+        [(on, cols, values)] = md.logit_bias
+        assert cols is rows[0].bias.value.ids and values is rows[0].bias.value.values
+    assert tensors.row(SamplingParams(stop_token_ids=ids)).suppressed is None  # no min_tokens: nothing to mask
+    del rows, made, md, on, cols, values
+    assert len(tensors) == 0  # the requests are gone: their lists may change

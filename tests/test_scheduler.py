@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fake_runner import FakeRunner, reference_output, replay_ops
+from helpers_work import count_calls
 from orca_serve.config import CacheConfig, SchedulerConfig
 from orca_serve.request import Request, RequestStatus
 from orca_serve.sampling_params import SamplingParams
@@ -135,6 +136,53 @@ def test_abort_frees_blocks_and_tells_worker():
     assert s.kv.num_free_blocks == 16
     so = s.schedule()
     assert so.finished_req_ids == {"a"} and so.is_empty
+
+
+class CountedId(int):
+    """A stop token id whose comparisons are calls, so that count_calls sees a scan of its list."""
+
+    def __eq__(self, other):
+        return int.__eq__(self, other)
+
+    __hash__ = int.__hash__
+
+
+def test_work_per_token_does_not_grow_with_the_number_of_stop_token_ids():
+    """``token in stop_token_ids`` scanned the list for every token of every
+    request: 49,000 ids (the vocabulary) and 256 running requests were 12M
+    comparisons an iteration. Tokens are now looked up in a set of the list."""
+
+    def work(num_ids):
+        s, r = make_sched(), FakeRunner(4)
+        ids = [CountedId(1000 + i) for i in range(num_ids)]  # the fake model's tokens are under 1000
+        for i in range(3):
+            params = SamplingParams(max_tokens=20, ignore_eos=True)
+            params.stop_token_ids = ids  # after its checks, which would make them plain ints
+            s.add_request(Request(f"r{i}", [1 + i, 2, 3], params))
+        return count_calls(lambda: run_all(s, r))
+
+    few, many = work(10), work(10_000)
+    assert many < 1.05 * few, (few, many)
+
+
+def test_requests_share_the_set_of_their_stop_token_list_while_one_runs():
+    """The sequences of one request share its list, so its set is made once
+    for them all; it goes when the last of them finishes (the list may change
+    then)."""
+    s, r = make_sched(), FakeRunner(4)
+    prompt = [1, 2, 3]
+    ref = reference_output(prompt, 10)
+    ids = [*range(1000, 1100), ref[4]]
+    reqs = [Request(rid, prompt, SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=ids)) for rid in "abc"]
+    for q in reqs:
+        s.add_request(q)
+    assert reqs[0].stop_token_set is reqs[1].stop_token_set is reqs[2].stop_token_set == frozenset(ids)
+    assert len(s._stop_token_sets) == 1
+    run_all(s, r)
+    for q in reqs:
+        assert q.status == RequestStatus.FINISHED_STOPPED and q.stop_reason == ref[4]
+        assert q.output_token_ids == ref[:ref.index(ref[4]) + 1] and q.held == []
+    assert len(s._stop_token_sets) == 0
 
 
 def test_request_level_forms_batches_and_admits_nobody_meanwhile():

@@ -4,13 +4,13 @@ with the number of stop strings."""
 import gc
 import random
 import re
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers_work import count_calls, count_items_checked
 from orca_serve.engine.detokenizer import IncrementalDetokenizer
 from orca_serve.engine.output_processor import OutputProcessor
 from orca_serve.sampling_params import SamplingParams
@@ -84,23 +84,6 @@ def test_the_matcher_finds_what_the_find_loop_found(case):
     assert stream(IncrementalDetokenizer, chunks, calls, params) == stream(FindLoopDetokenizer, chunks, calls, params)
 
 
-def count_calls(fn):
-    """How many Python and C functions ``fn`` called: the work it did, counted
-    the same way whatever does it, without a clock."""
-    calls = 0
-
-    def profile(frame, event, arg):
-        nonlocal calls
-        calls += event in ("call", "c_call")
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return calls
-
-
 def test_work_per_token_does_not_grow_with_the_number_of_stop_strings():
     """The find loop called str.find once per stop string per token: 10,000
     stop strings cost it 1,000 times the work of 10. Now each new character
@@ -139,9 +122,35 @@ def test_requests_with_the_same_stop_list_share_one_index():
     assert index("c", ["yz", "x"]) is not first  # another order ties differently
     assert processor._detok["a"].add_tokens([0], final=True) == ("ab", None)
     # Once no request uses it, it goes.
-    del processor._detok["a"], processor._detok["b"], first
+    processor._forget("a")
+    processor._forget("b")
+    del first
     gc.collect()
-    assert ("x", "yz") not in processor._stop_lists and ("yz", "x") in processor._stop_lists
+    assert ("x", "yz") not in processor._stops_by_content and ("yz", "x") in processor._stops_by_content
+    assert len(processor._stop_lists) == 1
+
+
+class CountedStr(str):
+    """A stop string whose hashing is a call, so that count_calls sees its list hashed."""
+
+    def __hash__(self):
+        return str.__hash__(self)
+
+
+def test_the_sequences_of_a_request_find_its_stop_index_without_hashing_the_list():
+    """The index was looked up by the list's content: a tuple of it and its
+    hash for every sequence, the list's length each time. Now a request with
+    the same list as a running one finds its index by the list's identity."""
+    processor = OutputProcessor(scheduler=None, tokenizer=ChunkTokenizer(["ab"]))
+
+    def work(num_stops):
+        params = SamplingParams(stop=[CountedStr(f"s{i}") for i in range(num_stops)], max_tokens=8)
+        processor.add_request(f"{num_stops}-0", "", [0], params)  # indexes the list: its length, once
+        return count_calls(lambda: [processor.add_request(f"{num_stops}-{i}", "", [0], params) for i in (1, 2, 3)])
+
+    few, many = work(10), work(10_000)
+    assert many < 1.05 * few, (few, many)
+    assert processor._detok["10000-3"]._stops is processor._detok["10000-1"]._stops
 
 
 def test_checked_stop_lists_and_token_ids_are_kept_not_copied():
@@ -168,10 +177,28 @@ def test_checked_stop_lists_and_token_ids_are_kept_not_copied():
 
 def test_the_sequences_of_one_http_request_share_its_lists():
     from orca_serve.entrypoints.openai.protocol import CompletionRequest
-    from orca_serve.entrypoints.openai.serving import sampling_params
+    from orca_serve.entrypoints.openai.serving import choice_params
 
     req = CompletionRequest(model="m", prompt=[[1]] * 3, n=2, stop="x", stop_token_ids=[1, 2],
                             logit_bias={"5": 1, "6": 0})  # a zero is dropped once, not by each sequence
-    a, b = (sampling_params(req, 4, None, index) for index in (0, 5))
+    a, b = choice_params(req, [4] * 6, None)[::5]
     assert (a.stop, a.stop_token_ids, a.logit_bias) == (["x"], [1, 2], {5: 1.0})
     assert a.stop is b.stop and a.stop_token_ids is b.stop_token_ids and a.logit_bias is b.logit_bias
+
+
+def test_the_choices_of_one_http_request_check_its_lists_once(monkeypatch):
+    """Each choice's SamplingParams checked the request's lists again: 1,024
+    choices of a 1 MiB list checked it 1,024 times. The first checks them and
+    the others are its copies; what differs per choice is still checked."""
+    from orca_serve.entrypoints.openai.protocol import ApiError, CompletionRequest
+    from orca_serve.entrypoints.openai.serving import choice_params
+
+    req = CompletionRequest(model="m", prompt=[[1]], n=16, seed=7, min_tokens=3, stop=[f"s{i}" for i in range(500)],
+                            stop_token_ids=list(range(500)))
+    checked = count_items_checked(monkeypatch)
+    params = choice_params(req, [4] * 15 + [5], None)
+    assert sum(checked) < 2 * 1000 and len(params) == 16
+    assert [p.seed for p in params] == list(range(7, 23)) and params[-1].max_tokens == 5
+    assert all(p.stop is params[0].stop and p.stop_token_ids is params[0].stop_token_ids for p in params)
+    with pytest.raises(ApiError, match=re.escape("min_tokens (3) must be <= max_tokens (2)")):
+        choice_params(req, [4, 2], None)

@@ -14,6 +14,7 @@ from orca_serve.distributed.plan import resolve_parallel
 from orca_serve.engine.errors import EngineDeadError
 from orca_serve.engine.executor import make_executor
 from orca_serve.engine.output_processor import OutputProcessor
+from orca_serve.engine.request_checks import RequestChecks
 from orca_serve.outputs import RequestOutput
 from orca_serve.request import Request, RequestStatus
 from orca_serve.sampling_params import SamplingParams
@@ -66,6 +67,7 @@ class LLMEngine:
                                    num_cpu_blocks=self.executor.num_cpu_blocks,
                                    max_inflight_batches=par.inflight_batches)
         self._outputs = OutputProcessor(self.scheduler, self.tokenizer)
+        self._checks = RequestChecks(self.vocab_size, self.eos_token_ids)
         self._aborted: list[Request] = []
         self._last = (0, 0, 0.0)
         self._pipeline: deque = deque()  # (SchedulerOutput, submit time, executor handle)
@@ -120,29 +122,31 @@ class LLMEngine:
             raise EngineDeadError(f"engine is dead: {self._dead}")
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
-        params.validate()  # its fields may have been set since it was made
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
-            if max(ids, default=-1) >= self.vocab_size:  # in C: every sequence of a request checks its ids
-                t = next(t for t in ids if t >= self.vocab_size)  # the first, to name it
-                raise ValueError(f"{name}: token id {shown(t)} is outside the vocabulary [0, {self.vocab_size})")
-        if params.min_tokens and len(set(params.stop_token_ids).union(self.eos_token_ids)) >= self.vocab_size:
-            raise ValueError("stop_token_ids: with min_tokens every token of the vocabulary is an EOS or stop "
-                             "token, so none is left to sample")
-        token_ids = self.tokenize(prompt)
-        if not token_ids:
-            raise ValueError("prompt is empty")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; the model's context length is "
-                             f"{self.max_model_len} (at least one token must be left to generate)")
-        if len(token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"max_tokens ({shown(params.max_tokens)}) + prompt ({len(token_ids)} tokens) exceeds "
-                             f"the model's context length {self.max_model_len}")
-        sched = self.config.scheduler
-        req = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
-                      arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-                      ttft_slo=ttft_slo if ttft_slo is not None else sched.default_ttft_slo_s,
-                      tpot_slo=tpot_slo if tpot_slo is not None else sched.default_tpot_slo_s, user=user)
-        self.scheduler.add_request(req)
+        # Its fields may have been set since it was made; a list a running
+        # request uses is not checked again (the sequences of a request share theirs).
+        held = self._checks.check(params)
+        try:
+            token_ids = self.tokenize(prompt)
+            if not token_ids:
+                raise ValueError("prompt is empty")
+            if len(token_ids) >= self.max_model_len:
+                raise ValueError(f"prompt has {len(token_ids)} tokens; the model's context length is "
+                                 f"{self.max_model_len} (at least one token must be left to generate)")
+            if len(token_ids) + params.max_tokens > self.max_model_len:
+                raise ValueError(f"max_tokens ({shown(params.max_tokens)}) + prompt ({len(token_ids)} tokens) "
+                                 f"exceeds the model's context length {self.max_model_len}")
+            sched = self.config.scheduler
+            req = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
+                          arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+                          ttft_slo=ttft_slo if ttft_slo is not None else sched.default_ttft_slo_s,
+                          tpot_slo=tpot_slo if tpot_slo is not None else sched.default_tpot_slo_s, user=user)
+            req.held = held  # until it finishes
+            self.scheduler.add_request(req)
+        except BaseException:
+            # A refused request holds no checks: its traceback may be kept
+            # (pytest.raises keeps it), and its lists may change meanwhile.
+            held.clear()
+            raise
         self._outputs.add_request(request_id, prompt, token_ids, params)
 
     def abort_request(self, request_id: str) -> None:

@@ -13,6 +13,7 @@ import weakref
 
 from orca_serve.engine.detokenizer import IncrementalDetokenizer
 from orca_serve.engine.stop_strings import StopStrings
+from orca_serve.identity_cache import IdentityCache, Shared
 from orca_serve.outputs import RequestOutput
 from orca_serve.request import Request, RequestStatus, finish_reason
 from orca_serve.sampling_params import SamplingParams
@@ -29,23 +30,31 @@ class OutputProcessor:
         self.num_finished = 0
         self.num_slo_met = 0
         # Each stop list indexed, while a request uses it: the sequences of one
-        # HTTP request and the prompts of one generate() share their list.
-        self._stop_lists: weakref.WeakValueDictionary[tuple[str, ...], StopStrings] = weakref.WeakValueDictionary()
+        # HTTP request and the prompts of one generate() share their list, found
+        # by its identity; another request's equal list by its content.
+        self._stop_lists = IdentityCache(self._stop_strings)
+        self._stops_by_content: weakref.WeakValueDictionary[tuple[str, ...], StopStrings] = \
+            weakref.WeakValueDictionary()
+        self._stops_held: dict[str, Shared[StopStrings]] = {}  # by request id, until it finishes
 
     def add_request(self, request_id: str, prompt: str | list[int], token_ids: list[int],
                     params: SamplingParams) -> None:
         """A request the scheduler took: its detokenizer, and its prompt text (outputs echo it)."""
-        stops = self._stop_strings(params.stop) if params.stop else None
+        stops = None
+        if params.stop:
+            self._stops_held[request_id] = shared = self._stop_lists.get(params.stop)
+            stops = shared.value
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params, stops)
         self._prompts[request_id] = prompt if isinstance(prompt, str) else None
 
     def _stop_strings(self, stop: list[str]) -> StopStrings:
         """``stop`` indexed: as a running request with an equal list has it,
-        else anew. Looking it up costs a tuple of the list and its hash, in C."""
+        else anew. Looking it up costs a tuple of the list and its hash, in C,
+        once per list (the 1,024 sequences of a request hashed it 1,024 times)."""
         key = tuple(stop)
-        stops = self._stop_lists.get(key)
+        stops = self._stops_by_content.get(key)
         if stops is None:
-            stops = self._stop_lists[key] = StopStrings(key)
+            stops = self._stops_by_content[key] = StopStrings(key)
         return stops
 
     def has_held(self) -> bool:
@@ -78,9 +87,14 @@ class OutputProcessor:
             stop_reason=req.stop_reason, error=req.error, prompt=self._prompts.get(rid))
         if req.finished:
             self._count_finished(req)
-            self._detok.pop(rid, None)
-            self._prompts.pop(rid, None)
+            self._forget(rid)
         return output
+
+    def _forget(self, request_id: str) -> None:
+        """Drop a finished request's detokenizer, prompt and stop index."""
+        self._detok.pop(request_id, None)
+        self._prompts.pop(request_id, None)
+        self._stops_held.pop(request_id, None)
 
     def _count_finished(self, req: Request) -> None:
         if req.status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR):

@@ -12,15 +12,18 @@ batch or on earlier iterations. Unseeded rows share one generator.
 A request's ``logit_bias`` is added to its logits first (so it steers greedy
 rows too). While a request has generated fewer than ``min_tokens``, its EOS
 and stop token ids are then masked out so it cannot stop early. Logprobs
-always come from the raw logits, before either.
+always come from the raw logits, before either. The ids and biases become
+tensors once per distinct list, kept while a request uses it
+(``SamplingTensors``), not every iteration.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from orca_serve.batch import Logprobs
+from orca_serve.identity_cache import IdentityCache, Shared
 from orca_serve.layers.device import to_device
 from orca_serve.sampling_params import SamplingParams
 
@@ -46,14 +49,18 @@ class SamplingMetadata:
     all_greedy: bool
     top_k: torch.Tensor | None  # [N] int64, vocab size where disabled; None if no row uses it
     top_p: torch.Tensor | None  # [N]; None if no row uses it
-    # (row, token ids) that row may not sample yet (min_tokens not reached).
-    suppressed: list[tuple[int, list[int]]]
-    # (rows, token ids, biases) to add to the logits, on the device; None if no row has a bias.
-    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # The tokens rows may not sample yet (min_tokens not reached), and the
+    # biases to add to their logits: scatters on the device (``Scatter``).
+    suppressed: list[Scatter] = field(default_factory=list)
+    logit_bias: list[Scatter] = field(default_factory=list)
 
     @classmethod
     def build(cls, params: list[SamplingParams], output_positions: list[int], vocab_size: int,
-              device: torch.device | str = "cpu", eos_token_ids=()) -> "SamplingMetadata":
+              device: torch.device | str = "cpu", eos_token_ids=(),
+              rows: list[RowTensors] | None = None) -> "SamplingMetadata":
+        """``rows``: each row's tensors, from the runner's ``SamplingTensors``
+        (of this device and these EOS ids), kept from one iteration to the
+        next; without them they are made for this batch alone."""
         device = torch.device(device)
         temps = [0.0 if p.greedy else float(p.temperature) for p in params]
         sampling = [p for p in params if not p.greedy]
@@ -63,34 +70,95 @@ class SamplingMetadata:
                                            dtype=torch.int64), device)
         if any(p.top_p < 1.0 for p in sampling):
             top_p = to_device(torch.tensor([p.top_p for p in params], dtype=torch.float32), device)
-        suppressed = [(i, sorted(set(eos_token_ids) | set(p.stop_token_ids)))
-                      for i, p in enumerate(params) if output_positions[i] < p.min_tokens]
+        if rows is None:
+            tensors = SamplingTensors(device, eos_token_ids)
+            rows = [tensors.row(p) for p in params]
+        suppressed = [(i, r.suppressed.value) for i, (p, r) in enumerate(zip(params, rows))
+                      if r.suppressed is not None and output_positions[i] < p.min_tokens]
         return cls(params=params, output_positions=output_positions,
                    temperature=to_device(torch.tensor(temps, dtype=torch.float32), device),
-                   all_greedy=not sampling, top_k=top_k, top_p=top_p,
-                   suppressed=[(i, ids) for i, ids in suppressed if ids], logit_bias=_logit_bias(params, device))
+                   all_greedy=not sampling, top_k=top_k, top_p=top_p, suppressed=_scatters(suppressed, device),
+                   logit_bias=_scatters([(i, r.bias.value) for i, r in enumerate(rows) if r.bias is not None], device))
 
 
-def _logit_bias(params: list[SamplingParams], device: torch.device):
-    """SamplingMetadata.logit_bias: every row's biases as three flat tensors,
-    sent ahead. Each distinct map becomes tensors once: the sequences of one
-    request share theirs, so a batch of them costs a tensor per row, not a
-    Python number per bias."""
-    rows, cols, values = [], [], []
-    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by id(): params holds every map alive
-    for i, p in enumerate(params):
-        if not p.logit_bias:
-            continue
-        pair = made.get(id(p.logit_bias))
-        if pair is None:
-            pair = made[id(p.logit_bias)] = (torch.tensor(list(p.logit_bias), dtype=torch.int64),
-                                             torch.tensor(list(p.logit_bias.values()), dtype=torch.float32))
-        rows.append(torch.full((len(p.logit_bias),), i, dtype=torch.int64))
-        cols.append(pair[0])
-        values.append(pair[1])
-    if not rows:
-        return None
-    return tuple(to_device(torch.cat(part), device) for part in (rows, cols, values))
+@dataclass(frozen=True)
+class TokenValues:
+    """Distinct token ids and their values, on the device; no values: -inf."""
+
+    ids: torch.Tensor
+    values: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RowTensors:
+    """What a request's row needs of the sampler's tensors: its EOS and stop
+    ids to mask while under ``min_tokens``, its bias map. Held while it runs."""
+
+    suppressed: Shared[TokenValues] | None
+    bias: Shared[TokenValues] | None
+
+
+class SamplingTensors:
+    """Each distinct stop-id list and bias map as tensors on the device, made
+    once while a request that uses it runs (``identity_cache.py``).
+
+    They were made again every iteration: for each row under ``min_tokens``
+    its EOS and stop ids were merged, sorted and copied into index tensors one
+    Python int at a time, and each bias map into tensors once per batch. A
+    request with 40,000 stop ids (or the Python API's bias of as many tokens)
+    cost that much Python work per row per iteration.
+    """
+
+    def __init__(self, device: torch.device | str, eos_token_ids=()) -> None:
+        self.device = torch.device(device)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._suppressed = IdentityCache(self._suppressed_ids)
+        self._biases = IdentityCache(self._bias_values)
+
+    def row(self, params: SamplingParams) -> RowTensors:
+        """Request ``params``'s tensors, made if no running request shares its lists."""
+        return RowTensors(suppressed=self._suppressed.get(params.stop_token_ids) if params.min_tokens else None,
+                          bias=self._biases.get(params.logit_bias) if params.logit_bias else None)
+
+    def __len__(self) -> int:
+        return len(self._suppressed) + len(self._biases)
+
+    def _suppressed_ids(self, stop_token_ids: list[int]) -> TokenValues:
+        ids = sorted(self.eos_token_ids.union(stop_token_ids))
+        return TokenValues(to_device(torch.tensor(ids, dtype=torch.int64), self.device))
+
+    def _bias_values(self, logit_bias: dict[int, float]) -> TokenValues:
+        return TokenValues(to_device(torch.tensor(list(logit_bias), dtype=torch.int64), self.device),
+                           to_device(torch.tensor(list(logit_bias.values()), dtype=torch.float32), self.device))
+
+
+# (rows, token ids, values or None): rows [R, 1] with ids and values [L] of
+# one list, broadcast to R x L; or rows, ids and values of one length, flat.
+Scatter = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+# A list this long gets a scatter of its own, broadcast over the rows that
+# share it: copying it per row would cost rows x length again. Shorter ones are
+# copied per row into one scatter, one launch for many requests with a few ids.
+_OWN_SCATTER = 256
+
+
+def _scatters(rows: list[tuple[int, TokenValues]], device: torch.device) -> list[Scatter]:
+    """The scatters that put each (row, its TokenValues) into the logits."""
+    long: dict[int, tuple[TokenValues, list[int]]] = {}  # by id(): rows holds them alive
+    short = []
+    for row, tv in rows:
+        if len(tv.ids) >= _OWN_SCATTER:
+            long.setdefault(id(tv), (tv, []))[1].append(row)
+        elif len(tv.ids):
+            short.append((row, tv))
+    out = [(to_device(torch.tensor(on, dtype=torch.int64).unsqueeze(1), device), tv.ids, tv.values)
+           for tv, on in long.values()]
+    if short:
+        flat = torch.repeat_interleave(torch.tensor([row for row, _ in short], dtype=torch.int64),
+                                       torch.tensor([len(tv.ids) for _, tv in short], dtype=torch.int64))
+        values = [tv.values for _, tv in short]
+        out.append((to_device(flat, device), torch.cat([tv.ids for _, tv in short]),
+                    None if values[0] is None else torch.cat(values)))
+    return out
 
 
 @dataclass
@@ -127,18 +195,14 @@ class Sampler:
         graph's next replay may overwrite before then."""
         raw_logits = raw_logits.float()
         logits = raw_logits
-        if md.suppressed or md.logit_bias is not None:
+        if md.suppressed or md.logit_bias:
             logits = raw_logits.clone()
-        if md.logit_bias is not None:
-            rows, cols, bias = md.logit_bias
+        # Scatters with index tensors sent ahead: indexing a GPU tensor with
+        # Python lists copies them over and waits for the device.
+        for rows, cols, bias in md.logit_bias:
             logits.index_put_((rows, cols), bias, accumulate=True)
-        if md.suppressed:
-            # One scatter with index tensors sent ahead: indexing a GPU tensor
-            # with Python lists copies them over and waits for the device.
-            rows = torch.tensor([row for row, ids in md.suppressed for _ in ids], dtype=torch.int64)
-            cols = torch.tensor([i for _, ids in md.suppressed for i in ids], dtype=torch.int64)
-            logits.index_put_((to_device(rows, logits.device), to_device(cols, logits.device)),
-                              logits.new_full((), float("-inf")))
+        for rows, cols, _ in md.suppressed:
+            logits.index_put_((rows, cols), logits.new_full((), float("-inf")))
         if md.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:

@@ -17,6 +17,7 @@ import torch
 
 from orca_serve.layers.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillBatch, PrefillChunk
 from orca_serve.layers.device import to_device
+from orca_serve.layers.sampler import RowTensors
 from orca_serve.sampling_params import SamplingParams
 
 
@@ -31,6 +32,9 @@ class RequestState:
     # Async scheduling: the last of token_ids stands for a token the previous
     # batch sampled, still on the device (its value here is a placeholder).
     pending: bool = False
+    # Its row's tensors in the sampler (layers/sampler.py RowTensors), shared
+    # with the requests that have the same lists; made when it first samples.
+    sampling_rows: RowTensors | None = None
 
     @property
     def num_output_tokens(self) -> int:

@@ -27,7 +27,7 @@ from orca_serve.distributed.parallel_state import (get_tp_rank, is_first_stage, 
                                                    pp_recv_prev, pp_send_next)
 from orca_serve.kernels import gpu_decode_kernel
 from orca_serve.layers.attention import Attention
-from orca_serve.layers.sampler import Sampler, SamplingMetadata
+from orca_serve.layers.sampler import Sampler, SamplingMetadata, SamplingTensors
 from orca_serve.models.loader import load_model, max_model_len, model_eos_token_ids
 from orca_serve.models.weights import LoadStats
 from orca_serve.worker import kv_sizing
@@ -80,6 +80,9 @@ class ModelRunner:
         self.sampler = Sampler(seed=engine_config.model.seed, device=self.device)
         # For min_tokens: EOS must not be sampled before a request's minimum length.
         self.eos_token_ids = model_eos_token_ids(engine_config.model, self.hf_config)
+        # Each distinct stop-id list and bias map as tensors, made once while a
+        # request that uses it is here (each RequestState holds its row's).
+        self.sampling_tensors = SamplingTensors(self.device, self.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         # Async scheduling's hand-off of sampled ids to the next batch; None without it.
         self.async_tokens = PendingTokens() if engine_config.scheduler.async_scheduling else None
@@ -252,9 +255,12 @@ class ModelRunner:
         return None if logits is None else (logits, states)
 
     def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> SampledBatch:
+        for s in states:
+            if s.sampling_rows is None:
+                s.sampling_rows = self.sampling_tensors.row(s.sampling_params)
         md = SamplingMetadata.build([s.sampling_params for s in states],
                                     [s.num_output_tokens for s in states], self.vocab_size, self.device,
-                                    eos_token_ids=self.eos_token_ids)
+                                    eos_token_ids=self.eos_token_ids, rows=[s.sampling_rows for s in states])
         tokens, logprobs = self.sampler.sample(logits, md)
         req_ids = [s.req_id for s in states]
         if self.async_tokens is not None:

@@ -22,8 +22,8 @@ from orca_serve.engine.async_engine import AsyncLLMEngine
 from orca_serve.engine.errors import EngineDeadError
 from orca_serve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, name_field
 from orca_serve.entrypoints.openai.serving import (
-    SSE_DONE, SSE_HEADERS, RequestGroup, TokenText, check_context, engine_error, failure, in_flight_failure,
-    sampling_params, schedule_kwargs, sse)
+    SSE_DONE, SSE_HEADERS, RequestGroup, TokenText, check_context, choice_params, engine_error, failure,
+    in_flight_failure, schedule_kwargs, sse)
 from orca_serve.outputs import RequestOutput
 
 # Status for a request whose client left before the answer (nginx's convention).
@@ -57,7 +57,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     max_tokens = [check_context(ids, req.max_tokens, engine.max_model_len, name, "max_tokens")
                   for ids, name in zip(prompt_ids, names)]
     prompts = [ids for ids in prompt_ids for _ in range(n)]
-    params = [sampling_params(req, max_tokens[j // n], req.logprobs, j) for j in range(len(prompts))]
+    params = choice_params(req, [max_tokens[j // n] for j in range(len(prompts))], req.logprobs)
     await group.start(prompts, params, schedule_kwargs(req, arrival), "prompt")
     base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name}
     if req.stream:
@@ -141,7 +141,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ids = await _tokenize(engine.apply_chat_template, req.messages, param="messages")
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = check_context(ids, req.requested_max_tokens, engine.max_model_len, "messages", max_tokens_param)
-    params = [sampling_params(req, max_tokens, req.num_logprobs, i) for i in range(n)]
+    params = choice_params(req, [max_tokens] * n, req.num_logprobs)
     await group.start([ids] * n, params, schedule_kwargs(req, arrival), "messages")
     base = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name}
     if req.stream:

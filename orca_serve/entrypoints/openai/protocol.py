@@ -77,6 +77,9 @@ class _SamplingFields(_Strict):
     top_k: int = Field(-1, ge=-1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    # Not capped but by the body's size (OpenAI has no such field; vLLM sets no
+    # cap): each list is checked and made a set and tensors once per request,
+    # not per token, and what the sampler masks is at most the vocabulary.
     stop_token_ids: list[int] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False

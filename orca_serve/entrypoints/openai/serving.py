@@ -64,18 +64,24 @@ def check_context(prompt_ids: list[int], max_tokens: int | None, max_model_len: 
     return max_tokens
 
 
-def sampling_params(req, max_tokens: int, num_logprobs: int | None, index: int) -> SamplingParams:
-    """Engine sampling parameters for choice ``index`` of an OpenAI request.
+def choice_params(req, max_tokens: list[int], num_logprobs: int | None) -> list[SamplingParams]:
+    """Engine sampling parameters for each choice of an OpenAI request, choice
+    j with ``max_tokens[j]``.
 
-    With a seed and n > 1 each choice gets seed + index, so choices differ but
-    the whole response is reproducible.
+    With a seed and n > 1 each choice gets seed + j, so choices differ but the
+    whole response is reproducible. The first is made and checked; the others
+    are its copies, sharing its lists, which are checked once for them all
+    (up to 1,024 choices, a list of up to 1 MiB).
     """
+    def seed(j: int) -> int | None:
+        return None if req.seed is None else req.seed + j
+
     try:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
-            seed=None if req.seed is None else req.seed + index, stop=req.stop,
-            stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+        first = SamplingParams(
+            max_tokens=max_tokens[0], temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+            seed=seed(0), stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens, logprobs=num_logprobs, logit_bias=req.logit_bias)
+        return [first, *(first.replace(max_tokens=m, seed=seed(j)) for j, m in enumerate(max_tokens[1:], 1))]
     except ValueError as exc:
         raise engine_error(exc) from None
 
