@@ -441,6 +441,36 @@ def test_a_request_id_free_again_after_an_abort_keeps_its_detokenizer(llm, monke
     assert len(ref.text) == 4 and finals[1].token_ids == ref.token_ids and finals[1].text == ref.text
 
 
+def test_a_failed_batch_keeps_no_sampler_tensors_of_its_lists(llm, monkeypatch):
+    """The runner's tensors of a bias map are found by the map's identity
+    while a request here holds them. A failed batch's traceback (a cycle,
+    freed only by the collector) kept its requests' states, and so their
+    tensors: a request added with the map changed in place (allowed: no
+    request that uses it runs) was biased by the old one until a collection."""
+    import gc
+
+    from helpers_models import fail_next_forward
+
+    engine, runner = llm.engine, llm.engine.executor.runner
+    bias = {7: 100.0}
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias=bias)
+    collecting = gc.isenabled()
+    gc.disable()  # as a server that freezes or tunes the collector may run
+    try:
+        engine.add_request("doomed", [3, 4, 5], params)
+        assert [o.token_ids for o in engine.step()] == [[7]]  # its row's tensors made
+        fail_next_forward(monkeypatch, runner)
+        assert [o.finish_reason for o in engine.step()] == ["error"]
+        bias.clear()
+        bias[9] = 100.0  # allowed now
+        engine.add_request("after", [3, 4, 5], params)
+        [after] = [o for o in _run_engine(engine) if o.finished]
+    finally:
+        if collecting:
+            gc.enable()
+    assert after.token_ids == [9, 9, 9, 9]
+
+
 def test_a_refused_prompt_leaves_none_of_its_batch_behind(tiny_model_dir):
     """generate cleaned up the prompts queued before a refused one only on a
     ValueError; a full waiting queue left them to run unseen."""
