@@ -390,6 +390,87 @@ def test_the_sequences_of_a_request_check_its_lists_once(llm, monkeypatch):
     assert not engine.has_unfinished_requests()
 
 
+def _run_engine(engine) -> list:
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    return outs
+
+
+class _LetterTokenizer:
+    """Token i decodes to one letter (the tiny model has no tokenizer, so no text)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_a_stop_list_changed_after_its_request_was_aborted_is_used_as_changed(llm, monkeypatch):
+    """Once abort_request returns no request uses the list, so it may change
+    (SamplingParams' contract), and a request added then with it is checked
+    anew. The aborted request's stop index, found by the list's identity, was
+    kept until the next step: the new request stopped on the old strings."""
+    engine = llm.engine
+    monkeypatch.setattr(engine._outputs, "tokenizer", _LetterTokenizer())
+    prompt = [3, 4, 5]
+    ref = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    stop = ref.text[-2:]
+    assert len(stop) == 2 and "0" not in ref.text
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop=["0"])
+    engine.add_request("stale-stops-a", prompt, params)
+    engine.abort_request("stale-stops-a")
+    params.stop[:] = [stop]  # allowed: no request that uses it runs
+    engine.add_request("stale-stops-b", prompt, params)
+    [b] = [o for o in _run_engine(engine) if o.request_id == "stale-stops-b" and o.finished]
+    assert b.finish_reason == "stop" and b.stop_reason == stop
+    assert len(engine._outputs._stop_lists) == 0
+
+
+def test_a_request_id_free_again_after_an_abort_keeps_its_detokenizer(llm, monkeypatch):
+    """An aborted request's output was made at the next step, and dropped the
+    detokenizer of its id then: a request that took the id meanwhile (it is
+    free once abort_request returns) lost its text."""
+    engine = llm.engine
+    monkeypatch.setattr(engine._outputs, "tokenizer", _LetterTokenizer())
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    ref = llm.generate([[3, 4, 5]], params)[0]
+    engine.add_request("reused-id", [3, 4, 5], params)
+    engine.abort_request("reused-id")
+    engine.add_request("reused-id", [3, 4, 5], params)
+    finals = [o for o in _run_engine(engine) if o.finished]
+    assert [o.finish_reason for o in finals] == ["abort", "length"]
+    assert len(ref.text) == 4 and finals[1].token_ids == ref.token_ids and finals[1].text == ref.text
+
+
+def test_a_failed_batch_keeps_no_sampler_tensors_of_its_lists(llm, monkeypatch):
+    """The runner's tensors of a bias map are found by the map's identity
+    while a request here holds them. A failed batch's traceback (a cycle,
+    freed only by the collector) kept its requests' states, and so their
+    tensors: a request added with the map changed in place (allowed: no
+    request that uses it runs) was biased by the old one until a collection."""
+    import gc
+
+    from helpers_models import fail_next_forward
+
+    engine, runner = llm.engine, llm.engine.executor.runner
+    bias = {7: 100.0}
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias=bias)
+    collecting = gc.isenabled()
+    gc.disable()  # as a server that freezes or tunes the collector may run
+    try:
+        engine.add_request("doomed", [3, 4, 5], params)
+        assert [o.token_ids for o in engine.step()] == [[7]]  # its row's tensors made
+        fail_next_forward(monkeypatch, runner)
+        assert [o.finish_reason for o in engine.step()] == ["error"]
+        bias.clear()
+        bias[9] = 100.0  # allowed now
+        engine.add_request("after", [3, 4, 5], params)
+        [after] = [o for o in _run_engine(engine) if o.finished]
+    finally:
+        if collecting:
+            gc.enable()
+    assert after.token_ids == [9, 9, 9, 9]
+
+
 def test_a_refused_prompt_leaves_none_of_its_batch_behind(tiny_model_dir):
     """generate cleaned up the prompts queued before a refused one only on a
     ValueError; a full waiting queue left them to run unseen."""

@@ -199,3 +199,100 @@ def test_sampling_tensors_are_made_once_per_list_and_kept_while_a_row_holds_them
     assert tensors.row(SamplingParams(stop_token_ids=ids)).suppressed is None  # no min_tokens: nothing to mask
     del rows, made, md, on, cols, values
     assert len(tensors) == 0  # the requests are gone: their lists may change
+
+
+# ---- differential: the masking and bias of 90cf348 (made every iteration) ----
+def _old_masked_logits(raw: torch.Tensor, params: list[SamplingParams], positions: list[int],
+                       eos_token_ids) -> torch.Tensor:
+    """What Sampler.sample of 90cf348 handed on to sampling: SamplingMetadata.build's
+    ``suppressed`` and ``_logit_bias``, and the two scatters of Sampler.sample, as they were."""
+    suppressed = [(i, sorted(set(eos_token_ids) | set(p.stop_token_ids)))
+                  for i, p in enumerate(params) if positions[i] < p.min_tokens]
+    suppressed = [(i, ids) for i, ids in suppressed if ids]
+    rows, cols, values = [], [], []
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, p in enumerate(params):
+        if not p.logit_bias:
+            continue
+        pair = made.get(id(p.logit_bias))
+        if pair is None:
+            pair = made[id(p.logit_bias)] = (torch.tensor(list(p.logit_bias), dtype=torch.int64),
+                                             torch.tensor(list(p.logit_bias.values()), dtype=torch.float32))
+        rows.append(torch.full((len(p.logit_bias),), i, dtype=torch.int64))
+        cols.append(pair[0])
+        values.append(pair[1])
+    logits = raw.float().clone()
+    if rows:
+        logits.index_put_((torch.cat(rows), torch.cat(cols)), torch.cat(values), accumulate=True)
+    if suppressed:
+        r = torch.tensor([row for row, ids in suppressed for _ in ids], dtype=torch.int64)
+        c = torch.tensor([i for _, ids in suppressed for i in ids], dtype=torch.int64)
+        logits.index_put_((r, c), logits.new_full((), float("-inf")))
+    return logits
+
+
+class _HandedOn(Sampler):
+    """A Sampler that records the logits it samples from, after bias and masking."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = None
+
+    def _sample(self, logits, md):
+        self.logits = logits.clone()
+        return super()._sample(logits, md)
+
+
+def _random_batch(rng, vocab: int, eos: tuple[int, ...]):
+    """Rows with and without min_tokens, lists shared and their own, short and
+    past _OWN_SCATTER, empty, with duplicates and EOS ids; bias maps of either sign."""
+    def stop_list():
+        n = rng.choice([0, 1, 3, 40, 254, 255, 256, 257, 300, 600])
+        ids = [rng.randrange(vocab) for _ in range(n)]
+        if ids and rng.random() < 0.5:
+            ids += rng.sample(ids, k=min(len(ids), rng.randint(1, 5)))  # duplicates
+        if rng.random() < 0.3:
+            ids.append(rng.choice(eos or (0,)))  # an EOS id among them
+        rng.shuffle(ids)
+        return ids
+
+    def bias_map():
+        n = rng.choice([1, 2, 30, 255, 256, 257, 400])
+        return {t: rng.choice([-100.0, 100.0, rng.uniform(-100, 100), rng.uniform(-1, 1)])
+                for t in rng.sample(range(vocab), n)}
+
+    shared_stops = [stop_list() for _ in range(3)]
+    shared_biases = [bias_map() for _ in range(2)]
+    params, positions = [], []
+    for _ in range(rng.randint(1, 9)):
+        stops = rng.choice(shared_stops) if rng.random() < 0.6 else stop_list()
+        bias = rng.choice([None, rng.choice(shared_biases), bias_map()])
+        min_tokens = rng.choice([0, 0, 1, 2, 3, 5])
+        params.append(SamplingParams(temperature=1.0, max_tokens=8, min_tokens=min_tokens,
+                                     stop_token_ids=stops, logit_bias=bias))
+        positions.append(rng.randint(0, 4))
+    return params, positions
+
+
+def test_masking_and_bias_are_those_of_the_code_made_every_iteration():
+    """Differential: 400 random batches, each run for three iterations (rows
+    passing their min_tokens in between) with the runner's SamplingTensors
+    kept across them, and once without it; the logits handed to sampling are
+    exactly those of 90cf348's per-iteration code."""
+    import random
+
+    rng = random.Random(2024)
+    vocab = 700
+    for case in range(400):
+        eos = tuple(rng.sample(range(vocab), rng.choice([0, 1, 2])))
+        params, positions = _random_batch(rng, vocab, eos)
+        tensors = SamplingTensors("cpu", eos)
+        rows = [tensors.row(p) for p in params]  # as each RequestState keeps its row's
+        for it in range(3):
+            at = [pos + it for pos in positions]
+            raw = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(case * 3 + it))
+            expected = _old_masked_logits(raw, params, at, eos)
+            for kept in (rows, None):
+                sampler = _HandedOn()
+                sampler.sample(raw, SamplingMetadata.build(params, at, vocab, eos_token_ids=eos, rows=kept))
+                assert torch.equal(sampler.logits, expected), (case, it, kept is None)

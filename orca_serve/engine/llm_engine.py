@@ -68,7 +68,7 @@ class LLMEngine:
                                    max_inflight_batches=par.inflight_batches)
         self._outputs = OutputProcessor(self.scheduler, self.tokenizer)
         self._checks = RequestChecks(self.vocab_size, self.eos_token_ids)
-        self._aborted: list[Request] = []
+        self._aborted: list[RequestOutput] = []  # their outputs, made when aborted, handed out by the next step
         self._last = (0, 0, 0.0)
         self._pipeline: deque = deque()  # (SchedulerOutput, submit time, executor handle)
         self._collected_at = 0.0  # when the last batch's tokens came back
@@ -155,7 +155,11 @@ class LLMEngine:
             return
         req = self.scheduler.abort_request(request_id)
         if req is not None:
-            self._aborted.append(req)
+            # Its output now, not at the next step: that drops what its id and
+            # lists hold in the output processor (detokenizer, stop index), and
+            # both are free once this returns: a new request may take the id,
+            # and the lists may change (no request that uses them runs).
+            self._aborted.append(self._outputs.make_output(req))
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished_requests() or bool(self._aborted) or self._outputs.has_held()
@@ -182,7 +186,7 @@ class LLMEngine:
             advanced = self._collect(done, t_submit, handle)
         self._last = (so.total_num_scheduled_tokens, so.num_reqs, time.perf_counter() - t0)
         rejected, self.scheduler.rejected = self.scheduler.rejected, []
-        outputs = [self._outputs.make_output(req) for req in self._aborted + rejected + advanced]
+        outputs = self._aborted + [self._outputs.make_output(req) for req in rejected + advanced]
         self._aborted = []
         return self._outputs.release(outputs)
 

@@ -232,7 +232,7 @@ class ModelRunner:
         """``so`` failed to launch: forget the requests it finished; under async
         scheduling the next batch skips its requests (``PendingTokens.batch_failed``)."""
         for rid in so.finished_req_ids:  # in case it failed before they were dropped
-            self.requests.pop(rid, None)
+            self._forget(rid)
         if self.async_tokens is not None:
             self.async_tokens.batch_failed(so)
 
@@ -267,9 +267,18 @@ class ModelRunner:
             self.async_tokens.sampled(tokens, req_ids)
         return SampledBatch(tokens, logprobs, md, req_ids)
 
+    def _forget(self, req_id: str) -> None:
+        """Drop a request the scheduler finished or preempted, and its hold on
+        its lists' sampler tensors: its state may outlive it (a failed batch's
+        traceback keeps it until the collector runs), and once no request here
+        uses a list it may change, its tensors to be made anew."""
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            state.sampling_rows = None
+
     def _update_states(self, so: SchedulerOutput, lost: frozenset[str]) -> None:
         for rid in so.finished_req_ids:
-            self.requests.pop(rid, None)
+            self._forget(rid)
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = RequestState(
                 req_id=new.req_id, token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
