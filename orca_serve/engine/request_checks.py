@@ -31,12 +31,12 @@ class RequestChecks:
         """Validate ``params`` (ValueError naming the field) and check its ids
         against the model. Returns what the request must hold while it runs."""
         params.validate(checked=lambda name, value: self._checked[name].holds(value))
-        held = [cache.get(getattr(params, name)) for name, cache in self._checked.items()]
-        if params.min_tokens and held[1].value:
+        held = {name: cache.get(getattr(params, name)) for name, cache in self._checked.items()}
+        if params.min_tokens and held["stop_token_ids"].value:
             del held  # held by no request (see LLMEngine.add_request)
             raise ValueError("stop_token_ids: with min_tokens every token of the vocabulary is an EOS or stop "
                              "token, so none is left to sample")
-        return held
+        return list(held.values())
 
     def _check_stop_token_ids(self, ids: list[int]) -> bool:
         self._in_vocabulary("stop_token_ids")(ids)
