@@ -113,6 +113,15 @@ def test_openai_backend_against_our_server(model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     check_run(run, _expected_lengths(len(tok), tok.all_special_ids))
     assert all(r["num_chunks"] >= 1 for r in run["requests"])
+    # What the HTTP path cost in CPU: this client's, and the server's from its
+    # /metrics (the server runs in this process, so its process CPU holds the
+    # model's and is far more than its event loop's).
+    stats = run["backend_stats"]
+    assert stats["client_cpu_s"] > 0
+    assert 0 < stats["server_event_loop_cpu_s"] < stats["server_process_cpu_s"]
+    duration = run["metrics"]["duration_s"]
+    assert stats["http_path_cores"] == pytest.approx((stats["client_cpu_s"] + stats["server_event_loop_cpu_s"])
+                                                     / duration, rel=1e-3)
 
 
 def test_hf_peers(model_dir, tmp_path):

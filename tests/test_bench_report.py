@@ -135,3 +135,17 @@ def test_plot_writes_png(tmp_path):
     path = tmp_path / "fig.png"
     plot([data], str(path), title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_server_cpu_reads_what_a_server_s_metrics_have():
+    from orca_serve.bench.backends.openai import metrics_url, server_cpu
+
+    assert metrics_url("http://h:8000/v1/") == metrics_url("http://h:8000") == "http://h:8000/metrics"
+    ours = ('# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 12.5\n'
+            '# TYPE orca_serve_event_loop_cpu_seconds_total counter\n'
+            'orca_serve_event_loop_cpu_seconds_total{model_name="m"} 0.75\n'
+            '# TYPE orca_serve_iterations_total counter\norca_serve_iterations_total{model_name="m"} 9.0\n')
+    assert server_cpu(ours) == {"server_process_cpu_s": 12.5, "server_event_loop_cpu_s": 0.75}
+    # vLLM's has the process (its API server) only; a server may have neither.
+    assert server_cpu("process_cpu_seconds_total 3.0\n") == {"server_process_cpu_s": 3.0}
+    assert server_cpu("vllm:num_requests_running 0.0\n") == {}

@@ -396,6 +396,20 @@ def test_client_gone_before_its_body_arrived_is_no_server_error(server):
     assert "Traceback" not in log and "unhandled error" not in log
 
 
+def test_metrics_count_the_event_loop_s_cpu(server, client):
+    """The thread serving HTTP has a CPU counter of its own: the work a
+    client's requests cost the server beside the model's."""
+    before = get_metrics(server.url)
+    stream = client.completions.create(model=_model(client), prompt="Hello", max_tokens=16, stream=True,
+                                       extra_body=IGNORE_EOS)
+    assert [c.choices[0].finish_reason for c in stream if c.choices][-1] == "length"
+    after = get_metrics(server.url)
+    loop = [metric(text, "orca_serve_event_loop_cpu_seconds_total") for text in (before, after)]
+    assert 0 < loop[0] < loop[1]
+    # The process's (pytest, which also runs the engine) is beside it, counted in ticks.
+    assert metric(after, "process_cpu_seconds_total") >= metric(before, "process_cpu_seconds_total") > 0
+
+
 def test_request_log_lines_and_metrics(server, client):
     client.completions.create(model=_model(client), prompt="Hello", max_tokens=3, extra_body=IGNORE_EOS)
     text = wait_idle(server.url)

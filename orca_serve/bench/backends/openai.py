@@ -5,6 +5,14 @@ ignored through the vLLM extensions ``ignore_eos`` and ``min_tokens`` (which
 our server also accepts); ``plain=True`` leaves them out for servers that
 reject unknown fields. Prompts go as token ids by default, so every server
 sees exactly the same prompt; ``prompt_mode="text"`` sends the decoded text.
+
+What the HTTP path costs in CPU is measured beside the throughput (the run's
+``backend_stats``): this client's CPU time, and from the server's /metrics,
+where it has them, its process CPU and our server's event-loop CPU (the
+thread that serves HTTP). vLLM's /metrics counts its API server process, its
+engine runs in another. On a machine with two cores that CPU is taken from
+the model's threads: it bounds the HTTP path against the engine in-process
+more steadily than two throughputs measured minutes apart can.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import json
 import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from orca_serve.bench.backends.base import BackendRun, new_result
 from orca_serve.bench.metrics import RequestResult
@@ -22,6 +31,28 @@ from orca_serve.bench.workloads import RequestSpec
 def completions_url(base_url: str) -> str:
     base = base_url.rstrip("/")
     return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+
+
+def metrics_url(base_url: str) -> str:
+    """The server's Prometheus endpoint: /metrics at its root, beside /v1."""
+    base = base_url.rstrip("/")
+    return (base[:-len("/v1")] if base.endswith("/v1") else base) + "/metrics"
+
+
+# Server CPU counters read from /metrics: the name in backend_stats -> the sample's name.
+_SERVER_CPU = {"server_process_cpu_s": "process_cpu_seconds_total",
+               "server_event_loop_cpu_s": "orca_serve_event_loop_cpu_seconds_total"}
+
+
+def server_cpu(metrics_text: str) -> dict[str, float]:
+    """The CPU counters a server's /metrics text has (``_SERVER_CPU``), summed over labels."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            for key, name in _SERVER_CPU.items():
+                if sample.name == name:
+                    totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
 
 
 class OpenAIBackend:
@@ -87,7 +118,8 @@ class OpenAIBackend:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, headers=self.headers) as client:
-            t0 = time.perf_counter()
+            server_before = await self._server_cpu(client)
+            cpu0, t0 = time.process_time(), time.perf_counter()
 
             async def one(spec: RequestSpec, arrival: float) -> RequestResult:
                 await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
@@ -97,8 +129,24 @@ class OpenAIBackend:
                     return await self._request(client, spec, progress)
 
             results = await asyncio.gather(*(one(s, a) for s, a in zip(specs, arrivals)))
-        end = max([r.finish for r in results], default=t0)
-        return BackendRun(list(results), t0, max(end, t0 + 1e-9))
+            extra = {"client_cpu_s": time.process_time() - cpu0}
+            server_after = await self._server_cpu(client)
+        extra.update({key: server_after[key] - before for key, before in server_before.items() if key in server_after})
+        end = max(max([r.finish for r in results], default=t0), t0 + 1e-9)
+        if "server_event_loop_cpu_s" in extra:
+            # Cores the HTTP path kept busy on average, client and server: on
+            # one machine, what it took from the model's threads.
+            extra["http_path_cores"] = (extra["client_cpu_s"] + extra["server_event_loop_cpu_s"]) / (end - t0)
+        return BackendRun(list(results), t0, end, extra)
+
+    async def _server_cpu(self, client: httpx.AsyncClient) -> dict[str, float]:
+        """``server_cpu`` of the server's /metrics now; empty if it has none (a
+        server without /metrics, or one that answers it with something else)."""
+        try:
+            resp = await client.get(metrics_url(self.base_url))
+            return server_cpu(resp.text) if resp.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):  # unreachable, or not Prometheus text
+            return {}
 
     async def _request(self, client: httpx.AsyncClient, spec: RequestSpec, progress) -> RequestResult:
         r = new_result(spec, time.perf_counter())

@@ -9,12 +9,21 @@ one) keeps two servers in one process (tests) from colliding.
 Latencies come from each request's ``RequestMetrics`` (scheduler clock,
 ``time.monotonic``); the arrival time is taken when the HTTP request came in,
 so queue time and TTFT include the server's own overhead.
+
+CPU: ``process_cpu_seconds_total`` (Prometheus' standard process collector)
+counts the whole process, model included; ``orca_serve_event_loop_cpu_seconds_total``
+counts the thread that serves HTTP (parsing, JSON, SSE framing, fan-out),
+the part of the process a client's requests cost on top of the model. On a
+machine with few cores it takes CPU from the model's threads, so it is what
+bounds the HTTP path against the engine in-process.
 """
 from __future__ import annotations
 
 import logging
+import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from orca_serve.outputs import RequestOutput
 
@@ -68,8 +77,12 @@ class ServerMetrics:
                                  ["model_name", "finish_reason"], registry=r)
         self._model_name = model_name
         self._last_iterations = 0
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, memory; empty where /proc is absent
+        r.register(_EventLoopCPU(model_name))
 
     def render(self) -> bytes:
+        """The metrics text. Call it on the event loop's thread (the /metrics
+        handler is async): that thread's CPU time is read there."""
         return generate_latest(self.registry)
 
     def on_step(self, stats, outputs: list[RequestOutput]) -> None:
@@ -124,6 +137,25 @@ class ServerMetrics:
                 out.request_id, len(out.prompt_token_ids), n, out.num_cached_tokens,
                 _fmt(ttft), _fmt(latency), m.num_preemptions, out.finish_reason,
                 f" error={out.error!r}" if out.error else "")
+
+
+class _EventLoopCPU:
+    """``orca_serve_event_loop_cpu_seconds_total``: CPU time of the thread
+    that collects it, the event loop's (``ServerMetrics.render``). One loop
+    serves HTTP, so that is all of the server's HTTP work; the engine thread
+    and the model's threads are not in it."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def collect(self):
+        family = CounterMetricFamily("orca_serve_event_loop_cpu_seconds", "CPU time of the thread serving "
+                                     "HTTP (the event loop): parsing, JSON, SSE framing.", labels=["model_name"])
+        family.add_metric([self.model_name], time.thread_time())
+        yield family
+
+    def describe(self):
+        return []  # collected fresh on each scrape; nothing to check at registration
 
 
 def _fmt(seconds: float | None) -> str:
