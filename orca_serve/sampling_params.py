@@ -104,7 +104,7 @@ class SamplingParams:
             self.logit_bias = _logit_bias(self.logit_bias)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {shown(getattr(self, name))}")
+                raise ValueError(f"{name} must be {shown(True)} or {shown(False)}, got {shown(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:
@@ -112,9 +112,10 @@ class SamplingParams:
 
     def replace(self, **changes) -> SamplingParams:
         """A copy with ``changes``, checked, sharing this one's lists and map:
-        those are not checked again (they were, with this one; the engine
-        checks them when it adds a request). The choices of one HTTP request
-        are made so: checking 1,024 copies of a long list cost 1,024 times."""
+        those are not checked here (the engine checks them when it adds a
+        request, so a list changed since this one was made is refused there).
+        The choices of one HTTP request are made so: checking 1,024 copies of a
+        long list cost 1,024 times."""
         unknown = changes.keys() - {f.name for f in fields(self)}
         if unknown:
             raise TypeError(f"SamplingParams has no field {sorted(unknown)[0]!r}")

@@ -5,19 +5,38 @@
 reports the limit instead of the field it is about; a long string or list
 would bury the message. ``shown`` is the repr for everything short and names
 the rest by its size.
+
+Within ``json_values()`` (every request to the server) values are shown as
+JSON, as the client sent them: ``null``, ``true``, ``"text"``, not Python's
+``None``, ``True``, ``'text'``.
 """
 from __future__ import annotations
 
+import json
 import math
 import reprlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 MAX_CHARS = 200  # a repr longer than this is abbreviated
 
 
 def shown(value) -> str:
     """``repr(value)``, or for a huge int ``an integer of 5001 digits``, for a
-    long string its ends and its length; never raises."""
-    return _SHOWN.repr(value)
+    long string its ends and its length; never raises. As JSON within ``json_values()``."""
+    return (_SHOWN_JSON if _AS_JSON.get() else _SHOWN).repr(value)
+
+
+@contextmanager
+def json_values() -> Iterator[None]:
+    """While it lasts, in this context (an asyncio task has its own), ``shown``
+    writes values as JSON: for errors answered to a client that sent JSON."""
+    token = _AS_JSON.set(True)
+    try:
+        yield
+    finally:
+        _AS_JSON.reset(token)
 
 
 def num_digits(value: int) -> int:
@@ -51,3 +70,26 @@ class _Shown(reprlib.Repr):
 
 
 _SHOWN = _Shown()
+
+
+class _ShownJSON(_Shown):
+    """``_Shown`` in JSON's words. A body decoded from JSON holds no tuples,
+    sets or non-finite floats; lists and objects are reprlib's, with their
+    items in JSON's words."""
+
+    def repr_NoneType(self, x: None, level: int) -> str:
+        return "null"
+
+    def repr_bool(self, x: bool, level: int) -> str:
+        return "true" if x else "false"
+
+    def repr_str(self, x: str, level: int) -> str:
+        if len(x) <= MAX_CHARS:
+            return json.dumps(x, ensure_ascii=False)
+        half = MAX_CHARS // 2
+        return (f"{json.dumps(x[:half], ensure_ascii=False)[:-1]}...{json.dumps(x[-half:], ensure_ascii=False)[1:]}"
+                f" (a string of {len(x)} characters)")
+
+
+_SHOWN_JSON = _ShownJSON()
+_AS_JSON: ContextVar[bool] = ContextVar("orca_serve_shown_as_json", default=False)

@@ -661,7 +661,7 @@ def _serves_and_holds_nothing(llm) -> None:
                                        r"got 5"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
      r"messages\[0\]\.content: part 0 has type 'image_url'; only text parts are supported"),
-    ([{"role": "user", "content": [{"type": "text"}]}], r"messages\[0\]\.content: part 0 needs 'text', a string"),
+    ([{"role": "user", "content": [{"type": "text"}]}], r'messages\[0\]\.content: part 0 needs "text", a string'),
     ([{"role": "user", "content": "hi", "name": 5}], r"messages\[0\]\.name must be a string, got 5"),
     ([{"role": "user", "content": "hi \ud800"}],
      r"messages\[0\]\.content: text holds an unpaired UTF-16 surrogate at 3"),

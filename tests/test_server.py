@@ -262,6 +262,9 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
     ("message-not-an-object", _CHAT, {"messages": ["hi"]}, None, 400, "messages[0]"),
     ("message-a-number", _CHAT, {"messages": [_MSG[0], 5]}, None, 400, "messages[1]"),
     ("role-unknown", _CHAT, {"messages": [{"role": "bot", "content": "hi"}]}, None, 400, "messages[0].role"),
+    # Values shown as JSON has them (null, true), not as Python does (None, True).
+    ("role-null", _CHAT, {"messages": [{"role": None, "content": "hi"}]}, None, 400, "messages[0].role"),
+    ("content-true", _CHAT, {"messages": [{"role": "user", "content": True}]}, None, 400, "messages[0].content"),
     ("role-missing", _CHAT, {"messages": [{"content": "hi"}]}, None, 400, "messages[0].role"),
     ("name-type", _CHAT, {"messages": [{"role": "user", "content": "hi", "name": 5}]}, None, 400, "messages[0].name"),
     # Integers past Python's 4300-digit limit for reading one: the answer said the
@@ -278,21 +281,23 @@ BAD = [  # (id, path, body (bytes or JSON), headers, status, param)
 
 
 # What the message must say where the field alone does not tell what is wrong.
-BAD_MESSAGES = {"unknown-model": "the model 'gpt-4' does not exist; this server serves '",
+BAD_MESSAGES = {"unknown-model": 'the model "gpt-4" does not exist; this server serves "',
                 "unknown-model-chat": "(see GET /v1/models)",
                 "body-too-large": "request body is 100014 bytes; the limit is 65536 bytes",
                 # In the client's words and with the value it sent: it said "{role, content} dict, got int".
                 "message-a-number": "messages[1]: must be an object with role and content, got 5",
-                "message-not-an-object": "messages[0]: must be an object with role and content, got 'hi'",
-                "messages-not-a-list": "messages: must be a list of objects with role and content, got 'hi'",
-                "content-type": "messages[0].content must be a string, a list of text parts or None, got 5",
+                "message-not-an-object": 'messages[0]: must be an object with role and content, got "hi"',
+                "messages-not-a-list": 'messages: must be a list of objects with role and content, got "hi"',
+                "content-type": "messages[0].content must be a string, a list of text parts or null, got 5",
                 "logit-bias-over-100": "logit_bias[5] must be in [-100, 100], got 101.0",
-                "logit-bias-key-not-a-token-id": "logit_bias: keys must be token ids (\"50256\"), got 'the'",
+                "logit-bias-key-not-a-token-id": 'logit_bias: keys must be token ids ("50256"), got "the"',
                 "logit-bias-over-300-tokens": "logit_bias may bias at most 300 tokens (OpenAI's limit), got 301",
                 "logit-bias-outside-the-vocabulary": "logit_bias: token id 99999 is outside the vocabulary",
-                "image-part": "part 0 has type 'image_url'; only text parts are supported",
-                "text-part-without-text": "part 0 needs 'text'",
-                "role-unknown": "messages[0].role must be one of system, developer, user, assistant, tool; got 'bot'",
+                "image-part": 'part 0 has type "image_url"; only text parts are supported',
+                "text-part-without-text": 'part 0 needs "text", a string',
+                "role-unknown": 'messages[0].role must be one of system, developer, user, assistant, tool; got "bot"',
+                "role-null": "messages[0].role must be a string, got null",
+                "content-true": "messages[0].content must be a string, a list of text parts or null, got true",
                 "lone-surrogate-prompt": "unpaired UTF-16 surrogate",
                 "nested-too-deep": "nested too deeply", "fan-out-over-queue": "1600 sequences",
                 "token-id-out-of-vocab-in-batch": "prompt[1]: token id 99999 is outside the vocabulary",

@@ -37,7 +37,7 @@ def test_an_unknown_model_is_not_found_to_the_openai_client(server, server_model
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     error = caught.value.body
     assert error["code"] == "model_not_found" and error["param"] == "model"
-    assert error["message"] == (f"the model 'gpt-4' does not exist; this server serves '{server_model_dir.name}' "
+    assert error["message"] == (f'the model "gpt-4" does not exist; this server serves "{server_model_dir.name}" '
                                 "(see GET /v1/models)")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)

@@ -68,16 +68,17 @@ def content_text(path: str, content) -> str:
     if isinstance(content, str):
         return _text(path, content)
     if not isinstance(content, (list, tuple)):
-        raise MessageError(path, f"{path} must be a string, a list of text parts or None, got {shown(content)}")
+        raise MessageError(path, f"{path} must be a string, a list of text parts or {shown(None)}, "
+                                 f"got {shown(content)}")
     texts = []
     for i, part in enumerate(content):
         # Name the part that is wrong, and how.
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind != "text":
-            what = f"has type {shown(kind)}" if kind is not None else "is not a {'type': 'text', ...} object"
+            what = f"has type {shown(kind)}" if kind is not None else 'is not an object with "type": "text"'
             raise MessageError(path, f"{path}: part {i} {what}; only text parts are supported")
         if not isinstance(part.get("text"), str):
-            raise MessageError(path, f"{path}: part {i} needs 'text', a string")
+            raise MessageError(path, f'{path}: part {i} needs "text", a string')
         texts.append(_text(path, part["text"]))
     return "\n".join(texts)
 

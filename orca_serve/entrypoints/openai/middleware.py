@@ -1,7 +1,8 @@
 """What every request to the server passes through besides its route: the
-handlers that turn exceptions into OpenAI's error body, and two ASGI
-middlewares (an unhandled exception as a 500 logged once; a trailing slash
-routed as the path without it)."""
+handlers that turn exceptions into OpenAI's error body, and three ASGI
+middlewares (values in error messages shown in JSON's words; an unhandled
+exception as a 500 logged once; a trailing slash routed as the path without
+it)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from orca_serve.entrypoints.openai.protocol import ApiError, bad_request
+from orca_serve.shown import json_values
 
 logger = logging.getLogger("orca_serve.server")
 
@@ -38,6 +40,21 @@ def install_handlers(app: FastAPI) -> None:
 
     app.add_middleware(_InternalErrorMiddleware)
     app.add_middleware(_SlashlessPath)
+    app.add_middleware(_ValuesAsJSON)
+
+
+class _ValuesAsJSON:
+    """Error messages show the values a client sent as JSON writes them
+    (``null``, ``"text"``), not as Python does: ``shown.json_values`` for the
+    whole request. uvicorn runs each request in a task of its own, so the
+    setting (a context variable) is that request's."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        with json_values():
+            await self.app(scope, receive, send)
 
 
 class _InternalErrorMiddleware:
