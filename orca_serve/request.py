@@ -124,6 +124,13 @@ class Request:
         """Prompt plus the most tokens this request may ever generate."""
         return self.num_prompt_tokens + self.sampling_params.max_tokens
 
+    def at_length_limit(self, max_model_len: int, more: int = 0) -> bool:
+        """Whether it has its last token (with ``more`` still to come): its
+        ``max_tokens`` generated, or the model's length reached. The one rule
+        for both: the scheduler finishes it there, and does not schedule a
+        token past it."""
+        return self.num_tokens + more >= min(self.max_total_tokens, max_model_len)
+
     @property
     def finished(self) -> bool:
         return self.status.finished

@@ -306,6 +306,6 @@ class Scheduler:
             if token in req.stop_token_set:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        if req.at_length_limit(self.max_model_len):
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -49,8 +49,7 @@ class WorkerView:
         """Tokens of ``req`` not yet scheduled: its pending token (async) counts
         as one it has, unless that token is its last."""
         pending = self.pending(req.request_id)
-        if pending and (req.num_output_tokens + pending >= req.sampling_params.max_tokens
-                        or req.num_tokens + pending >= self.max_model_len):
+        if pending and req.at_length_limit(self.max_model_len, pending):
             return 0
         return req.num_tokens + pending - req.num_computed_tokens
 
