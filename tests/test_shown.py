@@ -56,3 +56,18 @@ def test_a_non_finite_number_is_shown_as_the_client_wrote_it():
         with pytest.raises(ApiError, match=r"messages\[0\]\.content must be .*, got NaN$"):
             parse_request(ChatCompletionRequest, body)
     assert shown(float("nan")) == "nan"
+
+
+def test_a_server_message_quotes_json_words_as_json_does():
+    """A message that names a JSON value to send writes it as the values it
+    shows are written: one style in one answer."""
+    from orca_serve.entrypoints.openai.protocol import ApiError, ChatCompletionRequest, parse_request
+
+    def message(body: dict) -> str:
+        with json_values(), pytest.raises(ApiError) as caught:
+            parse_request(ChatCompletionRequest, body)
+        return caught.value.message
+
+    assert message({"messages": [{"content": "hi"}]}) == 'messages[0].role is missing (a string such as "user")'
+    assert message({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}) \
+        == 'response_format: only response_format type "text" is supported'
