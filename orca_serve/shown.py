@@ -73,15 +73,18 @@ _SHOWN = _Shown()
 
 
 class _ShownJSON(_Shown):
-    """``_Shown`` in JSON's words. A body decoded from JSON holds no tuples,
-    sets or non-finite floats; lists and objects are reprlib's, with their
-    items in JSON's words."""
+    """``_Shown`` in JSON's words. A body decoded from JSON holds no tuples or
+    sets; lists and objects are reprlib's, with their items in JSON's words.
+    It may hold non-finite floats: Python's json reads NaN and Infinity."""
 
     def repr_NoneType(self, x: None, level: int) -> str:
         return "null"
 
     def repr_bool(self, x: bool, level: int) -> str:
         return "true" if x else "false"
+
+    def repr_float(self, x: float, level: int) -> str:
+        return json.dumps(x)  # NaN, Infinity, -Infinity, as sent; Python says nan, inf
 
     def repr_str(self, x: str, level: int) -> str:
         if len(x) <= MAX_CHARS:

@@ -149,3 +149,29 @@ def test_server_cpu_reads_what_a_server_s_metrics_have():
     # vLLM's has the process (its API server) only; a server may have neither.
     assert server_cpu("process_cpu_seconds_total 3.0\n") == {"server_process_cpu_s": 3.0}
     assert server_cpu("vllm:num_requests_running 0.0\n") == {}
+
+
+def test_a_server_s_odd_metrics_never_end_the_run():
+    """The CPU counters are a side figure read before and after the run: a
+    /metrics the parser chokes on (it raises IndexError on some text, not only
+    ValueError) or one that never answers must cost the figure, not the run."""
+    import asyncio
+
+    import httpx
+
+    from orca_serve.bench.backends.openai import OpenAIBackend
+
+    backend = OpenAIBackend("http://server", model="m")
+    timeouts = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"]["read"])
+        return httpx.Response(200, text='ea# TYPE {, =t}tr\n')
+
+    async def scrape():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer), timeout=backend.timeout_s) as client:
+            return await backend._server_cpu(client)
+
+    assert asyncio.run(scrape()) == {}
+    # Not the run's timeout (an hour): a server that holds /metrics open must not hold the run back.
+    assert timeouts and timeouts[0] <= 30

@@ -1,6 +1,8 @@
 """How error messages show a value a user gave (orca_serve/shown.py)."""
 import asyncio
 
+import pytest
+
 from orca_serve.shown import json_values, shown
 
 VALUE = {"role": None, "ok": True, "text": "it's"}
@@ -40,3 +42,32 @@ def test_json_values_holds_for_its_own_asyncio_task_only():
         return await asyncio.gather(handler(), other())
 
     assert asyncio.run(main()) == ["null", "None"]
+
+
+def test_a_non_finite_number_is_shown_as_the_client_wrote_it():
+    """Python's json reads NaN and Infinity (the server's body decoder too), so
+    a request can hold them where no model field refuses them first."""
+    from orca_serve.entrypoints.openai.body import decode_json
+    from orca_serve.entrypoints.openai.protocol import ApiError, ChatCompletionRequest, parse_request
+
+    with json_values():
+        assert shown([float("nan"), float("inf"), -float("inf"), 1.5]) == "[NaN, Infinity, -Infinity, 1.5]"
+        body = decode_json(b'{"messages": [{"role": "user", "content": NaN}]}')
+        with pytest.raises(ApiError, match=r"messages\[0\]\.content must be .*, got NaN$"):
+            parse_request(ChatCompletionRequest, body)
+    assert shown(float("nan")) == "nan"
+
+
+def test_a_server_message_quotes_json_words_as_json_does():
+    """A message that names a JSON value to send writes it as the values it
+    shows are written: one style in one answer."""
+    from orca_serve.entrypoints.openai.protocol import ApiError, ChatCompletionRequest, parse_request
+
+    def message(body: dict) -> str:
+        with json_values(), pytest.raises(ApiError) as caught:
+            parse_request(ChatCompletionRequest, body)
+        return caught.value.message
+
+    assert message({"messages": [{"content": "hi"}]}) == 'messages[0].role is missing (a string such as "user")'
+    assert message({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}) \
+        == 'response_format: only response_format type "text" is supported'

@@ -46,7 +46,7 @@ def _message(path: str, msg, roles: Collection[str] | None, keep_other_keys: boo
     if not isinstance(msg, Mapping):
         raise MessageError(path, f"{path}: must be an object with role and content, got {shown(msg)}")
     if "role" not in msg:
-        raise MessageError(f"{path}.role", f"{path}.role is missing (a string such as 'user')")
+        raise MessageError(f"{path}.role", f"{path}.role is missing (a string such as {shown('user')})")
     role = _text(f"{path}.role", msg["role"])
     if roles is not None and role not in roles:
         raise MessageError(f"{path}.role", f"{path}.role must be one of {', '.join(roles)}; got {shown(role)}")

@@ -39,6 +39,10 @@ def metrics_url(base_url: str) -> str:
     return (base[:-len("/v1")] if base.endswith("/v1") else base) + "/metrics"
 
 
+# A scrape is a side figure taken around the run: a server that holds /metrics
+# open costs the figure, not the run's timeout (an hour) twice.
+_SCRAPE_TIMEOUT_S = 10.0
+
 # Server CPU counters read from /metrics: the name in backend_stats -> the sample's name.
 _SERVER_CPU = {"server_process_cpu_s": "process_cpu_seconds_total",
                "server_event_loop_cpu_s": "orca_serve_event_loop_cpu_seconds_total"}
@@ -143,9 +147,14 @@ class OpenAIBackend:
         """``server_cpu`` of the server's /metrics now; empty if it has none (a
         server without /metrics, or one that answers it with something else)."""
         try:
-            resp = await client.get(metrics_url(self.base_url))
-            return server_cpu(resp.text) if resp.status_code == 200 else {}
-        except (httpx.HTTPError, ValueError):  # unreachable, or not Prometheus text
+            resp = await client.get(metrics_url(self.base_url), timeout=_SCRAPE_TIMEOUT_S)
+        except httpx.HTTPError:  # unreachable, or holds /metrics open
+            return {}
+        if resp.status_code != 200:
+            return {}
+        try:
+            return server_cpu(resp.text)
+        except Exception:  # not Prometheus text: the parser raises IndexError too, not only ValueError
             return {}
 
     async def _request(self, client: httpx.AsyncClient, spec: RequestSpec, progress) -> RequestResult:

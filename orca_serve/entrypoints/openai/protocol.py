@@ -223,7 +223,7 @@ class ChatCompletionRequest(_SamplingFields):
         if self.function_call not in (None, "none"):
             raise _field_error("function_call", "function_call needs functions, and function calling is not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise _field_error("response_format", "only response_format type 'text' is supported")
+            raise _field_error("response_format", 'only response_format type "text" is supported')
         return self
 
     @property
