@@ -13,7 +13,7 @@ so queue time and TTFT include the server's own overhead.
 CPU: ``process_cpu_seconds_total`` (Prometheus' standard process collector)
 counts the whole process, model included; ``orca_serve_event_loop_cpu_seconds_total``
 counts the thread that serves HTTP (parsing, JSON, SSE framing, fan-out),
-the part of the process a client's requests cost on top of the model. On a
+what a client's requests cost on top of the model and tokenizer. On a
 machine with few cores it takes CPU from the model's threads, so it is what
 bounds the HTTP path against the engine in-process.
 """
@@ -142,8 +142,10 @@ class ServerMetrics:
 class _EventLoopCPU:
     """``orca_serve_event_loop_cpu_seconds_total``: CPU time of the thread
     that collects it, the event loop's (``ServerMetrics.render``). One loop
-    serves HTTP, so that is all of the server's HTTP work; the engine thread
-    and the model's threads are not in it."""
+    (uvicorn's) serves HTTP; the engine thread and the model's threads are not
+    in it, nor the worker threads that tokenize text prompts and apply chat
+    templates (the engine in-process tokenizes too). Under a test client that
+    runs each request on a thread of its own it reads that thread's."""
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name

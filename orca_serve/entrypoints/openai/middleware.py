@@ -53,6 +53,9 @@ class _ValuesAsJSON:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":  # the lifespan task is no request, and outlives them all
+            await self.app(scope, receive, send)
+            return
         with json_values():
             await self.app(scope, receive, send)
 
