@@ -84,7 +84,8 @@ class Request:
         self.logprobs: list = []  # batch.Logprobs per output token, when asked for
         # What was made from its params' lists once per distinct list, shared
         # with the requests that use the same one (identity_cache.py): the
-        # engine's checks, the scheduler's set of its stop tokens. Held while
+        # engine's checks, the scheduler's set of its stop tokens, the output
+        # processor's index of its stop strings. Held while
         # it runs and dropped when it finishes, since a list may change once
         # no running request uses it.
         self.held: list[Shared] = []

@@ -379,11 +379,13 @@ def test_the_sequences_of_a_request_check_its_lists_once(llm, monkeypatch):
     for i in range(1, 4):
         engine.add_request(f"share-{i}", [1, 2, 3], params)
     assert sum(checked) == 0
+    assert len(engine._outputs._stop_lists) == 1  # one index of the stop strings, held while they run
     with pytest.raises(ValueError, match="prompt is empty"):  # refused: holds nothing, though its traceback is kept
         engine.add_request("share-refused", [], params)
     while engine.has_unfinished_requests():
         engine.step()
     assert all(len(cache) == 0 for cache in engine._checks._checked.values())
+    assert len(engine._outputs._stop_lists) == 0
     params.stop_token_ids.append(100000)  # allowed now that no request using it runs
     with pytest.raises(ValueError, match="stop_token_ids: token id 100000 is outside the vocabulary"):
         engine.add_request("share-4", [1, 2, 3], params)

@@ -112,18 +112,21 @@ def test_requests_with_the_same_stop_list_share_one_index():
     matcher); the sequences of one request, and running requests with an
     equal list, now share one index, kept while a request uses it."""
     processor = OutputProcessor(scheduler=None, tokenizer=ChunkTokenizer(["ab"]))
+    held = {}  # what each request holds while it runs (Request.held in the engine)
 
     def index(request_id, stop):
-        processor.add_request(request_id, "", [0], SamplingParams(stop=stop, max_tokens=8))
+        held[request_id] = processor.add_request(request_id, "", [0], SamplingParams(stop=stop, max_tokens=8))
         return processor._detok[request_id]._stops
 
     first = index("a", ["x", "yz"])
     assert index("b", ["x", "yz"]) is first  # an equal list, not the same one
     assert index("c", ["yz", "x"]) is not first  # another order ties differently
     assert processor._detok["a"].add_tokens([0], final=True) == ("ab", None)
-    # Once no request uses it, it goes.
-    processor._forget("a")
-    processor._forget("b")
+    # Once no request uses it, it goes: they finished (the scheduler clears
+    # Request.held) and their outputs were made (the processor forgets them).
+    for rid in ("a", "b"):
+        del held[rid]
+        processor._forget(rid)
     del first
     gc.collect()
     assert ("x", "yz") not in processor._stops_by_content and ("yz", "x") in processor._stops_by_content
@@ -143,10 +146,13 @@ def test_the_sequences_of_a_request_find_its_stop_index_without_hashing_the_list
     the same list as a running one finds its index by the list's identity."""
     processor = OutputProcessor(scheduler=None, tokenizer=ChunkTokenizer(["ab"]))
 
+    held = []  # the requests run meanwhile: each holds its index (Request.held in the engine)
+
     def work(num_stops):
         params = SamplingParams(stop=[CountedStr(f"s{i}") for i in range(num_stops)], max_tokens=8)
-        processor.add_request(f"{num_stops}-0", "", [0], params)  # indexes the list: its length, once
-        return count_calls(lambda: [processor.add_request(f"{num_stops}-{i}", "", [0], params) for i in (1, 2, 3)])
+        held.append(processor.add_request(f"{num_stops}-0", "", [0], params))  # indexes the list: its length, once
+        return count_calls(lambda: held.extend(processor.add_request(f"{num_stops}-{i}", "", [0], params)
+                                               for i in (1, 2, 3)))
 
     few, many = work(10), work(10_000)
     assert many < 1.05 * few, (few, many)

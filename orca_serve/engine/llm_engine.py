@@ -147,7 +147,9 @@ class LLMEngine:
             # (pytest.raises keeps it), and its lists may change meanwhile.
             held.clear()
             raise
-        self._outputs.add_request(request_id, prompt, token_ids, params)
+        stop_index = self._outputs.add_request(request_id, prompt, token_ids, params)
+        if stop_index is not None:
+            req.held.append(stop_index)
 
     def abort_request(self, request_id: str) -> None:
         """Abort a request; an id that is not (or no longer) a request's is ignored."""

@@ -35,17 +35,19 @@ class OutputProcessor:
         self._stop_lists = IdentityCache(self._stop_strings)
         self._stops_by_content: weakref.WeakValueDictionary[tuple[str, ...], StopStrings] = \
             weakref.WeakValueDictionary()
-        self._stops_held: dict[str, Shared[StopStrings]] = {}  # by request id, until it finishes
 
     def add_request(self, request_id: str, prompt: str | list[int], token_ids: list[int],
-                    params: SamplingParams) -> None:
-        """A request the scheduler took: its detokenizer, and its prompt text (outputs echo it)."""
-        stops = None
-        if params.stop:
-            self._stops_held[request_id] = shared = self._stop_lists.get(params.stop)
-            stops = shared.value
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params, stops)
+                    params: SamplingParams) -> Shared[StopStrings] | None:
+        """A request the scheduler took: its detokenizer, and its prompt text
+        (outputs echo it). Returns its hold on its stop list's index, which
+        the request keeps while it runs (``Request.held``, as its other
+        shared values): a later request with the same list finds it by the
+        list's identity. Its detokenizer keeps the index itself."""
+        shared = self._stop_lists.get(params.stop) if params.stop else None
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params,
+                                                         shared.value if shared else None)
         self._prompts[request_id] = prompt if isinstance(prompt, str) else None
+        return shared
 
     def _stop_strings(self, stop: list[str]) -> StopStrings:
         """``stop`` indexed: as a running request with an equal list has it,
@@ -91,10 +93,9 @@ class OutputProcessor:
         return output
 
     def _forget(self, request_id: str) -> None:
-        """Drop a finished request's detokenizer, prompt and stop index."""
+        """Drop a finished request's detokenizer and prompt."""
         self._detok.pop(request_id, None)
         self._prompts.pop(request_id, None)
-        self._stops_held.pop(request_id, None)
 
     def _count_finished(self, req: Request) -> None:
         if req.status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR):
