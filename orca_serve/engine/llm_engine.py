@@ -157,10 +157,10 @@ class LLMEngine:
             return
         req = self.scheduler.abort_request(request_id)
         if req is not None:
-            # Its output now, not at the next step: that drops what its id and
-            # lists hold in the output processor (detokenizer, stop index), and
-            # both are free once this returns: a new request may take the id,
-            # and the lists may change (no request that uses them runs).
+            # Its output now, not at the next step: that drops what its id
+            # holds in the output processor (its detokenizer), so a new request
+            # may take the id once this returns. Its lists were let go when the
+            # scheduler finished it (Request.held), so they may change too.
             self._aborted.append(self._outputs.make_output(req))
 
     def has_unfinished_requests(self) -> bool:
