@@ -415,6 +415,19 @@ def test_metrics_count_the_event_loop_s_cpu(server, client):
     assert metric(after, "process_cpu_seconds_total") >= metric(before, "process_cpu_seconds_total") > 0
 
 
+def test_the_event_loop_s_cpu_counts_from_when_it_began_serving():
+    """The loop runs on the CLI's main thread, which imported torch and
+    transformers first: seconds of CPU that are not serving, counted before."""
+    from orca_serve.entrypoints.openai.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    t = time.thread_time()
+    while time.thread_time() - t < 0.2:  # start-up work on this thread
+        pass
+    metrics.serving_started()
+    assert 0 <= metric(metrics.render().decode(), "orca_serve_event_loop_cpu_seconds_total") < 0.1
+
+
 def test_request_log_lines_and_metrics(server, client):
     client.completions.create(model=_model(client), prompt="Hello", max_tokens=3, extra_body=IGNORE_EOS)
     text = wait_idle(server.url)

@@ -143,6 +143,12 @@ def _thread_cpu_seconds(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def test_the_app_s_lifespan_starts_the_event_loop_s_cpu_count(server):
+    """uvicorn runs the lifespan on the loop's thread before it serves: the
+    count starts there (ServerMetrics.serving_started), not at the thread's birth."""
+    assert server.app.state.metrics._event_loop_cpu.start > 0
+
+
 def test_an_unhandled_error_is_a_500_logged_once(server, monkeypatch, caplog):
     """An exception no handler maps answers the OpenAI-style 500 and is logged
     by us alone: it must not escape the app (Starlette's handler for Exception

@@ -28,6 +28,7 @@ import logging
 import signal
 import sys
 import time
+from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -71,7 +72,13 @@ def build_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, a
     ctx = ServingContext(engine, model_name, TokenText(engine.tokenizer))
     created = int(time.time())
     # No 307 to the path without a trailing slash: middleware.py routes the slashed path as that one.
-    app = FastAPI(title="orca-serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    @asynccontextmanager
+    async def lifespan(_):
+        metrics.serving_started()  # on the event loop's thread: its CPU counts from here
+        yield
+
+    app = FastAPI(title="orca-serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False,
+                  lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
 
     async def authorize(raw: Request) -> None:  # async: sync dependencies hop to a thread pool
