@@ -65,8 +65,12 @@ class _Shown(reprlib.Repr):
         return f"{'a negative' if x < 0 else 'an'} integer of {digits} digits"
 
     def repr_str(self, x: str, level: int) -> str:
-        text = super().repr_str(x, level)
+        text = self._quoted(x, level)
         return text if len(x) <= MAX_CHARS else f"{text} (a string of {len(x)} characters)"
+
+    def _quoted(self, x: str, level: int) -> str:
+        """``x`` in quotes, its middle cut past ``MAX_CHARS``."""
+        return super().repr_str(x, level)
 
 
 _SHOWN = _Shown()
@@ -86,12 +90,11 @@ class _ShownJSON(_Shown):
     def repr_float(self, x: float, level: int) -> str:
         return json.dumps(x)  # NaN, Infinity, -Infinity, as sent; Python says nan, inf
 
-    def repr_str(self, x: str, level: int) -> str:
+    def _quoted(self, x: str, level: int) -> str:
         if len(x) <= MAX_CHARS:
             return json.dumps(x, ensure_ascii=False)
         half = MAX_CHARS // 2
-        return (f"{json.dumps(x[:half], ensure_ascii=False)[:-1]}...{json.dumps(x[-half:], ensure_ascii=False)[1:]}"
-                f" (a string of {len(x)} characters)")
+        return f"{json.dumps(x[:half], ensure_ascii=False)[:-1]}...{json.dumps(x[-half:], ensure_ascii=False)[1:]}"
 
 
 _SHOWN_JSON = _ShownJSON()
