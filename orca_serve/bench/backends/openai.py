@@ -28,24 +28,24 @@ from orca_serve.bench.metrics import RequestResult
 from orca_serve.bench.workloads import RequestSpec
 
 
-def completions_url(base_url: str) -> str:
+def server_root(base_url: str) -> str:
+    """``--base-url`` given with or without its /v1: the server's root, where
+    /metrics is and under which /v1/completions and /v1/models are."""
     base = base_url.rstrip("/")
-    return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+    return base.removesuffix("/v1")
 
 
 def metrics_url(base_url: str) -> str:
-    """The server's Prometheus endpoint: /metrics at its root, beside /v1."""
-    base = base_url.rstrip("/")
-    return (base[:-len("/v1")] if base.endswith("/v1") else base) + "/metrics"
+    return server_root(base_url) + "/metrics"
 
 
 # A scrape is a side figure taken around the run: a server that holds /metrics
 # open costs the figure, not the run's timeout (an hour) twice.
 _SCRAPE_TIMEOUT_S = 10.0
 
-# Server CPU counters read from /metrics: the name in backend_stats -> the sample's name.
-_SERVER_CPU = {"server_process_cpu_s": "process_cpu_seconds_total",
-               "server_event_loop_cpu_s": "orca_serve_event_loop_cpu_seconds_total"}
+# Server CPU counters read from /metrics: the sample's name -> the name in backend_stats.
+_SERVER_CPU = {"process_cpu_seconds_total": "server_process_cpu_s",
+               "orca_serve_event_loop_cpu_seconds_total": "server_event_loop_cpu_s"}
 
 
 def server_cpu(metrics_text: str) -> dict[str, float]:
@@ -53,9 +53,9 @@ def server_cpu(metrics_text: str) -> dict[str, float]:
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            for key, name in _SERVER_CPU.items():
-                if sample.name == name:
-                    totals[key] = totals.get(key, 0.0) + sample.value
+            key = _SERVER_CPU.get(sample.name)
+            if key is not None:
+                totals[key] = totals.get(key, 0.0) + sample.value
     return totals
 
 
@@ -67,7 +67,7 @@ class OpenAIBackend:
                  timeout_s: float = 3600.0) -> None:
         if prompt_mode not in ("ids", "text"):
             raise ValueError(f"prompt_mode must be 'ids' or 'text', got {prompt_mode!r}")
-        self.url = completions_url(base_url)
+        self.url = server_root(base_url) + "/v1/completions"
         self.base_url = base_url
         self.tokenizer = tokenizer
         self.prompt_mode = prompt_mode
@@ -79,7 +79,7 @@ class OpenAIBackend:
         self.max_model_len = None
 
     def _first_model(self) -> str:
-        url = self.url.rsplit("/completions", 1)[0] + "/models"
+        url = server_root(self.base_url) + "/v1/models"
         try:
             resp = httpx.get(url, headers=self.headers, timeout=30.0)
             resp.raise_for_status()
