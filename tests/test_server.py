@@ -411,7 +411,7 @@ def test_metrics_count_the_event_loop_s_cpu(server, client):
     after = get_metrics(server.url)
     loop = [metric(text, "orca_serve_event_loop_cpu_seconds_total") for text in (before, after)]
     assert 0 < loop[0] < loop[1]
-    # The process's (pytest, which also runs the engine) is beside it, counted in ticks.
+    # The server process's, model included, is beside it (counted in clock ticks).
     assert metric(after, "process_cpu_seconds_total") >= metric(before, "process_cpu_seconds_total") > 0
 
 
