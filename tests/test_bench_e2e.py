@@ -9,6 +9,7 @@ import socket
 import numpy as np
 import pytest
 
+from orca_serve import kernels
 from orca_serve.bench import workloads as wl
 from orca_serve.bench.__main__ import run as bench
 from orca_serve.bench.metrics import summarize
@@ -75,6 +76,7 @@ def test_engine_backend_policies_and_rates(model_dir, tmp_path):
     data = json.loads(out.read_text())
     assert {"version", "created", "command", "machine", "model", "config", "runs"} <= set(data)
     assert {"model_name", "vector_isa"} <= set(data["machine"]["cpu"])  # results from two CPUs must not pass as one
+    assert data["machine"]["cpu_kernel_isa"] == kernels.cpu_isa()  # and AVX2 builds' from AVX-512's
     assert [(r["label"], r["request_rate"]) for r in data["runs"]] == [
         ("fcfs", "inf"), ("fcfs", 40.0), ("request-level", "inf"), ("request-level", 40.0)]
     from orca_serve.config import EngineConfig

@@ -34,6 +34,16 @@ def ops():
     return module
 
 
+@pytest.fixture(scope="module", params=kernels.available_isas())
+def ops_by_isa(request):
+    """The kernels built for each ISA this CPU can run (AVX-512's register
+    tiles are twice AVX2's rows; "generic" is the compiler's own loops)."""
+    module = kernels.load(request.param)
+    assert module is not None, f"the {request.param} kernels failed to build: {kernels.load_error()}"
+    assert module.isa == request.param
+    return module
+
+
 def test_build_name_follows_every_source_and_header(tmp_path):
     """A changed header must give a new build: torch's own versioning hashes
     only the .cpp files it compiles, so the build's name hashes them all."""
@@ -338,9 +348,37 @@ def test_kernel_selection_modes():
         EngineConfig.from_kwargs(cpu_kernels="fast")
 
 
+def test_the_isa_is_the_best_the_cpu_has_unless_capped(monkeypatch):
+    this_cpu = kernels._cpu_flags
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: frozenset({"sse2", "avx2", "fma"}))
+    monkeypatch.delenv(kernels.ISA_ENV, raising=False)
+    assert kernels.available_isas() == ["avx2", "generic"]
+    assert kernels.cpu_isa() == "avx2"
+    monkeypatch.setenv(kernels.ISA_ENV, "generic")
+    assert kernels.cpu_isa() == "generic"
+    monkeypatch.setenv(kernels.ISA_ENV, "avx512")
+    with pytest.raises(ValueError, match=r"ORCA_SERVE_CPU_ISA=avx512 but this CPU lacks avx512f \(its ISAs: avx2, generic\)"):
+        kernels.cpu_isa()
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert kernels.cpu_isa() == "avx512"
+    monkeypatch.setenv(kernels.ISA_ENV, "avx-512")
+    with pytest.raises(ValueError, match=r"ORCA_SERVE_CPU_ISA must be one of avx512, avx2, generic; got 'avx-512'"):
+        kernels.cpu_isa()
+    # A bad setting is a build that cannot be used: the PyTorch path under
+    # "auto", the reason under "on"; without it, this CPU's best build again.
+    assert kernels.load() is None and "must be one of" in kernels.load_error()
+    assert kernels.cpu_ops_for("auto", "cpu", torch.float32) is None
+    with pytest.raises(ValueError, match="cpu_kernels='on' but .* ORCA_SERVE_CPU_ISA must be one of"):
+        kernels.cpu_ops_for("on", "cpu", torch.float32)
+    monkeypatch.setattr(kernels, "_cpu_flags", this_cpu)
+    monkeypatch.delenv(kernels.ISA_ENV)
+    module = kernels.load()
+    assert module is not None and kernels.load_error() is None and module.isa == kernels.available_isas()[0]
+
+
 @pytest.mark.parametrize("out_features,in_features",
                          [(5, 3), (37, 24), (96, 13), (48, 600), (960, 576), (576, 1536)])
-def test_panel_linear_matches_float64_reference(ops, out_features, in_features):
+def test_panel_linear_matches_float64_reference(ops_by_isa, out_features, in_features):
     """Ragged last panel, K not a multiple of the vector width, and, from 128
     rows on (the K-blocked loop), K in 256-wide slices with a ragged last one
     (600); row counts around the 6-row tile, the 128-row switch and the
@@ -348,19 +386,19 @@ def test_panel_linear_matches_float64_reference(ops, out_features, in_features):
     g = torch.Generator().manual_seed(out_features)
     w = torch.randn(out_features, in_features, generator=g)
     bias = torch.randn(out_features, generator=g)
-    panels = ops.pack_panels(w)
+    panels = ops_by_isa.pack_panels(w)
     assert panels.shape == (-(-out_features // 16), in_features, 16)
     for rows in (0, 1, 5, 6, 7, 13, 127, 128, 200, 389):
         wide = torch.randn(rows, in_features + 3, generator=g)
         x = wide[:, 1:in_features + 1]  # rows 3 floats apart: a strided view
         for b in (bias, None):
             out = torch.full((rows, out_features), float("nan"))
-            ops.panel_linear(out, x, panels, b)
+            ops_by_isa.panel_linear(out, x, panels, b)
             ref = F.linear(x.double(), w.double(), None if b is None else b.double())
             torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
 
 
-def test_panel_linear_is_the_same_whatever_thread_runs_what(ops):
+def test_panel_linear_is_the_same_whatever_thread_runs_what(ops_by_isa):
     """The threads take units of work as they come free (OpenMP's dynamic
     schedule), and each calling thread packs x into a buffer of its own:
     every output element must come out bit for bit the same on one thread
@@ -372,12 +410,12 @@ def test_panel_linear_is_the_same_whatever_thread_runs_what(ops):
     cases = []
     for rows, n, k in ((7, 200, 96), (200, 960, 576), (389, 576, 600), (130, 3072, 64)):
         w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
-        cases.append((x, ops.pack_panels(w), torch.randn(n, generator=g)))
+        cases.append((x, ops_by_isa.pack_panels(w), torch.randn(n, generator=g)))
 
     def run(case):
         x, panels, bias = case
         out = torch.empty(x.shape[0], bias.numel())
-        ops.panel_linear(out, x, panels, bias)
+        ops_by_isa.panel_linear(out, x, panels, bias)
         return out
 
     with torch_threads(1):
@@ -431,7 +469,7 @@ def test_panel_linear_rejects_bad_inputs(ops):
 
 
 @pytest.mark.parametrize("intermediate", [48, 112, 160])
-def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops, intermediate):
+def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops_by_isa, intermediate):
     """The gated matmul gives, bit for bit, what the plain one followed by
     silu_and_mul gives: each gate/up product is summed the same way, only
     where it lands differs. Rows cover one tile, a partial tile, the
@@ -441,20 +479,20 @@ def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops, intermedia
     otherwise be cut into runs of 5."""
     g = torch.Generator().manual_seed(3)
     w, bias = torch.randn(2 * intermediate, 300, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
-    plain = ops.pack_panels(w)
-    gated = ops.pack_panels(packed_gemm.interleave_gate_up(w, ops.panel_width))
+    plain = ops_by_isa.pack_panels(w)
+    gated = ops_by_isa.pack_panels(packed_gemm.interleave_gate_up(w, ops_by_isa.panel_width))
     for n_threads in (1, 2, 3):
         with torch_threads(n_threads):
             for rows in (1, 5, 7, 64, 127, 128, 300):
                 x = torch.randn(rows, 300, generator=g) * 3
                 for b in (None, bias):
                     product = torch.empty(rows, 2 * intermediate)
-                    ops.panel_linear(product, x, plain, b)
+                    ops_by_isa.panel_linear(product, x, plain, b)
                     expected = torch.empty(rows, intermediate)
-                    ops.silu_and_mul(expected, product)
+                    ops_by_isa.silu_and_mul(expected, product)
                     got = torch.full((rows, intermediate), float("nan"))
-                    gated_bias = None if b is None else packed_gemm.interleave_gate_up(b, ops.panel_width)
-                    ops.panel_linear_silu_mul(got, x, gated, gated_bias)
+                    gated_bias = None if b is None else packed_gemm.interleave_gate_up(b, ops_by_isa.panel_width)
+                    ops_by_isa.panel_linear_silu_mul(got, x, gated, gated_bias)
                     assert torch.equal(got, expected), (n_threads, rows, b is not None)
 
 

@@ -107,7 +107,7 @@ def test_a_new_build_removes_only_stale_builds_of_ours_no_process_holds(tmp_path
     holder = ("import fcntl, sys, time\nf = open(sys.argv[1])\nfcntl.flock(f, fcntl.LOCK_EX)\n"
               "print('ready', flush=True)\ntime.sleep(60)")
     with caplog.at_level(logging.INFO, logger=build_cache.__name__), child(holder, cache / held / BUILD_FLOCK):
-        assert kernels._build() == ("module", None)
+        assert kernels._build(kernels.cpu_isa()) == ("module", None)
     new = loads[0]
     kept = {new, recent, recent_unrecorded, other_host, held, unmarked, "notes", "orca_cpu_ops_00000000000a",
             "orca_cpu_ops_00000000000b"}
@@ -121,7 +121,7 @@ def test_a_new_build_removes_only_stale_builds_of_ours_no_process_holds(tmp_path
                        f"removed the kernel build {cache / sources_gone}: its sources {deleted} are gone"}
 
     later = make_build(cache, 12, idle_days=31, sources=deleted)
-    assert kernels._build() == ("module", None)
+    assert kernels._build(kernels.cpu_isa()) == ("module", None)
     assert loads == [new, new] and (cache / later).exists()
 
 

@@ -5,9 +5,12 @@ one module) with torch's C++ extension tooling into
 ``~/.cache/orca-serve/kernels`` (``ORCA_SERVE_KERNEL_CACHE`` overrides) and
 returns the module, or None when it cannot be built (no compiler, no ninja,
 a failed build); the reason is kept in ``load_error()`` so callers can log it
-or, when the kernels were demanded, raise it. The build is keyed by the
-sources and headers, the flags and this CPU's vector extensions, so a cache
-shared by different machines never hands one a binary it cannot run, and a
+or, when the kernels were demanded, raise it. It targets one vector
+extension (``cpu_isa()``: the best of ``ISAS`` this CPU has, unless
+``$ORCA_SERVE_CPU_ISA`` caps it; ``load(isa)`` builds another for
+comparison). The build is keyed by the sources and headers and the flags,
+which name that extension, so a cache shared by different machines never
+hands one a binary it cannot run, and a
 changed header is never served by an old build. It is keyed by where the
 sources are too: torch's build file names them by path, so two checkouts
 sharing one build directory would rebuild it in turn.
@@ -29,6 +32,7 @@ oneDNN's layout (no build needed). ``ModelConfig.cpu_kernels`` decides both
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -42,18 +46,53 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = Path(__file__).with_name("csrc")
 _lock = threading.Lock()
-_state: dict = {}
+_state: dict = {}  # "error": the last load's; "warned": whether _not_used has logged
+_builds: dict[str, tuple] = {}  # ISA -> (module or None, why not)
 
 
-def _cpu_flags() -> list[str]:
+# The vector extensions a build can target, best first: the compiler flags
+# that enable each and the /proc/cpuinfo flags it needs. The matmul's and
+# attention's inner loops are written for AVX2 + FMA; AVX-512 widens the
+# matmul's register tiles to one zmm per row (panel_gemm.cpp). "generic" is
+# the compiler's baseline (SSE2 on x86-64): correct and slower.
+ISAS = {
+    "avx512": (["-mavx2", "-mfma", "-mavx512f"], {"avx2", "fma", "avx512f"}),
+    "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
+    "generic": ([], set()),
+}
+# Caps the build at an ISA below the CPU's best, to compare them or for a host
+# whose AVX-512 runs slower than its AVX2.
+ISA_ENV = "ORCA_SERVE_CPU_ISA"
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    # AVX2 + FMA is what the inner loops vectorize to; without them the
-    # compiler's baseline (SSE2 on x86-64) still gives a correct, slower build.
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+
+
+def available_isas() -> list[str]:
+    """The ISAs this CPU can run, best first (always ends with "generic")."""
+    have = _cpu_flags()
+    return [isa for isa, (_, needs) in ISAS.items() if needs <= have]
+
+
+def cpu_isa() -> str:
+    """The ISA ``load()`` builds for: ``$ORCA_SERVE_CPU_ISA`` when set, else the
+    best this CPU has. ValueError for a name not in ``ISAS`` or one the CPU lacks."""
+    wanted = os.environ.get(ISA_ENV)
+    if not wanted:
+        return available_isas()[0]
+    if wanted not in ISAS:
+        raise ValueError(f"{ISA_ENV} must be one of {', '.join(ISAS)}; got {wanted!r}")
+    if wanted not in available_isas():
+        missing = sorted(ISAS[wanted][1] - _cpu_flags())
+        raise ValueError(f"{ISA_ENV}={wanted} but this CPU lacks {', '.join(missing)} (its ISAs: "
+                         f"{', '.join(available_isas())})")
+    return wanted
 
 
 def cache_dir() -> Path:
@@ -61,16 +100,24 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load():
-    """The compiled kernel module, or None if it cannot be built here."""
+def load(isa: str | None = None):
+    """The compiled kernel module for ``isa`` (default ``cpu_isa()``), or None
+    if it cannot be built here; ``load_error()`` then says why. Each ISA's
+    module is built (or found in the cache) and loaded once per process."""
     with _lock:
-        if "module" not in _state:
-            _state["module"], _state["error"] = _build()
-        return _state["module"]
+        try:
+            isa = isa or cpu_isa()
+        except ValueError as exc:
+            _state["error"] = str(exc)
+            return None
+        if isa not in _builds:
+            _builds[isa] = _build(isa)
+        module, _state["error"] = _builds[isa]
+        return module
 
 
 def load_error() -> str | None:
-    """Why ``load()`` returned None (None if it has not failed)."""
+    """Why the last ``load()`` returned None (None if it did not)."""
     return _state.get("error")
 
 
@@ -86,13 +133,13 @@ def build_name(sources: Path, settings: list[str]) -> str:
     return f"orca_cpu_ops_{digest.hexdigest()[:12]}"
 
 
-def _build():
+def _build(isa: str):
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError as exc:  # pragma: no cover - torch is a dependency
         return None, f"torch C++ extension support is unavailable: {exc}"
-    arch = _cpu_flags()
+    arch = ISAS[isa][0]
     # -fopenmp: at::parallel_for is inline OpenMP; the extension links the
     # libgomp.so.1 torch already loaded, so there is one thread pool, not two.
     # -fno-trapping-math lets the exp/select loops vectorize (no FP exceptions are used).
@@ -139,7 +186,7 @@ def cpu_ops_for(mode: str, device, dtype):
     elif dtype != torch.float32:
         reason = f"they take float32 only (dtype is {dtype})"
     else:
-        if "module" not in _state:
+        if not _builds:
             logger.info("building the native CPU kernels (once per machine, about a minute) in %s", cache_dir())
         module = load()
         if module is not None:

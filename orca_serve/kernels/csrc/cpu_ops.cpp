@@ -59,6 +59,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_panels", &pack_panels, "repack a [N, K] weight into 16-feature panels for panel_linear",
         py::arg("weight"), py::arg("out") = py::none(), release());
   m.attr("panel_width") = kPanel;
+  // The vector extension the build targets (orca_serve.kernels.ISAS).
+#if defined(__AVX512F__)
+  m.attr("isa") = "avx512";
+#elif defined(__AVX2__)
+  m.attr("isa") = "avx2";
+#else
+  m.attr("isa") = "generic";
+#endif
   m.def("panel_linear", &panel_linear, "x W^T (+ bias) against a pack_panels weight", release());
   m.def("panel_linear_silu_mul", &panel_linear_silu_mul,
         "silu(x W_gate^T) * (x W_up^T) (+ biases) against pack_panels(interleave_gate_up(W))", release());

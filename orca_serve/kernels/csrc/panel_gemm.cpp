@@ -9,8 +9,9 @@
 // - Decode-sized batches (under kBlockedMinRows rows): a step multiplies tens
 //   of rows by every weight of the model, and the weights (540 MB for SmolLM2
 //   in float32) come from DRAM each step. All rows of x sweep a whole panel
-//   while it is in L1/L2, 6 rows x 16 features of accumulators in registers
-//   (the classic AVX2 6x16 tile), and, when more than one tile sweeps it, the
+//   while it is in L1/L2, a register tile of rows x 16 features of
+//   accumulators (6 rows on AVX2, 12 on AVX-512: kTileRows), and, when more
+//   than one tile sweeps it, the
 //   next panel is prefetched in parts spread over that sweep. With 30 layers'
 //   weights cycling as in a real step, oneDNN's prepacked matmul ran at
 //   8-110 GFLOP/s from 1 to 96 rows on this project's 2-core machine; this
@@ -24,7 +25,22 @@
 
 namespace {
 
-constexpr int64_t kTileRows = 6;   // rows of x per register tile
+// A register tile: kTileRows rows of x by kTilePanels panels of 16 features.
+// AVX2 holds a row's 16 features of one panel in two ymm accumulators, so
+// 6 rows x 1 panel (12 of its 16 registers) is the classic tile. AVX-512
+// holds them in one zmm: 12 rows x 2 panels take 24 of its 32 registers, and
+// each x value, broadcast once, feeds two FMAs. On a 2-core Xeon with
+// AVX-512 (SmolLM2's 30 layers' matmuls cycling, medians), 12 x 1 zmm tiles
+// ran at 0.72-0.83x oneDNN's rate at 512-2048 rows (13 loads per 12 FMAs a
+// k step); 12 x 2 at 0.88-0.96x, and 1.1-1.4x from 8 to 128 rows, where
+// the AVX2 tiles ran at 0.6-0.7x of these.
+#ifdef __AVX512F__
+constexpr int64_t kTileRows = 12;
+constexpr int64_t kTilePanels = 2;
+#else
+constexpr int64_t kTileRows = 6;
+constexpr int64_t kTilePanels = 1;
+#endif
 
 // Prefill-sized batches: classic cache blocking. K is cut into slices of
 // kDepth so a panel's slice (kDepth x 16 floats, 16 KB) stays in L1 while every
@@ -39,75 +55,123 @@ constexpr int64_t kBlockedMinRows = 128;
 // The fewest panels one unit of work runs (see panel_run_length).
 constexpr int64_t kMinRunPanels = 4;
 
-// One register tile: out[0..MR)[0..ncols) = a . b over kc (+ bias), or += when
-// accumulate. b is a panel (or a slice of one), [kc][16]. a holds MR rows of x:
-// in place (row i at a + i * lda) or, Packed, interleaved by pack_rows
-// (a[k * MR + i]). Prefetches pf_lines cache lines (16 floats each) from pf
-// along the way, spread over the k loop, into L1 or, pf_to_l2, into L2.
-template <int MR, bool Packed>
-void panel_tile(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t kc,
+// One register tile: out[0..MR)[0..ncols) = a . b over kc (+ bias), or +=
+// when accumulate. b is NP adjacent panels (or slices of them), [kc][16]
+// each, ldb floats apart; ncols <= NP * 16. a holds MR rows of x: in place
+// (row i at a + i * lda) or, Packed, interleaved by pack_rows (a[k * MR + i]).
+// Prefetches pf_lines cache lines (16 floats each) of each of pf_panels
+// panels from pf (ldb apart) along the way, spread over the k loop, into L1
+// or, pf_to_l2, into L2.
+template <int MR, int NP, bool Packed>
+void panel_tile(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb, int64_t kc,
                 float* __restrict out, int64_t ldo, int64_t ncols, bool accumulate, const float* __restrict bias,
-                const float* pf, int64_t pf_lines, bool pf_to_l2) {
-  alignas(32) float t[MR][kPanel];
-#ifdef __AVX2__
+                const float* pf, int64_t pf_panels, int64_t pf_lines, bool pf_to_l2) {
+#if defined(__AVX512F__) || defined(__AVX2__)
   // k runs in steps of kStep with a share of the prefetches each. Packed
   // (prefill) tiles take 16: with 8 and no unrolling, the trace's prefill
-  // iterations took 72-73 s instead of 60-65 s.
+  // iterations took 72-73 s instead of 60-65 s (AVX2, Zen 3).
   constexpr int64_t kStep = Packed ? 16 : 8;
   const int64_t steps = std::max<int64_t>(1, (kc + kStep - 1) / kStep);
   const int64_t per_step = (pf_lines + steps - 1) / steps;
-  __m256 c0[MR], c1[MR];
-  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-    c0[i] = _mm256_setzero_ps();
-    c1[i] = _mm256_setzero_ps();
-  }
+  const auto prefetch_share = [&] {
+    for (int64_t q = 0; q < per_step && pf_lines > 0; ++q, --pf_lines, pf += kPanel)
+      for (int64_t j = 0; j < pf_panels; ++j) {
+        if (pf_to_l2)
+          _mm_prefetch(reinterpret_cast<const char*>(pf + j * ldb), _MM_HINT_T1);
+        else
+          _mm_prefetch(reinterpret_cast<const char*>(pf + j * ldb), _MM_HINT_T0);
+      }
+  };
+#endif
+#ifdef __AVX512F__
+  __m512 c[NP][MR];
+  _Pragma("GCC unroll 2") for (int j = 0; j < NP; ++j)
+  _Pragma("GCC unroll 16") for (int i = 0; i < MR; ++i) c[j][i] = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < kc; k0 += kStep) {
-    for (int64_t q = 0; q < per_step && pf_lines > 0; ++q, --pf_lines, pf += kPanel) {
-      if (pf_to_l2)
-        _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
-      else
-        _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
-    }
+    prefetch_share();
     const int64_t k1 = std::min(kc, k0 + kStep);
     _Pragma("GCC unroll 4") for (int64_t k = k0; k < k1; ++k) {
-      const __m256 b0 = _mm256_load_ps(b + k * kPanel), b1 = _mm256_load_ps(b + k * kPanel + 8);
-      _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-        const __m256 av = _mm256_broadcast_ss(Packed ? a + k * MR + i : a + i * lda + k);
-        c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
-        c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+      // Unaligned loads: a panel row is 64 bytes, but panels need only be
+      // 32-byte aligned (the AVX2 build's rule); on aligned data they cost the same.
+      __m512 bv[NP];
+      _Pragma("GCC unroll 2") for (int j = 0; j < NP; ++j) bv[j] = _mm512_loadu_ps(b + j * ldb + k * kPanel);
+      _Pragma("GCC unroll 16") for (int i = 0; i < MR; ++i) {
+        const __m512 av = _mm512_set1_ps(Packed ? a[k * MR + i] : a[i * lda + k]);
+        _Pragma("GCC unroll 2") for (int j = 0; j < NP; ++j) c[j][i] = _mm512_fmadd_ps(av, bv[j], c[j][i]);
       }
     }
   }
+  // Straight from the registers into out, the columns past ncols masked off.
+  _Pragma("GCC unroll 2") for (int j = 0; j < NP; ++j) {
+    const int64_t cols = std::min<int64_t>(kPanel, std::max<int64_t>(0, ncols - j * kPanel));
+    const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1u);
+    const __m512 add = !accumulate && bias ? _mm512_maskz_loadu_ps(keep, bias + j * kPanel) : _mm512_setzero_ps();
+    _Pragma("GCC unroll 16") for (int i = 0; i < MR; ++i) {
+      float* o = out + i * ldo + j * kPanel;
+      _mm512_mask_storeu_ps(o, keep, _mm512_add_ps(c[j][i], accumulate ? _mm512_maskz_loadu_ps(keep, o) : add));
+    }
+  }
+#else
+  alignas(32) float t[MR][NP * kPanel];
+#ifdef __AVX2__
+  __m256 c0[NP][MR], c1[NP][MR];
+  _Pragma("GCC unroll 2") for (int j = 0; j < NP; ++j)
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-    _mm256_store_ps(t[i], c0[i]);
-    _mm256_store_ps(t[i] + 8, c1[i]);
+    c0[j][i] = _mm256_setzero_ps();
+    c1[j][i] = _mm256_setzero_ps();
+  }
+  for (int64_t k0 = 0; k0 < kc; k0 += kStep) {
+    prefetch_share();
+    const int64_t k1 = std::min(kc, k0 + kStep);
+    _Pragma("GCC unroll 4") for (int64_t k = k0; k < k1; ++k)
+    _Pragma("GCC unroll 2") for (int j = 0; j < NP; ++j) {
+      const float* bk = b + j * ldb + k * kPanel;
+      const __m256 b0 = _mm256_load_ps(bk), b1 = _mm256_load_ps(bk + 8);
+      _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+        const __m256 av = _mm256_broadcast_ss(Packed ? a + k * MR + i : a + i * lda + k);
+        c0[j][i] = _mm256_fmadd_ps(av, b0, c0[j][i]);
+        c1[j][i] = _mm256_fmadd_ps(av, b1, c1[j][i]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 2") for (int j = 0; j < NP; ++j)
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+    _mm256_store_ps(t[i] + j * kPanel, c0[j][i]);
+    _mm256_store_ps(t[i] + j * kPanel + 8, c1[j][i]);
   }
 #else
   (void)pf;
+  (void)pf_panels;
   (void)pf_lines;
   (void)pf_to_l2;
   for (int i = 0; i < MR; ++i)
-    for (int64_t j = 0; j < kPanel; ++j) t[i][j] = 0.f;
+    for (int64_t c = 0; c < NP * kPanel; ++c) t[i][c] = 0.f;
   for (int64_t k = 0; k < kc; ++k)
     for (int i = 0; i < MR; ++i) {
       const float av = Packed ? a[k * MR + i] : a[i * lda + k];
+      for (int j = 0; j < NP; ++j) {
 #pragma omp simd
-      for (int64_t j = 0; j < kPanel; ++j) t[i][j] += av * b[k * kPanel + j];
+        for (int64_t c = 0; c < kPanel; ++c) t[i][j * kPanel + c] += av * b[j * ldb + k * kPanel + c];
+      }
     }
 #endif
   for (int i = 0; i < MR; ++i)
     for (int64_t j = 0; j < ncols; ++j)
       out[i * ldo + j] = t[i][j] + (accumulate ? out[i * ldo + j] : (bias ? bias[j] : 0.f));
+#endif
 }
 
-using PanelTileFn = decltype(&panel_tile<1, false>);
-template <bool Packed>
-constexpr PanelTileFn kPanelTiles[kTileRows + 1] = {
-    nullptr, &panel_tile<1, Packed>, &panel_tile<2, Packed>, &panel_tile<3, Packed>,
-    &panel_tile<4, Packed>, &panel_tile<5, Packed>, &panel_tile<6, Packed>};
+using PanelTileFn = decltype(&panel_tile<1, 1, false>);
+// kPanelTiles<Packed, NP>[r]: the tile of r rows by NP panels, 1 <= r <= kTileRows.
+template <bool Packed, int NP, size_t... R>
+constexpr std::array<PanelTileFn, kTileRows + 1> panel_tiles(std::index_sequence<R...>) {
+  return {nullptr, &panel_tile<R + 1, NP, Packed>...};
+}
+template <bool Packed, int NP>
+constexpr auto kPanelTiles = panel_tiles<Packed, NP>(std::make_index_sequence<kTileRows>{});
 
 // x rows [0, rows) x columns [k0, k0 + kc) -> dst, tile by tile: tile t holds
-// its r = min(6, rows - 6t) rows interleaved, k-major ([kc][r]).
+// its r = min(kTileRows, rows - kTileRows * t) rows interleaved, k-major ([kc][r]).
 void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0, int64_t kc, float* __restrict dst) {
   for (int64_t m = 0; m < rows; m += kTileRows) {
     const int64_t r = std::min(kTileRows, rows - m);
@@ -124,40 +188,48 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
 // (pack_rows). Each tile prefetches its share of the next panel's lines of
 // this slice.
 //
-// Where those lines go: into L2 when 2 or 3 tiles sweep a decode-sized
-// panel. Side by side on Zen 4 (30 layers' GEMMs cycling, medians) that took
-// 0.75-0.81x the time of L1 prefetches at 8 rows, 0.80-0.87x at 12,
-// 0.85-0.99x at 16 and 0.92x at 18. The likely reason: such a panel (K x 16
-// floats, 36-96 KB for SmolLM2) does not fit in L1 (32 KB), so lines
-// prefetched into L1 for the next panel evict the current one's, which the
-// later tiles then read from L2 after all. From 4 tiles up the two measured
-// within noise (0.94-1.04x).
+// Where those lines go: into L2 when 7-18 rows (2-3 AVX2 tiles) sweep a
+// decode-sized panel. Side by side on Zen 4 (30 layers' GEMMs cycling,
+// medians) that took 0.75-0.81x the time of L1 prefetches at 8 rows,
+// 0.80-0.87x at 12, 0.85-0.99x at 16 and 0.92x at 18. The likely reason: such
+// a panel (K x 16 floats, 36-96 KB for SmolLM2) does not fit in L1 (32 KB),
+// so lines prefetched into L1 for the next panel evict the current one's,
+// which the later tiles then read from L2 after all. From 4 tiles up the two
+// measured within noise (0.94-1.04x).
 //
-// With one tile (up to 6 rows) every line is read once, in order, and the
-// hardware prefetchers stream it better than our hints do, once the panels
-// sit on 2 MiB pages (PanelArena): with no software prefetch there, the 30
-// layers' matmuls and the LM head took 0.91-0.95x the time at 1-6 rows
-// (two sittings, medians of 21 alternated rounds), where at 7-16 rows going
+// Up to 6 rows every line is read once, in order, and the hardware
+// prefetchers stream it better than our hints do, once the panels sit on
+// 2 MiB pages (PanelArena): with no software prefetch there, the 30 layers'
+// matmuls and the LM head took 0.91-0.95x the time at 1-6 rows (two
+// sittings, medians of 21 alternated rounds), where at 7-16 rows going
 // without took 1.13-1.28x. A plain two-thread read of 512 MB measured the
-// same way: 33.8 GB/s without hints, 25.7-31.1 GB/s with.
-constexpr int64_t kL2PrefetchMaxTiles = 3;
+// same way: 33.8 GB/s without hints, 25.7-31.1 GB/s with. (All of this was
+// measured with AVX2's 6-row tiles; the limits are kept in rows, which is
+// what the AVX-512 build's first measurements on a Xeon agreed with: one
+// 12-row tile at 8 rows, left without prefetches, ran at 0.79x the rate of
+// AVX2's two tiles with them.)
+constexpr int64_t kNoPrefetchMaxRows = 6;
+constexpr int64_t kL2PrefetchMaxRows = 18;
 
 template <bool Packed>
 void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0, int64_t kc, const float* pp,
                int64_t p0, int64_t p1, float* op, int64_t ldo, int64_t n_base, int64_t N, const float* bp) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  const int64_t share = (kc + tiles - 1) / tiles;  // next panel's lines (one per k) each tile prefetches
-  const bool pf_to_l2 = !Packed && tiles >= 2 && tiles <= kL2PrefetchMaxTiles;
-  const bool prefetch = Packed || tiles >= 2;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
-    const float* b = pp + (p * K + k0) * kPanel;
-    const float* next = prefetch && p + 1 < p1 ? b + K * kPanel : nullptr;
+  const int64_t share = (kc + tiles - 1) / tiles;  // next panels' lines (one per k) each tile prefetches
+  const bool pf_to_l2 = !Packed && rows > kNoPrefetchMaxRows && rows <= kL2PrefetchMaxRows;
+  const bool prefetch = Packed || rows > kNoPrefetchMaxRows;
+  const int64_t ldb = K * kPanel;
+  for (int64_t p = p0; p < p1; p += kTilePanels) {
+    const int64_t np = std::min(kTilePanels, p1 - p), n0 = p * kPanel, ncols = std::min(np * kPanel, N - n0);
+    const float* b = pp + p * ldb + k0 * kPanel;
+    const int64_t next_np = prefetch ? std::min(kTilePanels, p1 - p - np) : 0;
+    const float* next = next_np > 0 ? b + np * ldb : nullptr;
+    const auto& tile = np == kTilePanels ? kPanelTiles<Packed, kTilePanels> : kPanelTiles<Packed, 1>;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t m = t * kTileRows, r = std::min(kTileRows, rows - m);
       const int64_t lo = std::min(kc, t * share), lines = next ? std::min(kc, lo + share) - lo : 0;
-      kPanelTiles<Packed>[r](Packed ? a + m * kc : a + m * ldx, ldx, b, kc, op + m * ldo + n0 - n_base, ldo, ncols,
-                             k0 > 0, bp ? bp + n0 : nullptr, next ? next + lo * kPanel : nullptr, lines, pf_to_l2);
+      tile[r](Packed ? a + m * kc : a + m * ldx, ldx, b, ldb, kc, op + m * ldo + n0 - n_base, ldo, ncols, k0 > 0,
+              bp ? bp + n0 : nullptr, next ? next + lo * kPanel : nullptr, next_np, lines, pf_to_l2);
     }
   }
 }
@@ -183,8 +255,8 @@ void parallel_units(int64_t units, const F& body) {
 int64_t panel_run_length(int64_t P, int64_t blocks, bool gated) {
   const int64_t want = (8 * at::get_num_threads() + blocks - 1) / blocks;
   const int64_t runs = std::max<int64_t>(1, std::min(want, P / kMinRunPanels));
-  const int64_t run = (P + runs - 1) / runs;
-  return gated ? run + (run & 1) : run;
+  const int64_t run = (P + runs - 1) / runs, whole = gated ? 2 : kTilePanels;
+  return (run + whole - 1) / whole * whole;
 }
 
 // Gated matmuls (panel_linear_silu_mul): the panels alternate gate and up,
