@@ -123,10 +123,10 @@ def run_kernel(ops, q, kc, vc, table, qs, lens, scale):
     (3, 2, 16, 4),    # the tiny test models' heads
     (2, 3, 20, 3),    # a head size with no specialization: the generic loop
 ])
-def test_decodes_match_sdpa(ops, kv_heads, group, head_dim, block_size):
+def test_decodes_match_sdpa(ops_by_isa, kv_heads, group, head_dim, block_size):
     case = make_case(head_dim + block_size, 13, kv_heads, group, head_dim, block_size, 90)
     scale = head_dim ** -0.5
-    torch.testing.assert_close(run_kernel(ops, *case, scale), reference(*case, scale), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_kernel(ops_by_isa, *case, scale), reference(*case, scale), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_heads,group,head_dim,block_size", [
@@ -135,9 +135,10 @@ def test_decodes_match_sdpa(ops, kv_heads, group, head_dim, block_size):
     (1, 4, 128, 16),  # MQA: query vectors fill whole 16-wide columns
     (2, 1, 32, 5),    # MHA: a 7-row chunk has 7 query vectors, padded to 16
     (2, 7, 16, 4),    # an odd group: 112 query vectors per 16-row task
+    (1, 2, 80, 16),   # AVX-512's tiles take 32 dims, then a 16-dim rest
     (3, 3, 20, 3),    # a head size with no specialization: the generic loop
 ])
-def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops, kv_heads, group, head_dim, block_size):
+def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops_by_isa, kv_heads, group, head_dim, block_size):
     # Decodes (1 row), whole prompts (rows == context), chunks continuing a
     # context (1 < rows < context), and a prompt longer than a task's rows.
     rows = [1, 1, 200, 7, 1, 40, 3, 300, 1, 17]
@@ -152,12 +153,12 @@ def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops, kv_heads, g
     assert not strided.is_contiguous()
     scale = head_dim ** -0.5
     expected = reference(*case, scale)
-    torch.testing.assert_close(run_kernel(ops, *case, scale), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(run_kernel(ops, strided, *case[1:], scale), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_kernel(ops_by_isa, *case, scale), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_kernel(ops_by_isa, strided, *case[1:], scale), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [16, 5])
-def test_a_lone_decode_cut_into_parts_matches_sdpa(ops, block_size):
+def test_a_lone_decode_cut_into_parts_matches_sdpa(ops_by_isa, block_size):
     # A batch with fewer tasks than threads (one user's decode) cuts the
     # decode's context into parts of whole blocks, run as separate tasks and
     # merged. Lengths: many parts with a short last block, exactly 32 blocks,
@@ -177,22 +178,22 @@ def test_a_lone_decode_cut_into_parts_matches_sdpa(ops, block_size):
     for n in (2, 3):
         with torch_threads(n):
             for i in range(len(lens)):  # one decode: fewer tasks than threads
-                alone = run_kernel(ops, q[i:i + 1], kc, vc, table[i:i + 1], torch.tensor([0, 1]), lens[i:i + 1], scale)
+                alone = run_kernel(ops_by_isa, q[i:i + 1], kc, vc, table[i:i + 1], torch.tensor([0, 1]), lens[i:i + 1], scale)
                 assert torch.isfinite(alone).all()
                 torch.testing.assert_close(alone, expected[i:i + 1], rtol=1e-5, atol=1e-5)
 
 
-def test_large_scores_do_not_overflow(ops):
+def test_large_scores_do_not_overflow(ops_by_isa):
     # Softmax subtracts the max: scores of several hundred must not give inf/NaN.
     q, kc, vc, table, qs, lens = make_case(7, 4, 3, 3, 64, 16, 200, rows=[1, 30, 1, 5])
     q = q * 40
-    out = run_kernel(ops, q, kc, vc, table, qs, lens, 0.125)
+    out = run_kernel(ops_by_isa, q, kc, vc, table, qs, lens, 0.125)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, reference(q, kc, vc, table, qs, lens, 0.125), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("future", [9, 17, 34, 63])
-def test_a_future_keys_huge_score_leaves_earlier_rows_alone(ops, future):
+def test_a_future_keys_huge_score_leaves_earlier_rows_alone(ops_by_isa, future):
     # One 64-token prompt whose queries all point one way, and one key at
     # position `future` that scores ~1000 above the rest with every query. The
     # rows before it must not see it at all: were it counted in their softmax
@@ -206,7 +207,7 @@ def test_a_future_keys_huge_score_leaves_earlier_rows_alone(ops, future):
     q[:] = F.normalize(torch.randn(3, 3, 64), dim=-1)  # every row: the same query per head
     block, offset = table[0, 0], future
     kc[block, offset] = q[0].mean(1) * 8000  # [kv_heads, head_dim], along each head's queries
-    out = run_kernel(ops, q, kc, vc, table, qs, lens, 0.125)
+    out = run_kernel(ops_by_isa, q, kc, vc, table, qs, lens, 0.125)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, reference(q, kc, vc, table, qs, lens, 0.125), rtol=1e-4, atol=1e-4)
     # The rows from `future` on take that key's value row alone.
@@ -359,6 +360,8 @@ def test_the_isa_is_the_best_the_cpu_has_unless_capped(monkeypatch):
     monkeypatch.setenv(kernels.ISA_ENV, "avx512")
     with pytest.raises(ValueError, match=r"ORCA_SERVE_CPU_ISA=avx512 but this CPU lacks avx512f \(its ISAs: avx2, generic\)"):
         kernels.cpu_isa()
+    assert kernels.load("avx512") is None
+    assert kernels.load_error() == "load's isa=avx512 but this CPU lacks avx512f (its ISAs: avx2, generic)"
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     assert kernels.cpu_isa() == "avx512"
     monkeypatch.setenv(kernels.ISA_ENV, "avx-512")

@@ -51,10 +51,10 @@ _builds: dict[str, tuple] = {}  # ISA -> (module or None, why not)
 
 
 # The vector extensions a build can target, best first: the compiler flags
-# that enable each and the /proc/cpuinfo flags it needs. The matmul's and
-# attention's inner loops are written for AVX2 + FMA; AVX-512 widens the
-# matmul's register tiles to one zmm per row (panel_gemm.cpp). "generic" is
-# the compiler's baseline (SSE2 on x86-64): correct and slower.
+# that enable each and the /proc/cpuinfo flags it needs. The inner loops are
+# written for AVX2 + FMA; AVX-512 widens the matmul's register tiles to zmm
+# (panel_gemm.cpp). "generic" is the compiler's baseline (SSE2 on x86-64):
+# correct and slower.
 ISAS = {
     "avx512": (["-mavx2", "-mfma", "-mavx512f"], {"avx2", "fma", "avx512f"}),
     "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
@@ -86,13 +86,19 @@ def cpu_isa() -> str:
     wanted = os.environ.get(ISA_ENV)
     if not wanted:
         return available_isas()[0]
-    if wanted not in ISAS:
-        raise ValueError(f"{ISA_ENV} must be one of {', '.join(ISAS)}; got {wanted!r}")
-    if wanted not in available_isas():
-        missing = sorted(ISAS[wanted][1] - _cpu_flags())
-        raise ValueError(f"{ISA_ENV}={wanted} but this CPU lacks {', '.join(missing)} (its ISAs: "
+    return _runnable(wanted, ISA_ENV)
+
+
+def _runnable(isa: str, source: str) -> str:
+    """``isa`` if this CPU can run a build for it, else a ValueError naming
+    ``source`` (where the name came from) and what is wrong with it."""
+    if isa not in ISAS:
+        raise ValueError(f"{source} must be one of {', '.join(ISAS)}; got {isa!r}")
+    if isa not in available_isas():
+        missing = sorted(ISAS[isa][1] - _cpu_flags())
+        raise ValueError(f"{source}={isa} but this CPU lacks {', '.join(missing)} (its ISAs: "
                          f"{', '.join(available_isas())})")
-    return wanted
+    return isa
 
 
 def cache_dir() -> Path:
@@ -105,8 +111,8 @@ def load(isa: str | None = None):
     if it cannot be built here; ``load_error()`` then says why. Each ISA's
     module is built (or found in the cache) and loaded once per process."""
     with _lock:
-        try:
-            isa = isa or cpu_isa()
+        try:  # a build for an ISA the CPU lacks would die on its first instruction
+            isa = _runnable(isa, "load's isa") if isa else cpu_isa()
         except ValueError as exc:
             _state["error"] = str(exc)
             return None
