@@ -8,19 +8,20 @@
 //
 // - Decode-sized batches (under kBlockedMinRows rows): a step multiplies tens
 //   of rows by every weight of the model, and the weights (540 MB for SmolLM2
-//   in float32) come from DRAM each step. All rows of x sweep a whole panel
-//   while it is in L1/L2, a register tile of rows x 16 features of
-//   accumulators (6 rows on AVX2, 12 on AVX-512: kTileRows), and, when more
-//   than one tile sweeps it, the
-//   next panel is prefetched in parts spread over that sweep. With 30 layers'
-//   weights cycling as in a real step, oneDNN's prepacked matmul ran at
-//   8-110 GFLOP/s from 1 to 96 rows on this project's 2-core machine; this
-//   runs 1.2-1.7x faster there.
+//   in float32) come from DRAM each step. All rows of x sweep whole panels
+//   while they are in L1/L2, in register tiles of accumulators (6 rows x 1
+//   panel on AVX2, 12 rows x 2 panels on AVX-512: kTileRows, kTilePanels),
+//   and, past 6 rows, the next panels are prefetched in parts spread over
+//   that sweep. With 30 layers' weights cycling as in a real step, oneDNN's
+//   prepacked matmul ran at 8-110 GFLOP/s from 1 to 96 rows on this
+//   project's 2-core Zen machines; this runs 1.2-1.7x faster there.
 // - Prefill-sized batches: the same tiles over K slices that stay in L1 and
 //   a copy of x's row block in tile order that stays in L2 (see
 //   panel_sweep_blocks). On the 128-request trace its prefill iterations took
 //   60-65 s against 67-72 s with oneDNN's prepacked GEMM (two A/B sittings of
-//   two runs each), so the layers keep no other copy of their weights.
+//   two runs each), so the layers keep no other copy of their weights. (On a
+//   Xeon with AVX-512, oneDNN's ran at 1.04-1.13x our rate at 512-2,048
+//   rows: not worth a second copy of the weights.)
 #include "cpu_ops.h"
 
 namespace {
@@ -32,8 +33,8 @@ namespace {
 // each x value, broadcast once, feeds two FMAs. On a 2-core Xeon with
 // AVX-512 (SmolLM2's 30 layers' matmuls cycling, medians), 12 x 1 zmm tiles
 // ran at 0.72-0.83x oneDNN's rate at 512-2048 rows (13 loads per 12 FMAs a
-// k step); 12 x 2 at 0.88-0.96x, and 1.1-1.4x from 8 to 128 rows, where
-// the AVX2 tiles ran at 0.6-0.7x of these.
+// k step); 12 x 2 at 0.88-0.96x, and 1.1-1.4x from 8 to 128 rows. The
+// AVX2 tiles ran at 0.64-0.83x the rate of these from 1 to 2,048 rows.
 #ifdef __AVX512F__
 constexpr int64_t kTileRows = 12;
 constexpr int64_t kTilePanels = 2;
