@@ -135,7 +135,7 @@ def test_decodes_match_sdpa(ops_by_isa, kv_heads, group, head_dim, block_size):
     (1, 4, 128, 16),  # MQA: query vectors fill whole 16-wide columns
     (2, 1, 32, 5),    # MHA: a 7-row chunk has 7 query vectors, padded to 16
     (2, 7, 16, 4),    # an odd group: 112 query vectors per 16-row task
-    (1, 2, 80, 16),   # AVX-512's tiles take 32 dims, then a 16-dim rest
+    (1, 2, 80, 16),   # a head of five 16-dim tiles
     (3, 3, 20, 3),    # a head size with no specialization: the generic loop
 ])
 def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops_by_isa, kv_heads, group, head_dim, block_size):
@@ -367,12 +367,16 @@ def test_the_isa_is_the_best_the_cpu_has_unless_capped(monkeypatch):
     monkeypatch.setenv(kernels.ISA_ENV, "avx-512")
     with pytest.raises(ValueError, match=r"ORCA_SERVE_CPU_ISA must be one of avx512, avx2, generic; got 'avx-512'"):
         kernels.cpu_isa()
-    # A bad setting is a build that cannot be used: the PyTorch path under
-    # "auto", the reason under "on"; without it, this CPU's best build again.
+    # A bad setting is the operator's mistake: load() says so, and a runner
+    # stops with it whatever its mode (under "auto" it used to take the slow
+    # PyTorch path with a warning); without it, this CPU's best build again.
     assert kernels.load() is None and "must be one of" in kernels.load_error()
-    assert kernels.cpu_ops_for("auto", "cpu", torch.float32) is None
-    with pytest.raises(ValueError, match="cpu_kernels='on' but .* ORCA_SERVE_CPU_ISA must be one of"):
-        kernels.cpu_ops_for("on", "cpu", torch.float32)
+    for mode in ("auto", "on"):
+        with pytest.raises(ValueError, match="ORCA_SERVE_CPU_ISA must be one of"):
+            kernels.cpu_ops_for(mode, "cpu", torch.float32)
+    assert kernels.cpu_ops_for("off", "cpu", torch.float32) is None
+    monkeypatch.setenv(kernels.ISA_ENV, " AVX512 ")  # as an operator might write it
+    assert kernels.cpu_isa() == "avx512"
     monkeypatch.setattr(kernels, "_cpu_flags", this_cpu)
     monkeypatch.delenv(kernels.ISA_ENV)
     module = kernels.load()
@@ -380,18 +384,21 @@ def test_the_isa_is_the_best_the_cpu_has_unless_capped(monkeypatch):
 
 
 @pytest.mark.parametrize("out_features,in_features",
-                         [(5, 3), (37, 24), (96, 13), (48, 600), (960, 576), (576, 1536)])
+                         [(5, 3), (37, 24), (20, 24), (50, 600), (96, 13), (48, 600), (960, 576), (576, 1536)])
 def test_panel_linear_matches_float64_reference(ops_by_isa, out_features, in_features):
     """Ragged last panel, K not a multiple of the vector width, and, from 128
     rows on (the K-blocked loop), K in 256-wide slices with a ragged last one
-    (600); row counts around the 6-row tile, the 128-row switch and the
-    192-row blocks; strided x rows, with and without bias."""
+    (600); row counts around the 6-row (AVX2) and 12-row (AVX-512) tiles,
+    the 128-row switch and the 192-row blocks; strided x rows, with and
+    without bias. AVX-512 tiles take two panels: with an even number of
+    panels the ragged last one is a tile's second (20, 50), with an odd
+    number a one-panel tile of its own (5, 37)."""
     g = torch.Generator().manual_seed(out_features)
     w = torch.randn(out_features, in_features, generator=g)
     bias = torch.randn(out_features, generator=g)
     panels = ops_by_isa.pack_panels(w)
     assert panels.shape == (-(-out_features // 16), in_features, 16)
-    for rows in (0, 1, 5, 6, 7, 13, 127, 128, 200, 389):
+    for rows in (0, 1, 5, 6, 7, 11, 12, 13, 25, 127, 128, 200, 389):
         wide = torch.randn(rows, in_features + 3, generator=g)
         x = wide[:, 1:in_features + 1]  # rows 3 floats apart: a strided view
         for b in (bias, None):
@@ -445,6 +452,17 @@ def test_panel_linear_is_the_same_whatever_thread_runs_what(ops_by_isa):
     assert not errors
     for j, outs in got.items():
         assert len(outs) == 5 and all(torch.equal(o, expected[j]) for o in outs)
+
+
+def test_a_weight_of_no_rows_gives_an_output_of_no_columns(ops_by_isa):
+    """A [0, K] weight has no panels; the matmul has nothing to write (it
+    divided by its zero-length run of panels before, killing the process)."""
+    panels = ops_by_isa.pack_panels(torch.randn(0, 24))
+    assert panels.shape == (0, 24, 16)
+    for rows in (3, 200):
+        out = torch.empty(rows, 0)
+        ops_by_isa.panel_linear(out, torch.randn(rows, 24), panels, None)
+        ops_by_isa.panel_linear_silu_mul(out, torch.randn(rows, 24), panels, None)
 
 
 def test_panel_linear_rejects_bad_inputs(ops):

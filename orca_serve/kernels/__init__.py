@@ -86,7 +86,7 @@ def cpu_isa() -> str:
     wanted = os.environ.get(ISA_ENV)
     if not wanted:
         return available_isas()[0]
-    return _runnable(wanted, ISA_ENV)
+    return _runnable(wanted.strip().lower(), ISA_ENV)
 
 
 def _runnable(isa: str, source: str) -> str:
@@ -110,21 +110,26 @@ def load(isa: str | None = None):
     """The compiled kernel module for ``isa`` (default ``cpu_isa()``), or None
     if it cannot be built here; ``load_error()`` then says why. Each ISA's
     module is built (or found in the cache) and loaded once per process."""
-    with _lock:
-        try:  # a build for an ISA the CPU lacks would die on its first instruction
-            isa = _runnable(isa, "load's isa") if isa else cpu_isa()
-        except ValueError as exc:
-            _state["error"] = str(exc)
-            return None
-        if isa not in _builds:
-            _builds[isa] = _build(isa)
-        module, _state["error"] = _builds[isa]
-        return module
+    module, _state["error"] = _load(isa)
+    return module
 
 
 def load_error() -> str | None:
     """Why the last ``load()`` returned None (None if it did not)."""
     return _state.get("error")
+
+
+def _load(isa: str | None = None) -> tuple:
+    """``load``'s module and the reason it is None, as one pair (another
+    thread's load cannot come between them)."""
+    with _lock:
+        try:  # a build for an ISA the CPU lacks would die on its first instruction
+            isa = _runnable(isa, "load's isa") if isa else cpu_isa()
+        except ValueError as exc:
+            return None, str(exc)
+        if isa not in _builds:
+            _builds[isa] = _build(isa)
+        return _builds[isa]
 
 
 def build_name(sources: Path, settings: list[str]) -> str:
@@ -181,6 +186,7 @@ def cpu_ops_for(mode: str, device, dtype):
     ``mode`` is ``ModelConfig.cpu_kernels``: "off" -> None; "auto" -> the
     module when the kernels apply (CPU, float32) and build, else None (logged
     once); "on" -> the module, or a ValueError saying why it cannot be used.
+    A bad ``$ORCA_SERVE_CPU_ISA`` is a ValueError under "auto" too.
     """
     import torch
 
@@ -192,12 +198,15 @@ def cpu_ops_for(mode: str, device, dtype):
     elif dtype != torch.float32:
         reason = f"they take float32 only (dtype is {dtype})"
     else:
-        if not _builds:
-            logger.info("building the native CPU kernels (once per machine, about a minute) in %s", cache_dir())
-        module = load()
+        # A bad ORCA_SERVE_CPU_ISA is the operator's mistake, not a missing
+        # compiler: an error in every mode, not a fall back to the slow path.
+        isa = cpu_isa()
+        if isa not in _builds:
+            logger.info("building the native CPU kernels for %s (once per machine, about a minute) in %s",
+                        isa, cache_dir())
+        module, reason = _load(isa)
         if module is not None:
             return module
-        reason = load_error()
     _not_used(mode, reason)
     return None
 

@@ -186,7 +186,7 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
 // apart; op's column 0 is output feature n_base), panels [p0, p1), K
 // columns [k0, k0 + kc). a is that block's x in
 // place (at column k0, rows ldx apart) or, Packed, its slice in tile order
-// (pack_rows). Each tile prefetches its share of the next panel's lines of
+// (pack_rows). Each tile prefetches its share of the next panels' lines of
 // this slice.
 //
 // Where those lines go: into L2 when 7-18 rows (2-3 AVX2 tiles) sweep a
@@ -382,7 +382,7 @@ PanelArgs panel_args(const at::Tensor& out, const at::Tensor& x, const at::Tenso
 
 template <bool Gated>
 void panel_sweep(const PanelArgs& a) {
-  if (a.M == 0) return;
+  if (a.M == 0 || a.P == 0) return;  // nothing to write (P == 0: a weight of no rows, out of no columns)
   if (a.M >= kBlockedMinRows)
     panel_sweep_blocks<Gated>(a);
   else
