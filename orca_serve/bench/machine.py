@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import platform
 
-from orca_serve import kernels
-
 # The vector extensions that decide which matmul kernels oneDNN and ours take.
 _VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
@@ -38,10 +36,6 @@ def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(), "cpu": cpu_info()}
-    try:  # what this process's native kernels are built for (ORCA_SERVE_CPU_ISA caps it)
-        info["cpu_kernel_isa"] = kernels.cpu_isa()
-    except ValueError as exc:
-        info["cpu_kernel_isa"] = f"none: {exc}"
     try:
         import torch
 

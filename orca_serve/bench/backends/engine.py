@@ -91,6 +91,7 @@ class EngineBackend:
         end = time.perf_counter()
         out = fail_unfinished(results, specs, "never finished", end)
         extra = _engine_extra(samples, before, eng.stats())
+        extra["cpu_kernel_isa"] = _kernel_isa(eng)
         if graphs_before is not None:
             steps, capture_s, captured, off = _graph_counts(eng)
             extra.update(decode_graph_steps=steps - graphs_before[0], graph_capture_s=capture_s - graphs_before[1],
@@ -119,6 +120,17 @@ def _graph_counts(eng) -> tuple | None:
     if graphs is None:
         return None
     return graphs.num_steps, graphs.capture_s, len(graphs.graphs), graphs.disabled_reason
+
+
+def _kernel_isa(eng) -> str | None:
+    """The ISA of the native CPU kernels the in-process runner's layers use
+    ("avx512", "avx2", "generic"), "none" when they run the PyTorch path, and
+    None when the runner is in other processes (it cannot be asked)."""
+    model = getattr(getattr(eng.executor, "runner", None), "model", None)
+    if model is None:
+        return None
+    ops = next((m.cpu_ops for m in model.modules() if getattr(m, "cpu_ops", None) is not None), None)
+    return ops.isa if ops is not None else "none"
 
 
 def _engine_extra(samples: list[tuple], before, after) -> dict:
