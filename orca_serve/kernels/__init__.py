@@ -110,6 +110,11 @@ def load(isa: str | None = None):
     """The compiled kernel module for ``isa`` (default ``cpu_isa()``), or None
     if it cannot be built here; ``load_error()`` then says why. Each ISA's
     module is built (or found in the cache) and loaded once per process."""
+    try:  # a build for an ISA the CPU lacks would die on its first instruction
+        isa = _runnable(isa, "load's isa") if isa else cpu_isa()
+    except ValueError as exc:
+        _state["error"] = str(exc)
+        return None
     module, _state["error"] = _load(isa)
     return module
 
@@ -119,14 +124,10 @@ def load_error() -> str | None:
     return _state.get("error")
 
 
-def _load(isa: str | None = None) -> tuple:
-    """``load``'s module and the reason it is None, as one pair (another
-    thread's load cannot come between them)."""
+def _load(isa: str) -> tuple:
+    """The module for ``isa`` (one this CPU runs) and the reason it is None,
+    as one pair (another thread's load cannot come between them)."""
     with _lock:
-        try:  # a build for an ISA the CPU lacks would die on its first instruction
-            isa = _runnable(isa, "load's isa") if isa else cpu_isa()
-        except ValueError as exc:
-            return None, str(exc)
         if isa not in _builds:
             _builds[isa] = _build(isa)
         return _builds[isa]
