@@ -687,3 +687,91 @@ def test_engine_same_tokens_with_and_without_kernel(tiny_model_dir, kind):
         assert engine.stats().num_kv_blocks_free == 30
         outs[mode] = done
     assert outs["on"] == outs["off"]
+
+
+def _runner(path: str, **kw):
+    from orca_serve.config import CacheConfig, ModelConfig
+    from orca_serve.worker.model_runner import ModelRunner
+
+    from helpers_models import MiniScheduler
+
+    cfg = EngineConfig(model=ModelConfig(model=path, **kw), cache=CacheConfig(block_size=MiniScheduler.block_size))
+    return ModelRunner(cfg, num_kv_blocks=64)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama-tied-llama3rope"])
+def test_decoder_stack_gives_the_layers_hidden_states_bit_for_bit(tiny_model_dir, kind, monkeypatch):
+    """Every iteration (chunked prompts, decodes, the last layer on the sampled
+    rows only) runs through the native stack and again layer by layer; both
+    write the same K/V, and the hidden states must be equal, not close."""
+    from helpers_models import MiniScheduler
+
+    runner = _runner(tiny_model_dir(kind), cpu_kernels="on")
+    model = runner.model.model
+    stack = model.native_stack
+    assert stack is not None and stack.num_layers == model.end - model.start
+    forward, compared = model.forward, []
+
+    def both(input_ids, positions, meta, hidden_states=None):
+        native = forward(input_ids, positions, meta, hidden_states)
+        model.native_stack = None
+        try:
+            layered = forward(input_ids, positions, meta, hidden_states)
+        finally:
+            model.native_stack = stack
+        assert torch.equal(native, layered)
+        compared.append((len(input_ids), meta.sample_rows is not None))
+        return native
+
+    monkeypatch.setattr(model, "forward", both)
+    sched = MiniScheduler(num_blocks=64, budget=13)
+    rng = np.random.default_rng(3)
+    for i, n in enumerate((5, 23, 40, 9, 2)):
+        sched.add(f"r{i}", rng.integers(3, 384, n).tolist(), SamplingParams(temperature=0, max_tokens=6))
+    while sched.reqs:
+        sched.step(runner)
+    assert len(compared) > 10 and any(n > 5 for n, _ in compared) and all(s for _, s in compared)
+
+
+def test_decoder_stack_is_bound_only_where_every_piece_is_native(tiny_model_dir):
+    assert _runner(tiny_model_dir("llama"), cpu_kernels="on").model.model.native_stack is not None
+    assert _runner(tiny_model_dir("llama"), cpu_kernels="off").model.model.native_stack is None
+    runner = _runner(tiny_model_dir("llama"), cpu_kernels="on")
+    model, ops = runner.model.model, runner.model.model.layers[0].input_layernorm.cpu_ops
+    # One piece on its PyTorch path (say, a norm the kernels did not take): the layers run one by one.
+    model.layers[1].post_attention_layernorm.cpu_ops = None
+    assert not model.bind_native_stack(ops) and model.native_stack is None
+    model.layers[1].post_attention_layernorm.cpu_ops = ops
+    model.layers[0].mlp.gate_up_proj.fused = False
+    assert not model.bind_native_stack(ops)
+    model.layers[0].mlp.gate_up_proj.fused = True
+    assert model.bind_native_stack(ops) and model.native_stack is not None
+
+
+def test_decoder_stack_refuses_bad_layers_and_inputs(ops):
+    with pytest.raises(RuntimeError, match="num_heads must be a positive multiple of num_kv_heads; got 6 and 4"):
+        ops.DecoderStack(6, 4, 16, 1e-5, 0.25)
+    with pytest.raises(RuntimeError, match="unsupported head_dim 600"):
+        ops.DecoderStack(4, 2, 600, 1e-5, 0.25)
+    stack = ops.DecoderStack(4, 2, 16, 1e-5, 0.25)
+    hidden, inter = 64, 128
+    panels = {name: ops.pack_panels(torch.randn(n, k)) for name, (n, k) in
+              dict(qkv=(128, hidden), o=(hidden, 64), gate_up=(2 * inter, hidden), down=(hidden, inter)).items()}
+    norm, cos_sin = torch.ones(hidden), torch.randn(32, 2, 16)
+    args = dict(input_norm=norm, post_norm=norm, qkv_bias=None, o_bias=None, gate_up_bias=None, down_bias=None,
+                cos_sin=cos_sin, **panels)
+    with pytest.raises(RuntimeError, match=r"qkv panels must hold \[128, 64\]"):
+        stack.add_layer(**{**args, "qkv": ops.pack_panels(torch.randn(96, hidden))})
+    with pytest.raises(RuntimeError, match=r"down panels must hold \[64, 128\]"):
+        stack.add_layer(**{**args, "down": ops.pack_panels(torch.randn(hidden, 64))})
+    with pytest.raises(RuntimeError, match="cos_sin must be"):
+        stack.add_layer(**{**args, "cos_sin": torch.randn(32, 2, 8)})
+    assert stack.num_layers == 0
+    stack.add_layer(**args)
+    assert stack.num_layers == 1
+    x, one = torch.randn(3, hidden), torch.zeros(3, dtype=torch.long)
+    meta = (one, torch.zeros(1, 2, dtype=torch.long), torch.tensor([0, 3]), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="one KV cache per layer: 1 layers, 0 caches"):
+        stack.forward(x, None, one, [], *meta, None, None, -1)
+    with pytest.raises(RuntimeError, match="a sampled-only layer needs sample_rows"):
+        stack.forward(x, None, one, [torch.zeros(2, 4, 4, 2, 16)], *meta, None, None, 0)

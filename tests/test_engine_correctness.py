@@ -161,16 +161,28 @@ def test_decode_graphs_match_hf(tiny_model_dir, kind, device, decode_attention):
     assert graphs.disabled_reason is None
     assert len(graphs.graphs) == (len({bucket for *_, bucket in served}) if device == "cuda" else 0)
 
-def test_one_users_long_decodes_match_hf(tiny_model_dir):
+@pytest.mark.parametrize("stack", [True, False])
+def test_one_users_long_decodes_match_hf(tiny_model_dir, stack):
     """One request alone, its context tens of KV blocks long: with fewer
     attention tasks than threads the native kernel cuts each decode's context
-    into parts, run on both threads and merged. The tokens must still be HF's."""
+    into parts, run on both threads and merged. The tokens must still be HF's,
+    with the layers in one native call (stack) and one by one; the latter
+    lets the test watch the attention op's calls."""
     path = tiny_model_dir("llama")
     prompt = make_prompts(1, 384, seed=3, lo=150, hi=150)[0]
     with torch_threads(2):
         engine = LLMEngine(EngineConfig.from_kwargs(model=path, block_size=4, num_kv_blocks=100,
                                                     enable_prefix_caching=False, cpu_kernels="on"))
         runner = engine.executor.runner
+        assert runner.model.model.native_stack is not None
+        if stack:
+            engine.add_request("0", prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+            done = []
+            while engine.has_unfinished_requests():
+                done += [o for o in engine.step() if o.finished]
+            assert done[0].token_ids == hf_generate(load_hf(path), prompt, 24)
+            return
+        runner.model.model.native_stack = None
         attn = [m for m in runner.model.modules() if getattr(m, "attention_kernel", None) is not None]
         kernel = attn[0].attention_kernel
         lone_decodes = []

@@ -7,6 +7,7 @@ import torch
 from helpers_models import load_hf
 from orca_serve.config import ModelConfig
 from orca_serve.kernels import cpu_ops_for, paged_attention_kernel
+from orca_serve.worker.kernel_binding import bind_cpu_kernels
 from orca_serve.layers.attention import Attention
 from orca_serve.layers.rotary import rope_parameters
 from orca_serve.models.loader import get_model_facts, load_model
@@ -69,15 +70,21 @@ def test_half_precision_rope_model_matches_hf_in_that_dtype(tiny_model_dir, dtyp
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("layout", ["pytorch-grouped", "pytorch-batched", "native"])
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind,layout", [(kind, layout) for kind in ("llama", "gpt2")
+                                          for layout in ("pytorch-grouped", "pytorch-batched", "native")]
+                         + [("llama", "native-stack")])
 def test_last_layer_runs_on_sampled_rows_only(tiny_model_dir, kind, layout):
     """With ``sampled_rows_only`` the model returns just the sampled rows, equal
-    to those rows of the full forward, and writes the same K/V for every row."""
-    native, batched = layout == "native", layout == "pytorch-batched"
+    to those rows of the full forward, and writes the same K/V for every row.
+    native-stack: every kernel bound as the runner binds them, the layers in
+    one native call."""
+    native, batched = layout.startswith("native"), layout == "pytorch-batched"
     model, _ = load_model(ModelConfig(model=tiny_model_dir(kind)))
     layers = [m for m in model.modules() if isinstance(m, Attention)]
-    if native:
+    if layout == "native-stack":
+        assert bind_cpu_kernels(model, layers, "on", torch.device("cpu"), torch.float32)
+        assert model.model.native_stack is not None
+    elif native:
         kernel = paged_attention_kernel("on", cpu_ops_for("on", "cpu", torch.float32), layers[0].head_dim)
         for layer in layers:
             layer.attention_kernel = kernel

@@ -99,7 +99,13 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """This pipeline stage's part of the decoder: the embedding on the first
-    stage, its layer range, the final norm on the last stage."""
+    stage, its layer range, the final norm on the last stage.
+
+    With the native CPU kernels bound to every piece of its layers, the
+    layers run as one native call (``bind_native_stack``): the same kernels in
+    the same order, without a return to Python between them."""
+
+    native_stack = None  # the kernels' DecoderStack over this stage's layers
 
     def __init__(self, config, qkv_bias: bool, o_bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -118,13 +124,67 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids) if hidden_states is None else hidden_states
         last = sampled_only_layer(self.end, len(self.layers), meta)
         residual = None
-        for i in range(self.start, self.end):
-            x, residual = self.layers[i](positions, x, residual, meta, sampled_only=i == last)
+        if self.native_stack is not None and meta.block_table is not None:
+            x, residual = self._native_layers(positions, x, meta, last)
+        else:
+            for i in range(self.start, self.end):
+                x, residual = self.layers[i](positions, x, residual, meta, sampled_only=i == last)
         if residual is None:  # a stage without layers
             return self.norm(x)
         if isinstance(self.norm, PPMissingLayer):  # the next stage takes the stream as it is
             return x + residual
         return self.norm.add_and_norm(x, residual)[1]
+
+    def _native_layers(self, positions, x, meta, last: int):
+        """(x, residual) after this stage's layers, run by ``native_stack``."""
+        caches = [self.layers[i].self_attn.attn.kv_cache for i in range(self.start, self.end)]
+        if any(c is None for c in caches):
+            raise RuntimeError("attention layer has no KV cache bound; see ModelRunner")
+        return self.native_stack.forward(x, None, positions, caches, meta.slot_mapping, meta.block_table,
+                                         meta.query_start_loc, meta.seq_lens, meta.sample_rows,
+                                         meta.sample_query_start_loc, last - self.start if last >= 0 else -1)
+
+    def bind_native_stack(self, cpu_ops) -> bool:
+        """Run this stage's layers as one native call (``cpu_ops.DecoderStack``)
+        when each of their pieces runs the native kernel: the norms, RoPE, the
+        K/V write and paged attention, every matmul on panels (gate/up fused
+        with SiLU), on one tensor-parallel rank (the row-parallel layers'
+        all-reduce stays in Python). Whether it does; if not, the layers run
+        one by one as before."""
+        layers = [self.layers[i] for i in range(self.start, self.end)]
+        self.native_stack = None
+        if cpu_ops is None or not layers or not all(_runs_natively(layer, cpu_ops) for layer in layers):
+            return False
+        first = layers[0]
+        if any(layer.input_layernorm.eps != first.input_layernorm.eps
+               or layer.post_attention_layernorm.eps != first.input_layernorm.eps for layer in layers):
+            return False
+        attn = first.self_attn
+        stack = cpu_ops.DecoderStack(attn.num_heads, attn.num_kv_heads, attn.head_dim, first.input_layernorm.eps,
+                                     attn.attn.scale)
+        for layer in layers:
+            a, mlp = layer.self_attn, layer.mlp
+            stack.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                            a.qkv_proj.packed_weight.panels, a.qkv_proj.bias,
+                            a.o_proj.packed_weight.panels, a.o_proj.bias,
+                            mlp.gate_up_proj.packed_weight.panels, mlp.gate_up_proj.gated_bias,
+                            mlp.down_proj.packed_weight.panels, mlp.down_proj.bias,
+                            a.rotary_emb.cos_sin_cache)
+        self.native_stack = stack
+        return True
+
+
+def _runs_natively(layer: LlamaDecoderLayer, cpu_ops) -> bool:
+    """Whether every piece of ``layer`` runs ``cpu_ops``' kernels (see
+    ``LlamaModel.bind_native_stack``)."""
+    a, mlp = layer.self_attn, layer.mlp
+    linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    return (all(m.cpu_ops is cpu_ops for m in (layer.input_layernorm, layer.post_attention_layernorm,
+                                               a.rotary_emb, a.attn))
+            and a.attn.attention_kernel is cpu_ops.paged_attention
+            and mlp.gate_up_proj.fused
+            and all(m.tp_size == 1 and m.packed_weight is not None and m.packed_weight.panels is not None
+                    for m in linears))
 
 
 class LlamaForCausalLM(nn.Module):

@@ -17,7 +17,9 @@ def bind_cpu_kernels(model: torch.nn.Module, layers: list[Attention], mode: str,
     """Give ``model`` the native kernels that ``mode`` (``ModelConfig.cpu_kernels``)
     allows and that built: the attention ``layers`` the paged attention op, the
     norms, activations and RoPE that have a native version the module, and the
-    linear layers prepacked weights. Whether the attention layers took the op."""
+    linear layers prepacked weights; then a model that can run its layers as
+    one native call (``bind_native_stack``) does. Whether the attention layers
+    took the op."""
     cpu_ops = cpu_ops_for(mode, device, dtype)
     attention_kernel = paged_attention_kernel(mode, cpu_ops, layers[0].head_dim)
     for layer in layers:
@@ -40,4 +42,8 @@ def bind_cpu_kernels(model: torch.nn.Module, layers: list[Attention], mode: str,
                 # so far: SmolLM2's runner peaked at 3.22 GB RSS this way,
                 # 3.45 GB without (3.26 GB before the arena).
                 release_free_heap()
+    if attention_kernel is not None:
+        for module in model.modules():
+            if hasattr(module, "bind_native_stack"):
+                module.bind_native_stack(cpu_ops)
     return attention_kernel is not None

@@ -39,8 +39,12 @@
 // panel_gemm.cpp); panel_linear_silu_mul, SwiGLU's gate/up matmul with
 // silu(gate) * up applied to each unit of work's product while it is in cache.
 //
+// DecoderStack (decoder_stack.cpp): a stage's Llama-family layers, all of
+// the above in one call, so that no op returns to Python between them.
+//
 // The sources: paged_attention.cpp (with attention_common.h,
-// attention_prompt.h, attention_decode.h), elementwise.cpp, panel_gemm.cpp;
+// attention_prompt.h, attention_decode.h), elementwise.cpp, panel_gemm.cpp,
+// decoder_stack.cpp;
 // cpu_ops.h declares what they export. This file binds them into one module.
 #include <torch/extension.h>
 
@@ -71,4 +75,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear_silu_mul", &panel_linear_silu_mul,
         "silu(x W_gate^T) * (x W_up^T) (+ biases) against pack_panels(interleave_gate_up(W))", release());
   m.def("supports_head_dim", &supports_head_dim, "whether a head_dim has a compiled kernel");
+  // Local to this module: each ISA's build is its own module, and two
+  // loaded in one process would otherwise register the same C++ type twice.
+  py::class_<DecoderStack>(m, "DecoderStack", py::module_local(),
+                           "a stage's Llama-family decoder layers run in one call")
+      .def(py::init<int64_t, int64_t, int64_t, double, double>(), py::arg("num_heads"), py::arg("num_kv_heads"),
+           py::arg("head_dim"), py::arg("eps"), py::arg("scale"))
+      .def("add_layer", &DecoderStack::add_layer, py::arg("input_norm"), py::arg("post_norm"), py::arg("qkv"),
+           py::arg("qkv_bias"), py::arg("o"), py::arg("o_bias"), py::arg("gate_up"), py::arg("gate_up_bias"),
+           py::arg("down"), py::arg("down_bias"), py::arg("cos_sin"))
+      .def_property_readonly("num_layers", &DecoderStack::num_layers)
+      .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("residual"), py::arg("positions"),
+           py::arg("kv_caches"), py::arg("slot_mapping"), py::arg("block_table"), py::arg("query_start"),
+           py::arg("seq_lens"), py::arg("sample_rows"), py::arg("sample_query_start"),
+           py::arg("sampled_only_layer"), release());
 }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -41,6 +42,50 @@ at::Tensor pack_panels(const at::Tensor& weight, const c10::optional<at::Tensor>
 void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias);
 void panel_linear_silu_mul(at::Tensor out, const at::Tensor& x, const at::Tensor& panels,
                            const c10::optional<at::Tensor>& bias);
+
+// decoder_stack.cpp: a stage's Llama-family decoder layers in one call.
+class DecoderStack {
+ public:
+  DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale);
+  // One layer's weights, in stack order: its norms' weights, and the
+  // matmuls' pack_panels (gate_up interleaved as for panel_linear_silu_mul,
+  // its bias too), RoPE's cos_sin table.
+  void add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Tensor qkv, c10::optional<at::Tensor> qkv_bias,
+                 at::Tensor o, c10::optional<at::Tensor> o_bias, at::Tensor gate_up,
+                 c10::optional<at::Tensor> gate_up_bias, at::Tensor down, c10::optional<at::Tensor> down_bias,
+                 at::Tensor cos_sin);
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  // (the last layer's MLP output, the residual stream before it), as the
+  // Python layers return them; residual None: x is the stream itself. Each
+  // layer's K/V go into kv_caches[i] ([2, blocks, block_size, kv_heads,
+  // head_dim]); the metadata is paged_attention's and write_kv's. Layer
+  // sampled_only_layer (-1: none) runs past its K/V write on the rows
+  // sample_rows alone, their query offsets sample_query_start.
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                             const at::Tensor& positions, const std::vector<at::Tensor>& kv_caches,
+                                             const at::Tensor& slot_mapping, const at::Tensor& block_table,
+                                             const at::Tensor& query_start, const at::Tensor& seq_lens,
+                                             const c10::optional<at::Tensor>& sample_rows,
+                                             const c10::optional<at::Tensor>& sample_query_start,
+                                             int64_t sampled_only_layer) const;
+
+ private:
+  struct Layer {
+    at::Tensor input_norm, post_norm, qkv;
+    c10::optional<at::Tensor> qkv_bias;
+    at::Tensor o;
+    c10::optional<at::Tensor> o_bias;
+    at::Tensor gate_up;
+    c10::optional<at::Tensor> gate_up_bias;
+    at::Tensor down;
+    c10::optional<at::Tensor> down_bias;
+    at::Tensor cos_sin;
+    int64_t intermediate;
+  };
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_, scale_;
+  std::vector<Layer> layers_;
+};
 
 // exp(x) for x <= 0 (softmax after subtracting the max), written so the
 // compiler vectorizes the loop that calls it: range reduction to 2^n * e^r with
