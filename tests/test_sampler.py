@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from orca_serve.layers.sampler import (Sampler, SamplingMetadata, SamplingTensors, apply_top_k_top_p,
-                                       seed_for_position)
+                                       argmax_rows, seed_for_position)
 from orca_serve.sampling_params import SamplingParams
 
 V = 300
@@ -24,6 +24,20 @@ def test_greedy_batch_is_argmax():
     out = sample([SamplingParams(temperature=0)] * 8, logits)
     assert out.token_ids == logits.argmax(-1).tolist()
     assert out.logprobs == [None] * 8
+
+
+def test_argmax_rows_is_argmax_with_ties_nans_and_infinities():
+    """The first largest index of each row, a NaN counting as largest, on a
+    vocabulary-sized row (torch's reduction splits such rows into chunks)."""
+    x = torch.randint(0, 4, (40, 49152), generator=torch.Generator().manual_seed(0)).float()  # ties everywhere
+    x[1, 900], x[1, 30000] = float("nan"), float("nan")
+    x[2] = float("-inf")
+    x[3, 40000], x[3, 7] = float("inf"), float("inf")
+    x[4, 49151] = 9.0
+    x[5, 0] = 9.0
+    got = argmax_rows(x)
+    assert torch.equal(got, x.argmax(dim=-1))
+    assert got[:6].tolist() == [int((x[0] == 3).nonzero()[0]), 900, 0, 7, 49151, 0]
 
 
 def test_seeded_rows_do_not_depend_on_batch():
