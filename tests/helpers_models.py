@@ -28,6 +28,8 @@ TINY_CONFIGS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, **_LLAMA),
     "qwen2": lambda: Qwen2Config(tie_word_embeddings=True, **_LLAMA),
+    # Biases on every projection (q/k/v, o, gate/up, down), which SmolLM2 and Qwen2 lack in part.
+    "llama-bias": lambda: LlamaConfig(tie_word_embeddings=False, attention_bias=True, mlp_bias=True, **_LLAMA),
     "gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **_COMMON),
     "gpt2-untied": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                       tie_word_embeddings=False, **_COMMON),
@@ -38,7 +40,7 @@ def save_tiny_model(path, kind: str, seed: int = 0) -> str:
     """Build a random tiny HF model of ``kind`` (see TINY_CONFIGS) and save it to ``path``."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind](), dtype=torch.float32)
-    if kind == "qwen2":
+    if kind in ("qwen2", "llama-bias"):
         # HF initializes biases to zero; make them matter.
         with torch.no_grad():
             for name, p in model.named_parameters():

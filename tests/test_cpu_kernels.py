@@ -699,27 +699,46 @@ def _runner(path: str, **kw):
     return ModelRunner(cfg, num_kv_blocks=64)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama-tied-llama3rope"])
+class _CountingStack:
+    """A DecoderStack whose forward calls are counted."""
+
+    def __init__(self, stack) -> None:
+        self.stack, self.calls = stack, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.stack.forward(*args)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama-tied-llama3rope", "llama-bias"])
 def test_decoder_stack_gives_the_layers_hidden_states_bit_for_bit(tiny_model_dir, kind, monkeypatch):
     """Every iteration (chunked prompts, decodes, the last layer on the sampled
-    rows only) runs through the native stack and again layer by layer; both
-    write the same K/V, and the hidden states must be equal, not close."""
+    rows only) runs through the native stack and again, from the same KV
+    pool, layer by layer: the hidden states and the K/V written must be
+    equal, not close."""
     from helpers_models import MiniScheduler
 
     runner = _runner(tiny_model_dir(kind), cpu_kernels="on")
     model = runner.model.model
-    stack = model.native_stack
-    assert stack is not None and stack.num_layers == model.end - model.start
+    assert model.native_stack is not None and model.native_stack.num_layers == model.end - model.start
+    stack = _CountingStack(model.native_stack)
+    model.native_stack = stack
+    caches = [model.layers[i].self_attn.attn.kv_cache for i in range(model.start, model.end)]
     forward, compared = model.forward, []
 
     def both(input_ids, positions, meta, hidden_states=None):
+        before = [c.clone() for c in caches]
         native = forward(input_ids, positions, meta, hidden_states)
+        written = [c.clone() for c in caches]
+        for c, b in zip(caches, before):
+            c.copy_(b)
         model.native_stack = None
         try:
             layered = forward(input_ids, positions, meta, hidden_states)
         finally:
             model.native_stack = stack
         assert torch.equal(native, layered)
+        assert all(torch.equal(c, w) for c, w in zip(caches, written))
         compared.append((len(input_ids), meta.sample_rows is not None))
         return native
 
@@ -731,6 +750,7 @@ def test_decoder_stack_gives_the_layers_hidden_states_bit_for_bit(tiny_model_dir
     while sched.reqs:
         sched.step(runner)
     assert len(compared) > 10 and any(n > 5 for n, _ in compared) and all(s for _, s in compared)
+    assert stack.calls == len(compared)
 
 
 def test_decoder_stack_is_bound_only_where_every_piece_is_native(tiny_model_dir):
@@ -766,12 +786,29 @@ def test_decoder_stack_refuses_bad_layers_and_inputs(ops):
         stack.add_layer(**{**args, "down": ops.pack_panels(torch.randn(hidden, 64))})
     with pytest.raises(RuntimeError, match="cos_sin must be"):
         stack.add_layer(**{**args, "cos_sin": torch.randn(32, 2, 8)})
+    with pytest.raises(RuntimeError, match="o_bias must be a contiguous float32 vector of 64 values"):
+        stack.add_layer(**{**args, "o_bias": torch.zeros(128)})
+    with pytest.raises(RuntimeError, match="gate_up_bias must be a contiguous float32 vector of 256 values"):
+        stack.add_layer(**{**args, "gate_up_bias": torch.zeros(128)})
+    with pytest.raises(RuntimeError, match="post_norm must be a contiguous float32 vector of 64 values"):
+        stack.add_layer(**{**args, "post_norm": torch.ones(hidden, dtype=torch.float64)})
     assert stack.num_layers == 0
     stack.add_layer(**args)
-    assert stack.num_layers == 1
-    x, one = torch.randn(3, hidden), torch.zeros(3, dtype=torch.long)
-    meta = (one, torch.zeros(1, 2, dtype=torch.long), torch.tensor([0, 3]), torch.tensor([3]))
-    with pytest.raises(RuntimeError, match="one KV cache per layer: 1 layers, 0 caches"):
-        stack.forward(x, None, one, [], *meta, None, None, -1)
+    stack.add_layer(**args)
+    assert stack.num_layers == 2
+    x, zeros = torch.randn(3, hidden), torch.zeros(3, dtype=torch.long)
+    meta = (torch.tensor([0, 1, 2]), torch.zeros(1, 2, dtype=torch.long), torch.tensor([0, 3]), torch.tensor([3]))
+    cache = torch.zeros(2, 4, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="one KV cache per layer: 2 layers, 1 caches"):
+        stack.forward(x, None, zeros, [cache], *meta, None, None, -1)
     with pytest.raises(RuntimeError, match="a sampled-only layer needs sample_rows"):
-        stack.forward(x, None, one, [torch.zeros(2, 4, 4, 2, 16)], *meta, None, None, 0)
+        stack.forward(x, None, zeros, [cache, cache.clone()], *meta, None, None, 1)
+    with pytest.raises(RuntimeError, match="sampled_only_layer must be -1 .none. or a layer below 2; got -2"):
+        stack.forward(x, None, zeros, [cache, cache.clone()], *meta, None, None, -2)
+    # A bad cache is refused before any layer writes its K/V.
+    with pytest.raises(RuntimeError, match=r"layer 1's KV cache must be a contiguous float32 CPU tensor "
+                                           r"\[2, blocks, block_size, 2, 16\]"):
+        stack.forward(x, None, zeros, [cache, torch.zeros(2, 4, 4, 2, 8)], *meta, None, None, -1)
+    assert not cache.any()
+    out, residual = stack.forward(x, None, zeros, [cache, cache.clone()], *meta, None, None, -1)
+    assert out.shape == residual.shape == (3, hidden) and cache.any()

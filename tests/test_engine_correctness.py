@@ -47,7 +47,7 @@ def run_staggered(engine, prompts, max_tokens, every=2, first=4):
     return [outs[i] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "llama-bias"])
 @pytest.mark.parametrize("mode,num_blocks", [("paged", 400), ("paged", 26), ("reserve", 60)])
 def test_greedy_matches_hf_with_staggered_arrivals(tiny_model_dir, kind, mode, num_blocks):
     path = tiny_model_dir(kind)

@@ -15,7 +15,7 @@ from orca_serve.models.registry import PRESETS, get_model_class, make_hf_config
 from orca_serve.sampling_params import SamplingParams
 from orca_serve.worker.input_batch import RequestState, prepare_inputs
 
-KINDS = ["llama", "llama-tied-llama3rope", "qwen2", "gpt2", "gpt2-untied"]
+KINDS = ["llama", "llama-tied-llama3rope", "qwen2", "llama-bias", "gpt2", "gpt2-untied"]
 BLOCK = 4
 
 

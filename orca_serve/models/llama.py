@@ -150,7 +150,9 @@ class LlamaModel(nn.Module):
         K/V write and paged attention, every matmul on panels (gate/up fused
         with SiLU), on one tensor-parallel rank (the row-parallel layers'
         all-reduce stays in Python). Whether it does; if not, the layers run
-        one by one as before."""
+        one by one as before. The stack holds the weights and kernels it was
+        bound with: a piece changed afterwards (a kernel swapped for a spy in
+        a test) is not seen until this is called again."""
         layers = [self.layers[i] for i in range(self.start, self.end)]
         self.native_stack = None
         if cpu_ops is None or not layers or not all(_runs_natively(layer, cpu_ops) for layer in layers):

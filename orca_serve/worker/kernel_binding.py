@@ -42,8 +42,9 @@ def bind_cpu_kernels(model: torch.nn.Module, layers: list[Attention], mode: str,
                 # so far: SmolLM2's runner peaked at 3.22 GB RSS this way,
                 # 3.45 GB without (3.26 GB before the arena).
                 release_free_heap()
-    if attention_kernel is not None:
-        for module in model.modules():
-            if hasattr(module, "bind_native_stack"):
-                module.bind_native_stack(cpu_ops)
+    # Without the attention op a model's layers cannot run as one native
+    # call; asked anyway, so that binding again clears a stack bound before.
+    for module in model.modules():
+        if hasattr(module, "bind_native_stack"):
+            module.bind_native_stack(cpu_ops if attention_kernel is not None else None)
     return attention_kernel is not None

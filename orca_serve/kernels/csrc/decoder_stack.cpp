@@ -41,7 +41,6 @@ void DecoderStack::add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Te
   const int64_t hidden = input_norm.numel(), qkv_features = (num_heads_ + 2 * num_kv_heads_) * head_dim_;
   const auto features = [](const at::Tensor& panels) { return panels.dim() == 3 ? panels.size(0) * kPanel : -1; };
   const auto in_features = [](const at::Tensor& panels) { return panels.dim() == 3 ? panels.size(1) : -1; };
-  TORCH_CHECK(post_norm.numel() == hidden, "post_norm must have the hidden size ", hidden);
   // The panels' widths are whole 16-feature panels; the last may be padding.
   TORCH_CHECK(in_features(qkv) == hidden && features(qkv) >= qkv_features && features(qkv) < qkv_features + kPanel,
               "qkv panels must hold [", qkv_features, ", ", hidden, "]");
@@ -51,7 +50,21 @@ void DecoderStack::add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Te
               "gate_up panels must hold gate/up pairs of 16 features over the hidden size ", hidden);
   TORCH_CHECK(in_features(down) == features(gate_up) / 2 && features(down) >= hidden && features(down) < hidden + kPanel,
               "down panels must hold [", hidden, ", ", features(gate_up) / 2, "]");
-  TORCH_CHECK(cos_sin.dim() == 3 && cos_sin.size(2) == head_dim_, "cos_sin must be [positions, 2, ", head_dim_, "]");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() && cos_sin.dim() == 3 &&
+                  cos_sin.size(1) == 2 && cos_sin.size(2) == head_dim_,
+              "cos_sin must be a contiguous float32 [positions, 2, ", head_dim_, "] tensor");
+  // Norm weights and biases: what the kernels would refuse at the first
+  // forward, refused here, where the layer is put together.
+  const auto check_vector = [](const at::Tensor& t, int64_t n, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 && t.numel() == n, name,
+                " must be a contiguous float32 vector of ", n, " values");
+  };
+  check_vector(input_norm, hidden, "input_norm");
+  check_vector(post_norm, hidden, "post_norm");
+  if (qkv_bias) check_vector(*qkv_bias, qkv_features, "qkv_bias");
+  if (o_bias) check_vector(*o_bias, hidden, "o_bias");
+  if (gate_up_bias) check_vector(*gate_up_bias, features(gate_up), "gate_up_bias");
+  if (down_bias) check_vector(*down_bias, hidden, "down_bias");
   layers_.push_back({input_norm, post_norm, qkv, qkv_bias, o, o_bias, gate_up, gate_up_bias, down, down_bias, cos_sin,
                      features(gate_up) / 2});
 }
@@ -65,17 +78,24 @@ std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(
   TORCH_CHECK(L > 0, "DecoderStack has no layers");
   TORCH_CHECK(static_cast<int64_t>(kv_caches.size()) == L, "one KV cache per layer: ", L, " layers, ",
               kv_caches.size(), " caches");
-  TORCH_CHECK(sampled_only_layer < L, "sampled_only_layer ", sampled_only_layer, " is past the ", L, " layers");
+  TORCH_CHECK(sampled_only_layer >= -1 && sampled_only_layer < L, "sampled_only_layer must be -1 (none) or a layer "
+              "below ", L, "; got ", sampled_only_layer);
   TORCH_CHECK(sampled_only_layer < 0 || (sample_rows.has_value() && sample_query_start.has_value()),
               "a sampled-only layer needs sample_rows and sample_query_start");
   check_rows(x_in, "x");
   const int64_t hidden = x_in.size(1), hkv = num_kv_heads_, group = num_heads_ / num_kv_heads_, d = head_dim_;
   const int64_t q_width = num_heads_ * d, kv_width = hkv * d;
+  // Every cache checked before any layer writes to one.
+  for (int64_t i = 0; i < L; ++i) {
+    const at::Tensor& c = kv_caches[i];
+    TORCH_CHECK(c.scalar_type() == at::kFloat && c.device().is_cpu() && c.is_contiguous() && c.dim() == 5 &&
+                    c.size(0) == 2 && c.size(3) == hkv && c.size(4) == d,
+                "layer ", i, "'s KV cache must be a contiguous float32 CPU tensor [2, blocks, block_size, ", hkv,
+                ", ", d, "]; got ", c.sizes());
+  }
   at::Tensor x = x_in, residual;
   for (int64_t i = 0; i < L; ++i) {
     const Layer& w = layers_[i];
-    TORCH_CHECK(kv_caches[i].dim() == 5 && kv_caches[i].size(0) == 2, "layer ", i,
-                "'s KV cache must be [2, blocks, block_size, kv_heads, head_dim]");
     const at::Tensor k_cache = kv_caches[i].select(0, 0), v_cache = kv_caches[i].select(0, 1);
     // The residual stream and this layer's input norm: the first layer of
     // the stage takes the stream as it comes, later ones add the previous
