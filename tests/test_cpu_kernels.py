@@ -800,15 +800,15 @@ def test_decoder_stack_refuses_bad_layers_and_inputs(ops):
     meta = (torch.tensor([0, 1, 2]), torch.zeros(1, 2, dtype=torch.long), torch.tensor([0, 3]), torch.tensor([3]))
     cache = torch.zeros(2, 4, 4, 2, 16)
     with pytest.raises(RuntimeError, match="one KV cache per layer: 2 layers, 1 caches"):
-        stack.forward(x, None, zeros, [cache], *meta, None, None, -1)
+        stack.forward(x, zeros, [cache], *meta, None, None, -1)
     with pytest.raises(RuntimeError, match="a sampled-only layer needs sample_rows"):
-        stack.forward(x, None, zeros, [cache, cache.clone()], *meta, None, None, 1)
+        stack.forward(x, zeros, [cache, cache.clone()], *meta, None, None, 1)
     with pytest.raises(RuntimeError, match="sampled_only_layer must be -1 .none. or a layer below 2; got -2"):
-        stack.forward(x, None, zeros, [cache, cache.clone()], *meta, None, None, -2)
+        stack.forward(x, zeros, [cache, cache.clone()], *meta, None, None, -2)
     # A bad cache is refused before any layer writes its K/V.
     with pytest.raises(RuntimeError, match=r"layer 1's KV cache must be a contiguous float32 CPU tensor "
                                            r"\[2, blocks, block_size, 2, 16\]"):
-        stack.forward(x, None, zeros, [cache, torch.zeros(2, 4, 4, 2, 8)], *meta, None, None, -1)
+        stack.forward(x, zeros, [cache, torch.zeros(2, 4, 4, 2, 8)], *meta, None, None, -1)
     assert not cache.any()
-    out, residual = stack.forward(x, None, zeros, [cache, cache.clone()], *meta, None, None, -1)
+    out, residual = stack.forward(x, zeros, [cache, cache.clone()], *meta, None, None, -1)
     assert out.shape == residual.shape == (3, hidden) and cache.any()

@@ -140,7 +140,7 @@ class LlamaModel(nn.Module):
         caches = [self.layers[i].self_attn.attn.kv_cache for i in range(self.start, self.end)]
         if any(c is None for c in caches):
             raise RuntimeError("attention layer has no KV cache bound; see ModelRunner")
-        return self.native_stack.forward(x, None, positions, caches, meta.slot_mapping, meta.block_table,
+        return self.native_stack.forward(x, positions, caches, meta.slot_mapping, meta.block_table,
                                          meta.query_start_loc, meta.seq_lens, meta.sample_rows,
                                          meta.sample_query_start_loc, last - self.start if last >= 0 else -1)
 

@@ -85,7 +85,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("qkv_bias"), py::arg("o"), py::arg("o_bias"), py::arg("gate_up"), py::arg("gate_up_bias"),
            py::arg("down"), py::arg("down_bias"), py::arg("cos_sin"))
       .def_property_readonly("num_layers", &DecoderStack::num_layers)
-      .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("residual"), py::arg("positions"),
+      .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("positions"),
            py::arg("kv_caches"), py::arg("slot_mapping"), py::arg("block_table"), py::arg("query_start"),
            py::arg("seq_lens"), py::arg("sample_rows"), py::arg("sample_query_start"),
            py::arg("sampled_only_layer"), release());

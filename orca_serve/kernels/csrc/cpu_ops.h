@@ -56,13 +56,13 @@ class DecoderStack {
                  at::Tensor cos_sin);
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   // (the last layer's MLP output, the residual stream before it), as the
-  // Python layers return them; residual None: x is the stream itself. Each
+  // Python layers return them, from x, the stream into the stage. Each
   // layer's K/V go into kv_caches[i] ([2, blocks, block_size, kv_heads,
   // head_dim]); the metadata is paged_attention's and write_kv's. Layer
   // sampled_only_layer (-1: none) runs past its K/V write on the rows
   // sample_rows alone, their query offsets sample_query_start.
-  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
-                                             const at::Tensor& positions, const std::vector<at::Tensor>& kv_caches,
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& positions,
+                                             const std::vector<at::Tensor>& kv_caches,
                                              const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                              const at::Tensor& query_start, const at::Tensor& seq_lens,
                                              const c10::optional<at::Tensor>& sample_rows,

@@ -70,7 +70,7 @@ void DecoderStack::add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Te
 }
 
 std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(
-    const at::Tensor& x_in, const c10::optional<at::Tensor>& residual_in, const at::Tensor& positions,
+    const at::Tensor& x_in, const at::Tensor& positions,
     const std::vector<at::Tensor>& kv_caches, const at::Tensor& slot_mapping, const at::Tensor& block_table,
     const at::Tensor& query_start, const at::Tensor& seq_lens, const c10::optional<at::Tensor>& sample_rows,
     const c10::optional<at::Tensor>& sample_query_start, int64_t sampled_only_layer) const {
@@ -97,16 +97,16 @@ std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(
   for (int64_t i = 0; i < L; ++i) {
     const Layer& w = layers_[i];
     const at::Tensor k_cache = kv_caches[i].select(0, 0), v_cache = kv_caches[i].select(0, 1);
-    // The residual stream and this layer's input norm: the first layer of
-    // the stage takes the stream as it comes, later ones add the previous
+    // The residual stream and this layer's input norm: the stage's first
+    // layer takes the stream as it comes (x), later ones add the previous
     // layer's MLP output to it in the same pass.
     at::Tensor h = at::empty_like(x);
-    if (i == 0 && !residual_in.has_value()) {
+    if (i == 0) {
       residual = x;
       rms_norm(h, x, w.input_norm, eps_);
     } else {
       at::Tensor sum = at::empty_like(x);
-      add_rms_norm(h, sum, x, i == 0 ? *residual_in : residual, w.input_norm, eps_);
+      add_rms_norm(h, sum, x, residual, w.input_norm, eps_);
       residual = sum;
     }
     // Attention: q, k, v are column ranges of the QKV product, rotated in place.
