@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 from orca_serve.batch import CachedRequestData, NewRequestData, SchedulerOutput
+from orca_serve.config import CacheConfig, EngineConfig, ModelConfig
 from orca_serve.sampling_params import SamplingParams
 
 _COMMON = dict(vocab_size=384, initializer_range=0.08, bos_token_id=1, eos_token_id=2)
@@ -75,6 +76,16 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
         tokens.append(int(out.logits[0, -1].argmax()))
         out = model(torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
     return tokens
+
+
+def make_runner(path: str, num_blocks: int = 64, model_options: dict | None = None, **kw):
+    """A ModelRunner for the model at ``path`` with MiniScheduler's block size;
+    ``model_options``: ModelConfig fields (say, cpu_kernels), ``kw``: the runner's."""
+    from orca_serve.worker.model_runner import ModelRunner
+
+    cfg = EngineConfig(model=ModelConfig(model=path, **(model_options or {})),
+                       cache=CacheConfig(block_size=MiniScheduler.block_size))
+    return ModelRunner(cfg, num_kv_blocks=num_blocks, **kw)
 
 
 class MiniScheduler:

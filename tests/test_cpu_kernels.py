@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_models import torch_threads
+from helpers_models import make_runner, torch_threads
 from orca_serve import kernels
 from orca_serve.config import EngineConfig
 from orca_serve.engine.llm_engine import LLMEngine
@@ -689,16 +689,6 @@ def test_engine_same_tokens_with_and_without_kernel(tiny_model_dir, kind):
     assert outs["on"] == outs["off"]
 
 
-def _runner(path: str, **kw):
-    from orca_serve.config import CacheConfig, ModelConfig
-    from orca_serve.worker.model_runner import ModelRunner
-
-    from helpers_models import MiniScheduler
-
-    cfg = EngineConfig(model=ModelConfig(model=path, **kw), cache=CacheConfig(block_size=MiniScheduler.block_size))
-    return ModelRunner(cfg, num_kv_blocks=64)
-
-
 class _CountingStack:
     """A DecoderStack whose forward calls are counted."""
 
@@ -718,7 +708,7 @@ def test_decoder_stack_gives_the_layers_hidden_states_bit_for_bit(tiny_model_dir
     equal, not close."""
     from helpers_models import MiniScheduler
 
-    runner = _runner(tiny_model_dir(kind), cpu_kernels="on")
+    runner = make_runner(tiny_model_dir(kind), model_options={"cpu_kernels": "on"})
     model = runner.model.model
     assert model.native_stack is not None and model.native_stack.num_layers == model.end - model.start
     stack = _CountingStack(model.native_stack)
@@ -754,9 +744,9 @@ def test_decoder_stack_gives_the_layers_hidden_states_bit_for_bit(tiny_model_dir
 
 
 def test_decoder_stack_is_bound_only_where_every_piece_is_native(tiny_model_dir):
-    assert _runner(tiny_model_dir("llama"), cpu_kernels="on").model.model.native_stack is not None
-    assert _runner(tiny_model_dir("llama"), cpu_kernels="off").model.model.native_stack is None
-    runner = _runner(tiny_model_dir("llama"), cpu_kernels="on")
+    assert make_runner(tiny_model_dir("llama"), model_options={"cpu_kernels": "on"}).model.model.native_stack is not None
+    assert make_runner(tiny_model_dir("llama"), model_options={"cpu_kernels": "off"}).model.model.native_stack is None
+    runner = make_runner(tiny_model_dir("llama"), model_options={"cpu_kernels": "on"})
     model, ops = runner.model.model, runner.model.model.layers[0].input_layernorm.cpu_ops
     # One piece on its PyTorch path (say, a norm the kernels did not take): the layers run one by one.
     model.layers[1].post_attention_layernorm.cpu_ops = None

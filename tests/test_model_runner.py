@@ -5,18 +5,11 @@ import random
 
 import pytest
 
-from helpers_models import MiniScheduler, hf_greedy, load_hf
+from helpers_models import MiniScheduler, hf_greedy, load_hf, make_runner
 from orca_serve.batch import CachedRequestData, NewRequestData, SchedulerOutput
-from orca_serve.config import CacheConfig, EngineConfig, ModelConfig
 from orca_serve.sampling_params import SamplingParams
-from orca_serve.worker.model_runner import ModelRunner
 
 BLOCK = MiniScheduler.block_size
-
-
-def make_runner(path: str, num_blocks: int = 64, **kw) -> ModelRunner:
-    cfg = EngineConfig(model=ModelConfig(model=path), cache=CacheConfig(block_size=BLOCK))
-    return ModelRunner(cfg, num_kv_blocks=num_blocks, **kw)
 
 
 def prompts(lengths, vocab=384, seed=0):

@@ -94,20 +94,27 @@ std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(
                 ", ", d, "]; got ", c.sizes());
   }
   at::Tensor x = x_in, residual;
+  // residual += x and the norm of the sum (into h), in one pass, as
+  // RMSNorm.add_and_norm does for each of a layer's two residual adds.
+  const auto add_and_norm = [&](const at::Tensor& x_, const at::Tensor& weight) {
+    at::Tensor sum = at::empty_like(x_), h = at::empty_like(x_);
+    add_rms_norm(h, sum, x_, residual, weight, eps_);
+    residual = sum;
+    return h;
+  };
   for (int64_t i = 0; i < L; ++i) {
     const Layer& w = layers_[i];
     const at::Tensor k_cache = kv_caches[i].select(0, 0), v_cache = kv_caches[i].select(0, 1);
     // The residual stream and this layer's input norm: the stage's first
     // layer takes the stream as it comes (x), later ones add the previous
     // layer's MLP output to it in the same pass.
-    at::Tensor h = at::empty_like(x);
+    at::Tensor h;
     if (i == 0) {
       residual = x;
+      h = at::empty_like(x);
       rms_norm(h, x, w.input_norm, eps_);
     } else {
-      at::Tensor sum = at::empty_like(x);
-      add_rms_norm(h, sum, x, residual, w.input_norm, eps_);
-      residual = sum;
+      h = add_and_norm(x, w.input_norm);
     }
     // Attention: q, k, v are column ranges of the QKV product, rotated in place.
     at::Tensor qkv = matmul(h, w.qkv, w.qkv_bias, (num_heads_ + 2 * hkv) * d);
@@ -128,10 +135,7 @@ std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(
     paged_attention(attn, q.view({rows, hkv, group, d}), k_cache, v_cache, block_table, qs, seq_lens, scale_);
     at::Tensor o = matmul(attn.view({rows, q_width}), w.o, w.o_bias, hidden);
     // MLP: the residual add and its norm in one pass, then SwiGLU.
-    at::Tensor sum = at::empty_like(o);
-    h = at::empty_like(o);
-    add_rms_norm(h, sum, o, residual, w.post_norm, eps_);
-    residual = sum;
+    h = add_and_norm(o, w.post_norm);
     at::Tensor act = at::empty({rows, w.intermediate}, x.options());
     panel_linear_silu_mul(act, h, w.gate_up, w.gate_up_bias);
     x = matmul(act, w.down, w.down_bias, hidden);
