@@ -517,6 +517,28 @@ def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops_by_isa, int
                     assert torch.equal(got, expected), (n_threads, rows, b is not None)
 
 
+def test_wide_prefill_matmuls_split_into_capped_runs(ops_by_isa):
+    """Prefill-sized matmuls cut each row block's panels into runs of at most
+    32 (so a unit's output block stays in L2). With 1,500 rows (8 row
+    blocks) and 130 panels a run would otherwise be 66 panels: here the runs
+    are 32, 32, 32, 32 and a last one of 2 (one gate/up pair). The plain
+    matmul must match a float64 reference and the gated one, bit for bit,
+    the plain one followed by silu_and_mul."""
+    g = torch.Generator().manual_seed(5)
+    intermediate, k, rows = 1040, 40, 1500
+    w, bias = torch.randn(2 * intermediate, k, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
+    x = torch.randn(rows, k, generator=g)
+    product = torch.full((rows, 2 * intermediate), float("nan"))
+    ops_by_isa.panel_linear(product, x, ops_by_isa.pack_panels(w), bias)
+    torch.testing.assert_close(product.double(), F.linear(x.double(), w.double(), bias.double()), rtol=1e-5, atol=1e-3)
+    expected = torch.empty(rows, intermediate)
+    ops_by_isa.silu_and_mul(expected, product)
+    got = torch.full((rows, intermediate), float("nan"))
+    ops_by_isa.panel_linear_silu_mul(got, x, ops_by_isa.pack_panels(packed_gemm.interleave_gate_up(w, ops_by_isa.panel_width)),
+                                     packed_gemm.interleave_gate_up(bias, ops_by_isa.panel_width))
+    assert torch.equal(got, expected)
+
+
 def test_panel_linear_silu_mul_rejects_bad_inputs(ops):
     panels = ops.pack_panels(torch.randn(64, 24))  # 4 panels: 2 gate/up pairs, 32 output features
     x = torch.randn(3, 24)
