@@ -136,6 +136,8 @@ def test_decodes_match_sdpa(ops_by_isa, kv_heads, group, head_dim, block_size):
     (2, 1, 32, 5),    # MHA: a 7-row chunk has 7 query vectors, padded to 16
     (2, 7, 16, 4),    # an odd group: 112 query vectors per 16-row task
     (1, 2, 80, 16),   # a head of five 16-dim tiles
+    (2, 2, 96, 8),    # AVX-512's P.V: a 64-dim chunk and a 32-dim one
+    (1, 3, 256, 16),  # four 64-dim chunks
     (3, 3, 20, 3),    # a head size with no specialization: the generic loop
 ])
 def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops_by_isa, kv_heads, group, head_dim, block_size):
@@ -155,6 +157,30 @@ def test_mixed_batch_of_decodes_prompts_and_chunks_matches_sdpa(ops_by_isa, kv_h
     expected = reference(*case, scale)
     torch.testing.assert_close(run_kernel(ops_by_isa, *case, scale), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(run_kernel(ops_by_isa, strided, *case[1:], scale), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads,group,head_dim", [
+    (3, 3, 64),    # SmolLM2's shape: 48 query vectors per task, one 48-wide zmm score tile
+    (2, 7, 16),    # 112 per task: two 48-wide tiles and a 16-wide one
+    (2, 1, 32),    # 16 or fewer: one 16-wide tile; a 32-dim head: one 2-zmm P.V chunk
+    (1, 2, 80),    # 32 per task: a 32-wide tile; P.V 64 dims and then 16
+    (2, 2, 96),    # P.V 64 dims and then 32
+    (1, 4, 256),   # P.V four 64-dim chunks
+])
+def test_prompt_attention_is_the_same_in_the_avx512_and_avx2_builds(kv_heads, group, head_dim):
+    """The AVX-512 build's prompt tiles (8 keys x 48 queries, 6 queries x 64
+    dims) are wider than AVX2's (6 x 16, 6 x 16), but each score and output
+    element is one FMA chain in the same order in both: the two builds must
+    agree bit for bit on prompts and chunks. (Decodes, one row, take the
+    decode kernel, whose sums' order follows the vector width.)"""
+    if "avx512" not in kernels.available_isas():
+        pytest.skip("this CPU has no AVX-512 build to compare with the AVX2 one")
+    rows = [2, 200, 7, 40, 3, 131, 16, 17]
+    case = make_case(head_dim + group, len(rows), kv_heads, group, head_dim, 16, 260, rows=rows)
+    scale = head_dim ** -0.5
+    wide, narrow = (run_kernel(kernels.load(isa), *case, scale) for isa in ("avx512", "avx2"))
+    assert torch.isfinite(wide).all()
+    assert torch.equal(wide, narrow)
 
 
 @pytest.mark.parametrize("block_size", [16, 5])
@@ -198,9 +224,9 @@ def test_a_future_keys_huge_score_leaves_earlier_rows_alone(ops_by_isa, future):
     # position `future` that scores ~1000 above the rest with every query. The
     # rows before it must not see it at all: were it counted in their softmax
     # max, every weight they do see would underflow to zero (0/0 = NaN). With
-    # 16-row tasks and 6-key score tiles, 17 and 34 sit just past a task's
-    # first row, in the tile after the last one every row of it sees; 63 is in
-    # the single-key tail.
+    # 16-row tasks and score tiles of 6 keys (AVX2) or 8 (AVX-512), 17 and 34
+    # sit just past a task's first row, in the tile after the last one every
+    # row of it sees; 63 is in AVX2's single-key tail and AVX-512's last tile.
     # One request of one 64-token block (make_case fills the first request's block).
     q, kc, vc, table, qs, lens = make_case(11, 1, 3, 3, 64, 64, 64, rows=[64])
     assert int(lens[0]) == 64 and len(q) == 64
