@@ -176,7 +176,9 @@ def test_prompt_attention_is_the_same_in_the_avx512_and_avx2_builds(kv_heads, gr
     if "avx512" not in kernels.available_isas():
         pytest.skip("this CPU has no AVX-512 build to compare with the AVX2 one")
     rows = [2, 200, 7, 40, 3, 131, 16, 17]
-    case = make_case(head_dim + group, len(rows), kv_heads, group, head_dim, 16, 260, rows=rows)
+    lens = [5, 200, 146, 116, 134, 161, 78, 190]  # whole prompts and chunks continuing a context
+    case = make_case(head_dim + group, len(rows), kv_heads, group, head_dim, 16, 260, rows=rows, lens=lens)
+    assert (case[4][1:] - case[4][:-1]).min() > 1  # no request is a decode
     scale = head_dim ** -0.5
     wide, narrow = (run_kernel(kernels.load(isa), *case, scale) for isa in ("avx512", "avx2"))
     assert torch.isfinite(wide).all()
@@ -218,18 +220,19 @@ def test_large_scores_do_not_overflow(ops_by_isa):
     torch.testing.assert_close(out, reference(q, kc, vc, table, qs, lens, 0.125), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("future", [9, 17, 34, 63])
-def test_a_future_keys_huge_score_leaves_earlier_rows_alone(ops_by_isa, future):
-    # One 64-token prompt whose queries all point one way, and one key at
-    # position `future` that scores ~1000 above the rest with every query. The
-    # rows before it must not see it at all: were it counted in their softmax
+@pytest.mark.parametrize("length,future", [(64, 9), (64, 17), (64, 34), (64, 63), (61, 60)])
+def test_a_future_keys_huge_score_leaves_earlier_rows_alone(ops_by_isa, length, future):
+    # One prompt whose queries all point one way, and one key at position
+    # `future` that scores ~1000 above the rest with every query. The rows
+    # before it must not see it at all: were it counted in their softmax
     # max, every weight they do see would underflow to zero (0/0 = NaN). With
     # 16-row tasks and score tiles of 6 keys (AVX2) or 8 (AVX-512), 17 and 34
     # sit just past a task's first row, in the tile after the last one every
-    # row of it sees; 63 is in AVX2's single-key tail and AVX-512's last tile.
-    # One request of one 64-token block (make_case fills the first request's block).
-    q, kc, vc, table, qs, lens = make_case(11, 1, 3, 3, 64, 64, 64, rows=[64])
-    assert int(lens[0]) == 64 and len(q) == 64
+    # row of it sees; 63 is in AVX2's single-key tail and AVX-512's last
+    # tile; 60 of 61 keys is in both builds' single-key tail.
+    # One request in one 64-token block.
+    q, kc, vc, table, qs, lens = make_case(11, 1, 3, 3, 64, 64, 64, rows=[length], lens=[length])
+    assert int(lens[0]) == length and len(q) == length
     q[:] = F.normalize(torch.randn(3, 3, 64), dim=-1)  # every row: the same query per head
     block, offset = table[0, 0], future
     kc[block, offset] = q[0].mean(1) * 8000  # [kv_heads, head_dim], along each head's queries
@@ -545,24 +548,33 @@ def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops_by_isa, int
 
 def test_wide_prefill_matmuls_split_into_capped_runs(ops_by_isa):
     """Prefill-sized matmuls cut each row block's panels into runs of at most
-    32 (so a unit's output block stays in L2). With 1,500 rows (8 row
-    blocks) and 130 panels a run would otherwise be 66 panels: here the runs
-    are 32, 32, 32, 32 and a last one of 2 (one gate/up pair). The plain
+    32 (so a unit's output block stays in L2 across the K slices). With
+    1,500 rows (8 row blocks) and 130 panels a run would otherwise be 130,
+    66 or 44 panels on 1, 2 or 3 threads: capped, the runs are 32, 32, 32,
+    32 and a last one of 2 (one gate/up pair). K = 300 is a whole 256-wide
+    slice and a partial one, so the capped blocks are added to. The plain
     matmul must match a float64 reference and the gated one, bit for bit,
-    the plain one followed by silu_and_mul."""
+    the plain one followed by silu_and_mul (an odd cap, splitting a pair,
+    fails that). Whether the cap is in place at all is a matter of speed,
+    which tests do not time."""
     g = torch.Generator().manual_seed(5)
-    intermediate, k, rows = 1040, 40, 1500
+    intermediate, k, rows = 1040, 300, 1500
     w, bias = torch.randn(2 * intermediate, k, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
     x = torch.randn(rows, k, generator=g)
-    product = torch.full((rows, 2 * intermediate), float("nan"))
-    ops_by_isa.panel_linear(product, x, ops_by_isa.pack_panels(w), bias)
-    torch.testing.assert_close(product.double(), F.linear(x.double(), w.double(), bias.double()), rtol=1e-5, atol=1e-3)
-    expected = torch.empty(rows, intermediate)
-    ops_by_isa.silu_and_mul(expected, product)
-    got = torch.full((rows, intermediate), float("nan"))
-    ops_by_isa.panel_linear_silu_mul(got, x, ops_by_isa.pack_panels(packed_gemm.interleave_gate_up(w, ops_by_isa.panel_width)),
-                                     packed_gemm.interleave_gate_up(bias, ops_by_isa.panel_width))
-    assert torch.equal(got, expected)
+    plain = ops_by_isa.pack_panels(w)
+    gated = ops_by_isa.pack_panels(packed_gemm.interleave_gate_up(w, ops_by_isa.panel_width))
+    gated_bias = packed_gemm.interleave_gate_up(bias, ops_by_isa.panel_width)
+    reference_product = F.linear(x.double(), w.double(), bias.double())
+    for n_threads in (1, 2, 3):
+        with torch_threads(n_threads):
+            product = torch.full((rows, 2 * intermediate), float("nan"))
+            ops_by_isa.panel_linear(product, x, plain, bias)
+            torch.testing.assert_close(product.double(), reference_product, rtol=1e-5, atol=1e-3)
+            expected = torch.empty(rows, intermediate)
+            ops_by_isa.silu_and_mul(expected, product)
+            got = torch.full((rows, intermediate), float("nan"))
+            ops_by_isa.panel_linear_silu_mul(got, x, gated, gated_bias)
+            assert torch.equal(got, expected), n_threads
 
 
 def test_panel_linear_silu_mul_rejects_bad_inputs(ops):

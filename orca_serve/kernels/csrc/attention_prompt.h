@@ -1,6 +1,7 @@
 // Prompt rows (and chunks of prompts) attending causally over the paged pool:
-// a plain per-row kernel for any head size, and a register-tiled one for head
-// sizes that are multiples of 16. Included by paged_attention.cpp only.
+// a plain per-row kernel for any head size, and a register-tiled one for the
+// head sizes paged_attention.cpp specializes that are multiples of 16 (16,
+// 32, 64, 80, 96, 128, 256). Included by paged_attention.cpp only.
 #pragma once
 
 #include "attention_common.h"
@@ -53,7 +54,7 @@ inline int64_t padded_queries(int64_t nq) { return (nq + 15) / 16 * 16; }
 inline int64_t tiled_scratch(int64_t nq, int64_t max_len, int64_t d) { return padded_queries(nq) * (2 * d + max_len + 3); }
 
 #ifdef __AVX2__
-// Prompt rows, register-tiled (head sizes that are multiples of 16). A task's
+// Prompt rows, register-tiled (specialized head sizes, multiples of 16). A task's
 // query vectors (rows x the KV head's group) are transposed once into
 // qt [D][nq_pad] (8 x 8 register transposes); scores are built transposed,
 // st [key][query] = K Q^T, 6 keys x 16 queries per register tile: per d, 2
