@@ -518,63 +518,41 @@ def test_panel_linear_rejects_bad_inputs(ops):
         ops.panel_linear(out, x, shifted, None)
 
 
-@pytest.mark.parametrize("intermediate", [48, 112, 160])
+@pytest.mark.parametrize("intermediate", [48, 112, 160, 1040])
 def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops_by_isa, intermediate):
     """The gated matmul gives, bit for bit, what the plain one followed by
     silu_and_mul gives: each gate/up product is summed the same way, only
-    where it lands differs. Rows cover one tile, a partial tile, the
-    streaming loop's largest size and the K-blocked loop (with a partial row
-    block); K = 300 leaves a partial K slice. The threads' runs of panels
-    must hold whole gate/up pairs: 112 features make 14 panels, which would
-    otherwise be cut into runs of 5."""
+    where it lands differs; the plain product matches a float64 reference.
+    Rows cover one tile, a partial tile, the streaming loop's largest size
+    and the K-blocked loop (with a partial row block); K = 300 leaves a
+    partial K slice. The threads' runs of panels must hold whole gate/up
+    pairs: 112 features make 14 panels, which would otherwise be cut into
+    runs of 5. Prefill-sized runs are capped at 32 panels (so a unit's
+    output block stays in L2 across the K slices): with 1,500 rows (8 row
+    blocks) and 1,040 features (130 panels) a run would otherwise be 130,
+    66 or 44 panels on 1, 2 or 3 threads; capped, the runs are 32, 32, 32,
+    32 and a last one of one gate/up pair (an odd cap, splitting a pair,
+    fails this). Whether the cap is in place at all is a matter of speed,
+    which tests do not time."""
     g = torch.Generator().manual_seed(3)
     w, bias = torch.randn(2 * intermediate, 300, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
     plain = ops_by_isa.pack_panels(w)
     gated = ops_by_isa.pack_panels(packed_gemm.interleave_gate_up(w, ops_by_isa.panel_width))
     for n_threads in (1, 2, 3):
         with torch_threads(n_threads):
-            for rows in (1, 5, 7, 64, 127, 128, 300):
+            for rows in (1, 5, 7, 64, 127, 128, 300, 1500):
                 x = torch.randn(rows, 300, generator=g) * 3
                 for b in (None, bias):
                     product = torch.empty(rows, 2 * intermediate)
                     ops_by_isa.panel_linear(product, x, plain, b)
+                    torch.testing.assert_close(product.double(), F.linear(x.double(), w.double(), None if b is None
+                                                                          else b.double()), rtol=1e-5, atol=1e-3)
                     expected = torch.empty(rows, intermediate)
                     ops_by_isa.silu_and_mul(expected, product)
                     got = torch.full((rows, intermediate), float("nan"))
                     gated_bias = None if b is None else packed_gemm.interleave_gate_up(b, ops_by_isa.panel_width)
                     ops_by_isa.panel_linear_silu_mul(got, x, gated, gated_bias)
                     assert torch.equal(got, expected), (n_threads, rows, b is not None)
-
-
-def test_wide_prefill_matmuls_split_into_capped_runs(ops_by_isa):
-    """Prefill-sized matmuls cut each row block's panels into runs of at most
-    32 (so a unit's output block stays in L2 across the K slices). With
-    1,500 rows (8 row blocks) and 130 panels a run would otherwise be 130,
-    66 or 44 panels on 1, 2 or 3 threads: capped, the runs are 32, 32, 32,
-    32 and a last one of 2 (one gate/up pair). K = 300 is a whole 256-wide
-    slice and a partial one, so the capped blocks are added to. The plain
-    matmul must match a float64 reference and the gated one, bit for bit,
-    the plain one followed by silu_and_mul (an odd cap, splitting a pair,
-    fails that). Whether the cap is in place at all is a matter of speed,
-    which tests do not time."""
-    g = torch.Generator().manual_seed(5)
-    intermediate, k, rows = 1040, 300, 1500
-    w, bias = torch.randn(2 * intermediate, k, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
-    x = torch.randn(rows, k, generator=g)
-    plain = ops_by_isa.pack_panels(w)
-    gated = ops_by_isa.pack_panels(packed_gemm.interleave_gate_up(w, ops_by_isa.panel_width))
-    gated_bias = packed_gemm.interleave_gate_up(bias, ops_by_isa.panel_width)
-    reference_product = F.linear(x.double(), w.double(), bias.double())
-    for n_threads in (1, 2, 3):
-        with torch_threads(n_threads):
-            product = torch.full((rows, 2 * intermediate), float("nan"))
-            ops_by_isa.panel_linear(product, x, plain, bias)
-            torch.testing.assert_close(product.double(), reference_product, rtol=1e-5, atol=1e-3)
-            expected = torch.empty(rows, intermediate)
-            ops_by_isa.silu_and_mul(expected, product)
-            got = torch.full((rows, intermediate), float("nan"))
-            ops_by_isa.panel_linear_silu_mul(got, x, gated, gated_bias)
-            assert torch.equal(got, expected), n_threads
 
 
 def test_panel_linear_silu_mul_rejects_bad_inputs(ops):

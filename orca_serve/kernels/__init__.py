@@ -53,8 +53,8 @@ _builds: dict[str, tuple] = {}  # ISA -> (module or None, why not)
 # The vector extensions a build can target, best first: the compiler flags
 # that enable each and the /proc/cpuinfo flags it needs. The inner loops are
 # written for AVX2 + FMA; AVX-512 widens the matmul's and the prompt
-# attention's register tiles to zmm (panel_gemm.cpp, attention_prompt.h). "generic" is the compiler's baseline (SSE2 on x86-64):
-# correct and slower.
+# attention's register tiles to zmm (panel_gemm.cpp, attention_prompt.h).
+# "generic" is the compiler's baseline (SSE2 on x86-64): correct and slower.
 ISAS = {
     "avx512": (["-mavx2", "-mfma", "-mavx512f"], {"avx2", "fma", "avx512f"}),
     "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),

@@ -118,3 +118,10 @@ inline void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1,
               name, " must be a 2-D float32 CPU tensor with contiguous rows");
 }
+
+// A norm weight or a bias: n float32 values in one contiguous CPU vector.
+inline void check_vector(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous() && t.dim() == 1 &&
+                  t.numel() == n,
+              name, " must be a contiguous float32 vector of ", n, " values, on the CPU");
+}

@@ -55,10 +55,6 @@ void DecoderStack::add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Te
               "cos_sin must be a contiguous float32 [positions, 2, ", head_dim_, "] tensor");
   // Norm weights and biases: what the kernels would refuse at the first
   // forward, refused here, where the layer is put together.
-  const auto check_vector = [](const at::Tensor& t, int64_t n, const char* name) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 && t.numel() == n, name,
-                " must be a contiguous float32 vector of ", n, " values");
-  };
   check_vector(input_norm, hidden, "input_norm");
   check_vector(post_norm, hidden, "post_norm");
   if (qkv_bias) check_vector(*qkv_bias, qkv_features, "qkv_bias");

@@ -15,8 +15,7 @@ void norm_rows(at::Tensor out, const at::Tensor& x, const at::Tensor* h, at::Ten
   check_rows(x, "x");
   check_rows(out, "out");
   TORCH_CHECK(out.sizes() == x.sizes(), "out and x must have the same shape");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == x.size(1),
-              "weight must be a contiguous float32 vector of the hidden size");
+  check_vector(weight, x.size(1), "weight");
   if (h) {
     check_rows(*h, "h");
     check_rows(*sum, "sum");

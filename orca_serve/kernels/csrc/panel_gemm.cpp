@@ -382,8 +382,7 @@ PanelArgs panel_args(const at::Tensor& out, const at::Tensor& x, const at::Tenso
   }
   const float* bp = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "bias must be a contiguous float32 vector of the output size");
+    check_vector(*bias, N, "bias");
     bp = bias->data_ptr<float>();
   }
   const float* pp = panels.data_ptr<float>();
