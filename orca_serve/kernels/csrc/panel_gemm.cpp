@@ -261,18 +261,19 @@ void parallel_units(int64_t units, const F& body) {
 }
 
 // Units of work per thread a matmul is cut into: kUnitsPerThread, or, when
-// all of x is one row block (decode-sized batches, up to 191 rows),
-// kOneBlockUnitsPerThread. Each unit starts on panels that were not
-// prefetched and reads its x rows again, so a decode-sized matmul wants few
-// long runs; a thread held up by the host (what the units are for) still
-// leaves the other one or two units to take. On the 2-core Xeon, SmolLM2's
-// four layer matmuls (30 layers' weights cycling, medians of 9 alternated
-// rounds) ran 6-12% faster with 3 units per thread than with 8 from 1 to
-// 192 rows (AVX-512 build; 2-8% in the AVX2 build), and 30-layer decode
-// steps of 16 / 64 / 128 requests took 0.95x / 0.96x / 0.97x the time (0.94x
-// / 0.98x beside a 2 ms-in-20 ms busy loop). 2 or 4 per thread were no faster
-// than 3 at 64-192 rows. With several row blocks, whose last is ragged,
-// 3 per thread left the threads uneven (256 rows: 0.94x the rate of 8).
+// all of x is one row block (up to 192 rows: decode steps of as many
+// requests), kOneBlockUnitsPerThread. Each unit starts on panels that were
+// not prefetched and reads its x rows again, so a decode-sized matmul wants
+// few long runs; a thread held up by the host (what the units are for)
+// still leaves the other one or two units to take. On the 2-core Xeon,
+// SmolLM2's four layer matmuls (30 layers' weights cycling, medians of 7-9
+// alternated rounds) ran 6-12% faster with 3 units per thread than with 8
+// from 1 to 192 rows (AVX-512 build; 2-8% in the AVX2 build), and 30-layer
+// decode steps of 16 / 64 / 128 requests took 0.95x / 0.96x / 0.97x the
+// time (at 16 / 128, 0.94x / 0.98x beside a 2 ms-in-20 ms busy loop). 2 or
+// 4 per thread were no faster than 3 at 64-192 rows. With several row
+// blocks, whose last is ragged, 3 per thread left the threads uneven (256
+// rows: 0.94x the rate of 8).
 constexpr int64_t kUnitsPerThread = 8;
 constexpr int64_t kOneBlockUnitsPerThread = 3;
 
