@@ -222,8 +222,11 @@ inline void score_tiles(const float* const* krow, const float* __restrict qt, in
 #ifdef __AVX512F__
   int64_t c0 = 0;
   for (; c0 + 48 <= nq_pad; c0 += 48) score_tile_z<D, KT, 3, Max>(krow, qt, nq_pad, scale, st_rows, c0, mx);
-  if (nq_pad - c0 == 32) score_tile_z<D, KT, 2, Max>(krow, qt, nq_pad, scale, st_rows, c0, mx);
-  if (nq_pad - c0 == 16) score_tile_z<D, KT, 1, Max>(krow, qt, nq_pad, scale, st_rows, c0, mx);
+  // nq_pad is a multiple of 16: what is left is 0, 16 or 32 columns.
+  if (nq_pad - c0 == 32)
+    score_tile_z<D, KT, 2, Max>(krow, qt, nq_pad, scale, st_rows, c0, mx);
+  else if (nq_pad - c0 == 16)
+    score_tile_z<D, KT, 1, Max>(krow, qt, nq_pad, scale, st_rows, c0, mx);
 #else
   for (int64_t c0 = 0; c0 < nq_pad; c0 += 16) score_tile_t<D, KT, Max>(krow, qt, nq_pad, scale, st_rows, c0, mx);
 #endif

@@ -26,9 +26,9 @@
 // threads and merges their softmax sums after (as flash-decoding does).
 // Prompt rows are register-tiled for the specialized head sizes that are
 // multiples of 16, with the scores built transposed (keys x queries) so K
-// is read in place: six prompts of 224-512 tokens took 0.80-0.82x the time of the previous
-// tiling, which copied every 16-key tile of K into [D][16] for every task
-// (itself 1.25-1.45x the per-row loop). P.V then runs over L1-sized chunks
+// is read in place: six prompts of 224-512 tokens took 0.80-0.82x the time
+// of the previous tiling, which copied every 16-key tile of K into [D][16]
+// for every task (itself 1.25-1.45x the per-row loop). P.V then runs over L1-sized chunks
 // of keys, with the softmax max kept by the score tiles and the
 // exponentials taken per chunk, and the queries transposed 8 x 8 in
 // registers: those prompts took 0.86-0.89x the time again, chunks plus
