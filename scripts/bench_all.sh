@@ -20,16 +20,11 @@ step() { echo "== $(date +%T) $*"; }
 want overhead && step "overhead at 256 running requests (null model vs model)" && $B bench overhead --num-requests 256 --prompt-len 128 --steps 10 --out "$OUT/overhead.json"
 
 REPEATS=${REPEATS:-3}
-if want engine; then
-for i in $(seq 1 "$REPEATS"); do
-  step "orca-serve offline (in-process engine), $N requests, run $i/$REPEATS"
-  $B bench --workload orca --num-requests "$N" --label orca-serve-engine --out "$OUT/ours-engine-$i.json" --no-progress --quiet
-done
-$B bench roofline --num-tokens 128 --result "$OUT"/ours-engine-*.json --out "$OUT/roofline.json"
-fi
 
-# Our server and vLLM's, alternated run by run so drift on this shared machine
-# hits both; each server starts fresh for each run (no prefix cache carried over).
+# Our in-process engine, our server and vLLM's, alternated run by run so drift
+# on this shared machine hits all three (the HTTP/in-process ratio as much as
+# the ratio to vLLM); each server starts fresh for each run (no prefix cache
+# carried over).
 # ours_server/vllm_server CMD...: start the server, run CMD... against it
 # (PORT says where), stop it.
 ours_server() {
@@ -60,9 +55,12 @@ lowc_run() {
 }
 have_vllm() { [ -x .venv-vllm/bin/python ]; }
 for i in $(seq 1 "$REPEATS"); do
+  want engine && step "orca-serve offline (in-process engine), $N requests, run $i/$REPEATS" &&
+    $B bench --workload orca --num-requests "$N" --label orca-serve-engine --out "$OUT/ours-engine-$i.json" --no-progress --quiet
   want http && step "orca-serve server through HTTP, run $i/$REPEATS" && ours_server trace_run ours orca-serve "$i"
   want vllm && have_vllm && step "vLLM CPU server through HTTP, run $i/$REPEATS" && vllm_server trace_run vllm vllm "$i"
 done
+want engine && $B bench roofline --num-tokens 128 --result "$OUT"/ours-engine-*.json --out "$OUT/roofline.json"
 if want http && want vllm && have_vllm; then
   $B bench compare --median "$OUT"/ours-http-*.json "$OUT"/vllm-http-*.json --baseline vllm --out "$OUT/vs-vllm.json"
 fi
