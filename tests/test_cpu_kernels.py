@@ -122,6 +122,8 @@ def run_kernel(ops, q, kc, vc, table, qs, lens, scale):
     (2, 2, 256, 8),
     (3, 2, 16, 4),    # the tiny test models' heads
     (2, 3, 20, 3),    # a head size with no specialization: the generic loop
+    (1, 5, 64, 32),   # AVX-512: a set of four query heads, then one; two 16-key score chunks a block
+    (2, 3, 128, 16),  # AVX-512: 128-dim heads in sets of two, then one
 ])
 def test_decodes_match_sdpa(ops_by_isa, kv_heads, group, head_dim, block_size):
     case = make_case(head_dim + block_size, 13, kv_heads, group, head_dim, block_size, 90)

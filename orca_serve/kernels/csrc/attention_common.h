@@ -18,11 +18,18 @@ inline __m256 hsum8(const __m256* v) {
 }
 #endif
 
+// What block_scores and weighted_rows call as they go, step(k) after k keys
+// or rows, when the caller has nothing to do between them (the decode scan
+// asks for the next block's lines there).
+struct NoStep {
+  void operator()(int64_t) const {}
+};
+
 // scores[t] = scale * <q, k row t> for the n (<= block size) rows of one block.
 // D > 0: compiled for that head size; D == 0: any head size d (<= kMaxHeadDim).
-template <int D>
+template <int D, typename Step = NoStep>
 inline void block_scores(const float* __restrict q, const float* __restrict kb, int64_t n, int64_t row_stride,
-                         int d_runtime, float scale, float* __restrict scores) {
+                         int d_runtime, float scale, float* __restrict scores, Step&& step = Step()) {
   const int dim = D > 0 ? D : d_runtime;
   int64_t i = 0;
 #ifdef __AVX2__
@@ -32,6 +39,7 @@ inline void block_scores(const float* __restrict q, const float* __restrict kb, 
     const __m256 sv = _mm256_set1_ps(scale);
     for (; i + 8 <= n; i += 8) {
       __m256 acc[8];
+      step(8);
       for (int j = 0; j < 8; ++j) {
         const float* kr = kb + (i + j) * row_stride;
         acc[j] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr));
@@ -42,6 +50,7 @@ inline void block_scores(const float* __restrict q, const float* __restrict kb, 
   }
 #endif
   for (; i < n; ++i) {
+    step(1);
     const float* kr = kb + i * row_stride;
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
@@ -67,9 +76,9 @@ inline float exp_shifted(float* __restrict s, int64_t len, float* max_out = null
 }
 
 // acc[0, D) += sum over the n rows t of w[t] * v row t (rows row_stride apart).
-template <int D>
+template <int D, typename Step = NoStep>
 inline void weighted_rows(float* __restrict acc, const float* __restrict w, const float* __restrict vb, int64_t n,
-                          int64_t row_stride, int d_runtime) {
+                          int64_t row_stride, int d_runtime, Step&& step = Step()) {
 #ifdef __AVX2__
   if constexpr (D > 0 && D % 8 == 0) {
     // 64 dims at a time, accumulated in registers over the rows.
@@ -79,6 +88,7 @@ inline void weighted_rows(float* __restrict acc, const float* __restrict w, cons
       __m256 a[kMax];
       for (int c = 0; c < kMax; ++c) a[c] = c < nv ? _mm256_loadu_ps(acc + c0 + 8 * c) : _mm256_setzero_ps();
       for (int64_t i = 0; i < n; ++i) {
+        if (c0 == 0) step(1);
         const __m256 wv = _mm256_set1_ps(w[i]);
         const float* vr = vb + i * row_stride + c0;
         for (int c = 0; c < kMax; ++c)
@@ -92,6 +102,7 @@ inline void weighted_rows(float* __restrict acc, const float* __restrict w, cons
 #endif
   const int dim = D > 0 ? D : d_runtime;
   for (int64_t i = 0; i < n; ++i) {
+    step(1);
     const float* vr = vb + i * row_stride;
     const float wi = w[i];
 #pragma omp simd
