@@ -137,6 +137,7 @@ template <int D, typename Step>
 inline void block_scores_z(const float* __restrict q, const float* __restrict kb, int64_t n, int64_t row_stride,
                            float scale, float* __restrict scores, const Step& step) {
   constexpr int C = D / 16, QC = C < 8 ? C : 8;
+  static_assert(C % QC == 0, "q's chunks must cover the head exactly");
   const __m512 sv = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t m = std::min<int64_t>(16, n - i);
