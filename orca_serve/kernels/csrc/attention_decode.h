@@ -215,6 +215,17 @@ inline void group_scores(const float* __restrict q, const float* __restrict kb, 
   }
 }
 
+#ifdef __AVX512F__
+// weighted_rows_z for k (1..G) query heads: the widest set compiled that fits.
+template <int D, int G, typename Step>
+inline void weighted_rows_up_to(int64_t k, float* __restrict acc, const float* __restrict w, int64_t ws,
+                                const float* __restrict vb, int64_t n, int64_t row_stride, const Step& step) {
+  if constexpr (G > 1)
+    if (k < G) return weighted_rows_up_to<D, G - 1>(k, acc, w, ws, vb, n, row_stride, step);
+  weighted_rows_z<D, G>(acc, w, ws, vb, n, row_stride, step);
+}
+#endif
+
 // weighted_rows for the `group` query heads of one KV head (acc rows d apart,
 // w rows ws apart), asking for pf's lines one row at a time. The AVX-512
 // build takes as many heads at once as 16 registers hold (4 of 64 dims, 2 of
@@ -225,25 +236,11 @@ inline void group_weighted_rows(float* __restrict acc, const float* __restrict w
                                 const PrefetchLines& pf) {
 #ifdef __AVX512F__
   if constexpr (D > 0 && D % 16 == 0) {
-    // Heads per set; a template argument falls back to 1 where kSet rules its
-    // set out, so no set wider than 16 accumulators is compiled.
-    constexpr int64_t kSet = D <= 64 ? 4 : D <= 128 ? 2 : 1;
+    constexpr int kSet = D <= 64 ? 4 : D <= 128 ? 2 : 1;
     PrefetchCursor cursor(pf, (group + kSet - 1) / kSet * n);
     const auto step = [&](int64_t k) { cursor.step(k); };
-    for (int64_t g = 0; g < group;) {
-      const int64_t k = std::min(kSet, group - g);
-      float* a = acc + g * D;
-      const float* wg = w + g * ws;
-      if (kSet >= 4 && k == 4)
-        weighted_rows_z<D, (kSet >= 4 ? 4 : 1)>(a, wg, ws, vb, n, row_stride, step);
-      else if (kSet >= 3 && k == 3)
-        weighted_rows_z<D, (kSet >= 3 ? 3 : 1)>(a, wg, ws, vb, n, row_stride, step);
-      else if (kSet >= 2 && k == 2)
-        weighted_rows_z<D, (kSet >= 2 ? 2 : 1)>(a, wg, ws, vb, n, row_stride, step);
-      else
-        weighted_rows_z<D, 1>(a, wg, ws, vb, n, row_stride, step);
-      g += k;
-    }
+    for (int64_t g = 0; g < group; g += kSet)
+      weighted_rows_up_to<D, kSet>(group - g, acc + g * D, w + g * ws, ws, vb, n, row_stride, step);
     return;
   }
 #endif
