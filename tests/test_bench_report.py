@@ -175,3 +175,64 @@ def test_a_server_s_odd_metrics_never_end_the_run():
     assert asyncio.run(scrape()) == {}
     # Not the run's timeout (an hour): a server that holds /metrics open must not hold the run back.
     assert timeouts and timeouts[0] <= 30
+
+
+def _sse_server(events: list[bytes], status: int = 200):
+    """A one-shot HTTP server on 127.0.0.1 answering every request with ``events``
+    as a chunked body, each event in two chunks (so lines arrive cut in two)."""
+    import asyncio
+
+    async def handle(reader, writer):
+        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+            pass  # the request's head; the test's client sends a small body after it, read by the close
+        head = (f"HTTP/1.1 {status} X\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                "connection: close\r\n\r\n")
+        writer.write(head.encode())
+        for event in events:
+            for piece in (event[:len(event) // 2], event[len(event) // 2:]):
+                if piece:
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def _stream_one(events: list[bytes], status: int = 200):
+    import asyncio
+
+    from orca_serve.bench.backends.openai import OpenAIBackend
+    from orca_serve.bench.workloads import RequestSpec
+
+    async def go():
+        server = await _sse_server(events, status)
+        port = server.sockets[0].getsockname()[1]
+        backend = OpenAIBackend(f"http://127.0.0.1:{port}", model="m", vocab_size=10)
+        async with server:
+            run = await backend._run([RequestSpec(0, [1, 2, 3], 3)], [0.0], None, lambda: None)
+        return run.results[0]
+
+    return asyncio.run(go())
+
+
+def test_openai_client_reads_crlf_events_and_one_longer_than_its_reader_buffer():
+    """The stream is split into lines by the client itself: aiohttp's readline
+    refuses a line past twice its read buffer (512 KiB in aiohttp 3.14, 128 KiB
+    in 3.9), and SSE allows CRLF line ends."""
+    long_text = "y" * 1_000_000
+    events = [b'data: {"choices":[{"text":"a"}]}\r\n\r\n',
+              b'data: {"choices":[{"text":"%s"}]}\n\n' % long_text.encode(),
+              b'data: {"choices":[{"text":"b"}],"usage":{"prompt_tokens":3,"completion_tokens":3}}\r\n\r\n',
+              b"data: [DONE]\r\n\r\n"]
+    r = _stream_one(events)
+    assert r.success and r.error is None
+    assert r.output_len == 3 and r.prompt_len == 3 and len(r.chunk_times) == 3
+
+
+def test_openai_client_reports_an_error_event_and_a_refusal_as_the_request_s_failure():
+    r = _stream_one([b'data: {"choices":[{"text":"a"}]}\n\n', b'data: {"error":{"message":"engine died"}}\n\n'])
+    assert not r.success and r.error == "RuntimeError: {'message': 'engine died'}"
+    r = _stream_one([b'{"error":"no such model"}'], status=404)
+    assert not r.success and r.error == 'RuntimeError: HTTP 404: {"error":"no such model"}'
