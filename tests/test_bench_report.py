@@ -183,8 +183,13 @@ def _sse_server(events: list[bytes], status: int = 200):
     import asyncio
 
     async def handle(reader, writer):
-        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-            pass  # the request's head; the test's client sends a small body after it, read by the close
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        # Read the body too: closing with it unread would reset the connection.
+        await reader.readexactly(length)
         head = (f"HTTP/1.1 {status} X\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
                 "connection: close\r\n\r\n")
         writer.write(head.encode())
