@@ -179,7 +179,7 @@ def test_a_server_s_odd_metrics_never_end_the_run():
 
 def _sse_server(events: list[bytes], status: int = 200):
     """A one-shot HTTP server on 127.0.0.1 answering every request with ``events``
-    as a chunked body, each event in two chunks (so lines arrive cut in two)."""
+    as a chunked body, each event in three chunks (so lines arrive cut up)."""
     import asyncio
 
     async def handle(reader, writer):
@@ -194,7 +194,8 @@ def _sse_server(events: list[bytes], status: int = 200):
                 "connection: close\r\n\r\n")
         writer.write(head.encode())
         for event in events:
-            for piece in (event[:len(event) // 2], event[len(event) // 2:]):
+            # Three pieces: a line cut across reads, and a long one in many reads.
+            for piece in (event[:len(event) // 3], event[len(event) // 3:-3], event[-3:]):
                 if piece:
                     writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             await writer.drain()

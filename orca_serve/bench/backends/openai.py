@@ -195,12 +195,19 @@ class OpenAIBackend:
                 # Lines split here rather than by the reader's readline, which
                 # refuses a line past twice its read buffer (128-512 KiB by
                 # aiohttp's version): a long error message, or many logprobs.
-                pending = b""
+                # A line's pieces wait in a list until its end comes, so a long
+                # one costs its length once, not once per piece.
+                pending: list[bytes] = []
                 async for data in resp.content.iter_any():
-                    *lines, pending = (pending + data).split(b"\n")
-                    for line in lines:
+                    if b"\n" not in data:
+                        pending.append(data)
+                        continue
+                    lines = data.split(b"\n")
+                    take(b"".join([*pending, lines[0]]))
+                    for line in lines[1:-1]:
                         take(line)
-                take(pending)
+                    pending = [lines[-1]]
+                take(b"".join(pending))
             r.finish = time.perf_counter()
             r.output_len = self._count_output(usage, "".join(text), len(r.chunk_times))
             if usage and usage.get("prompt_tokens"):
