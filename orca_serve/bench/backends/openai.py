@@ -199,10 +199,10 @@ class OpenAIBackend:
                 # one costs its length once, not once per piece.
                 pending: list[bytes] = []
                 async for data in resp.content.iter_any():
-                    if b"\n" not in data:
+                    lines = data.split(b"\n")
+                    if len(lines) == 1:  # no line ends in this read
                         pending.append(data)
                         continue
-                    lines = data.split(b"\n")
                     take(b"".join([*pending, lines[0]]))
                     for line in lines[1:-1]:
                         take(line)
