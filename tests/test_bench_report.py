@@ -94,6 +94,46 @@ def test_compare_median_of_repeats(tmp_path):
     assert "orca-serve: median of 3 run(s) per rate" in lines
 
 
+def test_compare_median_pairs_the_repeats_round_by_round_in_the_order_they_started(tmp_path):
+    # Round i ran ours then vLLM minutes apart; the host slowed through the
+    # sitting. The files are named so that their path order is not the
+    # rounds' (ours) and pairs the wrong runs (ours against vLLM's).
+    rounds = [("2026-12-07T10:00:00", 400.0, 300.0), ("2026-12-07T10:20:00", 330.0, 300.0),
+              ("2026-12-07T10:40:00", 200.0, 160.0)]
+    paths = []
+    for i, (created, ours, vllm) in enumerate(rounds):
+        for label, tok in (("orca-serve", ours), ("vllm", vllm)):
+            path = tmp_path / f"{label}-{('cba' if label == 'orca-serve' else 'abc')[i]}.json"
+            path.write_text(json.dumps({"created": created, "runs": [_run(label, "inf", tok / 100, 10.0, tok)]}))
+            paths.append(str(path))
+    lines = []
+    rep = report.compare(sorted(paths), baseline="vllm", out=lines.append, median=True)
+    # Each side's own median: 330 against 300. Round by round: 4/3, 1.1, 1.25.
+    assert rep["metrics"]["orca-serve @ inf"]["output_throughput"] == pytest.approx(1.1)
+    paired = rep["paired"]["orca-serve @ inf"]
+    assert paired["pairs"] == 3
+    assert paired["metrics"]["output_throughput"]["ratios"] == pytest.approx([4 / 3, 1.1, 1.25])
+    assert paired["metrics"]["output_throughput"]["median"] == pytest.approx(1.25)
+    assert "median_tpot_ms" not in paired["metrics"]  # not measured in these files: no ratio made up
+    assert any(line.startswith("output_throughput") and "1.33 / 1.10 / 1.25" in line and line.endswith("1.25x")
+               for line in lines)
+
+
+def test_compare_median_says_why_repeats_do_not_pair(tmp_path):
+    paths = []
+    for label, toks in (("orca-serve", (300.0, 310.0, 320.0)), ("vllm", (200.0, 210.0))):
+        for i, tok in enumerate(toks):
+            path = tmp_path / f"{label}-{i}.json"
+            path.write_text(json.dumps({"runs": [_run(label, "inf", tok / 100, 10.0, tok)]}))
+            paths.append(str(path))
+    lines = []
+    rep = report.compare(paths, baseline="vllm", out=lines.append, median=True)
+    assert rep["paired"]["orca-serve @ inf"] == {
+        "unpaired": "3 run(s) against 2: rounds pair only when both sides have the same number, two or more"}
+    assert any("not paired by round: 3 run(s) against 2" in line for line in lines)
+    assert rep["metrics"]["orca-serve @ inf"]["output_throughput"] == pytest.approx(310.0 / 205.0)
+
+
 def test_compare_warns_when_the_results_come_from_different_cpus(tmp_path):
     zen3 = {"model_name": "AMD EPYC", "family": "25", "model": "1", "vector_isa": ["avx2", "fma"]}
     zen4 = {**zen3, "model": "17", "vector_isa": ["avx2", "fma", "avx512f"]}

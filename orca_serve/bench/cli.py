@@ -118,7 +118,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--plot", default=None, help="PNG with every file's curves")
     c.add_argument("--out", default=None, help="write the ratios as JSON")
     c.add_argument("--median", action="store_true",
-                   help="the files are repeats: compare each label's per-metric medians")
+                   help="the files are repeats: compare each label's per-metric medians, and the "
+                        "repeats round by round (the median of the per-round ratios)")
     c.set_defaults(func=main)
     r = sub.add_parser("roofline", help="this machine's GEMM/bandwidth ceiling for the model")
     r.add_argument("--model", default=None)

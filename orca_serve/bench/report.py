@@ -157,27 +157,60 @@ def group_runs(paths: list[str]) -> dict[str, list[dict]]:
 
 def median_runs(paths: list[str]) -> dict[str, list[dict]]:
     """Repeated runs as one: per label and request rate, every numeric metric is
-    the median over the files that hold that run (``repeats`` says how many)."""
-    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    the median over the files that hold that run (``repeats`` says how many).
+    ``rounds`` keeps each repeat's own metrics, in the order the repeats
+    started (their files' ``created``, then their paths), for ``paired_ratios``."""
+    by_key: dict[tuple[str, str], list[tuple[tuple[str, str], dict]]] = defaultdict(list)
     for p in paths:
-        for r in load(p)["runs"]:
-            by_key[(r["label"], str(r["request_rate"]))].append(r)
+        data = load(p)
+        started = (str(data.get("created") or ""), p)
+        for r in data["runs"]:
+            by_key[(r["label"], str(r["request_rate"]))].append((started, r))
     groups = defaultdict(list)
-    for (label, _), runs in by_key.items():
+    for (label, _), found in by_key.items():
+        runs = [r for _, r in found]
         metrics = {}
         for k in runs[0]["metrics"]:
             values = [r["metrics"].get(k) for r in runs]
             numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
             metrics[k] = statistics.median(numeric) if len(numeric) == len(values) else values[0]
-        groups[label].append({**runs[0], "metrics": metrics, "repeats": len(runs), "requests": []})
+        rounds = [r["metrics"] for _, r in sorted(found, key=lambda f: f[0])]
+        groups[label].append({**runs[0], "metrics": metrics, "repeats": len(runs), "requests": [], "rounds": rounds})
     return dict(groups)
+
+
+def paired_ratios(cand_rounds: list[dict], base_rounds: list[dict]) -> dict:
+    """The candidate's repeats against the baseline's, round by round.
+
+    ``scripts/bench_all.sh`` alternates the systems within each round, so
+    the i-th repeats of two sides (in the order they started) ran minutes
+    apart, while the first and last rounds can be a slower or faster host
+    apart: on this project's shared 2-core machine one sitting's runs fell
+    from 1,046 to 818 tok/s. Each side's own median can then come from
+    different rounds (ours from round 2, the baseline's from round 1); the
+    median of the per-round ratios compares runs that shared their minutes.
+
+    {"pairs": n, "metrics": {metric: {"ratios": [...], "median": m}}}, or
+    {"unpaired": why} when the sides' repeat counts differ or there is one.
+    """
+    if len(cand_rounds) != len(base_rounds) or len(cand_rounds) < 2:
+        return {"unpaired": f"{len(cand_rounds)} run(s) against {len(base_rounds)}: rounds pair only when "
+                            f"both sides have the same number, two or more"}
+    metrics = {}
+    for k in _HEADLINE:
+        pairs = [(c.get(k), b.get(k)) for c, b in zip(cand_rounds, base_rounds)]
+        if all(c is not None and b for c, b in pairs):
+            ratios = [c / b for c, b in pairs]
+            metrics[k] = {"ratios": ratios, "median": statistics.median(ratios)}
+    return {"pairs": len(cand_rounds), "metrics": metrics}
 
 
 def compare(paths: list[str], baseline: str | None = None, out=print, median: bool = False) -> dict:
     """Print every curve against the baseline curve (default: the last file's first label).
 
     ``median``: files are repeats; runs with the same label and rate are merged
-    into their per-metric medians (``median_runs``) before comparing."""
+    into their per-metric medians (``median_runs``) before comparing, and
+    the repeats are also compared round by round (``paired_ratios``)."""
     groups = median_runs(paths) if median else group_runs(paths)
     mixed = mixed_cpus_warning(cpus_of({p: load(p) for p in paths}))
     if mixed:
@@ -191,6 +224,8 @@ def compare(paths: list[str], baseline: str | None = None, out=print, median: bo
     if baseline not in groups:
         raise ValueError(f"baseline {baseline!r} not among the curves: {', '.join(groups)}")
     report = {"baseline": baseline, "capacity": {}, "metrics": {}, "mixed_cpus": mixed}
+    if median:
+        report["paired"] = {}
     base_pts = _points(groups[baseline])
     base_by_rate = {str(r["request_rate"]): r for r in groups[baseline]}
     for label, runs in groups.items():
@@ -217,4 +252,19 @@ def compare(paths: list[str], baseline: str | None = None, out=print, median: bo
             out(f"{'metric':<32}{label[:14]:>14}{baseline[:14]:>14}{'ratio':>10}")
             for k, va, vb, r in rows:
                 out(f"{k:<32}{_f(va):>14}{_f(vb):>14}{_f(r) + ('x' if r is not None else ''):>10}")
+            if median:
+                paired = paired_ratios(run["rounds"], other["rounds"])
+                report["paired"][f"{label} @ {run['request_rate']}"] = paired
+                _print_paired(paired, label, baseline, out)
     return report
+
+
+def _print_paired(paired: dict, label: str, baseline: str, out) -> None:
+    if "unpaired" in paired:
+        out(f"-- {label} vs {baseline} not paired by round: {paired['unpaired']} --")
+        return
+    out(f"-- {label} vs {baseline}, paired by round ({paired['pairs']} pairs, each side's repeats in the "
+        f"order they started) --")
+    out(f"{'metric':<32}{'ratio by round':>24}{'median':>10}")
+    for k, m in paired["metrics"].items():
+        out(f"{k:<32}{' / '.join(_f(r) for r in m['ratios']):>24}{_f(m['median']) + 'x':>10}")
