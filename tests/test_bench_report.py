@@ -111,12 +111,38 @@ def test_compare_median_pairs_the_repeats_round_by_round_in_the_order_they_start
     # Each side's own median: 330 against 300. Round by round: 4/3, 1.1, 1.25.
     assert rep["metrics"]["orca-serve @ inf"]["output_throughput"] == pytest.approx(1.1)
     paired = rep["paired"]["orca-serve @ inf"]
-    assert paired["pairs"] == 3
+    assert paired["pairs"] == 3 and paired["alternated"] is True
     assert paired["metrics"]["output_throughput"]["ratios"] == pytest.approx([4 / 3, 1.1, 1.25])
     assert paired["metrics"]["output_throughput"]["median"] == pytest.approx(1.25)
     assert "median_tpot_ms" not in paired["metrics"]  # not measured in these files: no ratio made up
     assert any(line.startswith("output_throughput") and "1.33 / 1.10 / 1.25" in line and line.endswith("1.25x")
                for line in lines)
+
+
+def test_compare_median_notes_when_the_sides_did_not_alternate(tmp_path):
+    # All of ours, then all of vLLM's: round 2 of ours started before round 1 of vLLM's.
+    paths = []
+    for label, start, toks in (("orca-serve", 0, (300.0, 310.0)), ("vllm", 20, (200.0, 210.0))):
+        for i, tok in enumerate(toks):
+            path = tmp_path / f"{label}-{i}.json"
+            path.write_text(json.dumps({"created": f"2026-12-07T10:{start + 5 * i:02d}:00",
+                                        "runs": [_run(label, "inf", tok / 100, 10.0, tok)]}))
+            paths.append(str(path))
+    lines = []
+    rep = report.compare(paths, baseline="vllm", out=lines.append, median=True)
+    paired = rep["paired"]["orca-serve @ inf"]
+    assert paired["alternated"] is False
+    assert paired["metrics"]["output_throughput"]["ratios"] == pytest.approx([1.5, 310.0 / 210.0])
+    assert any(line.startswith("NOTE: the two sides' runs did not alternate") for line in lines)
+    # Files that record no start: whether they alternated is not known, and no note is made up.
+    for path in paths:
+        data = json.loads(open(path).read())
+        del data["created"]
+        open(path, "w").write(json.dumps(data))
+    lines.clear()
+    assert report.compare(paths, baseline="vllm", out=lines.append, median=True)["paired"][
+        "orca-serve @ inf"]["alternated"] is None
+    assert not any(line.startswith("NOTE") for line in lines)
 
 
 def test_compare_median_says_why_repeats_do_not_pair(tmp_path):

@@ -158,8 +158,9 @@ def group_runs(paths: list[str]) -> dict[str, list[dict]]:
 def median_runs(paths: list[str]) -> dict[str, list[dict]]:
     """Repeated runs as one: per label and request rate, every numeric metric is
     the median over the files that hold that run (``repeats`` says how many).
-    ``rounds`` keeps each repeat's own metrics, in the order the repeats
-    started (their files' ``created``, then their paths), for ``paired_ratios``."""
+    ``rounds`` keeps each repeat's start (its file's ``created``, "" if
+    none) and own metrics, in the order the repeats started (then by
+    path), for ``paired_ratios``."""
     by_key: dict[tuple[str, str], list[tuple[tuple[str, str], dict]]] = defaultdict(list)
     for p in paths:
         data = load(p)
@@ -174,7 +175,8 @@ def median_runs(paths: list[str]) -> dict[str, list[dict]]:
             values = [r["metrics"].get(k) for r in runs]
             numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
             metrics[k] = statistics.median(numeric) if len(numeric) == len(values) else values[0]
-        rounds = [r["metrics"] for _, r in sorted(found, key=lambda f: f[0])]
+        rounds = [{"created": started[0], "metrics": r["metrics"]}
+                  for started, r in sorted(found, key=lambda f: f[0])]
         groups[label].append({**runs[0], "metrics": metrics, "repeats": len(runs), "requests": [], "rounds": rounds})
     return dict(groups)
 
@@ -190,19 +192,25 @@ def paired_ratios(cand_rounds: list[dict], base_rounds: list[dict]) -> dict:
     different rounds (ours from round 2, the baseline's from round 1); the
     median of the per-round ratios compares runs that shared their minutes.
 
-    {"pairs": n, "metrics": {metric: {"ratios": [...], "median": m}}}, or
-    {"unpaired": why} when the sides' repeat counts differ or there is one.
+    Rounds are ``median_runs``' (start, metrics). Returns {"pairs": n,
+    "alternated": whether every pair ran before the next pair began (None:
+    a file records no start), "metrics": {metric: {"ratios": [...],
+    "median": m}}}, or {"unpaired": why} when the sides' repeat counts
+    differ or there is one.
     """
     if len(cand_rounds) != len(base_rounds) or len(cand_rounds) < 2:
         return {"unpaired": f"{len(cand_rounds)} run(s) against {len(base_rounds)}: rounds pair only when "
                             f"both sides have the same number, two or more"}
+    starts = [(c["created"], b["created"]) for c, b in zip(cand_rounds, base_rounds)]
+    alternated = (None if not all(c and b for c, b in starts)
+                  else all(max(now) < min(later) for now, later in zip(starts, starts[1:])))
     metrics = {}
     for k in _HEADLINE:
-        pairs = [(c.get(k), b.get(k)) for c, b in zip(cand_rounds, base_rounds)]
+        pairs = [(c["metrics"].get(k), b["metrics"].get(k)) for c, b in zip(cand_rounds, base_rounds)]
         if all(c is not None and b for c, b in pairs):
             ratios = [c / b for c, b in pairs]
             metrics[k] = {"ratios": ratios, "median": statistics.median(ratios)}
-    return {"pairs": len(cand_rounds), "metrics": metrics}
+    return {"pairs": len(cand_rounds), "alternated": alternated, "metrics": metrics}
 
 
 def compare(paths: list[str], baseline: str | None = None, out=print, median: bool = False) -> dict:
@@ -265,6 +273,10 @@ def _print_paired(paired: dict, label: str, baseline: str, out) -> None:
         return
     out(f"-- {label} vs {baseline}, paired by round ({paired['pairs']} pairs, each side's repeats in the "
         f"order they started) --")
+    if paired["alternated"] is False:
+        out("NOTE: the two sides' runs did not alternate (a round of one side started before the other's "
+            "previous round), so a pair's runs need not have shared the host's minutes; these ratios pair "
+            "them by order alone")
     out(f"{'metric':<32}{'ratio by round':>24}{'median':>10}")
     for k, m in paired["metrics"].items():
         out(f"{k:<32}{' / '.join(_f(r) for r in m['ratios']):>24}{_f(m['median']) + 'x':>10}")
