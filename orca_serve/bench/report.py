@@ -193,8 +193,8 @@ def paired_ratios(cand_rounds: list[dict], base_rounds: list[dict]) -> dict:
     median of the per-round ratios compares runs that shared their minutes.
 
     Rounds are ``median_runs``' (start, metrics). Returns {"pairs": n,
-    "alternated": whether every pair ran before the next pair began (None:
-    a file records no start), "metrics": {metric: {"ratios": [...],
+    "alternated": whether both runs of each pair started before either of
+    the next pair's (None: a file records no start), "metrics": {metric: {"ratios": [...],
     "median": m}}}, or {"unpaired": why} when the sides' repeat counts
     differ or there is one.
     """
