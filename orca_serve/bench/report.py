@@ -194,8 +194,9 @@ def paired_ratios(cand_rounds: list[dict], base_rounds: list[dict]) -> dict:
 
     Rounds are ``median_runs``' (start, metrics). Returns {"pairs": n,
     "alternated": whether both runs of each pair started before either of
-    the next pair's (None: a file records no start), "metrics": {metric: {"ratios": [...],
-    "median": m}}}, or {"unpaired": why} when the sides' repeat counts
+    the next pair's (None: a file records no start), "metrics": {metric:
+    {"ratios": [...], "median": m}}} (each pair's ratios by
+    ``metric_ratios``), or {"unpaired": why} when the sides' repeat counts
     differ or there is one.
     """
     if len(cand_rounds) != len(base_rounds) or len(cand_rounds) < 2:
@@ -204,11 +205,11 @@ def paired_ratios(cand_rounds: list[dict], base_rounds: list[dict]) -> dict:
     starts = [(c["created"], b["created"]) for c, b in zip(cand_rounds, base_rounds)]
     alternated = (None if not all(c and b for c, b in starts)
                   else all(max(now) < min(later) for now, later in zip(starts, starts[1:])))
+    per_pair = [metric_ratios(c["metrics"], b["metrics"]) for c, b in zip(cand_rounds, base_rounds)]
     metrics = {}
-    for k in _HEADLINE:
-        pairs = [(c["metrics"].get(k), b["metrics"].get(k)) for c, b in zip(cand_rounds, base_rounds)]
-        if all(c is not None and b for c, b in pairs):
-            ratios = [c / b for c, b in pairs]
+    for i, (k, *_) in enumerate(per_pair[0]):
+        ratios = [rows[i][3] for rows in per_pair]
+        if None not in ratios:
             metrics[k] = {"ratios": ratios, "median": statistics.median(ratios)}
     return {"pairs": len(cand_rounds), "alternated": alternated, "metrics": metrics}
 
