@@ -1,5 +1,7 @@
 """bench compare: capacity at equal latency by interpolation, plain metric ratios, the plot."""
+import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -79,13 +81,21 @@ def test_compare_same_label_in_two_files_and_single_runs(tmp_path):
         report.compare([str(a), str(b)], baseline="nope", out=lambda _: None)
 
 
+def _write_repeat(path, label: str, tok: float, norm: float = 10.0, created: str | None = None) -> str:
+    """One repeat's result file: a run of ``label`` at ``tok`` output tok/s (and
+    tok / 100 req/s), started at ``created`` (None: the file records no start)."""
+    data = {"runs": [_run(label, "inf", tok / 100, norm, tok)]}
+    if created is not None:
+        data["created"] = created
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
 def test_compare_median_of_repeats(tmp_path):
     paths = []
     for i, (ours, vllm) in enumerate([(300.0, 200.0), (100.0, 220.0), (280.0, 400.0)]):
         for label, tok in (("orca-serve", ours), ("vllm", vllm)):
-            path = tmp_path / f"{label}-{i}.json"
-            path.write_text(json.dumps({"runs": [_run(label, "inf", tok / 100, 10.0 + i, tok)]}))
-            paths.append(str(path))
+            paths.append(_write_repeat(tmp_path / f"{label}-{i}.json", label, tok, norm=10.0 + i))
     lines = []
     rep = report.compare(paths, baseline="vllm", out=lines.append, median=True)
     # Medians: ours 280, vLLM 220 output tok/s; latency medians 11 and 11.
@@ -103,9 +113,8 @@ def test_compare_median_pairs_the_repeats_round_by_round_in_the_order_they_start
     paths = []
     for i, (created, ours, vllm) in enumerate(rounds):
         for label, tok in (("orca-serve", ours), ("vllm", vllm)):
-            path = tmp_path / f"{label}-{('cba' if label == 'orca-serve' else 'abc')[i]}.json"
-            path.write_text(json.dumps({"created": created, "runs": [_run(label, "inf", tok / 100, 10.0, tok)]}))
-            paths.append(str(path))
+            name = f"{label}-{('cba' if label == 'orca-serve' else 'abc')[i]}.json"
+            paths.append(_write_repeat(tmp_path / name, label, tok, created=created))
     lines = []
     rep = report.compare(sorted(paths), baseline="vllm", out=lines.append, median=True)
     # Each side's own median: 330 against 300. Round by round: 4/3, 1.1, 1.25.
@@ -124,10 +133,8 @@ def test_compare_median_notes_when_the_sides_did_not_alternate(tmp_path):
     paths = []
     for label, start, toks in (("orca-serve", 0, (300.0, 310.0)), ("vllm", 20, (200.0, 210.0))):
         for i, tok in enumerate(toks):
-            path = tmp_path / f"{label}-{i}.json"
-            path.write_text(json.dumps({"created": f"2026-12-07T10:{start + 5 * i:02d}:00",
-                                        "runs": [_run(label, "inf", tok / 100, 10.0, tok)]}))
-            paths.append(str(path))
+            paths.append(_write_repeat(tmp_path / f"{label}-{i}.json", label, tok,
+                                       created=f"2026-12-07T10:{start + 5 * i:02d}:00"))
     lines = []
     rep = report.compare(paths, baseline="vllm", out=lines.append, median=True)
     paired = rep["paired"]["orca-serve @ inf"]
@@ -135,10 +142,9 @@ def test_compare_median_notes_when_the_sides_did_not_alternate(tmp_path):
     assert paired["metrics"]["output_throughput"]["ratios"] == pytest.approx([1.5, 310.0 / 210.0])
     assert any(line.startswith("NOTE: the two sides' runs did not alternate") for line in lines)
     # Files that record no start: whether they alternated is not known, and no note is made up.
-    for path in paths:
-        data = json.loads(open(path).read())
-        del data["created"]
-        open(path, "w").write(json.dumps(data))
+    for path, (label, tok) in zip(paths, [("orca-serve", 300.0), ("orca-serve", 310.0), ("vllm", 200.0),
+                                          ("vllm", 210.0)]):
+        _write_repeat(Path(path), label, tok)
     lines.clear()
     assert report.compare(paths, baseline="vllm", out=lines.append, median=True)["paired"][
         "orca-serve @ inf"]["alternated"] is None
@@ -149,9 +155,7 @@ def test_compare_median_says_why_repeats_do_not_pair(tmp_path):
     paths = []
     for label, toks in (("orca-serve", (300.0, 310.0, 320.0)), ("vllm", (200.0, 210.0))):
         for i, tok in enumerate(toks):
-            path = tmp_path / f"{label}-{i}.json"
-            path.write_text(json.dumps({"runs": [_run(label, "inf", tok / 100, 10.0, tok)]}))
-            paths.append(str(path))
+            paths.append(_write_repeat(tmp_path / f"{label}-{i}.json", label, tok))
     lines = []
     rep = report.compare(paths, baseline="vllm", out=lines.append, median=True)
     assert rep["paired"]["orca-serve @ inf"] == {
@@ -221,8 +225,6 @@ def test_a_server_s_odd_metrics_never_end_the_run():
     """The CPU counters are a side figure read before and after the run: a
     /metrics the parser chokes on (it raises IndexError on some text, not only
     ValueError) or one that never answers must cost the figure, not the run."""
-    import asyncio
-
     import httpx
 
     from orca_serve.bench.backends.openai import OpenAIBackend
@@ -246,8 +248,6 @@ def test_a_server_s_odd_metrics_never_end_the_run():
 def _sse_server(events: list[bytes], status: int = 200):
     """A one-shot HTTP server on 127.0.0.1 answering every request with ``events``
     as a chunked body, each event in three chunks (so lines arrive cut up)."""
-    import asyncio
-
     async def handle(reader, writer):
         length = 0
         while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
@@ -273,8 +273,6 @@ def _sse_server(events: list[bytes], status: int = 200):
 
 
 def _stream_one(events: list[bytes], status: int = 200):
-    import asyncio
-
     from orca_serve.bench.backends.openai import OpenAIBackend
     from orca_serve.bench.workloads import RequestSpec
 
