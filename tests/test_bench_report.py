@@ -55,6 +55,44 @@ def test_compare_files_prints_ratios(tmp_path):
     assert any(">=8.00x" in line for line in lines)
 
 
+def _sweep_file(path, label: str, attainment: dict) -> str:
+    """A rate sweep of ``label``: {rate: SLO attainment (None: run without an SLO)}."""
+    runs = []
+    for rate, share in attainment.items():
+        run = _run(label, rate, 1.0, 10.0)
+        run["metrics"]["slo_attainment"] = share
+        runs.append(run)
+    path.write_text(json.dumps({"runs": runs}))
+    return str(path)
+
+
+@pytest.mark.parametrize("ours,base,found,line", [
+    # Rates out of order in both files; the baseline is at 42% or below at 2.0 and 3.0 (2.0 is the
+    # lightest), lowest at 3.0; 5.0 has no baseline run, and 0.5 a baseline run only.
+    ({3.0: 0.9, 1.0: 1.0, 2.0: 0.98, 5.0: 0.5}, {2.0: 0.42, 1.0: 0.8, 3.0: 0.2, 0.5: 0.9},
+     {"rate": 2.0, "baseline": 0.42, "candidate": 0.98, "reached": True},
+     "SLO attainment at the lightest load where request-level meets the SLO for at most 42% of requests "
+     "(2 req/s): request-level 42%, fcfs 98%"),
+    # Never that low: the lightest of the rates where it came lowest.
+    ({1.0: 1.0, 2.0: 0.95, 3.0: 0.6}, {1.0: 0.8, 2.0: 0.5, 3.0: 0.5},
+     {"rate": 2.0, "baseline": 0.5, "candidate": 0.95, "reached": False},
+     "SLO attainment: request-level's never fell to 42% or below; at its lowest (2 req/s): "
+     "request-level 50%, fcfs 95%"),
+    # Runs without an SLO: nothing to report.
+    ({1.0: None}, {1.0: None}, None, None),
+])
+def test_compare_reports_attainment_where_the_baseline_meets_its_slo_for_at_most_42_percent(
+        tmp_path, ours, base, found, line):
+    lines = []
+    rep = report.compare([_sweep_file(tmp_path / "ours.json", "fcfs", ours),
+                          _sweep_file(tmp_path / "base.json", "request-level", base)], out=lines.append)
+    if found is None:
+        assert rep["slo_at_baseline_low"] == {} and not any("SLO attainment" in s for s in lines)
+        return
+    assert rep["slo_at_baseline_low"]["fcfs"] == {**found, "at_most": 0.42}
+    assert line in lines
+
+
 @pytest.mark.parametrize("text,match", [
     ("not json", "not an orca-serve bench result \\(not JSON: Expecting value"),  # named no file
     ('{"runs": 5}', "'runs' is not a list of runs"),  # a TypeError traceback

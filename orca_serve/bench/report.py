@@ -128,6 +128,34 @@ def capacity_ratios(cand: list, base: list) -> list[dict]:
     return rows
 
 
+def _rate(run: dict) -> float:
+    return float(run["request_rate"])  # "inf" (all at once) sorts last
+
+
+def slo_at_baseline_low(cand: list[dict], base: list[dict], at_most: float = 0.42) -> dict | None:
+    """The performance issue's SLO clause: at the lightest load where the
+    baseline meets the SLO for at most ``at_most`` of its requests (the Orca
+    paper's 42%), the share the candidate meets there.
+
+    Rates both curves ran with an SLO only. Returns {"rate", "baseline",
+    "candidate", "reached", "at_most"}, where ``reached`` False means the baseline
+    never fell that low, and the rate is then where it came lowest (the
+    lightest such); None when no rate has an attainment on both sides.
+    """
+    base_share = {_rate(r): r["metrics"].get("slo_attainment") for r in base}
+    shared = []  # (rate, baseline's share, candidate's share)
+    for r in cand:
+        b, c = base_share.get(_rate(r)), r["metrics"].get("slo_attainment")
+        if b is not None and c is not None:
+            shared.append((_rate(r), b, c))
+    shared.sort()
+    if not shared:
+        return None
+    low = next((row for row in shared if row[1] <= at_most), None)
+    rate, b, c = low if low is not None else min(shared, key=lambda row: row[1])
+    return {"rate": rate, "baseline": b, "candidate": c, "reached": low is not None, "at_most": at_most}
+
+
 _HEADLINE = ("request_throughput", "output_throughput", "total_token_throughput", "median_ttft_ms",
              "median_tpot_ms", "median_itl_ms", "median_e2el_ms", "median_normalized_latency_ms",
              "p99_normalized_latency_ms", "slo_attainment", "request_goodput")
@@ -232,7 +260,7 @@ def compare(paths: list[str], baseline: str | None = None, out=print, median: bo
         baseline = last if last in groups else f"{last} ({paths[-1]})"
     if baseline not in groups:
         raise ValueError(f"baseline {baseline!r} not among the curves: {', '.join(groups)}")
-    report = {"baseline": baseline, "capacity": {}, "metrics": {}, "mixed_cpus": mixed}
+    report = {"baseline": baseline, "capacity": {}, "slo_at_baseline_low": {}, "metrics": {}, "mixed_cpus": mixed}
     if median:
         report["paired"] = {}
     base_pts = _points(groups[baseline])
@@ -249,6 +277,10 @@ def compare(paths: list[str], baseline: str | None = None, out=print, median: bo
                 ((">=" if row["ratio_is_lower_bound"] else "") + f"{row['ratio']:.2f}x")
             out(f"{row['normalized_latency_ms']:>15.2f}{_f(row['candidate_req_s'], 3):>15}"
                 f"{_f(row['baseline_req_s'], 3):>15}{ratio:>10}")
+        slo = slo_at_baseline_low(runs, groups[baseline])
+        if slo is not None:
+            report["slo_at_baseline_low"][label] = slo
+            _print_slo(slo, label, baseline, out)
         for run in runs:
             other = base_by_rate.get(str(run["request_rate"]))
             if other is None and len(runs) == 1 and len(groups[baseline]) == 1:
@@ -266,6 +298,17 @@ def compare(paths: list[str], baseline: str | None = None, out=print, median: bo
                 report["paired"][f"{label} @ {run['request_rate']}"] = paired
                 _print_paired(paired, label, baseline, out)
     return report
+
+
+def _print_slo(slo: dict, label: str, baseline: str, out) -> None:
+    shares = f"{baseline} {100 * slo['baseline']:.0f}%, {label} {100 * slo['candidate']:.0f}%"
+    bound = f"{100 * slo['at_most']:.0f}%"
+    if slo["reached"]:
+        out(f"SLO attainment at the lightest load where {baseline} meets the SLO for at most {bound} of "
+            f"requests ({slo['rate']:g} req/s): {shares}")
+    else:
+        out(f"SLO attainment: {baseline}'s never fell to {bound} or below; at its lowest "
+            f"({slo['rate']:g} req/s): {shares}")
 
 
 def _print_paired(paired: dict, label: str, baseline: str, out) -> None:
