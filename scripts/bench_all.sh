@@ -102,7 +102,9 @@ fi
 if want sweep; then
 step "request-level baseline vs iteration-level, Poisson rate sweep"
 # --max-batch-size is the baseline's batch; SWEEP_MAX_NUM_SEQS=16 caps ours the same (default: its 256).
-$B bench --scheduling-policy fcfs,request-level --max-batch-size 16 ${SWEEP_MAX_NUM_SEQS:+--max-num-seqs $SWEEP_MAX_NUM_SEQS} \
+# SWEEP_TPOT_SLO_S=0.15 adds the slo policy, keeping that time per output token (the others only count it).
+$B bench --scheduling-policy fcfs${SWEEP_TPOT_SLO_S:+,slo},request-level --max-batch-size 16 \
+  ${SWEEP_MAX_NUM_SEQS:+--max-num-seqs $SWEEP_MAX_NUM_SEQS} ${SWEEP_TPOT_SLO_S:+--default-tpot-slo-s $SWEEP_TPOT_SLO_S} \
   --workload orca --num-requests ${SWEEP_N:-32} --rates ${RATES:-0.15,0.3,0.6,0.9,1.8} --slo-normalized-latency-ms ${SLO_NL:-250} --out "$OUT/sweep.json" \
   --plot "$OUT/sweep.png" --no-progress --quiet
 $B bench compare "$OUT/sweep.json" --baseline request-level --out "$OUT/vs-request-level.json"

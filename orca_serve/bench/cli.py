@@ -112,7 +112,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=main, bench_command=None)
 
     sub = p.add_subparsers(dest="bench_command")
-    c = sub.add_parser("compare", help="ratios between result files (throughput at equal latency, SLO attainment where the baseline's falls to 42%%)")
+    c = sub.add_parser("compare", help="ratios between result files (throughput at equal latency; SLO "
+                                       "attainment where the baseline's falls to 42%%)")
     c.add_argument("files", nargs="+")
     c.add_argument("--baseline", default=None, help="label of the reference curve (default: last file's)")
     c.add_argument("--plot", default=None, help="PNG with every file's curves")
