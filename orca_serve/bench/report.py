@@ -128,26 +128,25 @@ def capacity_ratios(cand: list, base: list) -> list[dict]:
     return rows
 
 
-def _rate(run: dict) -> float:
-    return float(run["request_rate"])  # "inf" (all at once) sorts last
-
-
-def slo_at_baseline_low(cand: list[dict], base: list[dict], at_most: float = 0.42) -> dict | None:
+def slo_at_baseline_low(cand: list[dict], base_by_rate: dict[str, dict], at_most: float = 0.42) -> dict | None:
     """The performance issue's SLO clause: at the lightest load where the
     baseline meets the SLO for at most ``at_most`` of its requests (the Orca
     paper's 42%), the share the candidate meets there.
 
-    Rates both curves ran with an SLO only. Returns {"rate", "baseline",
-    "candidate", "reached", "at_most"}, where ``reached`` False means the baseline
-    never fell that low, and the rate is then where it came lowest (the
-    lightest such); None when no rate has an attainment on both sides.
+    ``base_by_rate``: the baseline's runs by rate, as ``compare`` pairs
+    them. Rates both curves ran with an SLO only. Returns {"rate",
+    "baseline", "candidate", "reached", "at_most"}, where ``reached`` False
+    means the baseline never fell that low, and the rate is then where it
+    came lowest (the lightest such); None when no rate has an attainment on
+    both sides.
     """
-    base_share = {_rate(r): r["metrics"].get("slo_attainment") for r in base}
     shared = []  # (rate, baseline's share, candidate's share)
     for r in cand:
-        b, c = base_share.get(_rate(r)), r["metrics"].get("slo_attainment")
+        other = base_by_rate.get(str(r["request_rate"]))
+        b = None if other is None else other["metrics"].get("slo_attainment")
+        c = r["metrics"].get("slo_attainment")
         if b is not None and c is not None:
-            shared.append((_rate(r), b, c))
+            shared.append((float(r["request_rate"]), b, c))  # "inf" (all at once) sorts last
     shared.sort()
     if not shared:
         return None
@@ -277,7 +276,7 @@ def compare(paths: list[str], baseline: str | None = None, out=print, median: bo
                 ((">=" if row["ratio_is_lower_bound"] else "") + f"{row['ratio']:.2f}x")
             out(f"{row['normalized_latency_ms']:>15.2f}{_f(row['candidate_req_s'], 3):>15}"
                 f"{_f(row['baseline_req_s'], 3):>15}{ratio:>10}")
-        slo = slo_at_baseline_low(runs, groups[baseline])
+        slo = slo_at_baseline_low(runs, base_by_rate)
         if slo is not None:
             report["slo_at_baseline_low"][label] = slo
             _print_slo(slo, label, baseline, out)
