@@ -415,11 +415,12 @@ def test_the_isa_is_the_best_the_cpu_has_unless_capped(monkeypatch):
 
 
 @pytest.mark.parametrize("out_features,in_features",
-                         [(5, 3), (37, 24), (20, 24), (50, 600), (96, 13), (48, 600), (960, 576), (576, 1536)])
+                         [(5, 3), (37, 24), (20, 24), (50, 600), (96, 13), (48, 600), (960, 576), (576, 1536),
+                          (20, 1601)])
 def test_panel_linear_matches_float64_reference(ops_by_isa, out_features, in_features):
     """Ragged last panel, K not a multiple of the vector width, and, from 128
-    rows on (the K-blocked loop), K in 256-wide slices with a ragged last one
-    (600); row counts around the 6-row (AVX2) and 12-row (AVX-512) tiles,
+    rows on (the K-blocked loop), K in slices of up to 768: one (576), two
+    (1,536) and three with a shorter last one (1,601: 534, 534, 533); row counts around the 6-row (AVX2) and 12-row (AVX-512) tiles,
     the 128-row switch and the 192-row blocks; strided x rows, with and
     without bias. AVX-512 tiles take two panels: with an even number of
     panels the ragged last one is a tile's second (20, 50), with an odd
@@ -526,8 +527,8 @@ def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops_by_isa, int
     silu_and_mul gives: each gate/up product is summed the same way, only
     where it lands differs; the plain product matches a float64 reference.
     Rows cover one tile, a partial tile, the streaming loop's largest size
-    and the K-blocked loop (with a partial row block); K = 300 leaves a
-    partial K slice. The threads' runs of panels must hold whole gate/up
+    and the K-blocked loop (with a partial row block); K = 769 takes two K
+    slices there, the second a float shorter. The threads' runs of panels must hold whole gate/up
     pairs: 112 features make 14 panels, which would otherwise be cut into
     runs of 5. Prefill-sized runs are capped at 32 panels (so a unit's
     output block stays in L2 across the K slices): with 1,500 rows (8 row
@@ -537,13 +538,13 @@ def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops_by_isa, int
     fails this). Whether the cap is in place at all is a matter of speed,
     which tests do not time."""
     g = torch.Generator().manual_seed(3)
-    w, bias = torch.randn(2 * intermediate, 300, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
+    w, bias = torch.randn(2 * intermediate, 769, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
     plain = ops_by_isa.pack_panels(w)
     gated = ops_by_isa.pack_panels(packed_gemm.interleave_gate_up(w, ops_by_isa.panel_width))
     for n_threads in (1, 2, 3):
         with torch_threads(n_threads):
             for rows in (1, 5, 7, 64, 127, 128, 300, 1500):
-                x = torch.randn(rows, 300, generator=g) * 3
+                x = torch.randn(rows, 769, generator=g) * 3
                 for b in (None, bias):
                     product = torch.empty(rows, 2 * intermediate)
                     ops_by_isa.panel_linear(product, x, plain, b)

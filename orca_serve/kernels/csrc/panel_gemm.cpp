@@ -15,9 +15,9 @@
 //   that sweep. With 30 layers' weights cycling as in a real step, oneDNN's
 //   prepacked matmul ran at 8-110 GFLOP/s from 1 to 96 rows on this
 //   project's 2-core Zen machines; this runs 1.2-1.7x faster there.
-// - Prefill-sized batches: the same tiles over K slices that stay in L1 and
-//   a copy of x's row block in tile order that stays in L2 (see
-//   panel_sweep_blocks). On the 128-request trace its prefill iterations took
+// - Prefill-sized batches: the same tiles over K slices of up to 768 (all of
+//   K for SmolLM2's 576) and a copy of x's row block in tile order that
+//   stays in L2 (see panel_sweep_blocks). On the 128-request trace its prefill iterations took
 //   60-65 s against 67-72 s with oneDNN's prepacked GEMM (two A/B sittings of
 //   two runs each), so the layers keep no other copy of their weights. (On a
 //   Xeon with AVX-512, oneDNN's ran at 1.04-1.13x our rate at 512-2,048
@@ -43,13 +43,30 @@ constexpr int64_t kTileRows = 6;
 constexpr int64_t kTilePanels = 1;
 #endif
 
-// Prefill-sized batches: classic cache blocking. K is cut into slices of
-// kDepth so a panel's slice (kDepth x 16 floats, 16 KB) stays in L1 while every
-// tile of a row block runs over it; the row block's x slice is copied once into
-// tile order ([tile][k][row], kBlockRows x kDepth floats, 192 KB) so each tile
-// reads one sequential stream from L2. Slices after the first add to out.
-constexpr int64_t kDepth = 256;
+// Prefill-sized batches: cache blocking. The row block's x is copied once
+// into tile order ([tile][k][row], per K slice) so each tile reads one
+// sequential stream from L2, and every tile of the block runs over a pair of
+// panels' slice while it is in L1 or L2. K is cut into as few slices as keep
+// each at most kMaxDepth deep, all of one depth but a shorter last one
+// (slice_depth): each slice after the first reads and writes the unit's
+// output again, and a tile's accumulators hold its sums only over one slice.
+// With 256-deep slices (a panel pair's slice, 32 KB, in L1), SmolLM2's
+// K = 576 took three (256, 256 and 64) and K = 1,536 six. On a 2-core Zen 5
+// (AMD EPYC, family 26), its four layer matmuls against slices of up to 768
+// (one for 576, two for 1,536), medians of 15 alternated rounds: 1.00-1.11x
+// the GFLOP/s at 128-2,048 rows on two threads (0.98-1.12x on one), and with
+// 30 layers' weights cycling as in a step, 0.93-0.99x the time. A slice then
+// no longer fits L1, so the next panels' lines are prefetched into L2
+// (panel_run). The x block, 192 rows x 768 floats (590 KB), still fits a
+// Zen 5 core's 1 MB L2.
+constexpr int64_t kMaxDepth = 768;
 constexpr int64_t kBlockRows = 192;
+
+int64_t slice_depth(int64_t K) {
+  const int64_t slices = std::max<int64_t>(1, (K + kMaxDepth - 1) / kMaxDepth);
+  return std::max<int64_t>(1, (K + slices - 1) / slices);
+}
+
 // Below this many rows the weights stream from DRAM once, whole panels at a
 // time; slicing K would break that stream for little reuse.
 constexpr int64_t kBlockedMinRows = 128;
@@ -200,8 +217,9 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
 // (pack_rows). Each tile prefetches its share of the next panels' lines of
 // this slice.
 //
-// Where those lines go: into L2 when 7-18 rows (2-3 AVX2 tiles) sweep a
-// decode-sized panel. Side by side on Zen 4 (30 layers' GEMMs cycling,
+// Where those lines go: into L2 for prefill-sized tiles, whose slices (up
+// to kMaxDepth x 16 floats a panel) L1 does not hold beside the current
+// ones, and when 7-18 rows (2-3 AVX2 tiles) sweep a decode-sized panel. Side by side on Zen 4 (30 layers' GEMMs cycling,
 // medians) that took 0.75-0.81x the time of L1 prefetches at 8 rows,
 // 0.80-0.87x at 12, 0.85-0.99x at 16 and 0.92x at 18. The likely reason: such
 // a panel (K x 16 floats, 36-96 KB for SmolLM2) does not fit in L1 (32 KB),
@@ -228,7 +246,7 @@ void panel_run(const float* a, int64_t ldx, int64_t rows, int64_t K, int64_t k0,
                int64_t p0, int64_t p1, float* op, int64_t ldo, int64_t n_base, int64_t N, const float* bp) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   const int64_t share = (kc + tiles - 1) / tiles;  // next panels' lines (one per k) each tile prefetches
-  const bool pf_to_l2 = !Packed && rows > kNoPrefetchMaxRows && rows <= kL2PrefetchMaxRows;
+  const bool pf_to_l2 = Packed || (rows > kNoPrefetchMaxRows && rows <= kL2PrefetchMaxRows);
   const bool prefetch = Packed || rows > kNoPrefetchMaxRows;
   const int64_t ldb = K * kPanel;
   for (int64_t p = p0; p < p1; p += kTilePanels) {
@@ -361,22 +379,22 @@ void panel_sweep_rows(const PanelArgs& a) {
 // thread and grows to the largest x seen. Gated: out [M, N / 2].
 template <bool Gated>
 void panel_sweep_blocks(const PanelArgs& a) {
-  const int64_t M = a.M, K = a.K;
-  const int64_t blocks = (M + kBlockRows - 1) / kBlockRows, slices = std::max<int64_t>(1, (K + kDepth - 1) / kDepth);
+  const int64_t M = a.M, K = a.K, depth = slice_depth(K);
+  const int64_t blocks = (M + kBlockRows - 1) / kBlockRows, slices = std::max<int64_t>(1, (K + depth - 1) / depth);
   thread_local std::vector<float> packed;
   if (packed.size() < static_cast<size_t>(M * K)) packed.resize(M * K);
   float* pk = packed.data();
   // Block b's slice starting at k0 sits at b * kBlockRows * K + k0 * rows.
   parallel_units(blocks * slices, [&](int64_t u) {
-    const int64_t m0 = (u / slices) * kBlockRows, k0 = (u % slices) * kDepth;
+    const int64_t m0 = (u / slices) * kBlockRows, k0 = (u % slices) * depth;
     const int64_t rows = std::min(kBlockRows, M - m0);
-    pack_rows(a.xp + m0 * a.ldx, a.ldx, rows, k0, std::min(kDepth, K - k0), pk + m0 * K + k0 * rows);
+    pack_rows(a.xp + m0 * a.ldx, a.ldx, rows, k0, std::min(depth, K - k0), pk + m0 * K + k0 * rows);
   });
   const int64_t run = std::min(panel_run_length(a.P, blocks, Gated), kMaxBlockRunPanels);
   parallel_units(blocks * ((a.P + run - 1) / run), [&](int64_t u) {
     const int64_t m0 = (u % blocks) * kBlockRows, rows = std::min(kBlockRows, M - m0), p0 = (u / blocks) * run;
     panel_unit<true, Gated>(a, [&](int64_t k0) { return pk + m0 * K + k0 * rows; }, m0, rows, p0,
-                            std::min(a.P, p0 + run), kDepth);
+                            std::min(a.P, p0 + run), depth);
   });
 }
 
