@@ -420,11 +420,12 @@ def test_the_isa_is_the_best_the_cpu_has_unless_capped(monkeypatch):
 def test_panel_linear_matches_float64_reference(ops_by_isa, out_features, in_features):
     """Ragged last panel, K not a multiple of the vector width, and, from 128
     rows on (the K-blocked loop), K in slices of up to 768: one (576), two
-    (1,536) and three with a shorter last one (1,601: 534, 534, 533); row counts around the 6-row (AVX2) and 12-row (AVX-512) tiles,
-    the 128-row switch and the 192-row blocks; strided x rows, with and
-    without bias. AVX-512 tiles take two panels: with an even number of
-    panels the ragged last one is a tile's second (20, 50), with an odd
-    number a one-panel tile of its own (5, 37)."""
+    (1,536) and three with a shorter last one (1,601: 534, 534, 533); row
+    counts around the 6-row (AVX2) and 12-row (AVX-512) tiles, the 128-row
+    switch and the 192-row blocks; strided x rows, with and without bias.
+    AVX-512 tiles take two panels: with an even number of panels the ragged
+    last one is a tile's second (20, 50), with an odd number a one-panel
+    tile of its own (5, 37)."""
     g = torch.Generator().manual_seed(out_features)
     w = torch.randn(out_features, in_features, generator=g)
     bias = torch.randn(out_features, generator=g)
@@ -528,15 +529,15 @@ def test_panel_linear_silu_mul_is_panel_linear_then_silu_and_mul(ops_by_isa, int
     where it lands differs; the plain product matches a float64 reference.
     Rows cover one tile, a partial tile, the streaming loop's largest size
     and the K-blocked loop (with a partial row block); K = 769 takes two K
-    slices there, the second a float shorter. The threads' runs of panels must hold whole gate/up
-    pairs: 112 features make 14 panels, which would otherwise be cut into
-    runs of 5. Prefill-sized runs are capped at 32 panels (so a unit's
-    output block stays in L2 across the K slices): with 1,500 rows (8 row
-    blocks) and 1,040 features (130 panels) a run would otherwise be 130,
-    66 or 44 panels on 1, 2 or 3 threads; capped, the runs are 32, 32, 32,
-    32 and a last one of one gate/up pair (an odd cap, splitting a pair,
-    fails this). Whether the cap is in place at all is a matter of speed,
-    which tests do not time."""
+    slices there, the second a float shorter. The threads' runs of panels
+    must hold whole gate/up pairs: 112 features make 14 panels, which would
+    otherwise be cut into runs of 5. Prefill-sized runs are capped at 32
+    panels (so a unit's output block stays in L2 across the K slices): with
+    1,500 rows (8 row blocks) and 1,040 features (130 panels) a run would
+    otherwise be 130, 66 or 44 panels on 1, 2 or 3 threads; capped, the runs
+    are 32, 32, 32, 32 and a last one of one gate/up pair (an odd cap,
+    splitting a pair, fails this). Whether the cap is in place at all is a
+    matter of speed, which tests do not time."""
     g = torch.Generator().manual_seed(3)
     w, bias = torch.randn(2 * intermediate, 769, generator=g) * 0.3, torch.randn(2 * intermediate, generator=g)
     plain = ops_by_isa.pack_panels(w)

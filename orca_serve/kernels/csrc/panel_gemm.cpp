@@ -17,9 +17,10 @@
 //   project's 2-core Zen machines; this runs 1.2-1.7x faster there.
 // - Prefill-sized batches: the same tiles over K slices of up to 768 (all of
 //   K for SmolLM2's 576) and a copy of x's row block in tile order that
-//   stays in L2 (see panel_sweep_blocks). On the 128-request trace its prefill iterations took
-//   60-65 s against 67-72 s with oneDNN's prepacked GEMM (two A/B sittings of
-//   two runs each), so the layers keep no other copy of their weights. (On a
+//   stays in L2 (see panel_sweep_blocks). On the 128-request trace its
+//   prefill iterations took 60-65 s against 67-72 s with oneDNN's prepacked
+//   GEMM (two A/B sittings of two runs each; 256-deep K slices then), so the
+//   layers keep no other copy of their weights. (On a
 //   Xeon with AVX-512, oneDNN's ran at 1.04-1.13x our rate at 512-2,048
 //   rows: not worth a second copy of the weights.)
 #include "cpu_ops.h"
@@ -45,7 +46,7 @@ constexpr int64_t kTilePanels = 1;
 
 // Prefill-sized batches: cache blocking. The row block's x is copied once
 // into tile order ([tile][k][row], per K slice) so each tile reads one
-// sequential stream from L2, and every tile of the block runs over a pair of
+// sequential stream from L2, and every tile of the block runs over a tile's
 // panels' slice while it is in L1 or L2. K is cut into as few slices as keep
 // each at most kMaxDepth deep, all of one depth but a shorter last one
 // (slice_depth): each slice after the first reads and writes the unit's
@@ -219,10 +220,10 @@ void pack_rows(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k0,
 //
 // Where those lines go: into L2 for prefill-sized tiles, whose slices (up
 // to kMaxDepth x 16 floats a panel) L1 does not hold beside the current
-// ones, and when 7-18 rows (2-3 AVX2 tiles) sweep a decode-sized panel. Side by side on Zen 4 (30 layers' GEMMs cycling,
-// medians) that took 0.75-0.81x the time of L1 prefetches at 8 rows,
-// 0.80-0.87x at 12, 0.85-0.99x at 16 and 0.92x at 18. The likely reason: such
-// a panel (K x 16 floats, 36-96 KB for SmolLM2) does not fit in L1 (32 KB),
+// ones, and when 7-18 rows (2-3 AVX2 tiles) sweep a decode-sized panel.
+// For the latter, side by side on Zen 4 (30 layers' GEMMs cycling, medians),
+// that took 0.75-0.81x the time of L1 prefetches at 8 rows, 0.80-0.87x at
+// 12, 0.85-0.99x at 16 and 0.92x at 18. The likely reason: such a panel (K x 16 floats, 36-96 KB for SmolLM2) does not fit in L1 (32 KB),
 // so lines prefetched into L1 for the next panel evict the current one's,
 // which the later tiles then read from L2 after all. From 4 tiles up the two
 // measured within noise (0.94-1.04x).
